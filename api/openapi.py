@@ -1,0 +1,77 @@
+"""The OpenAPI 3.1 document of what this server serves, with each model's input schema."""
+
+from __future__ import annotations
+
+from jobs.submit import JobRequest
+
+PROBLEM = {"$ref": "#/components/schemas/Problem"}
+
+
+def _resp(description: str, schema: dict | None = None, media: str = "application/json") -> dict:
+    out: dict = {"description": description}
+    if schema is not None:
+        out["content"] = {media: {"schema": schema}}
+    return out
+
+
+def _problems(*codes: int) -> dict:
+    return {str(c): _resp("problem", PROBLEM, "application/problem+json") for c in codes}
+
+
+JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string", "pattern": "^job_"}}
+
+
+def spec(services) -> dict:
+    inputs = {f"Input_{e.id}": e.input_model.model_json_schema() for e in services.catalog}
+    job_ref = {"$ref": "#/components/schemas/Job"}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "vramq", "version": "1", "description": "Asynchronous batch job queue for GPU generation."},
+        "paths": {
+            "/v1/jobs": {
+                "post": {
+                    "summary": "Submit a job",
+                    "parameters": [{"name": "Idempotency-Key", "in": "header", "schema": {"type": "string", "maxLength": 255}}],
+                    "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobRequest"}}}},
+                    "responses": {"202": _resp("accepted", job_ref), "200": _resp("replayed (same Idempotency-Key and body)", job_ref),
+                                  **_problems(400, 409, 413, 422, 503)},
+                },
+                "get": {"summary": "Job history (needs an API key)", "responses": _problems(401)},
+            },
+            "/v1/jobs/{job_id}": {"get": {"summary": "Read a job", "parameters": [JOB_ID],
+                                          "responses": {"200": _resp("the job", job_ref), **_problems(404)}}},
+            "/v1/jobs/{job_id}/cancel": {"post": {"summary": "Cancel a queued or running job", "parameters": [JOB_ID],
+                                                  "responses": {"200": _resp("canceled", job_ref), **_problems(404, 409)}}},
+            "/v1/jobs/{job_id}/events": {"get": {"summary": "Server-sent events: status, progress, done", "parameters": [JOB_ID],
+                                                 "responses": {"200": _resp("event stream", {"type": "string"}, "text/event-stream"), **_problems(404)}}},
+            "/v1/models": {"get": {"summary": "The model catalog", "responses": {"200": _resp("models")}}},
+            "/v1/models/{model_id}": {"get": {"summary": "One model", "parameters": [{"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                                              "responses": {"200": _resp("model"), **_problems(404)}}},
+            "/v1/blobs/{key}": {"get": {"summary": "Download an object of the local store through a signed link",
+                                        "parameters": [{"name": "key", "in": "path", "required": True, "schema": {"type": "string"}},
+                                                       {"name": "expires", "in": "query", "required": True, "schema": {"type": "integer"}},
+                                                       {"name": "sig", "in": "query", "required": True, "schema": {"type": "string"}}],
+                                        "responses": {"200": _resp("the object"), **_problems(403, 404)}}},
+            "/healthz": {"get": {"summary": "Liveness", "responses": {"200": _resp("alive")}}},
+            "/readyz": {"get": {"summary": "Readiness: database, broker and storage reachable",
+                                "responses": {"200": _resp("ready"), "503": _resp("not ready")}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": _resp("metrics", {"type": "string"}, "text/plain")}}},
+        },
+        "components": {
+            "schemas": {
+                "JobRequest": {**JobRequest.model_json_schema(), "description": "input is validated against the model's Input_<model> schema"},
+                "Job": {"type": "object", "required": ["id", "object", "model", "status"], "properties": {
+                    "id": {"type": "string"}, "object": {"const": "job"}, "model": {"type": "string"},
+                    "status": {"enum": ["queued", "running", "succeeded", "failed", "canceled"]},
+                    "progress": {"type": "number"}, "queue_position": {"type": ["integer", "null"]},
+                    "output": {"type": ["object", "null"]}, "error": {"type": ["object", "null"]}, "usage": {"type": "object"},
+                }},
+                "Problem": {"type": "object", "required": ["type", "title", "status", "detail", "code"], "properties": {
+                    "type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"},
+                    "detail": {"type": "string"}, "code": {"type": "string"},
+                    "errors": {"type": "array", "items": {"type": "object", "properties": {"loc": {"type": "array"}, "msg": {"type": "string"}}}},
+                }},
+                **inputs,
+            }
+        },
+    }

@@ -1,0 +1,80 @@
+"""The contract between the worker runtime and a model backend.
+
+A backend is loaded once (``load``) and then runs many batches (``run_batch``), the
+cog ``setup()/predict()`` shape. The runtime owns everything around it: taking jobs,
+batching, storing artifacts, recording outcomes. Backends never touch the database,
+the broker or the object store.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable
+
+
+@dataclass
+class WorkItem:
+    """One job as a backend sees it."""
+
+    job_id: str
+    input: dict[str, Any]
+    """Validated input with the catalog's defaults applied (and ``seed`` always set)."""
+    on_progress: Callable[[float], None] = lambda fraction: None
+    """Report progress in [0, 1]; cheap, call it every step."""
+    is_canceled: Callable[[], bool] = lambda: False
+    """True once the job was canceled; check it between steps."""
+
+
+@dataclass
+class Artifact:
+    """A file a job produced. The runtime stores it under ``jobs/<job_id>/<name>``."""
+
+    name: str
+    data: bytes
+    content_type: str
+
+
+@dataclass
+class ItemResult:
+    """The outcome of one item: its output document and the files it references.
+
+    Inside ``output``, ``{"$artifact": name}`` stands for the artifact of that name; the
+    runtime replaces it with a reference to the stored object, and the API turns that
+    into a signed link when the job is read.
+    """
+
+    output: dict[str, Any]
+    artifacts: list[Artifact] = field(default_factory=list)
+
+
+class Backend(abc.ABC):
+    """A model kept resident on one device, running batches of compatible jobs."""
+
+    def __init__(self, entry, device: str):
+        self.entry = entry  # jobs.catalog.ModelEntry
+        self.device = device  # "cpu" or "cuda"
+
+    @abc.abstractmethod
+    def load(self) -> None:
+        """Load the weights onto the device. Called once, before any batch."""
+
+    def batch_key(self, inp: dict[str, Any]) -> Hashable:
+        """Jobs whose inputs have equal keys may run in one call. Default: never share."""
+        return id(inp)
+
+    def batch_cost(self, inp: dict[str, Any]) -> int:
+        """How much of ``max_batch`` one job uses (images for an image job)."""
+        return 1
+
+    @abc.abstractmethod
+    def run_batch(self, items: list[WorkItem]) -> list[ItemResult | BaseException]:
+        """Run the items as one call; return one result or exception per item, in order.
+
+        Raise (rather than return) only for a failure of the whole call; the runtime then
+        fails or retries every item. An item canceled mid-run is returned as
+        ``jobs.errors.JobCanceled``.
+        """
+
+    def unload(self) -> None:
+        """Release the model's memory."""

@@ -1,0 +1,124 @@
+"""The dynamic batcher: one thread per resident model that turns jobs into batched calls.
+
+Celery task threads hand their job to ``submit`` and wait on the returned future. The
+batcher takes the oldest waiting job, then gathers more jobs with the same batch key
+until the batch is full (``max_batch``, counted in the backend's cost units) or
+``max_wait_ms`` has passed since it started gathering, and runs them as one
+``run_batch`` call. Jobs with another key wait, in arrival order, for a later batch, so
+none is starved by a stream of jobs of a different shape.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from .backends.base import Backend, WorkItem
+
+log = logging.getLogger("vramq.batcher")
+
+
+@dataclass
+class BatchOutcome:
+    """What a job's future resolves to."""
+
+    result: object
+    """ItemResult, or the exception the backend returned for this item."""
+    gpu_seconds: float
+    """This job's share of the call's wall time (by cost)."""
+    batch_size: int
+
+
+@dataclass
+class _Pending:
+    item: WorkItem
+    key: object
+    cost: int
+    future: Future = field(default_factory=Future)
+
+
+class Batcher:
+    def __init__(self, backend: Backend, max_batch: int, max_wait_ms: int, name: str = ""):
+        self.backend = backend
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_ms / 1000
+        self._inbox: queue.Queue[_Pending | None] = queue.Queue()
+        self._held: deque[_Pending] = deque()
+        self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
+        self._thread.start()
+        self.batches_run = 0
+
+    def submit(self, item: WorkItem) -> Future:
+        cost = max(1, int(self.backend.batch_cost(item.input)))
+        pending = _Pending(item, self.backend.batch_key(item.input), cost)
+        self._inbox.put(pending)
+        return pending.future
+
+    def stop(self) -> None:
+        self._inbox.put(None)
+        self._thread.join(timeout=5)
+
+    # --- the loop -----------------------------------------------------------------
+
+    def _gather(self) -> list[_Pending] | None:
+        first = self._held.popleft() if self._held else self._inbox.get()
+        if first is None:
+            return None
+        batch, cost = [first], first.cost
+        # Jobs held back earlier with this key join first, in order.
+        for p in list(self._held):
+            if cost >= self.max_batch:
+                break
+            if p.key == first.key and cost + p.cost <= self.max_batch:
+                self._held.remove(p)
+                batch.append(p)
+                cost += p.cost
+        deadline = time.monotonic() + self.max_wait_s
+        drain = None  # past the deadline: how many already-waiting jobs may still be looked at
+        while cost < self.max_batch:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                drain = self._inbox.qsize() if drain is None else drain - 1
+                if drain <= 0:
+                    break
+            try:
+                p = self._inbox.get(timeout=remaining) if remaining > 0 else self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if p is None:  # stop requested: run this batch, then stop
+                self._inbox.put(None)
+                break
+            if p.key == first.key and cost + p.cost <= self.max_batch:
+                batch.append(p)
+                cost += p.cost
+            else:
+                self._held.append(p)
+        return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._gather()
+            if batch is None:
+                return
+            self._run(batch)
+
+    def _run(self, batch: list[_Pending]) -> None:
+        items = [p.item for p in batch]
+        t0 = time.perf_counter()
+        try:
+            results = self.backend.run_batch(items)
+            if len(results) != len(items):
+                raise RuntimeError(f"backend returned {len(results)} results for {len(items)} items")
+        except BaseException as exc:  # the whole call failed: every job in it fails with this
+            log.exception("batch of %d failed", len(items))
+            results = [exc] * len(items)
+        elapsed = time.perf_counter() - t0
+        self.batches_run += 1
+        total_cost = sum(p.cost for p in batch)
+        for p, result in zip(batch, results):
+            p.future.set_result(BatchOutcome(result, elapsed * p.cost / total_cost, len(batch)))

@@ -1,0 +1,236 @@
+"""The worker runtime: resident backends, their batchers, and each job's way through them.
+
+One ``WorkerRuntime`` per worker process. Celery task threads call ``execute(job_id)``;
+a reporter thread writes progress, renews leases, notices cancellations, queues again
+the jobs of dead workers and announces this worker in Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from enum import Enum
+
+from jobs import defaults, heartbeat, lifecycle
+from jobs.errors import JobCanceled, JobError, OutOfMemory
+from jobs.lifecycle import utcnow
+from jobs.queue import publish
+from jobs.schema import Job
+
+from .backends import backend_class
+from .backends.base import ItemResult, WorkItem
+from .batcher import Batcher
+
+log = logging.getLogger("vramq.worker")
+
+
+class State(Enum):
+    """A worker's lifecycle: it consumes only once every model is resident."""
+
+    LOADING = "loading"
+    READY = "ready"
+    STOPPING = "stopping"
+
+
+@dataclass
+class _Running:
+    job_id: str
+    progress: float = 0.0
+    reported: float = -1.0
+    canceled: bool = False
+
+
+@dataclass
+class WorkerRuntime:
+    services: object  # jobs.services.Services
+    name: str
+    device: str
+    model_ids: list[str]
+    card: str = "cpu"
+    state: State = State.LOADING
+    backends: dict = field(default_factory=dict)
+    batchers: dict = field(default_factory=dict)
+    load_seconds: dict = field(default_factory=dict)
+    _running: dict = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    # --- start and stop -----------------------------------------------------------
+
+    def load(self) -> None:
+        """Load every model onto the device, then start the batchers and the reporter."""
+        catalog = self.services.catalog
+        for model_id in self.model_ids:
+            entry = catalog.get(model_id)
+            backend = backend_class(entry)(entry, self.device)
+            t0 = time.perf_counter()
+            backend.load()
+            self.load_seconds[model_id] = time.perf_counter() - t0
+            log.info("loaded %s on %s in %.2fs", model_id, self.device, self.load_seconds[model_id])
+            self.backends[model_id] = backend
+            self.batchers[model_id] = Batcher(backend, entry.max_batch, entry.max_wait_ms, model_id)
+        self.state = State.READY
+        threading.Thread(target=self._report_loop, name="reporter", daemon=True).start()
+
+    def stop(self) -> None:
+        self.state = State.STOPPING
+        self._stop.set()
+        for b in self.batchers.values():
+            b.stop()
+
+    @property
+    def concurrency(self) -> int:
+        """Task threads: two batches' worth per model, so one batch gathers while another runs."""
+        return sum(2 * self.services.catalog.get(m).max_batch for m in self.model_ids)
+
+    # --- one job ------------------------------------------------------------------
+
+    def execute(self, job_id: str) -> None:
+        services = self.services
+        job = self._wait_for_row(job_id)
+        if job is None:
+            log.warning("message for unknown job %s dropped", job_id)
+            return
+        with services.sessions.begin() as s:
+            won = lifecycle.take(s, job_id, self.name, services.settings.lease_s)
+        if not won:
+            log.info("job %s is %s elsewhere; message dropped", job_id, job.status)
+            return
+        with services.sessions() as s:
+            job = s.get(Job, job_id)
+        run = _Running(job_id)
+        with self._lock:
+            self._running[job_id] = run
+        try:
+            self._run(job, run)
+        finally:
+            with self._lock:
+                self._running.pop(job_id, None)
+
+    def _wait_for_row(self, job_id: str) -> Job | None:
+        # The API publishes just before it commits; give the commit a moment to land.
+        deadline = time.monotonic() + defaults.MISSING_JOB_GRACE_S
+        while True:
+            with self.services.sessions() as s:
+                job = s.get(Job, job_id)
+            if job is not None or time.monotonic() > deadline:
+                return job
+            time.sleep(0.05)
+
+    def _run(self, job: Job, run: _Running) -> None:
+        services = self.services
+        item = WorkItem(
+            job_id=job.id,
+            input=job.input,
+            on_progress=lambda f: setattr(run, "progress", f),
+            is_canceled=lambda: run.canceled,
+        )
+        queued_s = (job.started_at - job.created_at).total_seconds() if job.started_at else 0.0
+        outcome = self.batchers[job.model].submit(item).result()
+        result = outcome.result
+        if isinstance(result, JobCanceled) or run.canceled:
+            log.info("job %s canceled while running", job.id)
+            return
+        if isinstance(result, BaseException):
+            code = result.code if isinstance(result, JobError) else "internal_error"
+            if _is_oom(result):
+                code = OutOfMemory.code
+            message = str(result) or result.__class__.__name__
+            with services.sessions.begin() as s:
+                lifecycle.fail(s, job.id, self.name, code, message, outcome.gpu_seconds)
+            return
+        prefix = f"jobs/{job.id}/{job.attempts}/"
+        try:
+            output = self._store(prefix, result)
+        except Exception as exc:
+            log.exception("storing outputs of %s failed", job.id)
+            with services.sessions.begin() as s:
+                lifecycle.fail(s, job.id, self.name, "storage_unavailable", f"could not store outputs: {exc}", outcome.gpu_seconds)
+            return
+        usage = {"batch_size": outcome.batch_size, "queue_seconds": round(queued_s, 4)}
+        expires = utcnow() + timedelta(hours=services.settings.retention_hours)
+        with services.sessions.begin() as s:
+            won = lifecycle.succeed(s, job.id, self.name, output, outcome.gpu_seconds, usage, expires)
+        if not won:  # canceled meanwhile, or our lease lapsed and another worker has it
+            services.store.delete_prefix(prefix)
+
+    def _store(self, prefix: str, result: ItemResult) -> dict:
+        keys = {}
+        for art in result.artifacts:
+            key = prefix + art.name
+            self.services.store.put(key, art.data, art.content_type)
+            keys[art.name] = key
+        return _link_artifacts(result.output, keys)
+
+    # --- the reporter -------------------------------------------------------------
+
+    def _report_loop(self) -> None:
+        services = self.services
+        lease_every = services.settings.lease_s / 3
+        reap_every = max(services.settings.lease_s / 2, 1.0)
+        last_lease = last_reap = last_beat = 0.0
+        while not self._stop.wait(defaults.REPORT_INTERVAL_S):
+            now = time.monotonic()
+            try:
+                with self._lock:
+                    running = dict(self._running)
+                if running:
+                    self._report(running, renew=now - last_lease >= lease_every)
+                    if now - last_lease >= lease_every:
+                        last_lease = now
+                if now - last_reap >= reap_every:
+                    last_reap = now
+                    self._reap()
+                if now - last_beat >= heartbeat.TTL_S / 3:
+                    last_beat = now
+                    self._heartbeat()
+            except Exception:  # the database or broker blinked: try again next tick
+                log.exception("reporter tick failed")
+
+    def _report(self, running: dict[str, _Running], renew: bool) -> None:
+        changed = {jid: r.progress for jid, r in running.items() if r.progress != r.reported}
+        with self.services.sessions.begin() as s:
+            if changed:
+                lifecycle.record_progress(s, self.name, changed)
+            canceled = lifecycle.canceled_among(s, running)
+            if renew:
+                lifecycle.renew(s, self.name, running, self.services.settings.lease_s)
+        for jid, p in changed.items():
+            running[jid].reported = p
+        for jid in canceled:
+            running[jid].canceled = True
+
+    def _reap(self) -> None:
+        """Queue again the jobs whose worker stopped renewing their lease."""
+        with self.services.sessions.begin() as s:
+            requeued = lifecycle.requeue_expired(s)
+            for job_id, model, priority in requeued:
+                publish(self.services.celery, job_id, model, priority)
+        for job_id, model, _ in requeued:
+            log.warning("job %s (%s) lost its worker; queued again", job_id, model)
+
+    def _heartbeat(self) -> None:
+        info = {"name": self.name, "card": self.card, "models": self.model_ids, "pid": os.getpid(),
+                "host": socket.gethostname(), "state": self.state.value, "running": len(self._running),
+                "load_seconds": self.load_seconds}
+        heartbeat.announce(self.services.redis, self.name, info)
+
+
+def _link_artifacts(value, keys: dict[str, str]):
+    """Replace ``{"$artifact": name}`` with ``{"$object": key}`` (see backends.base.ItemResult)."""
+    if isinstance(value, dict):
+        if set(value) == {"$artifact"}:
+            return {"$object": keys[value["$artifact"]]}
+        return {k: _link_artifacts(v, keys) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_link_artifacts(v, keys) for v in value]
+    return value
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, OutOfMemory) or exc.__class__.__name__ == "OutOfMemoryError"

@@ -1,0 +1,289 @@
+"""The model catalog: which models exist, how they run, and what input they accept.
+
+A catalog is a TOML file with one ``[[models]]`` table per model. It is validated in
+full when loaded, so a bad entry stops start-up with a message naming the entry and
+the field. Each entry also yields the pydantic model that validates a job's input for
+that model, with the entry's limits as the bounds and its defaults filled in.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
+
+from .errors import ConfigError, InputError
+
+KINDS = ("text", "image", "video", "speech")
+BACKENDS = {"text": ("vllm",), "image": ("diffusers",), "video": ("diffusers",), "speech": ("faster_whisper",)}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ImageLimits(_Strict):
+    max_width: int = Field(1024, ge=16)
+    max_height: int = Field(1024, ge=16)
+    min_side: int = Field(64, ge=16)
+    size_multiple: int = Field(16, ge=1)
+    max_steps: int = Field(50, ge=1)
+    max_num_images: int = Field(4, ge=1)
+    max_guidance: float = Field(20.0, ge=0)
+    max_prompt_chars: int = Field(2000, ge=1)
+
+
+class VideoLimits(_Strict):
+    max_width: int = Field(1024, ge=16)
+    max_height: int = Field(1024, ge=16)
+    min_side: int = Field(64, ge=16)
+    size_multiple: int = Field(16, ge=1)
+    max_frames: int = Field(121, ge=1)
+    max_fps: int = Field(60, ge=1)
+    max_steps: int = Field(50, ge=1)
+    max_prompt_chars: int = Field(2000, ge=1)
+
+
+class TextLimits(_Strict):
+    max_context: int = Field(4096, ge=16)
+    max_tokens: int = Field(2048, ge=1)
+    max_prompt_chars: int = Field(100_000, ge=1)
+    max_messages: int = Field(256, ge=1)
+    max_stop: int = Field(8, ge=0)
+
+
+class SpeechLimits(_Strict):
+    max_audio_seconds: float = Field(3600.0, gt=0)
+    max_audio_bytes: int = Field(100 * 1024 * 1024, ge=1)
+
+
+LIMITS = {"image": ImageLimits, "video": VideoLimits, "text": TextLimits, "speech": SpeechLimits}
+
+
+class Price(_Strict):
+    tokens_per_gpu_second: float = Field(gt=0)
+
+
+class ModelEntry(_Strict):
+    """One model of the catalog."""
+
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
+    kind: Literal["text", "image", "video", "speech"]
+    backend: Literal["vllm", "diffusers", "faster_whisper"]
+    weights: Path
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    limits: dict[str, Any] = Field(default_factory=dict)
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    max_batch: int = Field(1, ge=1, le=256)
+    max_wait_ms: int = Field(10, ge=0, le=10_000)
+    price: Price = Price(tokens_per_gpu_second=100.0)
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelEntry":
+        if self.backend not in BACKENDS[self.kind]:
+            raise ValueError(f"backend {self.backend!r} cannot serve kind {self.kind!r}")
+        LIMITS[self.kind].model_validate(self.limits)  # raises with the field named
+        # The defaults must themselves be valid input for this entry.
+        unknown = set(self.defaults) - set(INPUT_FIELDS[self.kind])
+        if unknown:
+            raise ValueError(f"defaults name unknown input fields: {sorted(unknown)}")
+        return self
+
+    @property
+    def limit(self) -> BaseModel:
+        """The entry's limits as a typed object (unset limits take their defaults)."""
+        return LIMITS[self.kind].model_validate(self.limits)
+
+    @cached_property
+    def input_model(self) -> type[BaseModel]:
+        return _build_input_model(self)
+
+    def validate_input(self, raw: Any) -> dict[str, Any]:
+        """Validate a job's ``input`` for this model; return it with defaults filled in.
+
+        Raises ``InputError`` whose ``errors`` name each bad field as ``["input", field]``.
+        """
+        if not isinstance(raw, dict):
+            raise InputError("input must be an object", [{"loc": ["input"], "msg": "must be an object"}])
+        try:
+            parsed = self.input_model.model_validate(raw)
+        except ValidationError as exc:
+            raise InputError(
+                f"input is not valid for model {self.id!r}",
+                [{"loc": ["input", *map(_loc, e["loc"])], "msg": e["msg"]} for e in exc.errors()],
+            ) from None
+        return parsed.model_dump()
+
+    def public(self) -> dict[str, Any]:
+        """The entry as ``GET /v1/models`` shows it (without placement facts)."""
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "backend": self.backend,
+            "description": self.description,
+            "price": self.price.model_dump(),
+            "limits": self.limit.model_dump(),
+            "defaults": _effective_defaults(self),
+            "max_batch": self.max_batch,
+        }
+
+
+def _loc(part: Any) -> Any:
+    return part if isinstance(part, (int, str)) else str(part)
+
+
+# --- input schemas per kind ---------------------------------------------------------
+
+INPUT_FIELDS = {
+    "image": ("prompt", "negative_prompt", "width", "height", "steps", "guidance", "seed", "num_images"),
+    "video": ("prompt", "negative_prompt", "width", "height", "num_frames", "fps", "steps", "guidance", "seed"),
+    "text": ("prompt", "messages", "max_tokens", "temperature", "top_p", "seed", "stop"),
+    "speech": ("audio", "language", "task"),
+}
+
+_BUILTIN_DEFAULTS = {
+    "image": {"width": 512, "height": 512, "steps": 4, "guidance": 0.0, "num_images": 1},
+    "video": {"width": 256, "height": 256, "num_frames": 16, "fps": 8, "steps": 10, "guidance": 5.0},
+    "text": {"max_tokens": 256, "temperature": 1.0, "top_p": 1.0},
+    "speech": {"task": "transcribe"},
+}
+
+SEED_MAX = 2**32 - 1
+
+
+def _effective_defaults(entry: ModelEntry) -> dict[str, Any]:
+    return {**_BUILTIN_DEFAULTS[entry.kind], **entry.defaults}
+
+
+class Message(_Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=100_000)
+
+
+def _build_input_model(entry: ModelEntry) -> type[BaseModel]:
+    lim = entry.limit
+    d = _effective_defaults(entry)
+    cfg = ConfigDict(extra="forbid", strict=False)
+    if entry.kind in ("image", "video"):
+        def side(name: str, maximum: int) -> tuple:
+            return (int, Field(d[name], ge=lim.min_side, le=maximum, multiple_of=lim.size_multiple, strict=True))
+
+        fields: dict[str, tuple] = {
+            "prompt": (str, Field(min_length=1, max_length=lim.max_prompt_chars)),
+            "negative_prompt": (str | None, Field(d.get("negative_prompt"), max_length=lim.max_prompt_chars)),
+            "width": side("width", lim.max_width),
+            "height": side("height", lim.max_height),
+            "steps": (int, Field(d["steps"], ge=1, le=lim.max_steps, strict=True)),
+            "guidance": (float, Field(d["guidance"], ge=0, le=getattr(lim, "max_guidance", 20.0))),
+            "seed": (int | None, Field(d.get("seed"), ge=0, le=SEED_MAX, strict=True)),
+        }
+        if entry.kind == "image":
+            fields["num_images"] = (int, Field(d["num_images"], ge=1, le=lim.max_num_images, strict=True))
+        else:
+            fields["num_frames"] = (int, Field(d["num_frames"], ge=1, le=lim.max_frames, strict=True))
+            fields["fps"] = (int, Field(d["fps"], ge=1, le=lim.max_fps, strict=True))
+        return create_model(f"{entry.kind.title()}Input", __config__=cfg, **fields)
+    if entry.kind == "text":
+        model = create_model(
+            "TextInput",
+            __config__=cfg,
+            prompt=(str | None, Field(None, min_length=1, max_length=lim.max_prompt_chars)),
+            messages=(list[Message] | None, Field(None, min_length=1, max_length=lim.max_messages)),
+            max_tokens=(int, Field(d["max_tokens"], ge=1, le=lim.max_tokens, strict=True)),
+            temperature=(float, Field(d["temperature"], ge=0, le=2)),
+            top_p=(float, Field(d["top_p"], gt=0, le=1)),
+            seed=(int | None, Field(d.get("seed"), ge=0, le=SEED_MAX, strict=True)),
+            stop=(list[str] | None, Field(d.get("stop"), max_length=lim.max_stop)),
+            __validators__={"one_of": model_validator(mode="after")(_prompt_xor_messages)},
+        )
+        return model
+    return create_model(
+        "SpeechInput",
+        __config__=cfg,
+        audio=(str, Field(min_length=1)),
+        language=(str | None, Field(d.get("language"), min_length=2, max_length=8)),
+        task=(Literal["transcribe", "translate"], Field(d["task"])),
+        __validators__={"audio_ref": field_validator("audio")(_audio_ref)},
+    )
+
+
+def _prompt_xor_messages(m):
+    if (m.prompt is None) == (m.messages is None):
+        raise ValueError("give exactly one of prompt or messages")
+    return m
+
+
+def _audio_ref(v: str) -> str:
+    if not (v.startswith("file_") or v.startswith("data:audio/")):
+        raise ValueError("must be a file_… id or a data:audio/…;base64 URI")
+    return v
+
+
+# --- loading ------------------------------------------------------------------------
+
+
+class Catalog:
+    """The models a deployment serves, by id."""
+
+    def __init__(self, entries: list[ModelEntry], source: str = "<memory>"):
+        self.source = source
+        self.models: dict[str, ModelEntry] = {}
+        for e in entries:
+            if e.id in self.models:
+                raise ConfigError(f"{source}: model id {e.id!r} appears twice")
+            self.models[e.id] = e
+
+    def __iter__(self):
+        return iter(self.models.values())
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    def get(self, model_id: str) -> ModelEntry | None:
+        return self.models.get(model_id)
+
+
+def load_catalog(path: str | Path, models_dir: str | Path | None = None) -> Catalog:
+    """Load and validate a catalog file.
+
+    Relative ``weights`` paths resolve against ``models_dir`` when given, else against
+    the catalog file's folder.
+    """
+    path = Path(path)
+    try:
+        doc = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"catalog file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    base = Path(models_dir) if models_dir else path.parent
+    raw_models = doc.get("models")
+    if not isinstance(raw_models, list) or not raw_models:
+        raise ConfigError(f"{path}: needs at least one [[models]] table")
+    entries = []
+    for i, raw in enumerate(raw_models):
+        name = raw.get("id", f"#{i + 1}") if isinstance(raw, dict) else f"#{i + 1}"
+        try:
+            entry = ModelEntry.model_validate(raw)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(entry)'}: {e['msg']}" for e in exc.errors())
+            raise ConfigError(f"{path}: model {name}: {problems}") from None
+        if not entry.weights.is_absolute():
+            entry = entry.model_copy(update={"weights": (base / entry.weights).resolve()})
+        entries.append(entry)
+    return Catalog(entries, source=str(path))
+
+
+TINY_CATALOG = Path(__file__).parent / "catalogs" / "tiny.toml"

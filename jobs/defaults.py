@@ -1,0 +1,28 @@
+"""Named defaults, in one place. Each can be overridden by the ``VRAMQ_*`` setting named."""
+
+#: VRAMQ_DATA_DIR: where the embedded defaults keep their files (database, Redis, objects, models).
+DATA_DIR = "~/.vramq"
+#: VRAMQ_LINK_TTL: seconds a signed download link stays valid.
+LINK_TTL_S = 3600
+#: VRAMQ_RETENTION_HOURS: unsaved outputs are deleted after this many hours.
+RETENTION_HOURS = 24
+#: VRAMQ_MAX_BODY_KB: request bodies past this size are refused with 413.
+MAX_BODY_KB = 256
+#: VRAMQ_MAX_UPLOAD_MB: uploaded files past this size are refused with 413.
+MAX_UPLOAD_MB = 100
+#: VRAMQ_LEASE_SECONDS: a running job's lease; the worker renews it every third of it.
+#: A job whose lease lapses (its worker died) is queued again.
+LEASE_S = 30
+#: VRAMQ_VISIBILITY_TIMEOUT: seconds before Redis redelivers an unacknowledged message.
+#: It must exceed the longest job, or a long job would be delivered twice (the lease
+#: still stops it running twice, but the duplicate costs a worker slot).
+VISIBILITY_TIMEOUT_S = 6 * 3600
+#: VRAMQ_IDEMPOTENCY_HOURS: how long an Idempotency-Key is remembered.
+IDEMPOTENCY_HOURS = 24
+#: How often a worker writes progress, renews leases and looks for cancellations.
+REPORT_INTERVAL_S = 0.25
+#: How long a worker waits for a job row that its message announced but that is not
+#: visible yet (the API commits right after publishing).
+MISSING_JOB_GRACE_S = 5.0
+#: Port of ``vramq up`` and ``vramq api``.
+PORT = 8000

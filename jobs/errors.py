@@ -1,0 +1,91 @@
+"""The exceptions vramq raises, one root and a shallow tree.
+
+    VramqError                     root: every error vramq raises on purpose
+    ├── ConfigError                a setting or the catalog is wrong (found at start-up)
+    ├── InputError                 a request's input is invalid (422, names the field)
+    ├── NotFound                   no such resource for this caller (404)
+    ├── Conflict                   the resource is in a state that forbids the call (409)
+    ├── ServiceUnavailable         a dependency (broker, database, store) cannot be reached (503)
+    ├── MissingExtra               an optional dependency is not installed (names the extra)
+    └── JobError                   a job failed on the worker; carries a stable ``code``
+        ├── JobCanceled            the job was canceled while it ran
+        └── OutOfMemory            the device ran out of memory for this job
+"""
+
+from __future__ import annotations
+
+
+class VramqError(Exception):
+    """Root of every error vramq raises on purpose."""
+
+    code = "internal_error"
+
+
+class ConfigError(VramqError):
+    """A setting or the model catalog is invalid."""
+
+    code = "config_error"
+
+
+class InputError(VramqError):
+    """A request's input is invalid; ``errors`` lists ``{"loc", "msg"}`` items."""
+
+    code = "invalid_input"
+
+    def __init__(self, message: str, errors: list[dict] | None = None, code: str | None = None):
+        super().__init__(message)
+        self.errors = errors or []
+        if code:
+            self.code = code
+
+
+class NotFound(VramqError):
+    """The resource does not exist for this caller."""
+
+    code = "not_found"
+
+
+class Conflict(VramqError):
+    """The resource's state forbids the call (for example canceling a finished job)."""
+
+    code = "conflict"
+
+
+class ServiceUnavailable(VramqError):
+    """A dependency (broker, database, object store) cannot be reached."""
+
+    code = "service_unavailable"
+
+
+class MissingExtra(VramqError):
+    """An optional dependency is missing; the message names the extra to install."""
+
+    code = "missing_extra"
+
+    def __init__(self, module: str, extra: str):
+        super().__init__(f"{module} is not installed: pip install 'vramq[{extra}]'")
+        self.module = module
+        self.extra = extra
+
+
+class JobError(VramqError):
+    """A job failed while it ran; ``code`` is stable and shown to the user."""
+
+    code = "job_failed"
+
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        if code:
+            self.code = code
+
+
+class JobCanceled(JobError):
+    """The job was canceled while it ran."""
+
+    code = "canceled"
+
+
+class OutOfMemory(JobError):
+    """The device ran out of memory for this job."""
+
+    code = "out_of_memory"

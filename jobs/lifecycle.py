@@ -1,0 +1,207 @@
+"""The job state machine, as atomic conditional updates.
+
+    queued ──take──▶ running ──succeed──▶ succeeded
+      │  ▲             │ ├────fail─────▶ failed
+      │  └──requeue────┘ │   (lease lapsed: its worker died, or it gave the job back)
+      └──cancel──▶ canceled ◀──cancel──┘
+
+Every transition is one ``UPDATE … WHERE status = <expected>`` whose row count says
+whether this caller won. Nothing reads a row and writes it back, so two workers, a
+redelivered message and a cancel can race freely: exactly one wins each transition.
+
+The lease makes "never twice, never lost" hold together: a worker owns a running job
+until ``lease_expires_at``, renews it while it works, and may record the outcome only
+while it still owns it. A job whose lease lapsed is queued again by whoever notices
+first (``requeue_expired``).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from typing import Any, Iterable
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session
+
+from .errors import Conflict, NotFound
+from .schema import Job
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED = "queued", "running", "succeeded", "failed", "canceled"
+TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELED})
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def take(session: Session, job_id: str, worker: str, lease_s: float, now: datetime | None = None) -> bool:
+    """Claim a queued job (or one whose lease lapsed) for ``worker``. True if this call won."""
+    now = now or utcnow()
+    result = session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            or_(Job.status == QUEUED, and_(Job.status == RUNNING, Job.lease_expires_at < now)),
+        )
+        .values(
+            status=RUNNING,
+            lease_owner=worker,
+            lease_expires_at=now + timedelta(seconds=lease_s),
+            started_at=now,
+            progress=0.0,
+            attempts=Job.attempts + 1,
+        )
+    )
+    return result.rowcount == 1
+
+
+def renew(session: Session, worker: str, job_ids: Iterable[str], lease_s: float, now: datetime | None = None) -> set[str]:
+    """Extend ``worker``'s leases on these jobs; return the ids it still owns and runs."""
+    ids = list(job_ids)
+    if not ids:
+        return set()
+    now = now or utcnow()
+    session.execute(
+        update(Job)
+        .where(Job.id.in_(ids), Job.status == RUNNING, Job.lease_owner == worker)
+        .values(lease_expires_at=now + timedelta(seconds=lease_s))
+    )
+    rows = session.execute(
+        select(Job.id).where(Job.id.in_(ids), Job.status == RUNNING, Job.lease_owner == worker)
+    )
+    return {r[0] for r in rows}
+
+
+def record_progress(session: Session, worker: str, progress: dict[str, float]) -> None:
+    """Write progress for jobs ``worker`` still runs (one statement per job)."""
+    for job_id, fraction in progress.items():
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == RUNNING, Job.lease_owner == worker)
+            .values(progress=min(max(fraction, 0.0), 1.0))
+        )
+
+
+def succeed(
+    session: Session,
+    job_id: str,
+    worker: str,
+    output: dict[str, Any],
+    gpu_seconds: float,
+    usage_detail: dict[str, Any],
+    expires_at: datetime | None,
+    now: datetime | None = None,
+) -> bool:
+    """Record success, if ``worker`` still owns the job. False means the result must be dropped."""
+    now = now or utcnow()
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == RUNNING, Job.lease_owner == worker)
+        .values(
+            status=SUCCEEDED,
+            output=output,
+            progress=1.0,
+            finished_at=now,
+            gpu_seconds=gpu_seconds,
+            usage_detail=usage_detail,
+            lease_owner=None,
+            lease_expires_at=None,
+            expires_at=expires_at,
+        )
+    )
+    return result.rowcount == 1
+
+
+def fail(
+    session: Session,
+    job_id: str,
+    worker: str | None,
+    code: str,
+    message: str,
+    gpu_seconds: float = 0.0,
+    now: datetime | None = None,
+) -> bool:
+    """Record failure. With ``worker`` None, fail a job that is still queued (never ran)."""
+    now = now or utcnow()
+    cond = [Job.id == job_id]
+    cond += [Job.status == QUEUED] if worker is None else [Job.status == RUNNING, Job.lease_owner == worker]
+    result = session.execute(
+        update(Job)
+        .where(*cond)
+        .values(
+            status=FAILED,
+            error_code=code,
+            error_message=message[:2000],
+            finished_at=now,
+            gpu_seconds=gpu_seconds,
+            lease_owner=None,
+            lease_expires_at=None,
+        )
+    )
+    return result.rowcount == 1
+
+
+def release(session: Session, job_id: str, worker: str) -> bool:
+    """Give a running job back to the queue (a worker shutting down before it ran it)."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == RUNNING, Job.lease_owner == worker)
+        .values(status=QUEUED, lease_owner=None, lease_expires_at=None, progress=0.0, started_at=None)
+    )
+    return result.rowcount == 1
+
+
+def cancel(session: Session, job_id: str, caller: str | None = None, now: datetime | None = None) -> None:
+    """Cancel a queued or running job. A running job's worker stops it between steps.
+
+    Raises NotFound when the job does not exist for ``caller`` and Conflict when it has
+    already finished.
+    """
+    now = now or utcnow()
+    cond = [Job.id == job_id, Job.status.in_((QUEUED, RUNNING))]
+    if caller is not None:
+        cond.append(Job.caller == caller)
+    result = session.execute(
+        update(Job).where(*cond).values(status=CANCELED, finished_at=now, lease_owner=None, lease_expires_at=None)
+    )
+    if result.rowcount == 1:
+        return
+    q = select(Job.status).where(Job.id == job_id)
+    if caller is not None:
+        q = q.where(Job.caller == caller)
+    status = session.execute(q).scalar()
+    if status is None:
+        raise NotFound(f"no job {job_id}")
+    raise Conflict(f"job {job_id} already {status}")
+
+
+def canceled_among(session: Session, job_ids: Iterable[str]) -> set[str]:
+    ids = list(job_ids)
+    if not ids:
+        return set()
+    rows = session.execute(select(Job.id).where(Job.id.in_(ids), Job.status == CANCELED))
+    return {r[0] for r in rows}
+
+
+def requeue_expired(session: Session, now: datetime | None = None, limit: int = 100) -> list[tuple[str, str, str]]:
+    """Queue again the running jobs whose lease lapsed; return ``(id, model, priority)`` of each.
+
+    The caller publishes a message for each returned job. Each row is moved with its own
+    conditional update, so concurrent reapers never requeue a job twice.
+    """
+    now = now or utcnow()
+    candidates = session.execute(
+        select(Job.id, Job.model, Job.priority)
+        .where(Job.status == RUNNING, Job.lease_expires_at < now)
+        .limit(limit)
+    ).all()
+    won = []
+    for job_id, model, priority in candidates:
+        result = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == RUNNING, Job.lease_expires_at < now)
+            .values(status=QUEUED, lease_owner=None, lease_expires_at=None, progress=0.0)
+        )
+        if result.rowcount == 1:
+            won.append((job_id, model, priority))
+    return won

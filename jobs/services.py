@@ -1,0 +1,76 @@
+"""Wiring: from settings to the live objects a process needs (database, catalog, broker, store).
+
+Built once per process and passed down; nothing here runs at import time.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from .catalog import TINY_CATALOG, Catalog, load_catalog
+from .db import make_engine, make_sessionmaker, migrate
+from .queue import make_celery
+from .settings import Settings
+
+
+def load_configured_catalog(settings: Settings) -> Catalog:
+    if settings.catalog is not None:
+        return load_catalog(settings.catalog)
+    return load_catalog(TINY_CATALOG, models_dir=settings.models_dir)
+
+
+@dataclass
+class Services:
+    """The process's handles on the outside world. Properties connect lazily."""
+
+    settings: Settings
+    broker_url: str
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, migrate_db: bool = True) -> "Services":
+        broker_url = settings.broker_url
+        if broker_url is None:
+            from .embedded import ensure_redis
+
+            broker_url, _ = ensure_redis(settings.data_dir)
+        services = cls(settings=settings, broker_url=broker_url)
+        if migrate_db:
+            migrate(services.engine)
+        return services
+
+    @cached_property
+    def engine(self):
+        return make_engine(self.settings.database_url)
+
+    @cached_property
+    def sessions(self):
+        return make_sessionmaker(self.engine)
+
+    @cached_property
+    def catalog(self) -> Catalog:
+        return load_configured_catalog(self.settings)
+
+    @cached_property
+    def celery(self):
+        return make_celery(self.broker_url, self.settings.visibility_timeout_s, list(self.catalog.models))
+
+    @cached_property
+    def store(self):
+        from storage import open_store
+
+        return open_store(
+            self.settings.storage_url,
+            s3_endpoint_url=self.settings.s3_endpoint_url,
+            secret_key=self.settings.secret_key,
+            data_dir=self.settings.data_dir,
+        )
+
+    @cached_property
+    def redis(self):
+        """A plain Redis client on the broker (readiness checks, heartbeats)."""
+        import redis
+
+        return redis.Redis.from_url(self.broker_url, socket_timeout=2, socket_connect_timeout=2)

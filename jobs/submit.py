@@ -1,0 +1,148 @@
+"""Accepting a job: validate against the catalog, write the row, publish the message.
+
+The message is published inside the database transaction, just before it commits, so
+there is never a committed ``queued`` job without a message (which no worker would
+ever run). The opposite gap, a message whose transaction then fails to commit, is
+harmless: the worker finds no job row and drops the message after a short grace.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from datetime import timedelta
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
+
+from . import defaults
+from .catalog import SEED_MAX
+from .errors import Conflict, InputError, ServiceUnavailable
+from .ids import new_id
+from .lifecycle import QUEUED, utcnow
+from .queue import publish
+from .schema import IdempotencyKey, Job
+
+MAX_METADATA_BYTES = 4096
+
+
+class JobRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=64)
+    input: dict[str, Any]
+    priority: Literal["high", "normal", "low"] = "normal"
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("metadata")
+    @classmethod
+    def _small(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if len(json.dumps(v)) > MAX_METADATA_BYTES:
+            raise ValueError(f"must encode to at most {MAX_METADATA_BYTES} bytes of JSON")
+        return v
+
+
+def parse_request(body: Any) -> JobRequest:
+    if not isinstance(body, dict):
+        raise InputError("the body must be a JSON object", [{"loc": [], "msg": "must be a JSON object"}])
+    if "webhook" in body:
+        # Delivery is not built yet; accepting the field and never calling back would
+        # be a silent failure, so it is refused until it is.
+        raise InputError(
+            "webhooks are not supported by this server yet",
+            [{"loc": ["webhook"], "msg": "not supported yet"}],
+        )
+    try:
+        return JobRequest.model_validate(body)
+    except ValidationError as exc:
+        raise InputError(
+            "the request body is invalid",
+            [{"loc": [str(p) for p in e["loc"]], "msg": e["msg"]} for e in exc.errors()],
+        ) from None
+
+
+def request_hash(body: Any) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def submit_job(services, body: Any, *, caller: str | None, scope: str, idempotency_key: str | None = None) -> tuple[Job, bool]:
+    """Validate and enqueue one job. Returns ``(job, created)``; ``created`` is False when
+    an earlier request with the same ``Idempotency-Key`` and body already made it."""
+    req = parse_request(body)
+    entry = services.catalog.get(req.model)
+    if entry is None:
+        raise InputError(
+            f"unknown model {req.model!r}; GET /v1/models lists the models",
+            [{"loc": ["model"], "msg": f"unknown model {req.model!r}"}],
+            code="unknown_model",
+        )
+    inp = entry.validate_input(req.input)
+    if "seed" in inp and inp["seed"] is None:
+        inp["seed"] = secrets.randbelow(SEED_MAX + 1)  # chosen now, so the result is reproducible
+
+    digest = request_hash(body) if idempotency_key else None
+    if idempotency_key:
+        if len(idempotency_key) > 255:
+            raise InputError("Idempotency-Key is too long", [{"loc": ["header", "Idempotency-Key"], "msg": "at most 255 characters"}])
+        existing = _replay(services, scope, idempotency_key, digest)
+        if existing is not None:
+            return existing, False
+
+    now = utcnow()
+    job = Job(
+        id=new_id("job"),
+        model=entry.id,
+        kind=entry.kind,
+        status=QUEUED,
+        priority=req.priority,
+        input=inp,
+        meta=req.metadata,
+        progress=0.0,
+        created_at=now,
+        attempts=0,
+        gpu_seconds=0.0,
+        tokens_reserved=0,
+        tokens_charged=0,
+        usage_detail={},
+        caller=caller,
+        saved=False,
+    )
+    try:
+        with services.sessions.begin() as session:
+            session.add(job)
+            if idempotency_key:
+                # A key older than the replay window may be reused: forget the old use.
+                session.execute(
+                    delete(IdempotencyKey).where(
+                        IdempotencyKey.scope == scope,
+                        IdempotencyKey.key == idempotency_key,
+                        IdempotencyKey.created_at < now - timedelta(hours=defaults.IDEMPOTENCY_HOURS),
+                    )
+                )
+                session.add(IdempotencyKey(scope=scope, key=idempotency_key, request_hash=digest, resource_id=job.id, created_at=now))
+            session.flush()
+            try:
+                publish(services.celery, job.id, entry.id, req.priority)
+            except Exception as exc:  # kombu raises many types; all mean "not enqueued"
+                raise ServiceUnavailable(f"broker unreachable, job not accepted: {exc.__class__.__name__}") from exc
+    except IntegrityError:
+        # A concurrent request with the same key won the insert; answer with its job.
+        existing = _replay(services, scope, idempotency_key, digest) if idempotency_key else None
+        if existing is None:
+            raise
+        return existing, False
+    return job, True
+
+
+def _replay(services, scope: str, key: str, digest: str) -> Job | None:
+    horizon = utcnow() - timedelta(hours=defaults.IDEMPOTENCY_HOURS)
+    with services.sessions() as session:
+        row = session.get(IdempotencyKey, (scope, key))
+        if row is None or row.created_at < horizon:
+            return None
+        if row.request_hash != digest:
+            raise Conflict("Idempotency-Key was used with a different request body")
+        return session.execute(select(Job).where(Job.id == row.resource_id)).scalar_one_or_none()

@@ -1,0 +1,108 @@
+"""Test infrastructure: real Redis, real PostgreSQL, a real S3 server, real vramq processes.
+
+Missing services skip locally and fail in CI (``CI`` set), so a CI run can never pass by
+skipping. Each test gets its own Redis database (flushed), its own PostgreSQL database
+and its own bucket.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import uuid
+from pathlib import Path
+
+import pytest
+
+from jobs.settings import Settings
+
+pytest_plugins = ["tests.fixtures.s3", "tests.fixtures.procs"]
+
+REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+PG_ADMIN_URL = os.environ.get("VRAMQ_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def require(ok: bool, what: str) -> None:
+    if ok:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is required in CI")
+    pytest.skip(f"{what} not available")
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+_redis_db = itertools.cycle(range(1, 16))
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """A Redis database of its own on the machine's Redis, flushed before the test."""
+    require(_port_open(REDIS_HOST, REDIS_PORT), f"Redis on {REDIS_HOST}:{REDIS_PORT}")
+    import redis
+
+    db = next(_redis_db)
+    redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db).flushdb()
+    return f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}"
+
+
+@pytest.fixture
+def pg_url():
+    """A fresh PostgreSQL database for this test, dropped afterwards."""
+    require(_port_open("127.0.0.1", 5432), "PostgreSQL on 127.0.0.1:5432")
+    import psycopg
+
+    name = f"vramq_t_{uuid.uuid4().hex[:12]}"
+    admin = PG_ADMIN_URL
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield admin.rsplit("/", 1)[0] + f"/{name}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    """The tiny models, built once per session (``vramq models make-tiny``)."""
+    from gpu_workers.tiny import make_tiny
+
+    path = tmp_path_factory.mktemp("models")
+    make_tiny(path)
+    return path
+
+
+def settings_env(tmp_path: Path, *, redis_url: str, models_dir: Path, database_url: str | None = None,
+                 storage_url: str | None = None, s3_endpoint_url: str | None = None, **extra: str) -> dict[str, str]:
+    """``VRAMQ_*`` variables for one isolated installation under ``tmp_path``."""
+    env = {
+        "VRAMQ_DATA_DIR": str(tmp_path / "data"),
+        "VRAMQ_BROKER_URL": redis_url,
+        "VRAMQ_MODELS_DIR": str(models_dir),
+        "VRAMQ_SECRET_KEY": "test-secret-" + uuid.uuid4().hex,
+    }
+    if database_url:
+        env["VRAMQ_DATABASE_URL"] = database_url
+    if storage_url:
+        env["VRAMQ_STORAGE_URL"] = storage_url
+    if s3_endpoint_url:
+        env["VRAMQ_S3_ENDPOINT_URL"] = s3_endpoint_url
+    env.update({f"VRAMQ_{k.upper()}": str(v) for k, v in extra.items()})
+    return env
+
+
+@pytest.fixture
+def make_settings(tmp_path, redis_url, models_dir):
+    """Build ``Settings`` (and the env that produced them) for an isolated installation."""
+
+    def build(**kw) -> tuple[Settings, dict[str, str]]:
+        env = settings_env(tmp_path, redis_url=redis_url, models_dir=models_dir, **kw)
+        return Settings.from_env(env), env
+
+    return build
