@@ -8,7 +8,9 @@ import time
 from flask import Blueprint, Response, current_app, request, stream_with_context
 from sqlalchemy import select
 
-from jobs.errors import InputError, NotFound
+from werkzeug.exceptions import BadRequest
+
+from jobs.errors import NotFound
 from jobs.lifecycle import TERMINAL, cancel
 from jobs.schema import Job
 from jobs.submit import submit_job
@@ -27,10 +29,15 @@ def _services():
 
 def _json_body():
     raw = request.get_data(cache=False)
+    limit = request.max_content_length
+    if limit is not None and len(raw) >= limit:
+        # werkzeug stops a streamed (chunked) body at the limit without complaint;
+        # one more read tells a body of exactly the limit from a longer one (413).
+        request.stream.read(1)
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise InputError(f"the body is not valid JSON: {exc}", [{"loc": [], "msg": "not valid JSON"}]) from None
+        raise BadRequest(f"the body is not valid JSON: {exc}") from None
 
 
 @bp.post("/v1/jobs")

@@ -122,9 +122,19 @@ class ModelEntry(_Strict):
         except ValidationError as exc:
             raise InputError(
                 f"input is not valid for model {self.id!r}",
-                [{"loc": ["input", *map(_loc, e["loc"])], "msg": e["msg"]} for e in exc.errors()],
+                [{"loc": ["input", *map(_loc, e["loc"])], "msg": self._explain(e)} for e in exc.errors()],
             ) from None
         return parsed.model_dump()
+
+    def _explain(self, err: dict) -> str:
+        """Pydantic's message, plus the name of the catalog limit that was passed."""
+        field = err["loc"][0] if err["loc"] else None
+        limit = LIMIT_OF.get(field)
+        if err["type"] in ("less_than_equal", "string_too_long", "too_long") and limit:
+            return f"{err['msg']} (limit {limit} of model {self.id})"
+        if err["type"] == "greater_than_equal" and field in ("width", "height"):
+            return f"{err['msg']} (limit min_side of model {self.id})"
+        return err["msg"]
 
     def public(self) -> dict[str, Any]:
         """The entry as ``GET /v1/models`` shows it (without placement facts)."""
@@ -161,6 +171,14 @@ _BUILTIN_DEFAULTS = {
 }
 
 SEED_MAX = 2**32 - 1
+
+#: Which catalog limit bounds which input field (named in error messages).
+LIMIT_OF = {
+    "width": "max_width", "height": "max_height", "steps": "max_steps", "num_images": "max_num_images",
+    "prompt": "max_prompt_chars", "negative_prompt": "max_prompt_chars", "num_frames": "max_frames",
+    "fps": "max_fps", "max_tokens": "max_tokens", "messages": "max_messages", "stop": "max_stop",
+    "guidance": "max_guidance",
+}
 
 
 def _effective_defaults(entry: ModelEntry) -> dict[str, Any]:

@@ -106,3 +106,24 @@ def make_settings(tmp_path, redis_url, models_dir):
         return Settings.from_env(env), env
 
     return build
+
+
+@pytest.fixture(scope="module")
+def shared_cluster(tmp_path_factory, models_dir):
+    """One API + one CPU worker (SQLite, local store) shared by a module's HTTP tests."""
+    from tests.fixtures.procs import Cluster
+
+    require(_port_open(REDIS_HOST, REDIS_PORT), f"Redis on {REDIS_HOST}:{REDIS_PORT}")
+    import redis
+
+    db = next(_redis_db)
+    redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db).flushdb()
+    tmp = tmp_path_factory.mktemp("cluster")
+    c = Cluster(env=settings_env(tmp, redis_url=f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}", models_dir=models_dir,
+                                 max_body_kb=64), workdir=tmp)
+    try:
+        c.start_api()
+        c.start_worker()
+        yield c
+    finally:
+        c.stop()

@@ -95,7 +95,9 @@ def test_make_tiny_is_idempotent_and_reloads(tiny_flux_dir):
 
 
 def test_batch_gives_each_item_its_images(backend):
-    a, b = job("a red fox", seed=1, width=96, height=64), job("a lighthouse", seed=7, num_images=2, width=96, height=64)
+    # Not square, so a swapped width and height shows.
+    a = job("a red fox", seed=1, width=96, height=64)
+    b = job("a lighthouse", seed=7, num_images=2, width=96, height=64)
     results = backend.run_batch([item(a), item(b)])
     assert [len(r.artifacts) for r in results] == [1, 2]
     for r, seed in zip(results, (1, 7)):

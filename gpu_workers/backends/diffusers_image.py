@@ -54,7 +54,8 @@ class DiffusersImageBackend(Backend):
         # diffusers renamed ``torch_dtype`` to ``dtype`` and warns on the old name;
         # use whichever this version reads.
         dtype_arg = "dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"
-        pipe = DiffusionPipeline.from_pretrained(str(self.entry.weights), **{dtype_arg: getattr(torch, self.entry.dtype)})
+        dtype = getattr(torch, self.entry.dtype)
+        pipe = DiffusionPipeline.from_pretrained(str(self.entry.weights), **{dtype_arg: dtype})
         pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
         self._params = dict(inspect.signature(pipe.__call__).parameters)
@@ -72,7 +73,8 @@ class DiffusersImageBackend(Backend):
 
     def batch_key(self, inp: dict[str, Any]) -> Hashable:
         # Everything one pipeline call shares; prompts, seeds and counts may differ.
-        return (inp["width"], inp["height"], inp["steps"], inp["guidance"], inp.get("negative_prompt") is not None)
+        has_negative = inp.get("negative_prompt") is not None
+        return (inp["width"], inp["height"], inp["steps"], inp["guidance"], has_negative)
 
     def batch_cost(self, inp: dict[str, Any]) -> int:
         return inp["num_images"]

