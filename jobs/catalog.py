@@ -95,10 +95,14 @@ class ModelEntry(_Strict):
         if self.backend not in BACKENDS[self.kind]:
             raise ValueError(f"backend {self.backend!r} cannot serve kind {self.kind!r}")
         LIMITS[self.kind].model_validate(self.limits)  # raises with the field named
-        # The defaults must themselves be valid input for this entry.
         unknown = set(self.defaults) - set(INPUT_FIELDS[self.kind])
         if unknown:
             raise ValueError(f"defaults name unknown input fields: {sorted(unknown)}")
+        try:  # the defaults must themselves be valid input under the limits
+            _build_input_model(self).model_validate(_REQUIRED_SAMPLE[self.kind])
+        except ValidationError as exc:
+            bad = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise ValueError(f"defaults break the limits: {bad}") from None
         return self
 
     @property
@@ -182,7 +186,16 @@ LIMIT_OF = {
 
 
 def _effective_defaults(entry: ModelEntry) -> dict[str, Any]:
-    return {**_BUILTIN_DEFAULTS[entry.kind], **entry.defaults}
+    """Built-in defaults lowered to the entry's limits, then the entry's own defaults."""
+    limits = entry.limit.model_dump()
+    out = {}
+    for name, value in _BUILTIN_DEFAULTS[entry.kind].items():
+        cap = limits.get(LIMIT_OF.get(name, ""))
+        out[name] = min(value, cap) if isinstance(value, (int, float)) and cap is not None else value
+    return {**out, **entry.defaults}
+
+
+_REQUIRED_SAMPLE = {"image": {"prompt": "x"}, "video": {"prompt": "x"}, "text": {"prompt": "x"}, "speech": {"audio": "file_x"}}
 
 
 class Message(_Strict):
@@ -193,7 +206,7 @@ class Message(_Strict):
 def _build_input_model(entry: ModelEntry) -> type[BaseModel]:
     lim = entry.limit
     d = _effective_defaults(entry)
-    cfg = ConfigDict(extra="forbid", strict=False)
+    cfg = ConfigDict(extra="forbid", validate_default=True)
     if entry.kind in ("image", "video"):
         def side(name: str, maximum: int) -> tuple:
             return (int, Field(d[name], ge=lim.min_side, le=maximum, multiple_of=lim.size_multiple, strict=True))

@@ -55,7 +55,7 @@ class Settings:
             try:
                 value = kind(raw)
             except ValueError:
-                raise ConfigError(f"VRAMQ_{name}={raw!r} is not a {kind.__name__}") from None
+                raise ConfigError(f"VRAMQ_{name}={raw!r} is not {'an integer' if kind is int else 'a number'}") from None
             if value <= 0:
                 raise ConfigError(f"VRAMQ_{name} must be positive, got {raw!r}")
             return value

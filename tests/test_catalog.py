@@ -1,0 +1,105 @@
+"""The catalog: loading, validation errors that name the entry and field, input models."""
+
+from __future__ import annotations
+
+import pytest
+
+from jobs.catalog import TINY_CATALOG, ModelEntry, load_catalog
+from jobs.errors import ConfigError, InputError
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "catalog.toml"
+    path.write_text(text)
+    return path
+
+
+GOOD = """
+[[models]]
+id = "flux"
+kind = "image"
+backend = "diffusers"
+weights = "weights/flux"
+limits = { max_width = 1024 }
+"""
+
+
+def test_tiny_catalog_loads_with_weights_under_models_dir(tmp_path):
+    cat = load_catalog(TINY_CATALOG, models_dir=tmp_path)
+    entry = cat.get("tiny-flux")
+    assert entry.kind == "image" and entry.weights == (tmp_path / "tiny-flux").resolve()
+
+
+def test_relative_weights_resolve_against_the_catalog_file(tmp_path):
+    entry = load_catalog(write(tmp_path, GOOD)).get("flux")
+    assert entry.weights == (tmp_path / "weights" / "flux").resolve()
+    assert entry.dtype == "bfloat16" and entry.max_batch == 1
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        (GOOD.replace('kind = "image"', 'kind = "audio"'), "model flux: kind"),
+        (GOOD.replace('backend = "diffusers"', 'backend = "vllm"'), "cannot serve kind 'image'"),
+        (GOOD.replace("max_width = 1024", "max_widht = 1024"), "max_widht"),
+        (GOOD.replace("max_width = 1024", "max_width = 0"), "max_width"),
+        (GOOD + 'dtype = "int3"\n', "dtype"),
+        (GOOD + "max_batch = 0\n", "max_batch"),
+        (GOOD + "defaults = { colour = 1 }\n", "unknown input fields: ['colour']"),
+        (GOOD + GOOD, "model id 'flux' appears twice"),
+        (GOOD + "defaults = { width = 2048 }\n", "defaults break the limits: width"),
+        (GOOD.replace('id = "flux"', 'id = "Bad Id"'), "id"),
+        ("models = []", "at least one [[models]]"),
+        ("[[models]\n", "not valid TOML"),
+    ],
+)
+def test_bad_catalogs_name_the_entry_and_field(tmp_path, text, needle):
+    with pytest.raises(ConfigError) as err:
+        load_catalog(write(tmp_path, text))
+    assert needle in str(err.value)
+
+
+def test_missing_catalog_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_catalog(tmp_path / "nope.toml")
+
+
+def entry(**kw) -> ModelEntry:
+    return ModelEntry(id="m", kind="image", backend="diffusers", weights="/w", **kw)
+
+
+def test_image_input_defaults_and_limits():
+    e = entry(limits={"max_width": 256, "max_steps": 8}, defaults={"width": 128, "steps": 2})
+    out = e.validate_input({"prompt": "p"})
+    assert out["width"] == 128 and out["height"] == 512 and out["steps"] == 2 and out["seed"] is None
+    with pytest.raises(InputError) as err:
+        e.validate_input({"prompt": "p", "width": 512, "steps": 9})
+    locs = {tuple(x["loc"]): x["msg"] for x in err.value.errors}
+    assert "limit max_width of model m" in locs[("input", "width")]
+    assert "limit max_steps of model m" in locs[("input", "steps")]
+
+
+def test_text_input_needs_prompt_xor_messages():
+    e = ModelEntry(id="t", kind="text", backend="vllm", weights="/w", limits={"max_tokens": 100})
+    assert e.validate_input({"prompt": "hi"})["max_tokens"] == 100
+    assert e.validate_input({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5})["max_tokens"] == 5
+    for bad in ({}, {"prompt": "a", "messages": [{"role": "user", "content": "b"}]}):
+        with pytest.raises(InputError, match="input is not valid"):
+            e.validate_input(bad)
+    with pytest.raises(InputError):
+        e.validate_input({"prompt": "a", "max_tokens": 101})
+    with pytest.raises(InputError):
+        e.validate_input({"messages": [{"role": "robot", "content": "b"}]})
+
+
+def test_speech_input_audio_reference():
+    e = ModelEntry(id="s", kind="speech", backend="faster_whisper", weights="/w")
+    assert e.validate_input({"audio": "file_abc"})["task"] == "transcribe"
+    with pytest.raises(InputError):
+        e.validate_input({"audio": "http://example.com/a.wav"})
+
+
+def test_public_view_shows_effective_defaults():
+    pub = entry(defaults={"steps": 3}).public()
+    assert pub["defaults"]["steps"] == 3 and pub["defaults"]["width"] == 512
+    assert pub["limits"]["max_width"] == 1024

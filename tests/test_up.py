@@ -1,0 +1,73 @@
+"""``vramq up`` on embedded defaults (nothing configured but a data dir) and the CLI around it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.fixtures.procs import ROOT, free_port
+
+pytestmark = pytest.mark.e2e
+
+
+def test_up_on_embedded_defaults_runs_a_job_and_stops_cleanly(tmp_path):
+    port = free_port()
+    data = tmp_path / "data"
+    # Only a data dir: SQLite, embedded Redis, local objects, the tiny catalog, and no
+    # models yet, so `up` must build them itself.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VRAMQ_")}
+    env.update({"VRAMQ_DATA_DIR": str(data), "PYTHONUNBUFFERED": "1"})
+    log = open(tmp_path / "up.log", "wb")
+    up = subprocess.Popen([sys.executable, "-m", "api.cli", "up", "--port", str(port)], cwd=ROOT, env=env,
+                          stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert up.poll() is None, (tmp_path / "up.log").read_text()
+            try:
+                if requests.get(url + "/v1/models", timeout=1).json()["data"][0]["available"]:
+                    break
+            except (requests.RequestException, KeyError, IndexError):
+                pass
+            assert time.monotonic() < deadline, (tmp_path / "up.log").read_text()
+            time.sleep(0.2)
+        out = subprocess.run([sys.executable, "-m", "api.cli", "submit", "tiny-flux", "prompt=a small boat", "width=64",
+                              "height=64", "--wait", "--url", url], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        job = json.loads(out.stdout)
+        assert job["status"] == "succeeded"
+        assert requests.get(job["output"]["images"][0]["url"], timeout=5).content[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (data / "vramq.db").exists() and (data / "redis" / "port").exists()
+        assert (data / "models" / "tiny-flux" / "model_index.json").exists()
+        redis_port = int((data / "redis" / "port").read_text())
+    finally:
+        up.send_signal(signal.SIGTERM)
+        code = up.wait(timeout=60)
+    assert code == 0, (tmp_path / "up.log").read_text()
+    # Everything it started is gone: the API port and the embedded Redis are closed.
+    for p in (port, redis_port):
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"http://127.0.0.1:{p}/", timeout=1)
+
+
+def test_worker_refuses_unknown_model(tmp_path, redis_url, models_dir):
+    from tests.conftest import settings_env
+
+    env = {**os.environ, **settings_env(tmp_path, redis_url=redis_url, models_dir=models_dir)}
+    out = subprocess.run([sys.executable, "-m", "api.cli", "worker", "--cpu", "--models", "nope"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "unknown models ['nope']" in out.stderr
+
+
+def test_worker_needs_card_or_cpu():
+    out = subprocess.run([sys.executable, "-m", "api.cli", "worker"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--card N or --cpu" in out.stderr
