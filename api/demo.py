@@ -67,7 +67,8 @@ def _render(console: Console, client: Client, images: int, out: Path) -> int:
 
     out.mkdir(parents=True, exist_ok=True)
     table = Table(title="vramq demo: results")
-    for col in ("job", "kind", "status", "seconds", "gpu s", "batch", "tokens"):
+    table.add_column("job", no_wrap=True)
+    for col in ("kind", "status", "seconds", "gpu s", "batch", "tokens"):
         table.add_column(col)
     links = []
     ok = True
@@ -89,6 +90,9 @@ def _render(console: Console, client: Client, images: int, out: Path) -> int:
             links.append((path, img["url"]))
     console.print(table)
     for path, url in links:
-        console.print(f"{path}\n  [link={url}]{url}[/link]")
+        console.print(f"{path}\n  [link={url}]{url}[/link]", soft_wrap=True)
+    if links:
+        console.print("(signed links are served by the API and expire; the demo's API stops with the demo, "
+                      "`vramq up` serves the same data dir)")
     console.print("[green]all jobs succeeded[/green]" if ok else "[red]some jobs did not succeed[/red]")
     return 0 if ok else 1

@@ -71,3 +71,14 @@ def test_worker_refuses_unknown_model(tmp_path, redis_url, models_dir):
 def test_worker_needs_card_or_cpu():
     out = subprocess.run([sys.executable, "-m", "api.cli", "worker"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "--card N or --cpu" in out.stderr
+
+
+def test_demo_runs_the_bulk_render_end_to_end(tmp_path, models_dir):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VRAMQ_")}
+    env.update({"VRAMQ_DATA_DIR": str(tmp_path / "data"), "VRAMQ_MODELS_DIR": str(models_dir)})
+    out = subprocess.run([sys.executable, "-m", "api.cli", "demo", "--images", "3", "--port", str(free_port()),
+                          "--out", str(tmp_path / "out")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "all jobs succeeded" in out.stdout
+    pngs = sorted((tmp_path / "out").glob("job_*.png"))
+    assert len(pngs) == 3 and all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)

@@ -50,6 +50,12 @@ class DiffusersImageBackend(Backend):
         from diffusers import DiffusionPipeline
         from diffusers.pipelines import pipeline_utils
 
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        # A worker's log is for jobs; loading bars from every component only bury them.
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
         started = time.perf_counter()
         # diffusers renamed ``torch_dtype`` to ``dtype`` and warns on the old name;
         # use whichever this version reads.
