@@ -39,19 +39,12 @@ class JobStateCollector:
 
 
 def render(services) -> bytes:
-    registry = CollectorRegistry()
+    """This process's metrics (or every gunicorn process's, summed), then the job gauges."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
     else:
-        from prometheus_client import REGISTRY
-
-        registry = REGISTRY
-        return generate_latest(registry) + generate_latest(_db_registry(services))
-    registry.register(JobStateCollector(services))
-    return generate_latest(registry)
-
-
-def _db_registry(services) -> CollectorRegistry:
-    reg = CollectorRegistry()
-    reg.register(JobStateCollector(services))
-    return reg
+        from prometheus_client import REGISTRY as registry
+    jobs = CollectorRegistry()
+    jobs.register(JobStateCollector(services))
+    return generate_latest(registry) + generate_latest(jobs)

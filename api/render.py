@@ -57,7 +57,6 @@ def render_job(job: Job, session=None) -> dict[str, Any]:
     base = base_url()
     self_url = urljoin(base, f"v1/jobs/{job.id}")
     error = {"code": job.error_code, "message": job.error_message} if job.error_code else None
-    expired = bool(job.output and job.usage_detail.get("outputs_expired"))
     return {
         "id": job.id,
         "object": "job",
@@ -73,14 +72,14 @@ def render_job(job: Job, session=None) -> dict[str, Any]:
         "metadata": job.meta,
         "batch_id": job.batch_id,
         "priority": job.priority,
-        "output": None if job.output is None or expired else render_output(job.output),
+        "output": None if job.output is None else render_output(job.output),
         "error": error,
         "attempts": job.attempts,
         "usage": {
             "gpu_seconds": round(job.gpu_seconds, 6),
             "tokens_reserved": job.tokens_reserved,
             "tokens_charged": job.tokens_charged,
-            **{k: v for k, v in job.usage_detail.items() if k != "outputs_expired"},
+            **job.usage_detail,
         },
         "expires_at": None if job.saved else iso(job.expires_at),
         "links": {"self": self_url, "cancel": self_url + "/cancel", "events": self_url + "/events"},

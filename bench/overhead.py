@@ -116,6 +116,19 @@ def machine_busy_s() -> float:
     return (sum(v[:8]) - v[3] - v[4]) / _TCK
 
 
+def postgres_pid(database_url: str) -> int | None:
+    """The postmaster's pid when PostgreSQL runs on this machine (its backends are its children)."""
+    try:
+        import psycopg
+
+        with psycopg.connect(database_url.replace("+psycopg", "")) as conn:
+            backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+        with open(f"/proc/{backend}/stat") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[1])
+    except Exception:
+        return None
+
+
 def tree_cpu_s(pid: int) -> float:
     """user+system CPU seconds of a process and its live descendants (0 if gone)."""
     total, todo = 0.0, [pid]
@@ -137,8 +150,8 @@ class CpuMeter:
     """Where the CPU went during a phase: ours by part, and everything else on the machine.
 
     ``other_busy_cores`` is CPU used by processes outside this benchmark (other users of
-    a shared machine, and PostgreSQL's backends when ``--database-url`` is given): when
-    it is well above zero the figures of that phase are disturbed.
+    a shared machine): when it is well above zero the figures of that phase are
+    disturbed. A local PostgreSQL is counted as ours, all of it.
     """
 
     def __init__(self, parts: dict):
@@ -430,6 +443,9 @@ def main() -> int:
                  "worker": lambda: tree_cpu_s(worker.pid)}
         if redis_pid:
             parts["redis"] = lambda: tree_cpu_s(redis_pid)
+        pg_pid = postgres_pid(args.database_url) if args.database_url and args.database_url.startswith("postgres") else None
+        if pg_pid:
+            parts["postgres"] = lambda: tree_cpu_s(pg_pid)  # all of the local PostgreSQL
         meter = CpuMeter(parts)
 
         # Warm-up: one batch's worth, submitted together.

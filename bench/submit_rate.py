@@ -26,9 +26,11 @@ small image job (64x64, 1 step) as fast as they can.
 Only 202 answers count as accepted (``jobs_per_s = accepted / seconds``); anything else
 (other statuses, connection errors, timeouts) is an error. ``p50_ms``/``p99_ms`` are the
 clients' request latencies. ``jobs_in_db`` checks the accepted count against the rows
-in the database. CPU seconds of the client, the API processes and Redis over the run,
-and the machine's busy cores (``other_busy_cores``: processes outside the benchmark, e.g.
-other users of a shared machine or PostgreSQL's backends), show where the time went.
+in the database. ``jobs_in_db`` may exceed ``accepted`` by up to C: requests
+still in flight when wrk stops are committed but not counted. The busy cores of the
+client, the API processes, Redis and (when local) all of PostgreSQL over the run, and
+of the whole machine (``other_busy_cores``: everything else, e.g. other users of a
+shared machine), show where the CPU went.
 
 Progress lines go to stderr; the last stdout line is one JSON object. No assertions.
 """
@@ -87,6 +89,19 @@ def machine_busy_s() -> float:
     with open("/proc/stat") as fh:
         v = [int(x) for x in fh.readline().split()[1:]]
     return (sum(v[:8]) - v[3] - v[4]) / _TCK
+
+
+def postgres_pid(database_url: str) -> int | None:
+    """The postmaster's pid when PostgreSQL runs on this machine (its backends are its children)."""
+    try:
+        import psycopg
+
+        with psycopg.connect(database_url.replace("+psycopg", "")) as conn:
+            backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+        with open(f"/proc/{backend}/stat") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[1])
+    except Exception:
+        return None
 
 
 def tree_cpu_s(pid: int) -> float:
@@ -340,8 +355,10 @@ def main() -> int:
         before_db = count_jobs(database_url)
 
         load_before = os.getloadavg()[0]
+        pg_pid = postgres_pid(database_url) if database_url.startswith("postgres") else None
         cpu_a = {"client": time.process_time(), "api": tree_cpu_s(api.pid),
-                 "redis": tree_cpu_s(redis_pid) if redis_pid else 0.0, "machine": machine_busy_s()}
+                 "redis": tree_cpu_s(redis_pid) if redis_pid else 0.0,
+                 "postgres": tree_cpu_s(pg_pid) if pg_pid else 0.0, "machine": machine_busy_s()}
         wall_a = time.monotonic()
         if client == "wrk":
             # wrk is a child process: its CPU is read from its rusage afterwards.
@@ -355,6 +372,7 @@ def main() -> int:
         wall = time.monotonic() - wall_a
         api_cpu = tree_cpu_s(api.pid) - cpu_a["api"]
         redis_cpu = (tree_cpu_s(redis_pid) - cpu_a["redis"]) if redis_pid else 0.0
+        pg_cpu = (tree_cpu_s(pg_pid) - cpu_a["postgres"]) if pg_pid else 0.0
         machine = machine_busy_s() - cpu_a["machine"]
         after_db = count_jobs(database_url)
 
@@ -375,8 +393,9 @@ def main() -> int:
             "client_busy_cores": round(client_cpu / wall, 2),
             "api_busy_cores": round(api_cpu / wall, 2),
             "redis_busy_cores": round(redis_cpu / wall, 2),
+            "postgres_busy_cores": round(pg_cpu / wall, 2) if pg_pid else None,
             "machine_busy_cores": round(machine / wall, 2),
-            "other_busy_cores": round((machine - client_cpu - api_cpu - redis_cpu) / wall, 2),
+            "other_busy_cores": round((machine - client_cpu - api_cpu - redis_cpu - pg_cpu) / wall, 2),
             "cores": os.cpu_count(),
             "load_avg_1m_before": round(load_before, 2),
         }

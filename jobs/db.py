@@ -55,6 +55,10 @@ def migrate(engine: Engine) -> None:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # Several processes may start at once (API replicas, workers); one migrates,
+            # the others wait for it and then find nothing left to do.
+            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7224107)")
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
 
