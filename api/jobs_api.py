@@ -6,7 +6,6 @@ import json
 import time
 
 from flask import Blueprint, Response, current_app, request, stream_with_context
-from sqlalchemy import select
 
 from werkzeug.exceptions import BadRequest
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, current_app, request, send_file
 
 from jobs.db import ping as ping_db
-from jobs.errors import NotFound, VramqError
+from jobs.errors import NotFound
 
 from . import metrics
 from .openapi import spec

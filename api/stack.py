@@ -102,11 +102,11 @@ class Stack:
 
     def stop(self, timeout: float = 60) -> None:
         # Workers first, so none takes a job the API can no longer report on; the API last.
-        for name, proc in reversed(self.children):
+        for _name, proc in reversed(self.children):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        for name, proc in self.children:
+        for _name, proc in self.children:
             try:
                 proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:

@@ -120,5 +120,5 @@ class Batcher:
         elapsed = time.perf_counter() - t0
         self.batches_run += 1
         total_cost = sum(p.cost for p in batch)
-        for p, result in zip(batch, results):
+        for p, result in zip(batch, results, strict=True):
             p.future.set_result(BatchOutcome(result, elapsed * p.cost / total_cost, len(batch)))

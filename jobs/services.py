@@ -5,8 +5,7 @@ Built once per process and passed down; nothing here runs at import time.
 
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 
 from .catalog import TINY_CATALOG, Catalog, load_catalog
@@ -27,7 +26,6 @@ class Services:
 
     settings: Settings
     broker_url: str
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def from_settings(cls, settings: Settings, *, migrate_db: bool = True) -> "Services":

@@ -100,8 +100,8 @@ def test_batch_gives_each_item_its_images(backend):
     b = job("a lighthouse", seed=7, num_images=2, width=96, height=64)
     results = backend.run_batch([item(a), item(b)])
     assert [len(r.artifacts) for r in results] == [1, 2]
-    for r, seed in zip(results, (1, 7)):
-        for k, (art, out) in enumerate(zip(r.artifacts, r.output["images"])):
+    for r, seed in zip(results, (1, 7), strict=False):
+        for k, (art, out) in enumerate(zip(r.artifacts, r.output["images"], strict=False)):
             assert art.name == f"image-{k}.png" and art.content_type == "image/png"
             assert out == {
                 "url": {"$artifact": art.name},
@@ -123,7 +123,7 @@ def test_seed_decides_the_image(backend):
     # One generator per image: the image for a seed does not depend on its batch-mates
     # (up to rounding: a different batch size may change the order of float sums).
     two = backend.run_batch([item(job(seed=5, num_images=2))])[0].artifacts
-    for art, seed in zip(two, (5, 6)):
+    for art, seed in zip(two, (5, 6), strict=False):
         diff = np.abs(pixels(art.data) - pixels(png(seed)))
         assert diff.max() <= 2
     assert np.abs(pixels(two[0].data) - pixels(two[1].data)).mean() > 10

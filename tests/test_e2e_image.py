@@ -4,9 +4,6 @@ SQLite or PostgreSQL, and a local directory or S3 (moto server)."""
 from __future__ import annotations
 
 import io
-import os
-import signal
-import time
 
 import pytest
 import requests

@@ -3,7 +3,6 @@ the broker going away. Real processes, real Redis."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import settings_env
-from tests.fixtures.procs import free_port
 
 pytestmark = pytest.mark.e2e
 

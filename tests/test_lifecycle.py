@@ -6,7 +6,6 @@ import threading
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import select
 
 from jobs import lifecycle as lc
 from jobs.db import make_engine, make_sessionmaker, migrate

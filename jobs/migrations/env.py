@@ -2,7 +2,6 @@
 or against ``VRAMQ_DATABASE_URL`` when run from the ``alembic`` command line."""
 
 from alembic import context
-from sqlalchemy import pool
 
 from jobs.schema import Base
 
