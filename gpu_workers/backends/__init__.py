@@ -16,6 +16,9 @@ __all__ = ["Artifact", "Backend", "ItemResult", "WorkItem", "backend_class"]
 
 _BACKENDS: dict[tuple[str, str], str] = {
     ("image", "diffusers"): "gpu_workers.backends.diffusers_image:DiffusersImageBackend",
+    ("video", "diffusers"): "gpu_workers.backends.diffusers_video:DiffusersVideoBackend",
+    ("text", "vllm"): "gpu_workers.backends.vllm_text:VllmTextBackend",
+    ("speech", "faster_whisper"): "gpu_workers.backends.whisper_speech:WhisperSpeechBackend",
 }
 """``(kind, backend)`` -> ``"module:Class"``, imported lazily."""
 

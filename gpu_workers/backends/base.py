@@ -24,6 +24,11 @@ class WorkItem:
     """Report progress in [0, 1]; cheap, call it every step."""
     is_canceled: Callable[[], bool] = lambda: False
     """True once the job was canceled; check it between steps."""
+    on_delta: Callable[[str], None] = lambda text: None
+    """Stream a piece of generated text (text backends); the pieces joined are the output text."""
+    attachments: dict[str, bytes] = field(default_factory=dict)
+    """Binary inputs by input field name, already fetched (e.g. ``{"audio": b"RIFF…"}`` for
+    a speech job whose ``input["audio"]`` is a ``file_…`` id or a ``data:`` URI)."""
 
 
 @dataclass
@@ -46,10 +51,19 @@ class ItemResult:
 
     output: dict[str, Any]
     artifacts: list[Artifact] = field(default_factory=list)
+    gpu_seconds: float | None = None
+    """Device time this item used, for backends that measure it themselves (``"engine"``
+    backends: the request's wall time divided among the requests running beside it).
+    None: the runtime uses the item's share of its ``run_batch`` call."""
 
 
 class Backend(abc.ABC):
     """A model kept resident on one device, running batches of compatible jobs."""
+
+    #: How jobs reach the model. ``"batcher"``: the runtime's dynamic batcher groups
+    #: compatible jobs into ``run_batch`` calls. ``"engine"``: the backend batches by itself
+    #: (vLLM's continuous batching); every task thread calls ``run_one`` concurrently.
+    batching = "batcher"
 
     def __init__(self, entry, device: str):
         self.entry = entry  # jobs.catalog.ModelEntry
@@ -75,6 +89,14 @@ class Backend(abc.ABC):
         fails or retries every item. An item canceled mid-run is returned as
         ``jobs.errors.JobCanceled``.
         """
+
+    def run_one(self, item: WorkItem) -> ItemResult:
+        """Run one job (``batching = "engine"`` backends); raise ``JobError`` to fail it.
+
+        Called from many threads at once; must return promptly after ``is_canceled()``
+        turns true (raising ``JobCanceled``).
+        """
+        raise NotImplementedError(f"{type(self).__name__} batches through run_batch")
 
     def unload(self) -> None:
         """Release the model's memory."""
