@@ -9,6 +9,7 @@ from flask import Blueprint, Response, current_app, request, stream_with_context
 
 from werkzeug.exceptions import BadRequest
 
+from jobs import events
 from jobs.errors import NotFound
 from jobs.lifecycle import TERMINAL, cancel
 from jobs.schema import Job
@@ -20,6 +21,9 @@ from .problems import problem
 from .render import render_job
 
 bp = Blueprint("jobs", __name__)
+
+#: An event stream is closed after this long; clients reconnect with Last-Event-ID.
+STREAM_MAX_S = 3600
 
 
 def _services():
@@ -77,41 +81,59 @@ def cancel_job(job_id: str):
     services = _services()
     with services.sessions.begin() as session:
         cancel(session, job_id)
+    try:
+        events.emit(services.redis, job_id, "status", {"status": "canceled"})
+        events.emit(services.redis, job_id, "done", {"status": "canceled"})
+    except Exception:  # the live view is best effort; the row already says canceled
+        pass
     with services.sessions() as session:
         return render_job(_load(session, job_id), session)
 
 
 @bp.get("/v1/jobs/<job_id>/events")
 def job_events(job_id: str):
-    """Server-sent events: ``status`` and ``progress`` as they change, then ``done``.
+    """Server-sent events: ``status``, ``progress``, ``delta`` (text), then ``done`` with the job.
 
-    Event ids count up per stream; a client reconnecting with ``Last-Event-ID`` gets the
-    current state again (state events are idempotent), so nothing it needs is lost.
+    Event ids are the job's event-stream ids; reconnecting with ``Last-Event-ID`` resumes
+    right after the last event received. Without it the stream starts with the job's
+    current status and replays every event since the job started, so the ``delta``
+    events always add up to the whole text.
     """
     services = _services()
     with services.sessions() as session:
-        _load(session, job_id)
+        job = _load(session, job_id)
+        status = job.status
+    after = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or "0"
+
+    def frame(event: str, data: dict, event_id: str | None = None) -> str:
+        head = f"id: {event_id}\n" if event_id else ""
+        return f"{head}event: {event}\ndata: {json.dumps(data)}\n\n"
+
+    def done_frame(event_id: str | None) -> str:
+        with services.sessions() as session:
+            return frame("done", render_job(session.get(Job, job_id), session), event_id)
 
     def stream():
-        seq, last = 0, (None, None)
-        deadline = time.monotonic() + 3600
+        nonlocal after
+        if after == "0":
+            yield frame("status", {"status": status})
+        deadline = time.monotonic() + STREAM_MAX_S
         while time.monotonic() < deadline:
-            with services.sessions() as session:
-                job = session.get(Job, job_id)
-                state = (job.status, round(job.progress, 3))
-                rendered = render_job(job, session) if job.status in TERMINAL else None
-            if state[0] != last[0]:
-                seq += 1
-                yield f"id: {seq}\nevent: status\ndata: {json.dumps({'status': state[0]})}\n\n"
-            if state[1] != last[1]:
-                seq += 1
-                yield f"id: {seq}\nevent: progress\ndata: {json.dumps({'progress': state[1]})}\n\n"
-            last = state
-            if rendered is not None:
-                seq += 1
-                yield f"id: {seq}\nevent: done\ndata: {json.dumps(rendered)}\n\n"
-                return
-            time.sleep(0.25)
+            entries = events.read(services.redis, job_id, after, block_ms=1000)
+            for entry_id, event, data in entries:
+                after = entry_id
+                if event == "done":
+                    yield done_frame(entry_id)
+                    return
+                yield frame(event, data, entry_id)
+            if not entries:
+                # Nothing new for a second: the row says whether the job ended without a
+                # ``done`` in the stream (it expired, or the job was canceled while queued).
+                with services.sessions() as session:
+                    if session.get(Job, job_id).status in TERMINAL:
+                        yield done_frame(None)
+                        return
+                yield ": keep-alive\n\n"
 
     return Response(
         stream_with_context(stream()),

@@ -17,14 +17,15 @@ from datetime import timedelta
 from enum import Enum
 
 from jobs import defaults, heartbeat, lifecycle
-from jobs.errors import JobCanceled, JobError, OutOfMemory
+from jobs.errors import JobCanceled, JobError, OutOfMemory, VramqError
+from jobs.events import EventWriter
 from jobs.lifecycle import utcnow
 from jobs.queue import publish
 from jobs.schema import Job
 
 from .backends import backend_class
 from .backends.base import ItemResult, WorkItem
-from .batcher import Batcher
+from .batcher import BatchOutcome, Batcher
 
 log = logging.getLogger("vramq.worker")
 
@@ -57,6 +58,7 @@ class WorkerRuntime:
     batchers: dict = field(default_factory=dict)
     load_seconds: dict = field(default_factory=dict)
     _running: dict = field(default_factory=dict)
+    events: EventWriter | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
 
@@ -65,6 +67,7 @@ class WorkerRuntime:
     def load(self) -> None:
         """Load every model onto the device, then start the batchers and the reporter."""
         catalog = self.services.catalog
+        self.events = EventWriter(self.services.redis)
         for model_id in self.model_ids:
             entry = catalog.get(model_id)
             backend = backend_class(entry)(entry, self.device)
@@ -73,7 +76,8 @@ class WorkerRuntime:
             self.load_seconds[model_id] = time.perf_counter() - t0
             log.info("loaded %s on %s in %.2fs", model_id, self.device, self.load_seconds[model_id])
             self.backends[model_id] = backend
-            self.batchers[model_id] = Batcher(backend, entry.max_batch, entry.max_wait_ms, model_id)
+            if backend.batching == "batcher":
+                self.batchers[model_id] = Batcher(backend, entry.max_batch, entry.max_wait_ms, model_id)
         self.state = State.READY
         threading.Thread(target=self._report_loop, name="reporter", daemon=True).start()
 
@@ -82,11 +86,19 @@ class WorkerRuntime:
         self._stop.set()
         for b in self.batchers.values():
             b.stop()
+        if self.events is not None:
+            self.events.close()
 
     @property
     def concurrency(self) -> int:
-        """Task threads: two batches' worth per model, so one batch gathers while another runs."""
-        return sum(2 * self.services.catalog.get(m).max_batch for m in self.model_ids)
+        """Task threads. A batched model gets two batches' worth, so one batch gathers while
+        another runs; an engine model (vLLM) gets ``max_batch``, its concurrent sequences."""
+        total = 0
+        for m in self.model_ids:
+            entry = self.services.catalog.get(m)
+            engine = m in self.backends and self.backends[m].batching == "engine"
+            total += entry.max_batch if engine else 2 * entry.max_batch
+        return total
 
     # --- one job ------------------------------------------------------------------
 
@@ -124,14 +136,22 @@ class WorkerRuntime:
 
     def _run(self, job: Job, run: _Running) -> None:
         services = self.services
+        self.events.put(job.id, "status", {"status": lifecycle.RUNNING})
+        queued_s = (job.started_at - job.created_at).total_seconds() if job.started_at else 0.0
+        try:
+            attachments = self._attachments(job)
+        except VramqError as exc:
+            self._fail(job, getattr(exc, "code", "invalid_input"), str(exc), 0.0)
+            return
         item = WorkItem(
             job_id=job.id,
             input=job.input,
             on_progress=lambda f: setattr(run, "progress", f),
             is_canceled=lambda: run.canceled,
+            on_delta=lambda text: self.events.put(job.id, "delta", {"text": text}),
+            attachments=attachments,
         )
-        queued_s = (job.started_at - job.created_at).total_seconds() if job.started_at else 0.0
-        outcome = self.batchers[job.model].submit(item).result()
+        outcome = self._compute(job.model, item)
         result = outcome.result
         if isinstance(result, JobCanceled) or run.canceled:
             log.info("job %s canceled while running", job.id)
@@ -140,24 +160,54 @@ class WorkerRuntime:
             code = result.code if isinstance(result, JobError) else "internal_error"
             if _is_oom(result):
                 code = OutOfMemory.code
-            message = str(result) or result.__class__.__name__
-            with services.sessions.begin() as s:
-                lifecycle.fail(s, job.id, self.name, code, message, outcome.gpu_seconds)
+            self._fail(job, code, str(result) or result.__class__.__name__, outcome.gpu_seconds)
             return
         prefix = f"jobs/{job.id}/{job.attempts}/"
         try:
             output = self._store(prefix, result)
         except Exception as exc:
             log.exception("storing outputs of %s failed", job.id)
-            with services.sessions.begin() as s:
-                lifecycle.fail(s, job.id, self.name, "storage_unavailable", f"could not store outputs: {exc}", outcome.gpu_seconds)
+            self._fail(job, "storage_unavailable", f"could not store outputs: {exc}", outcome.gpu_seconds)
             return
         usage = {"batch_size": outcome.batch_size, "queue_seconds": round(queued_s, 4)}
         expires = utcnow() + timedelta(hours=services.settings.retention_hours)
         with services.sessions.begin() as s:
             won = lifecycle.succeed(s, job.id, self.name, output, outcome.gpu_seconds, usage, expires)
-        if not won:  # canceled meanwhile, or our lease lapsed and another worker has it
+        if won:
+            self.events.put(job.id, "done", {"status": lifecycle.SUCCEEDED})
+        else:  # canceled meanwhile, or our lease lapsed and another worker has it
             services.store.delete_prefix(prefix)
+
+    def _compute(self, model_id: str, item: WorkItem) -> BatchOutcome:
+        """Run the item through its model's batcher, or straight into its engine."""
+        backend = self.backends[model_id]
+        if backend.batching == "batcher":
+            outcome = self.batchers[model_id].submit(item).result()
+        else:
+            t0 = time.perf_counter()
+            try:
+                result = backend.run_one(item)
+            except BaseException as exc:  # the job's own failure; the worker goes on
+                result = exc
+            outcome = BatchOutcome(result, time.perf_counter() - t0, 1)
+        measured = getattr(outcome.result, "gpu_seconds", None)
+        if measured is not None:
+            outcome.gpu_seconds = measured
+        return outcome
+
+    def _attachments(self, job: Job) -> dict[str, bytes]:
+        """Fetch the binary inputs a job refers to (the audio of a speech job)."""
+        if job.kind != "speech":
+            return {}
+        from jobs.files import resolve_audio
+
+        return {"audio": resolve_audio(self.services, job.input["audio"])}
+
+    def _fail(self, job: Job, code: str, message: str, gpu_seconds: float) -> None:
+        with self.services.sessions.begin() as s:
+            won = lifecycle.fail(s, job.id, self.name, code, message, gpu_seconds)
+        if won:
+            self.events.put(job.id, "done", {"status": lifecycle.FAILED})
 
     def _store(self, prefix: str, result: ItemResult) -> dict:
         keys = {}
@@ -202,6 +252,7 @@ class WorkerRuntime:
                 lifecycle.renew(s, self.name, running, self.services.settings.lease_s)
         for jid, p in changed.items():
             running[jid].reported = p
+            self.events.put(jid, "progress", {"progress": round(p, 4)})
         for jid in canceled:
             running[jid].canceled = True
 
@@ -212,6 +263,7 @@ class WorkerRuntime:
             for job_id, model, priority in requeued:
                 publish(self.services.celery, job_id, model, priority)
         for job_id, model, _ in requeued:
+            self.events.put(job_id, "status", {"status": lifecycle.QUEUED})
             log.warning("job %s (%s) lost its worker; queued again", job_id, model)
 
     def _heartbeat(self) -> None:

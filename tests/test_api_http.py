@@ -196,3 +196,35 @@ def test_events_stream_ends_with_done(shared_cluster):
             if events and events[-1] == "done":
                 break
     assert events[0] == "status" and events[-1] == "done" and "progress" in events
+
+
+def read_sse(resp) -> list[tuple[str | None, str, dict]]:
+    """Parse a server-sent event stream into (id, event, data) until ``done``."""
+    out, ev_id, ev = [], None, None
+    for line in resp.iter_lines(decode_unicode=True):
+        if line.startswith("id: "):
+            ev_id = line[4:]
+        elif line.startswith("event: "):
+            ev = line[7:]
+        elif line.startswith("data: "):
+            out.append((ev_id, ev, __import__("json").loads(line[6:])))
+            if ev == "done":
+                return out
+            ev_id = ev = None
+    return out
+
+
+def test_events_resume_after_last_event_id(shared_cluster):
+    job = shared_cluster.wait_job(shared_cluster.post("/v1/jobs", json=with_input(steps=6)).json()["id"])
+    url = shared_cluster.url + f"/v1/jobs/{job['id']}/events"
+    with requests.get(url, stream=True, timeout=30) as resp:
+        full = read_sse(resp)
+    kinds = [e for _i, e, _d in full]
+    assert kinds[0] == "status" and kinds[-1] == "done" and "running" in [d.get("status") for _i, e, d in full]
+    assert full[-1][2]["status"] == "succeeded" and full[-1][2]["output"]["images"]
+    ids = [i for i, _e, _d in full if i]
+    assert ids == sorted(ids, key=lambda x: tuple(map(int, x.split("-"))))
+    # Resume after the second event: exactly the events after it, same ids.
+    with requests.get(url, stream=True, timeout=30, headers={"Last-Event-ID": ids[1]}) as resp:
+        resumed = read_sse(resp)
+    assert [i for i, _e, _d in resumed] == ids[2:]

@@ -1,0 +1,93 @@
+"""Each job's events, as a Redis stream: ``status``, ``progress``, ``delta`` (text), ``done``.
+
+Workers and the API append; ``GET /v1/jobs/{id}/events`` replays the stream and follows
+it. Stream entry ids are the SSE event ids, so a client that reconnects with
+``Last-Event-ID`` resumes exactly after the last event it saw. A stream lives for a day
+after its last event; the job row stays the record of truth after that.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+from typing import Any, Iterator
+
+log = logging.getLogger("vramq.events")
+
+PREFIX = "vramq:events:"
+TTL_S = 24 * 3600
+MAXLEN = 50_000  # a very long generation keeps its newest events
+
+
+def key(job_id: str) -> str:
+    return PREFIX + job_id
+
+
+def emit(redis, job_id: str, event: str, data: dict[str, Any]) -> None:
+    """Append one event (a round trip; use ``EventWriter`` on hot paths)."""
+    pipe = redis.pipeline(transaction=False)
+    pipe.xadd(key(job_id), {"event": event, "data": json.dumps(data)}, maxlen=MAXLEN, approximate=True)
+    pipe.expire(key(job_id), TTL_S)
+    pipe.execute()
+
+
+def read(redis, job_id: str, after: str = "0", block_ms: int | None = None) -> list[tuple[str, str, dict]]:
+    """Events after the stream id ``after``: ``[(id, event, data), …]``."""
+    answer = redis.xread({key(job_id): after}, count=500, block=block_ms)
+    out = []
+    for _stream, entries in answer or []:
+        for entry_id, fields in entries:
+            entry_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+            ev = fields.get(b"event", fields.get("event"))
+            data = fields.get(b"data", fields.get("data"))
+            out.append((entry_id, ev.decode() if isinstance(ev, bytes) else ev, json.loads(data)))
+    return out
+
+
+class EventWriter:
+    """Appends events from a background thread, so token streams never wait on Redis.
+
+    Events of one job keep their order (one queue, one writer). If Redis is down the
+    events are dropped with a warning: they are a live view, the job row is the record.
+    """
+
+    def __init__(self, redis):
+        self.redis = redis
+        self._q: queue.Queue[tuple[str, str, dict] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="event-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, job_id: str, event: str, data: dict[str, Any]) -> None:
+        self._q.put((job_id, event, data))
+
+    def close(self, timeout: float = 5) -> None:
+        self._q.put(None)
+        self._thread.join(timeout)
+
+    def _drain(self) -> Iterator[tuple[str, str, dict] | None]:
+        yield self._q.get()
+        while True:
+            try:
+                yield self._q.get_nowait()
+            except queue.Empty:
+                return
+
+    def _run(self) -> None:
+        while True:
+            batch = list(self._drain())
+            stop = None in batch
+            batch = [b for b in batch if b is not None]
+            if batch:
+                try:
+                    pipe = self.redis.pipeline(transaction=False)
+                    for job_id, event, data in batch:
+                        pipe.xadd(key(job_id), {"event": event, "data": json.dumps(data)}, maxlen=MAXLEN, approximate=True)
+                    for job_id in {b[0] for b in batch}:
+                        pipe.expire(key(job_id), TTL_S)
+                    pipe.execute()
+                except Exception as exc:  # a live view only; never fail a job over it
+                    log.warning("dropped %d job events: %s", len(batch), exc)
+            if stop:
+                return
