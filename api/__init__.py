@@ -22,11 +22,12 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.config["MAX_CONTENT_LENGTH"] = services.settings.max_body_bytes
     app.json.sort_keys = False
 
-    from . import jobs_api, models_api, ops, problems
+    from . import files_api, jobs_api, models_api, ops, problems
     from .metrics import REQUESTS
 
     problems.install(app)
     app.register_blueprint(jobs_api.bp)
+    app.register_blueprint(files_api.bp)
     app.register_blueprint(models_api.bp)
     app.register_blueprint(ops.bp)
 

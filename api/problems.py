@@ -51,6 +51,8 @@ def problem(status: int, detail: str, code: str | None = None, errors: list | No
 
 
 def _status_for(exc: VramqError) -> int:
+    if exc.code == "payload_too_large":  # an input too large in bytes, e.g. a data: URI
+        return 413
     for cls in type(exc).__mro__:
         if cls in STATUS:
             return STATUS[cls]

@@ -80,6 +80,10 @@ def submit_job(services, body: Any, *, caller: str | None, scope: str, idempoten
             code="unknown_model",
         )
     inp = entry.validate_input(req.input)
+    if entry.kind == "speech":
+        from .files import check_audio_input  # PyAV, imported only for speech jobs
+
+        check_audio_input(services, entry, inp)
     if "seed" in inp and inp["seed"] is None:
         inp["seed"] = secrets.randbelow(SEED_MAX + 1)  # chosen now, so the result is reproducible
 

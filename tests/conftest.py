@@ -39,7 +39,9 @@ def _port_open(host: str, port: int) -> bool:
         return False
 
 
-_redis_db = itertools.cycle(range(1, 16))
+#: Redis databases 1-12 go round the tests; 13 is the shared cluster's; 14 and 15 the benchmarks'.
+_redis_db = itertools.cycle(range(1, 13))
+SHARED_REDIS_DB = 13
 
 
 @pytest.fixture
@@ -108,15 +110,16 @@ def make_settings(tmp_path, redis_url, models_dir):
     return build
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def shared_cluster(tmp_path_factory, models_dir):
-    """One API + one CPU worker (SQLite, local store) shared by a module's HTTP tests."""
+    """One API + one CPU worker serving every tiny model (SQLite, local store), shared by
+    the session's HTTP tests: one vLLM engine for the whole session."""
     from tests.fixtures.procs import Cluster
 
     require(_port_open(REDIS_HOST, REDIS_PORT), f"Redis on {REDIS_HOST}:{REDIS_PORT}")
     import redis
 
-    db = next(_redis_db)
+    db = SHARED_REDIS_DB
     redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db).flushdb()
     tmp = tmp_path_factory.mktemp("cluster")
     c = Cluster(env=settings_env(tmp, redis_url=f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}", models_dir=models_dir,

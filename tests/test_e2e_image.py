@@ -26,7 +26,7 @@ def cluster(request, tmp_path, redis_url, models_dir, cluster_factory):
         kw["s3_endpoint_url"] = request.getfixturevalue("moto_s3_endpoint")
     c = cluster_factory(settings_env(tmp_path, redis_url=redis_url, models_dir=models_dir, **kw))
     c.start_api()
-    c.start_worker()
+    c.start_worker(models="tiny-flux")
     return c
 
 

@@ -149,14 +149,14 @@ def test_readyz_follows_the_broker(tmp_path, models_dir, private_redis):
 def test_broker_restart_loses_no_queued_job_and_workers_reconnect(tmp_path, models_dir, private_redis, cluster_factory):
     cluster = cluster_factory(settings_env(tmp_path, redis_url=private_redis.url, models_dir=models_dir))
     cluster.start_api()
-    worker = cluster.start_worker()
+    worker = cluster.start_worker(models="tiny-flux")
     small = {"model": "tiny-flux", "input": {"prompt": "r", "steps": 2}}
     assert cluster.wait_job(cluster.post("/v1/jobs", json=small).json()["id"])["status"] == "succeeded"
     worker.stop()  # nobody consumes: the next job waits in Redis
     queued = cluster.post("/v1/jobs", json=small).json()
     private_redis.stop()
     private_redis.start()  # the append-only file brings the message back
-    cluster.start_worker()
+    cluster.start_worker(models="tiny-flux")
     assert cluster.wait_job(queued["id"])["status"] == "succeeded"
     # A worker that lives through a broker restart reconnects and keeps serving.
     private_redis.stop()
@@ -175,7 +175,7 @@ def test_storage_down_fails_the_job_cleanly_and_the_worker_goes_on(tmp_path, red
     cluster = cluster_factory(settings_env(tmp_path, redis_url=redis_url, models_dir=models_dir,
                                            storage_url="s3://out/x", s3_endpoint_url=private_s3.url))
     cluster.start_api()
-    cluster.start_worker()
+    cluster.start_worker(models="tiny-flux")
     small = {"model": "tiny-flux", "input": {"prompt": "s", "steps": 2}}
     assert cluster.wait_job(cluster.post("/v1/jobs", json=small).json()["id"])["status"] == "succeeded"
     private_s3.stop()

@@ -3,6 +3,7 @@ or against ``VRAMQ_DATABASE_URL`` when run from the ``alembic`` command line."""
 
 from alembic import context
 
+import jobs.files  # noqa: F401
 from jobs.schema import Base
 
 config = context.config

@@ -1,0 +1,85 @@
+"""``/v1/files``: upload (multipart) and read a file's metadata.
+
+Uploads are far larger than the app-wide body cap (``VRAMQ_MAX_BODY_KB``), so this
+route raises its own request's ``max_content_length`` to ``VRAMQ_MAX_UPLOAD_MB`` plus
+room for the multipart framing, before anything reads the body.
+"""
+
+from __future__ import annotations
+
+import json
+
+from flask import Blueprint, current_app, request
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from jobs.errors import InputError
+from jobs.files import PURPOSES, File, get_file, store_file
+
+from .problems import problem
+from .render import iso
+
+bp = Blueprint("files", __name__)
+
+#: Multipart boundaries, part headers and the ``purpose`` field on top of the file.
+MULTIPART_SLACK = 64 * 1024
+
+
+def _services():
+    return current_app.config["VRAMQ"]
+
+
+def render_file(row: File) -> dict:
+    """A file as the API shows it."""
+    return {
+        "id": row.id,
+        "object": "file",
+        "bytes": row.bytes,
+        "content_type": row.content_type,
+        "purpose": row.purpose,
+        "filename": row.filename,
+        "duration": row.duration_s,
+        "created_at": iso(row.created_at),
+    }
+
+
+def _too_large(limit: int):
+    return problem(413, f"the upload exceeds the limit of {limit} bytes (VRAMQ_MAX_UPLOAD_MB)", "payload_too_large")
+
+
+def _missing(field: str, msg: str):
+    return problem(422, f"{field}: {msg}", "invalid_input", [{"loc": [field], "msg": msg}])
+
+
+@bp.post("/v1/files")
+def upload_file():
+    services = _services()
+    limit = services.settings.max_upload_bytes
+    if request.mimetype != "multipart/form-data":
+        return problem(415, "POST /v1/files takes multipart/form-data with fields file and purpose")
+    request.max_content_length = limit + MULTIPART_SLACK
+    try:
+        upload = request.files.get("file")
+        purpose = request.form.get("purpose")
+    except RequestEntityTooLarge:
+        return _too_large(limit)
+    if upload is None:
+        return _missing("file", "missing: send the file as multipart field 'file'")
+    if purpose is None:
+        return _missing("purpose", f"missing: one of {', '.join(PURPOSES)}")
+    data = upload.read(limit + 1)
+    if len(data) > limit:
+        return _too_large(limit)
+    try:
+        row = store_file(services, data, upload.filename, purpose, caller=None)
+    except InputError as exc:
+        if exc.code == "payload_too_large":
+            return _too_large(limit)
+        raise
+    resp = current_app.response_class(json.dumps(render_file(row)), status=201, mimetype="application/json")
+    resp.headers["Location"] = f"/v1/files/{row.id}"
+    return resp
+
+
+@bp.get("/v1/files/<file_id>")
+def read_file(file_id: str):
+    return render_file(get_file(_services(), file_id))

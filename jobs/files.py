@@ -1,0 +1,184 @@
+"""Uploaded files: audio for speech jobs, JSONL for batches.
+
+A file is a row in ``files`` (what it is) and an object ``files/<file_id>`` in the store
+(its bytes). The object is written before the row, so a row always has its bytes; a
+failed insert leaves at most an orphan object for retention to sweep.
+
+Content is checked, never trusted from the name or the declared type: audio is
+decoded in full (``jobs.audio.probe_audio``), JSONL must be UTF-8 with one JSON object
+per line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import BigInteger, Float, Index, String
+from sqlalchemy.orm import Mapped, mapped_column
+
+from .audio import parse_data_uri, probe_audio
+from .errors import InputError, NotFound
+from .ids import new_id
+from .lifecycle import utcnow
+from .schema import Base, UTCDateTime
+
+PURPOSES = ("audio", "batch")
+MAX_FILENAME_CHARS = 255
+
+
+class File(Base):
+    """An uploaded file's metadata; its bytes are the object ``files/<id>``."""
+
+    __tablename__ = "files"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    purpose: Mapped[str] = mapped_column(String(16))
+    filename: Mapped[str] = mapped_column(String(MAX_FILENAME_CHARS))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    content_type: Mapped[str] = mapped_column(String(100))
+    sha256: Mapped[str] = mapped_column(String(64))
+    duration_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    """Decoded length of an audio file; None for other purposes."""
+    caller: Mapped[str | None] = mapped_column(String(80), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (Index("ix_files_created", "created_at"),)
+
+    @property
+    def key(self) -> str:
+        return object_key(self.id)
+
+
+def object_key(file_id: str) -> str:
+    return f"files/{file_id}"
+
+
+def _field_error(field: str, msg: str, code: str | None = None) -> InputError:
+    return InputError(f"{field}: {msg}", [{"loc": [field], "msg": msg}], code=code)
+
+
+def clean_filename(name: str | None) -> str:
+    """The last path segment of a client's file name, without control characters."""
+    base = re.split(r"[\\/]", name or "")[-1]
+    base = "".join(ch for ch in base if ch.isprintable()).strip()
+    return base[:MAX_FILENAME_CHARS] or "upload"
+
+
+def store_file(services, data: bytes, filename: str | None, purpose: str, caller: str | None) -> File:
+    """Check ``data`` for its ``purpose``, store it, record it; return the ``File``.
+
+    Raises ``InputError``: a bad purpose (loc ``purpose``), content that is not what the
+    purpose needs (loc ``file``; ``invalid_audio`` for audio), or more than
+    ``VRAMQ_MAX_UPLOAD_MB`` (code ``payload_too_large``).
+    """
+    if purpose not in PURPOSES:
+        raise _field_error("purpose", f"must be one of {', '.join(PURPOSES)}, got {purpose!r}")
+    limit = services.settings.max_upload_bytes
+    if len(data) > limit:
+        msg = f"{len(data)} bytes is over the upload limit of {limit} bytes (VRAMQ_MAX_UPLOAD_MB)"
+        raise _field_error("file", msg, "payload_too_large")
+    duration = None
+    if purpose == "audio":
+        info = probe_audio(data, loc=("file",))
+        content_type, duration = info.content_type, info.duration_s
+    else:
+        _check_jsonl(data)
+        content_type = "application/jsonl"
+    row = File(
+        id=new_id("file"),
+        purpose=purpose,
+        filename=clean_filename(filename),
+        bytes=len(data),
+        content_type=content_type,
+        sha256=hashlib.sha256(data).hexdigest(),
+        duration_s=duration,
+        caller=caller,
+        created_at=utcnow(),
+    )
+    services.store.put(row.key, data, content_type)
+    with services.sessions.begin() as session:
+        session.add(row)
+    return row
+
+
+def _check_jsonl(data: bytes) -> None:
+    """A batch file: UTF-8 text, one JSON object per non-blank line, at least one."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _field_error("file", f"a batch file must be UTF-8 text (bad byte at offset {exc.start})") from None
+    lines = 0
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except ValueError as exc:
+            raise _field_error("file", f"line {number} is not valid JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise _field_error("file", f"line {number} must be a JSON object")
+        lines += 1
+    if not lines:
+        raise _field_error("file", "a batch file needs at least one line (one JSON job object per line)")
+
+
+def get_file(services, file_id: str) -> File:
+    """The file's row; ``NotFound`` if there is none."""
+    with services.sessions() as session:
+        row = session.get(File, file_id)
+    if row is None:
+        raise NotFound(f"no file {file_id}")
+    return row
+
+
+def resolve_audio(services, ref: str, *, max_bytes: int | None = None) -> bytes:
+    """The audio bytes a speech input names: a ``file_…`` id or a ``data:`` URI.
+
+    ``NotFound`` for a file id with no file (row or object); ``InputError`` for a bad
+    data URI. ``max_bytes`` caps a data URI (default: ``VRAMQ_MAX_UPLOAD_MB``).
+    """
+    if ref.startswith("data:"):
+        return parse_data_uri(ref, services.settings.max_upload_bytes if max_bytes is None else max_bytes)
+    if not ref.startswith("file_"):
+        raise InputError("audio must be a file_… id or a data:audio/…;base64 URI",
+                         [{"loc": ["input", "audio"], "msg": "must be a file_… id or a data: URI"}])
+    row = get_file(services, ref)
+    return services.store.get(row.key)
+
+
+def check_audio_input(services, entry, inp: dict[str, Any]) -> float:
+    """Submit-time check of a speech job's audio; return its duration in seconds.
+
+    The file must exist and be audio; a data URI is decoded and probed here. Past the
+    model's ``max_audio_bytes`` is ``payload_too_large``, past ``max_audio_seconds`` is
+    ``audio_too_long``; every error names ``["input", "audio"]``.
+    """
+    loc = ["input", "audio"]
+    ref = inp["audio"]
+    limits = entry.limit
+
+    def bad(msg: str, code: str = "invalid_input") -> InputError:
+        return InputError(f"input.audio: {msg}", [{"loc": loc, "msg": msg}], code=code)
+
+    if ref.startswith("data:"):
+        data = parse_data_uri(ref, limits.max_audio_bytes, loc=loc)
+        size, duration = len(data), probe_audio(data, loc=loc).duration_s
+    else:
+        try:
+            row = get_file(services, ref)
+        except NotFound:
+            raise bad(f"no file {ref} (upload audio with POST /v1/files, purpose audio)") from None
+        if row.purpose != "audio":
+            raise bad(f"file {ref} was uploaded with purpose {row.purpose!r}, not 'audio'")
+        size, duration = row.bytes, row.duration_s
+    if size > limits.max_audio_bytes:
+        raise bad(f"{size} bytes is over the limit max_audio_bytes={limits.max_audio_bytes} of model {entry.id}",
+                  "payload_too_large")
+    if duration > limits.max_audio_seconds:
+        limit = f"max_audio_seconds={limits.max_audio_seconds:g}"
+        raise bad(f"{duration:g} s of audio is over the limit {limit} of model {entry.id}", "audio_too_long")
+    return duration
