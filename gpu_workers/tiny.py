@@ -62,9 +62,20 @@ def make_tiny(dir: str | Path) -> dict[str, Path]:
     """Build every tiny model under ``dir``; return ``{model_id: directory}``.
 
     Models already built are kept as they are, so this is cheap to call at start-up.
+    The ids match the embedded catalog (``jobs/catalogs/tiny.toml``).
     """
+    from .tiny_speech import make_tiny_whisper
+    from .tiny_text import make_tiny_qwen2
+    from .tiny_video import make_tiny_video
+
     dir = Path(dir)
-    return {"tiny-flux": make_tiny_flux(dir / "tiny-flux")}
+    builders = {
+        "tiny-flux": make_tiny_flux,
+        "tiny-qwen2": make_tiny_qwen2,
+        "tiny-video": make_tiny_video,
+        "tiny-whisper": make_tiny_whisper,
+    }
+    return {model_id: build(dir / model_id) for model_id, build in builders.items()}
 
 
 def make_tiny_flux(dest: str | Path, *, seed: int = 0) -> Path:

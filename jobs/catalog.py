@@ -50,6 +50,8 @@ class VideoLimits(_Strict):
     min_side: int = Field(64, ge=16)
     size_multiple: int = Field(16, ge=1)
     max_frames: int = Field(121, ge=1)
+    frame_step: int = Field(1, ge=1)
+    """``num_frames`` must be ``k * frame_step + 1`` (4 for Wan: its VAE packs 4 frames)."""
     max_fps: int = Field(60, ge=1)
     max_steps: int = Field(50, ge=1)
     max_prompt_chars: int = Field(2000, ge=1)
@@ -169,7 +171,7 @@ INPUT_FIELDS = {
 
 _BUILTIN_DEFAULTS = {
     "image": {"width": 512, "height": 512, "steps": 4, "guidance": 0.0, "num_images": 1},
-    "video": {"width": 256, "height": 256, "num_frames": 16, "fps": 8, "steps": 10, "guidance": 5.0},
+    "video": {"width": 256, "height": 256, "num_frames": 17, "fps": 8, "steps": 10, "guidance": 5.0},
     "text": {"max_tokens": 256, "temperature": 1.0, "top_p": 1.0},
     "speech": {"task": "transcribe"},
 }
@@ -222,10 +224,19 @@ def _build_input_model(entry: ModelEntry) -> type[BaseModel]:
         }
         if entry.kind == "image":
             fields["num_images"] = (int, Field(d["num_images"], ge=1, le=lim.max_num_images, strict=True))
-        else:
-            fields["num_frames"] = (int, Field(d["num_frames"], ge=1, le=lim.max_frames, strict=True))
-            fields["fps"] = (int, Field(d["fps"], ge=1, le=lim.max_fps, strict=True))
-        return create_model(f"{entry.kind.title()}Input", __config__=cfg, **fields)
+            return create_model("ImageInput", __config__=cfg, **fields)
+        fields["num_frames"] = (int, Field(d["num_frames"], ge=1, le=lim.max_frames, strict=True))
+        fields["fps"] = (int, Field(d["fps"], ge=1, le=lim.max_fps, strict=True))
+
+        def frame_rule(v: int) -> int:
+            if (v - 1) % lim.frame_step:
+                k = (v - 1) // lim.frame_step
+                raise ValueError(f"must be {lim.frame_step}k+1, e.g. {k * lim.frame_step + 1} or "
+                                 f"{(k + 1) * lim.frame_step + 1} (limit frame_step of model {entry.id})")
+            return v
+
+        return create_model("VideoInput", __config__=cfg, **fields,
+                            __validators__={"frames": field_validator("num_frames")(frame_rule)})
     if entry.kind == "text":
         model = create_model(
             "TextInput",

@@ -17,7 +17,7 @@ pytest.importorskip("torch")
 from PIL import Image  # noqa: E402
 
 from gpu_workers.backends import WorkItem, backend_class  # noqa: E402
-from gpu_workers.tiny import MARKER, make_tiny  # noqa: E402
+from gpu_workers.tiny import MARKER, make_tiny_flux  # noqa: E402
 from jobs.catalog import ModelEntry  # noqa: E402
 from jobs.errors import ConfigError, JobCanceled  # noqa: E402
 
@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def tiny_flux_dir(tmp_path_factory) -> Path:
-    return make_tiny(tmp_path_factory.mktemp("models"))["tiny-flux"]
+    return make_tiny_flux(tmp_path_factory.mktemp("models") / "tiny-flux")
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_make_tiny_is_idempotent_and_reloads(tiny_flux_dir):
 
     marker = tiny_flux_dir / MARKER
     before = marker.stat().st_mtime_ns
-    assert make_tiny(tiny_flux_dir.parent) == {"tiny-flux": tiny_flux_dir}
+    assert make_tiny_flux(tiny_flux_dir) == tiny_flux_dir
     assert marker.stat().st_mtime_ns == before
     assert json.loads(marker.read_text()) == {"architecture": "flux", "seed": 0}
     assert not [p for p in tiny_flux_dir.parent.iterdir() if p.name.startswith(".")]  # no temp dir left

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
-import wave
 from pathlib import Path
 
 import numpy as np
@@ -21,22 +20,7 @@ from jobs.errors import InputError, NotFound  # noqa: E402
 from jobs.files import check_audio_input, resolve_audio, store_file  # noqa: E402
 from jobs.services import Services  # noqa: E402
 
-SR = 16000
-
-
-def tone(seconds: float, rate: int = SR) -> np.ndarray:
-    t = np.arange(int(seconds * rate)) / rate
-    return (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
-
-
-def wav_bytes(samples: np.ndarray, rate: int = SR) -> bytes:
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
-    return buf.getvalue()
+from tests.audio import data_uri, tone, wav_bytes  # noqa: E402
 
 
 def encoded(codec: str, fmt: str, seconds: float = 2.0, rate: int = 44100) -> bytes:
@@ -56,10 +40,6 @@ def encoded(codec: str, fmt: str, seconds: float = 2.0, rate: int = 44100) -> by
         for packet in stream.encode(None):
             out.mux(packet)
     return buf.getvalue()
-
-
-def data_uri(data: bytes, media_type: str = "audio/wav") -> str:
-    return f"data:{media_type};base64,{base64.b64encode(data).decode()}"
 
 
 def speech_entry(tmp_path: Path, **limits) -> ModelEntry:

@@ -1,0 +1,196 @@
+"""Text, video and speech end to end over HTTP, through the one shared worker process that
+holds every tiny model resident (one vLLM engine for the session)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.audio import data_uri, tone, vowels, wav_bytes
+from tests.test_api_http import assert_problem, read_sse
+
+pytestmark = pytest.mark.e2e
+
+
+def submit(cluster, model: str, inp: dict) -> dict:
+    resp = cluster.post("/v1/jobs", json={"model": model, "input": inp})
+    assert resp.status_code == 202, resp.text
+    return resp.json()
+
+
+def test_one_worker_serves_every_kind(shared_cluster):
+    workers = shared_cluster.workers()
+    assert len(workers) == 1
+    assert sorted(workers[0]["models"]) == ["tiny-flux", "tiny-qwen2", "tiny-video", "tiny-whisper"]
+    kinds = {m["id"]: (m["kind"], m["available"]) for m in shared_cluster.get("/v1/models").json()["data"]}
+    assert kinds == {"tiny-flux": ("image", True), "tiny-qwen2": ("text", True),
+                     "tiny-video": ("video", True), "tiny-whisper": ("speech", True)}
+
+
+# --- text ------------------------------------------------------------------------------
+
+
+def test_text_prompt_and_chat(shared_cluster):
+    a = submit(shared_cluster, "tiny-qwen2", {"prompt": "Once upon a time", "max_tokens": 12, "seed": 3})
+    b = submit(shared_cluster, "tiny-qwen2", {"messages": [{"role": "system", "content": "Be brief."},
+                                                          {"role": "user", "content": "Hello!"}], "max_tokens": 9})
+    for job, n in ((a, 12), (b, 9)):
+        done = shared_cluster.wait_job(job["id"])
+        assert done["status"] == "succeeded", done
+        out = done["output"]
+        assert out["finish_reason"] == "length" and out["usage"]["completion_tokens"] == n
+        assert out["usage"]["prompt_tokens"] > 0 and isinstance(out["text"], str) and out["text"]
+        assert done["usage"]["gpu_seconds"] > 0
+
+
+def test_text_stream_delivers_the_final_text(shared_cluster):
+    job = submit(shared_cluster, "tiny-qwen2", {"prompt": "Tell me a story", "max_tokens": 40})
+    with requests.get(shared_cluster.url + f"/v1/jobs/{job['id']}/events", stream=True, timeout=120) as resp:
+        events = read_sse(resp)
+    deltas = [d["text"] for _i, e, d in events if e == "delta"]
+    done = events[-1][2]
+    assert events[-1][1] == "done" and done["status"] == "succeeded"
+    assert len(deltas) > 1 and "".join(deltas) == done["output"]["text"]
+
+
+def test_text_cancel_mid_generation(shared_cluster):
+    job = submit(shared_cluster, "tiny-qwen2", {"prompt": "Go on and on", "max_tokens": 1024})
+    with requests.get(shared_cluster.url + f"/v1/jobs/{job['id']}/events", stream=True, timeout=120) as resp:
+        for line in resp.iter_lines(decode_unicode=True):
+            if line == "event: delta":  # it is generating: cancel it now
+                assert shared_cluster.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] == "canceled"
+                break
+    final = shared_cluster.wait_job(job["id"])
+    assert final["status"] == "canceled" and final["output"] is None
+    nxt = shared_cluster.wait_job(submit(shared_cluster, "tiny-qwen2", {"prompt": "next", "max_tokens": 4})["id"])
+    assert nxt["status"] == "succeeded"
+
+
+def test_text_past_the_context_fails_with_a_code(shared_cluster):
+    long_prompt = " ".join(["word"] * 3000)  # ~3000 tokens against a 2048 context
+    done = shared_cluster.wait_job(submit(shared_cluster, "tiny-qwen2", {"prompt": long_prompt, "max_tokens": 8})["id"])
+    assert done["status"] == "failed" and done["error"]["code"] == "context_length_exceeded"
+
+
+@pytest.mark.parametrize("inp, loc, needle", [
+    ({"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, ["input"], "exactly one of prompt or messages"),
+    ({}, ["input"], "exactly one of prompt or messages"),
+    ({"prompt": "a", "max_tokens": 5000}, ["input", "max_tokens"], "limit max_tokens"),
+    ({"prompt": "a", "temperature": 3}, ["input", "temperature"], "2"),
+    ({"prompt": "a", "top_p": 0}, ["input", "top_p"], "greater than 0"),
+    ({"messages": [{"role": "robot", "content": "b"}]}, ["input", "messages", "0", "role"], "system"),
+    ({"messages": []}, ["input", "messages"], "at least 1"),
+    ({"prompt": "a", "stop": "x"}, ["input", "stop"], "list"),
+])
+def test_text_bad_input(shared_cluster, inp, loc, needle):
+    problem = assert_problem(shared_cluster.post("/v1/jobs", json={"model": "tiny-qwen2", "input": inp}), 422, "invalid_input")
+    msgs = " ".join(e["msg"] for e in problem["errors"] if [str(p) for p in e["loc"]] == loc)
+    assert needle in msgs, problem
+
+
+# --- video -----------------------------------------------------------------------------
+
+
+def test_video_job_makes_an_mp4(shared_cluster):
+    import av
+
+    job = submit(shared_cluster, "tiny-video", {"prompt": "waves", "width": 64, "height": 48, "num_frames": 9, "fps": 12, "steps": 3})
+    done = shared_cluster.wait_job(job["id"], timeout=180)
+    assert done["status"] == "succeeded", done
+    video = done["output"]["video"]
+    assert (video["content_type"], video["width"], video["height"], video["frames"], video["fps"]) == ("video/mp4", 64, 48, 9, 12)
+    data = requests.get(video["url"], timeout=10).content
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        frames = list(container.decode(stream))
+        assert stream.codec_context.name == "h264" and int(stream.average_rate) == 12
+    assert len(frames) == 9 and (frames[0].width, frames[0].height) == (64, 48)
+
+
+def test_video_cancel_mid_render(shared_cluster):
+    job = submit(shared_cluster, "tiny-video", {"prompt": "long", "width": 64, "height": 64, "num_frames": 9, "steps": 200})
+    deadline = __import__("time").monotonic() + 120
+    while shared_cluster.get(f"/v1/jobs/{job['id']}").json()["progress"] <= 0.02:
+        assert __import__("time").monotonic() < deadline
+    assert shared_cluster.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] == "canceled"
+    nxt = shared_cluster.wait_job(submit(shared_cluster, "tiny-video", {"prompt": "n", "width": 64, "height": 64, "num_frames": 5, "steps": 2})["id"])
+    assert nxt["status"] == "succeeded"
+    final = shared_cluster.get(f"/v1/jobs/{job['id']}").json()
+    assert final["status"] == "canceled" and final["output"] is None and final["progress"] < 0.5
+
+
+@pytest.mark.parametrize("inp, loc", [
+    ({"prompt": "x", "num_frames": 1000}, ["input", "num_frames"]),
+    ({"prompt": "x", "width": 4096}, ["input", "width"]),
+    ({"prompt": "x", "steps": 500}, ["input", "steps"]),
+    ({"prompt": "x", "fps": 0}, ["input", "fps"]),
+    ({"prompt": "x", "num_frames": 8}, ["input", "num_frames"]),
+    ({"width": 64}, ["input", "prompt"]),
+])
+def test_video_bad_input(shared_cluster, inp, loc):
+    assert_problem(shared_cluster.post("/v1/jobs", json={"model": "tiny-video", "input": inp}), 422, "invalid_input", loc)
+
+
+# --- speech ----------------------------------------------------------------------------
+
+
+def upload(cluster, data: bytes, name: str = "clip.wav") -> requests.Response:
+    return cluster.post("/v1/files", files={"file": (name, data, "application/octet-stream")}, data={"purpose": "audio"})
+
+
+def test_speech_from_an_uploaded_file_and_a_data_uri(shared_cluster):
+    up = upload(shared_cluster, wav_bytes(vowels(3.0)))
+    assert up.status_code == 201, up.text
+    f = up.json()
+    assert f["id"].startswith("file_") and abs(f["duration"] - 3.0) < 0.05
+    a = submit(shared_cluster, "tiny-whisper", {"audio": f["id"], "language": "en"})
+    b = submit(shared_cluster, "tiny-whisper", {"audio": data_uri(wav_bytes(tone(1.5))), "task": "translate", "language": "en"})
+    for job, seconds in ((a, 3.0), (b, 1.5)):
+        done = shared_cluster.wait_job(job["id"], timeout=120)
+        assert done["status"] == "succeeded", done
+        out = done["output"]
+        assert abs(out["duration"] - seconds) < 0.1 and out["language"] == "en" and isinstance(out["segments"], list)
+        srt = requests.get(out["files"]["srt"], timeout=10)
+        vtt = requests.get(out["files"]["vtt"], timeout=10)
+        assert srt.status_code == 200 and vtt.status_code == 200 and vtt.text.startswith("WEBVTT")
+
+
+@pytest.mark.parametrize("audio, code", [
+    ("file_doesnotexist", "invalid_input"),
+    (data_uri(b"this is not audio at all"), "invalid_audio"),
+    (data_uri(b""), "invalid_audio"),
+    ("data:audio/wav;base64,@@@not-base64@@@", "invalid_input"),
+    ("https://example.com/a.wav", "invalid_input"),
+])
+def test_speech_bad_audio_is_refused_at_submit(shared_cluster, audio, code):
+    resp = shared_cluster.post("/v1/jobs", json={"model": "tiny-whisper", "input": {"audio": audio}})
+    assert_problem(resp, 422, code, ["input", "audio"])
+
+
+def test_speech_audio_past_the_limit(shared_cluster):
+    # 601 s of silence at 8 kHz is about 9.6 MB: upload it, then submit against the 600 s limit.
+    f = upload(shared_cluster, wav_bytes(tone(601.0, rate=8000) * 0, rate=8000)).json()
+    problem = assert_problem(shared_cluster.post("/v1/jobs", json={"model": "tiny-whisper", "input": {"audio": f["id"]}}),
+                             422, "audio_too_long", ["input", "audio"])
+    assert "max_audio_seconds" in problem["detail"]
+
+
+def test_corrupt_stored_audio_fails_the_job_and_the_worker_goes_on(shared_cluster):
+    f = upload(shared_cluster, wav_bytes(tone(1.0))).json()
+    # The stored object is damaged after upload (disk or bucket corruption).
+    obj = Path(shared_cluster.env["VRAMQ_DATA_DIR"]) / "objects" / "files" / f["id"]
+    assert obj.exists()
+    obj.write_bytes(b"\x00" * 64)
+    bad = shared_cluster.wait_job(submit(shared_cluster, "tiny-whisper", {"audio": f["id"]})["id"], timeout=120)
+    assert bad["status"] == "failed" and bad["error"]["code"] == "invalid_audio", bad
+    good = shared_cluster.wait_job(submit(shared_cluster, "tiny-whisper", {"audio": data_uri(wav_bytes(tone(1.0)))})["id"], timeout=120)
+    assert good["status"] == "succeeded"
+
+
+def test_upload_refuses_what_is_not_audio(shared_cluster):
+    assert_problem(upload(shared_cluster, b"hello, plain text", "voice.wav"), 422, "invalid_audio", ["file"])
+    assert json.loads(shared_cluster.get("/v1/models/tiny-whisper").text)["limits"]["max_audio_seconds"] == 600
