@@ -1,44 +1,15 @@
 """The HTTP API: a thin Flask app over ``jobs`` (validation, state) and ``storage`` (links).
 
-Importing this package must not import torch or any other model library.
+Importing this package imports neither Flask nor any model library: the ``vramq`` command
+lives here too, and processes it starts (a worker's vLLM engine processes re-import the
+main module) must not carry Flask's context-bound globals, which vLLM's start-up trips over.
 """
 
 from __future__ import annotations
 
-import time
 
-from flask import Flask, g, request
+def create_app(settings=None, services=None):
+    """The application factory (see ``api.app.create_app``)."""
+    from .app import create_app as _create_app
 
-from jobs.services import Services
-from jobs.settings import Settings
-
-
-def create_app(settings: Settings | None = None, services: Services | None = None) -> Flask:
-    """The application factory. ``services`` may be given by tests; else built from settings."""
-    if services is None:
-        services = Services.from_settings(settings or Settings.from_env())
-    app = Flask(__name__)
-    app.config["VRAMQ"] = services
-    app.config["MAX_CONTENT_LENGTH"] = services.settings.max_body_bytes
-    app.json.sort_keys = False
-
-    from . import files_api, jobs_api, models_api, ops, problems
-    from .metrics import REQUESTS
-
-    problems.install(app)
-    app.register_blueprint(jobs_api.bp)
-    app.register_blueprint(files_api.bp)
-    app.register_blueprint(models_api.bp)
-    app.register_blueprint(ops.bp)
-
-    @app.before_request
-    def _start():
-        g.t0 = time.perf_counter()
-
-    @app.after_request
-    def _observe(resp):
-        endpoint = request.url_rule.rule if request.url_rule else "unmatched"
-        REQUESTS.labels(request.method, endpoint, resp.status_code).observe(time.perf_counter() - g.get("t0", time.perf_counter()))
-        return resp
-
-    return app
+    return _create_app(settings, services)

@@ -376,6 +376,7 @@ def main() -> int:
     ap.add_argument("--database-url", default=None, help="default: SQLite in the work dir; e.g. postgresql://postgres@127.0.0.1:5432/bench (an empty database)")
     ap.add_argument("--workdir", type=Path, default=None, help="keep models, data and logs here (default: a temp dir, removed)")
     ap.add_argument("--skip-direct", action="store_true", help="vramq phases only (no ratio)")
+    ap.add_argument("--dump", type=Path, default=None, help="write every job's timeline (ms) to this JSON file")
     args = ap.parse_args()
     if args.size % 16:
         ap.error("--size must be a multiple of 16")
@@ -499,6 +500,10 @@ def main() -> int:
             "load_avg_1m_before": round(load_before, 2),
             "cpu": cpu,
         }
+        if args.dump:
+            ms = lambda tl: [{k: (round(v * 1000, 3) if k not in ("batch_size", "finished") else v)  # noqa: E731
+                              for k, v in t.items()} for t in tl]
+            args.dump.write_text(json.dumps({"bulk": ms(tl), "seq": ms(seq)}, indent=1))
         for phase, c in cpu.items():
             if c["other_busy_cores"] > 0.25:
                 log(f"WARNING: other processes kept {c['other_busy_cores']} cores busy during the {phase} phase; "

@@ -192,3 +192,10 @@ def test_importing_api_does_not_import_torch():
            "bad = [m for m in ('torch', 'diffusers', 'transformers', 'boto3') if m in sys.modules]; " \
            "assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_the_command_module_does_not_import_flask():
+    """vLLM's engine processes re-import the main module (``vramq`` → ``api.cli``) and trip
+    over Flask's context-bound globals; the command must stay free of Flask at import."""
+    code = "import sys, api, api.cli; assert 'flask' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
