@@ -130,9 +130,10 @@ def job_events(job_id: str):
                 # Nothing new for a second: the row says whether the job ended without a
                 # ``done`` in the stream (it expired, or the job was canceled while queued).
                 with services.sessions() as session:
-                    if session.get(Job, job_id).status in TERMINAL:
-                        yield done_frame(None)
-                        return
+                    finished = session.get(Job, job_id).status in TERMINAL
+                if finished:
+                    yield done_frame(None)
+                    return
                 yield ": keep-alive\n\n"
 
     return Response(

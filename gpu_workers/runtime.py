@@ -174,6 +174,7 @@ class WorkerRuntime:
         with services.sessions.begin() as s:
             won = lifecycle.succeed(s, job.id, self.name, output, outcome.gpu_seconds, usage, expires)
         if won:
+            self.events.put(job.id, "progress", {"progress": 1.0})
             self.events.put(job.id, "done", {"status": lifecycle.SUCCEEDED})
         else:  # canceled meanwhile, or our lease lapsed and another worker has it
             services.store.delete_prefix(prefix)

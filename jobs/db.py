@@ -24,18 +24,20 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn, _record):
-            # Let pysqlite leave transactions to us, then BEGIN IMMEDIATE on writes so
-            # two writers never deadlock on a lock upgrade (they queue on busy_timeout).
+            # pysqlite's own transaction handling defers BEGIN past SELECTs; take it over
+            # so a transaction starts where SQLAlchemy says it does.
             dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
             cur.execute("PRAGMA synchronous=NORMAL")
-            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA busy_timeout=30000")  # writers queue instead of failing
             cur.close()
 
         @event.listens_for(engine, "begin")
         def _begin(conn):
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # Deferred: a read-only transaction takes no lock. Every write path starts with
+            # its write (conditional UPDATEs, INSERTs), so none upgrades a read lock.
+            conn.exec_driver_sql("BEGIN")
 
         return engine
     url = url.replace("postgresql://", "postgresql+psycopg://", 1) if url.startswith("postgresql://") else url

@@ -186,22 +186,16 @@ def canceled_among(session: Session, job_ids: Iterable[str]) -> set[str]:
 def requeue_expired(session: Session, now: datetime | None = None, limit: int = 100) -> list[tuple[str, str, str]]:
     """Queue again the running jobs whose lease lapsed; return ``(id, model, priority)`` of each.
 
-    The caller publishes a message for each returned job. Each row is moved with its own
-    conditional update, so concurrent reapers never requeue a job twice.
+    The caller publishes a message for each returned job.
     """
     now = now or utcnow()
-    candidates = session.execute(
-        select(Job.id, Job.model, Job.priority)
-        .where(Job.status == RUNNING, Job.lease_expires_at < now)
-        .limit(limit)
-    ).all()
-    won = []
-    for job_id, model, priority in candidates:
-        result = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status == RUNNING, Job.lease_expires_at < now)
-            .values(status=QUEUED, lease_owner=None, lease_expires_at=None, progress=0.0)
-        )
-        if result.rowcount == 1:
-            won.append((job_id, model, priority))
-    return won
+    # One statement that both finds and moves the rows: concurrent reapers each get a
+    # disjoint set, and on SQLite it never upgrades a read lock to a write lock.
+    expired = select(Job.id).where(Job.status == RUNNING, Job.lease_expires_at < now).limit(limit).scalar_subquery()
+    rows = session.execute(
+        update(Job)
+        .where(Job.id.in_(expired), Job.status == RUNNING, Job.lease_expires_at < now)
+        .values(status=QUEUED, lease_owner=None, lease_expires_at=None, progress=0.0)
+        .returning(Job.id, Job.model, Job.priority)
+    )
+    return [tuple(r) for r in rows]

@@ -167,7 +167,7 @@ def test_models_and_workers(shared_cluster):
     assert isinstance(flux["queue_depth"], int)
     assert shared_cluster.get("/v1/models/tiny-flux").json()["id"] == "tiny-flux"
     workers = shared_cluster.workers()
-    assert workers and workers[0]["models"] == ["tiny-flux"] and workers[0]["card"] == "cpu"
+    assert workers and "tiny-flux" in workers[0]["models"] and workers[0]["card"] == "cpu"
 
 
 def test_operations_endpoints(shared_cluster):
