@@ -61,8 +61,10 @@ class Stack:
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             out = open(self.log_dir / f"{name}.log", "ab")
+        # Each child leads its own process group, so stopping can reach what it started
+        # (a worker's vLLM engine processes) even if the child itself is gone.
         proc = subprocess.Popen(argv, env=self.env, stdout=out, stderr=subprocess.STDOUT if out else None,
-                                cwd=Path(__file__).resolve().parent.parent)
+                                cwd=Path(__file__).resolve().parent.parent, start_new_session=True)
         self.children.append((name, proc))
 
     def _wait_ready(self, timeout: float) -> None:
@@ -110,8 +112,12 @@ class Stack:
             try:
                 proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+                pass
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # the child if stuck, and anything it left
+            except ProcessLookupError:
+                pass
+            proc.wait()
         self.children.clear()
         if self.redis_proc is not None:
             from jobs.embedded import stop_redis

@@ -28,6 +28,13 @@ What is measured, in one run:
    client's clock just before the first POST to the latest server ``finished_at``
    (same host, same clock). ``ratio = direct_s / system_s`` (1.0: vramq adds nothing to
    throughput). ``mean_batch_size`` is the mean of the jobs' ``usage.batch_size``.
+   The ratio splits in two factors: ``pipeline_busy_frac = bulk_model_s / system_s``
+   (how much of the time the worker had a batch running; ``bulk_model_s`` sums the
+   batcher's ``run_batch`` wall times, from ``usage``) and ``model_slowdown =
+   bulk_model_s / direct_s`` (how much longer the same batches took inside the worker:
+   PNG encoding, which ``run_batch`` includes and ``direct_png_s`` prices, and CPU or
+   GIL contention from everything else running beside the model). ``ratio =
+   pipeline_busy_frac / model_slowdown``.
 
 3. **vramq, sequential phase (latency overhead).** ``--seq-jobs`` jobs, one at a time:
    each is submitted only once the previous one has succeeded, so no job ever queues
@@ -215,7 +222,7 @@ def run_direct(catalog_path: Path, inputs: list[dict], warmup: list[dict]) -> di
     import torch
 
     from gpu_workers.backends.base import WorkItem
-    from gpu_workers.backends.diffusers_image import DiffusersImageBackend
+    from gpu_workers.backends.diffusers_image import DiffusersImageBackend, _item_result
     from jobs.catalog import load_catalog
 
     entry = load_catalog(catalog_path).get(MODEL_ID)
@@ -227,25 +234,34 @@ def run_direct(catalog_path: Path, inputs: list[dict], warmup: list[dict]) -> di
         return [WorkItem(job_id=f"direct-{i}", input=entry.validate_input(inp), on_progress=lambda f: None,
                          is_canceled=lambda: False) for i, inp in enumerate(inps)]
 
-    def call(batch: list) -> float:
+    def call(batch: list) -> tuple[float, list]:
         t0 = time.perf_counter()
         with torch.inference_mode():
-            backend.pipe(**backend.pipeline_kwargs(batch))
-        return time.perf_counter() - t0
+            images = backend.pipe(**backend.pipeline_kwargs(batch)).images
+        return time.perf_counter() - t0, images
 
     for b in range(0, len(warmup), entry.max_batch):
         call(items(warmup[b : b + entry.max_batch]))
     work = items(inputs)
     batches = [work[b : b + entry.max_batch] for b in range(0, len(work), entry.max_batch)]
-    per_batch = []
+    per_batch, outputs = [], []
     t0 = time.perf_counter()
     for batch in batches:
-        per_batch.append(call(batch))
+        elapsed, images = call(batch)
+        per_batch.append(elapsed)
+        outputs.append(images)
     direct_s = time.perf_counter() - t0
+    # Not part of direct_s: what the worker's run_batch adds after the pipeline call,
+    # encoding each image as PNG the way it does (for comparison with bulk_model_s).
+    t0 = time.perf_counter()
+    for images in outputs:
+        for k, image in enumerate(images):
+            _item_result([image], k)
+    png_s = time.perf_counter() - t0
     backend.unload()
     del backend
     gc.collect()
-    return {"direct_s": direct_s, "per_batch_s": per_batch}
+    return {"direct_s": direct_s, "per_batch_s": per_batch, "png_s": png_s}
 
 
 # --- the vramq processes ------------------------------------------------------------
@@ -282,12 +298,15 @@ class Procs:
                 proc.wait()
 
 
-def wait_ready(url: str, procs: Procs, worker_pid: int, timeout: float = 180) -> None:
+def wait_ready(url: str, procs: Procs, worker_pid: int | None, timeout: float = 180) -> None:
+    """Until /readyz answers 200 and (unless ``worker_pid`` is None) that worker is ready."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         procs.check_alive()
         try:
             if requests.get(url + "/readyz", timeout=2).status_code == 200:
+                if worker_pid is None:
+                    return
                 workers = requests.get(url + "/v1/workers", timeout=2).json()["data"]
                 if any(w.get("pid") == worker_pid and w.get("state") == "ready" for w in workers):
                     return
@@ -437,9 +456,12 @@ def main() -> int:
         procs = Procs(env, logs)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        procs.spawn("api", ["api", "--port", str(port), "--workers", str(args.api_workers)])
-        worker = procs.spawn("worker", ["worker", "--cpu"])
         t0 = time.perf_counter()
+        procs.spawn("api", ["api", "--port", str(port), "--workers", str(args.api_workers)])
+        # The worker starts once the API has migrated the database: two processes
+        # migrating a fresh SQLite file at once can fail with "database is locked".
+        wait_ready(url, procs, None)
+        worker = procs.spawn("worker", ["worker", "--cpu"])
         wait_ready(url, procs, worker.pid)
         log(f"vramq ready in {time.perf_counter() - t0:.1f}s at {url} (logs in {logs})")
         api = Api(url)
@@ -466,6 +488,7 @@ def main() -> int:
         tl = [timeline(j) for j in bulk["jobs"]]
         system_s = max(t["finished"] for t in tl) - bulk["t_first"]
         mean_batch = statistics.fmean(t["batch_size"] for t in tl)
+        bulk_model_s = sum(t["model"] / t["batch_size"] for t in tl)  # each batch's run_batch once
         log(f"bulk: {args.jobs} jobs submitted in {bulk['submit_s']:.3f}s, all done in {system_s:.3f}s, "
             f"mean batch {mean_batch:.2f}")
 
@@ -492,7 +515,10 @@ def main() -> int:
             "jobs_per_s_system": round(args.jobs / system_s, 2),
             "mean_batch_size": round(mean_batch, 3),
             "direct_batch_ms_p50": round(pct(direct["per_batch_s"], 50) * 1000, 2) if direct else None,
-            "bulk_model_s": round(sum(t["model"] / t["batch_size"] for t in tl), 4),
+            "bulk_model_s": round(bulk_model_s, 4),
+            "direct_png_s": round(direct["png_s"], 4) if direct else None,
+            "pipeline_busy_frac": round(bulk_model_s / system_s, 4),
+            "model_slowdown": round(bulk_model_s / direct["direct_s"], 4) if direct else None,
             "bulk_submit_s": round(bulk["submit_s"], 4),
             "seq_jobs": len(seq),
             "overhead_ms_p50": round(pct(ov, 50), 2),

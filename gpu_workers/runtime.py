@@ -82,10 +82,20 @@ class WorkerRuntime:
         threading.Thread(target=self._report_loop, name="reporter", daemon=True).start()
 
     def stop(self) -> None:
+        """Stop the batchers and reporter, then unload every model.
+
+        Unloading is what stops a backend's own processes (vLLM's engine core and its
+        workers); left running, they would outlive the worker and keep their memory.
+        """
         self.state = State.STOPPING
         self._stop.set()
         for b in self.batchers.values():
             b.stop()
+        for model_id, backend in self.backends.items():
+            try:
+                backend.unload()
+            except Exception:
+                log.exception("unloading %s failed", model_id)
         if self.events is not None:
             self.events.close()
 
