@@ -43,6 +43,10 @@ class Client:
         body = {"model": model, "input": input, "priority": priority, "metadata": metadata or {}}
         return self._call("POST", "/v1/jobs", json=body, headers=headers)
 
+    def upload(self, data: bytes, filename: str, purpose: str = "audio") -> dict:
+        """``POST /v1/files``: store a file (audio for speech jobs) and return its record."""
+        return self._call("POST", "/v1/files", files={"file": (filename, data)}, data={"purpose": purpose})
+
     def get(self, job_id: str) -> dict:
         return self._call("GET", f"/v1/jobs/{job_id}")
 

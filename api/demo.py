@@ -7,6 +7,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -33,7 +34,8 @@ def run_demo(settings: Settings, images: int, port: int, out: Path) -> int:
     console.print(f"[bold]vramq demo[/bold]: data in {settings.data_dir}, results in {out.resolve()}")
     stack = Stack(settings, port=port, log_dir=settings.data_dir / "logs" / "demo")
     t0 = time.perf_counter()
-    with console.status("starting broker, API and a CPU worker (builds the tiny models on first run)…"):
+    with console.status("starting broker, API and a CPU worker with every tiny model resident "
+                        "(builds them on first run; the vLLM engine takes ~30 s)…"):
         stack.start()
     console.print(f"up in {time.perf_counter() - t0:.1f}s at {stack.url}; logs in {stack.log_dir}")
     try:
@@ -43,19 +45,79 @@ def run_demo(settings: Settings, images: int, port: int, out: Path) -> int:
             stack.stop()
 
 
+def _speech_clip() -> bytes:
+    """Three seconds of a synthetic voice-like chord, as WAV (no microphone needed)."""
+    import io
+    import math
+    import struct
+    import wave
+
+    rate, seconds = 16000, 3.0
+    frames = bytearray()
+    for n in range(int(rate * seconds)):
+        t = n / rate
+        envelope = abs(math.sin(math.pi * t * 3))  # syllable-like swells
+        v = sum(math.sin(2 * math.pi * f * t) / (k + 1) for k, f in enumerate((140, 730, 1090, 2440)))
+        frames += struct.pack("<h", int(9000 * envelope * v / 2.1))
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(bytes(frames))
+    return buf.getvalue()
+
+
+def _submit_all(client: Client, images: int) -> list[dict]:
+    """The demo's jobs: a bulk image render, then one video, one transcription, one chat."""
+    models = {m["kind"]: m for m in client.models()}
+    jobs = []
+    if "image" in models:
+        m = models["image"]
+        side = min(256, m["limits"]["max_width"])
+        jobs += [client.submit(m["id"], {"prompt": PROMPTS[i % len(PROMPTS)], "width": side, "height": side, "steps": 4,
+                                         "seed": i}, metadata={"demo": "bulk-render", "index": i}) for i in range(images)]
+    if "video" in models:
+        jobs.append(client.submit(models["video"]["id"], {"prompt": "a paper boat drifting down a rainy street",
+                                                          "width": 128, "height": 128, "num_frames": 17, "fps": 8, "steps": 8}))
+    if "speech" in models:
+        f = client.upload(_speech_clip(), "demo-voice.wav", purpose="audio")
+        jobs.append(client.submit(models["speech"]["id"], {"audio": f["id"], "task": "transcribe"}))
+    if "text" in models:
+        jobs.append(client.submit(models["text"]["id"], {"messages": [
+            {"role": "system", "content": "You are a concise assistant."},
+            {"role": "user", "content": "Name three uses of a GPU job queue."}], "max_tokens": 48}))
+    return jobs
+
+
+def _seconds(job: dict) -> str:
+    from datetime import datetime
+
+    if not (job["finished_at"] and job["created_at"]):
+        return "-"
+    return f"{(datetime.fromisoformat(job['finished_at']) - datetime.fromisoformat(job['created_at'])).total_seconds():.2f}"
+
+
+def _files(job: dict) -> list[tuple[str, str]]:
+    """(file name suffix, signed URL) of every downloadable output of a job."""
+    out = job["output"] or {}
+    if job["kind"] == "image":
+        return [(f"-{k}.png", img["url"]) for k, img in enumerate(out["images"])]
+    if job["kind"] == "video":
+        return [(".mp4", out["video"]["url"])]
+    if job["kind"] == "speech":
+        return [(".srt", out["files"]["srt"]), (".vtt", out["files"]["vtt"])]
+    return []
+
+
 def _render(console: Console, client: Client, images: int, out: Path) -> int:
-    model = next(m for m in client.models() if m["kind"] == "image")
-    side = min(256, model["limits"]["max_width"])
-    jobs = [
-        client.submit(model["id"], {"prompt": PROMPTS[i % len(PROMPTS)], "width": side, "height": side, "steps": 4, "seed": i},
-                      metadata={"demo": "bulk-render", "index": i})
-        for i in range(images)
-    ]
-    console.print(f"submitted {len(jobs)} image jobs to {model['id']} ({side}x{side}, 4 steps)")
+    jobs = _submit_all(client, images)
+    console.print(f"submitted {len(jobs)} jobs: " + ", ".join(
+        f"{sum(j['kind'] == k for j in jobs)} {k}" for k in ("image", "video", "speech", "text") if any(j["kind"] == k for j in jobs)))
     finished: dict[str, dict] = {}
-    with Progress(TextColumn("{task.description:<34}"), BarColumn(), TextColumn("{task.fields[status]:<10}"),
+    with Progress(TextColumn("{task.description:<40}"), BarColumn(), TextColumn("{task.fields[status]:<10}"),
                   TimeElapsedColumn(), console=console) as bar:
-        tasks = {j["id"]: bar.add_task(j["id"], total=1.0, status="queued") for j in jobs}
+        tasks = {j["id"]: bar.add_task(f"{j['kind']:<6} {j['id']}", total=1.0, status="queued") for j in jobs}
 
         def follow(job_id: str) -> dict:
             return client.wait(job_id, poll_s=0.1, on_update=lambda j: bar.update(
@@ -66,29 +128,30 @@ def _render(console: Console, client: Client, images: int, out: Path) -> int:
                 finished[job["id"]] = job
 
     out.mkdir(parents=True, exist_ok=True)
-    table = Table(title="vramq demo: results")
-    table.add_column("job", no_wrap=True)
-    for col in ("kind", "status", "seconds", "gpu s", "batch", "tokens"):
-        table.add_column(col)
-    links = []
-    ok = True
+    table = Table(title="vramq demo: results", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for col in ("job", "kind", "status", "secs", "gpu s", "batch", "tokens"):
+        table.add_column(col, no_wrap=True)
+    links, ok = [], True
     for job in finished.values():
-        seconds = "-"
-        if job["finished_at"] and job["created_at"]:
-            from datetime import datetime
-
-            seconds = f"{(datetime.fromisoformat(job['finished_at']) - datetime.fromisoformat(job['created_at'])).total_seconds():.2f}"
         usage = job["usage"]
-        table.add_row(job["id"], "image", job["status"], seconds, f"{usage['gpu_seconds']:.3f}",
-                      str(usage.get("batch_size", "-")), str(usage["tokens_charged"]))
+        # Text jobs count generated tokens; token metering (tokens_charged) prices every kind.
+        tokens = job["output"]["usage"]["completion_tokens"] if job["kind"] == "text" and job["output"] else usage["tokens_charged"]
+        table.add_row(job["id"], job["kind"], job["status"], _seconds(job), f"{usage['gpu_seconds']:.3f}",
+                      str(usage.get("batch_size", "-")), str(tokens))
         if job["status"] != "succeeded":
             ok = False
             continue
-        for k, img in enumerate(job["output"]["images"]):
-            path = out / f"{job['id']}-{k}.png"
-            path.write_bytes(client.download(img["url"]))
-            links.append((path, img["url"]))
+        for suffix, url in _files(job):
+            path = out / f"{job['id']}{suffix}"
+            path.write_bytes(client.download(url))
+            links.append((path, url))
     console.print(table)
+    for job in finished.values():
+        if job["kind"] == "text" and job["output"]:
+            console.print(f"chat reply ({job['id']}): {job['output']['text']!r}")
+        if job["kind"] == "speech" and job["output"]:
+            console.print(f"transcript ({job['id']}, {job['output']['duration']:.1f} s, {job['output']['language']}): "
+                          f"{job['output']['text']!r}")
     for path, url in links:
         console.print(f"{path}\n  [link={url}]{url}[/link]", soft_wrap=True)
     if links:

@@ -35,9 +35,10 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _begin(conn):
-            # Deferred: a read-only transaction takes no lock. Every write path starts with
-            # its write (conditional UPDATEs, INSERTs), so none upgrades a read lock.
-            conn.exec_driver_sql("BEGIN")
+            # Deferred by default: a read-only transaction takes no lock, and every write
+            # path starts with its write (conditional UPDATEs, INSERTs), so none upgrades
+            # a read lock. ``sqlite_begin="IMMEDIATE"`` takes the write lock up front.
+            conn.exec_driver_sql("BEGIN " + conn.get_execution_options().get("sqlite_begin", "DEFERRED"))
 
         return engine
     url = url.replace("postgresql://", "postgresql+psycopg://", 1) if url.startswith("postgresql://") else url
@@ -56,13 +57,15 @@ def migrate(engine: Engine) -> None:
 
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
-    with engine.begin() as conn:
-        if conn.dialect.name == "postgresql":
-            # Several processes may start at once (API replicas, workers); one migrates,
-            # the others wait for it and then find nothing left to do.
-            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7224107)")
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
+    # Several processes may start at once (API replicas, workers); one migrates, the
+    # others wait for it and then find nothing left to do.
+    with engine.connect() as conn:
+        conn = conn.execution_options(sqlite_begin="IMMEDIATE")  # SQLite: the write lock first
+        with conn.begin():
+            if conn.dialect.name == "postgresql":
+                conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7224107)")
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
 
 
 def ping(engine: Engine) -> None:

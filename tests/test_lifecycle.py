@@ -159,3 +159,16 @@ def test_ids_sort_by_creation():
     ids = [new_id("job") for _ in range(2000)]
     assert ids == sorted(ids) and len(set(ids)) == 2000
     assert all(i.startswith("job_") and len(i) == 30 for i in ids)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_concurrent_migrations_on_a_fresh_database(request, tmp_path, backend):
+    """API and workers start together and each migrates; none may fail on the race."""
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path / 'fresh.sqlite'}" if backend == "sqlite" else request.getfixturevalue("pg_url")
+    code = f"from jobs.db import make_engine, migrate; migrate(make_engine({url!r}))"
+    procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+    assert [rc for rc, _ in results] == [0, 0, 0, 0], [err[-500:] for _, err in results]

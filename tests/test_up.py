@@ -79,5 +79,13 @@ def test_demo_runs_the_bulk_render_end_to_end(tmp_path, models_dir):
                           "--out", str(tmp_path / "out")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "all jobs succeeded" in out.stdout
-    pngs = sorted((tmp_path / "out").glob("job_*.png"))
+    out_dir = tmp_path / "out"
+    pngs = sorted(out_dir.glob("job_*.png"))
     assert len(pngs) == 3 and all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
+    [mp4] = out_dir.glob("job_*.mp4")
+    assert mp4.read_bytes()[4:8] == b"ftyp"
+    [vtt] = out_dir.glob("job_*.vtt")
+    assert vtt.read_text().startswith("WEBVTT")
+    assert "chat reply" in out.stdout and "transcript" in out.stdout
+    for kind in ("image", "video", "speech", "text"):
+        assert f" {kind} " in out.stdout  # a row of the summary table
