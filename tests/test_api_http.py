@@ -180,7 +180,8 @@ def test_operations_endpoints(shared_cluster):
     assert 'vramq_jobs{model="tiny-flux",status=' in metrics
     spec = shared_cluster.get("/openapi.json").json()
     assert spec["openapi"].startswith("3.")
-    assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/cancel", "/v1/models", "/healthz", "/readyz", "/metrics"} <= set(spec["paths"])
+    assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/events", "/v1/files",
+            "/v1/models", "/v1/workers", "/healthz", "/readyz", "/metrics"} <= set(spec["paths"])
     width = spec["components"]["schemas"]["Input_tiny-flux"]["properties"]["width"]
     assert width["maximum"] == 512 and width["multipleOf"] == 16
 
