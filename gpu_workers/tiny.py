@@ -86,11 +86,18 @@ def make_tiny_flux(dest: str | Path, *, seed: int = 0) -> Path:
     with the real VAE's scale factor of 8) and random weights drawn from ``seed``.
     ``FluxPipeline.from_pretrained(dest)`` reloads it without network access.
     """
-    return _build_once(Path(dest), {"architecture": "flux", "seed": seed}, lambda tmp: _save_flux(tmp, seed))
+    return build_once(Path(dest), {"architecture": "flux", "seed": seed}, lambda tmp: _save_flux(tmp, seed))
 
 
-def _build_once(dest: Path, marker: dict, build: Callable[[Path], None]) -> Path:
-    if (dest / "model_index.json").is_file() and (dest / MARKER).is_file():
+def build_once(dest: Path, marker: dict, build: Callable[[Path], None]) -> Path:
+    """Build a model into a temporary directory beside ``dest``, then rename it into place.
+
+    A model is complete when its marker file is there: the marker is written last, and
+    only complete builds are renamed into place, so a crash never leaves a half-built
+    model that looks complete, and a concurrent builder's model is kept. Every tiny
+    model builder (image, video, text, speech) goes through here.
+    """
+    if (dest / MARKER).is_file():
         return dest
     if dest.exists() and any(dest.iterdir()):
         # Never ours (we only ever rename complete builds into place): refuse rather

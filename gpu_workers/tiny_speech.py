@@ -31,18 +31,16 @@ import base64
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
 from jobs.errors import MissingExtra
 
-from .tiny import MARKER
+from .tiny import MARKER, build_once
 
 log = logging.getLogger("vramq.tiny")
 
@@ -84,7 +82,7 @@ def make_tiny_whisper(
     genuine one when it can be had, else the stand-in (with a warning).
     """
     dest = Path(dest)
-    if (dest / "model.bin").is_file() and (dest / MARKER).is_file():
+    if (dest / MARKER).is_file():  # built already: skip finding the vocabulary
         return dest
     _require_speech_extra()
     tiktoken = None
@@ -103,33 +101,7 @@ def make_tiny_whisper(
         "seed": seed,
         "vocabulary": "whisper-multilingual" if tiktoken is not None else "local-bpe",
     }
-    return _build_once(dest, marker, lambda tmp: _save_whisper(tmp, seed, tiktoken))
-
-
-def _build_once(dest: Path, marker: dict, build: Callable[[Path], None]) -> Path:
-    """Build into a temporary directory beside ``dest``, then rename it into place.
-
-    As ``gpu_workers.tiny`` does for the diffusers models: a crash never leaves a
-    half-built model that looks complete, and a concurrent builder's model is kept.
-    """
-    if dest.exists() and any(dest.iterdir()):
-        raise FileExistsError(f"{dest} exists and is not a complete tiny model; remove it to rebuild")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.building-", dir=dest.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it owner-only; workers may run as another user
-        build(tmp)
-        (tmp / MARKER).write_text(json.dumps(marker))
-        if dest.exists():
-            dest.rmdir()  # empty, checked above
-        try:
-            os.replace(tmp, dest)
-        except OSError:
-            if not (dest / MARKER).is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+    return build_once(dest, marker, lambda tmp: _save_whisper(tmp, seed, tiktoken))
 
 
 def _require_speech_extra() -> None:

@@ -17,16 +17,11 @@ Two shapes are forced by vLLM's CPU kernels and by the tests, not by taste:
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 from jobs.errors import MissingExtra
 
-from .tiny import MARKER
+from .tiny import build_once
 
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END]
@@ -93,34 +88,7 @@ def make_tiny_qwen2(dest: str | Path, *, seed: int = 0) -> Path:
     ``AutoTokenizer.from_pretrained(dest)`` and vLLM load it without network access.
     """
     marker = {"architecture": "qwen2", "seed": seed}
-    return _build_once(Path(dest), "config.json", marker, lambda tmp: _save_qwen2(tmp, seed))
-
-
-def _build_once(dest: Path, complete: str, marker: dict, build: Callable[[Path], None]) -> Path:
-    """``gpu_workers.tiny``'s build-beside-then-rename, for a model whose main file is ``complete``."""
-    if (dest / complete).is_file() and (dest / MARKER).is_file():
-        return dest
-    if dest.exists() and any(dest.iterdir()):
-        # Never ours (we only ever rename complete builds into place): refuse rather
-        # than delete someone's files.
-        raise FileExistsError(f"{dest} exists and is not a complete tiny model; remove it to rebuild")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.building-", dir=dest.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it owner-only; workers may run as another user
-        build(tmp)
-        (tmp / MARKER).write_text(json.dumps(marker))
-        if dest.exists():
-            dest.rmdir()  # empty, checked above
-        try:
-            os.replace(tmp, dest)
-        except OSError:
-            # A concurrent builder won the rename; its model is as good as ours.
-            if not (dest / MARKER).is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+    return build_once(Path(dest), marker, lambda tmp: _save_qwen2(tmp, seed))
 
 
 def _require_text_extra():

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from jobs.errors import MissingExtra
 
-from .tiny import _build_once, _t5_tokenizer
+from .tiny import build_once, _t5_tokenizer
 
 
 def make_tiny_video(dest: str | Path, *, seed: int = 0) -> Path:
@@ -26,7 +26,7 @@ def make_tiny_video(dest: str | Path, *, seed: int = 0) -> Path:
     Random weights are drawn from ``seed``; ``DiffusionPipeline.from_pretrained(dest)``
     reloads it as a ``WanPipeline`` without network access.
     """
-    return _build_once(Path(dest), {"architecture": "wan2.1", "seed": seed}, lambda tmp: _save_wan(tmp, seed))
+    return build_once(Path(dest), {"architecture": "wan2.1", "seed": seed}, lambda tmp: _save_wan(tmp, seed))
 
 
 def _require_video_extra():
