@@ -10,11 +10,14 @@ from __future__ import annotations
 import json
 
 from flask import Blueprint, current_app, request
+from sqlalchemy.exc import IntegrityError
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from jobs import idempotency
 from jobs.errors import InputError
 from jobs.files import PURPOSES, File, get_file, store_file
 
+from .callers import idempotency_scope
 from .problems import problem
 from .render import iso
 
@@ -69,12 +72,26 @@ def upload_file():
     data = upload.read(limit + 1)
     if len(data) > limit:
         return _too_large(limit)
+    key = request.headers.get("Idempotency-Key")
+    body_digest = idempotency.digest(b"\0".join([purpose.encode(), (upload.filename or "").encode(), data]))
+    if key:
+        idempotency.check_key(key)
+        existing = idempotency.replay(services, idempotency_scope(), key, body_digest)
+        if existing is not None:
+            return render_file(get_file(services, existing)), 200
     try:
         row = store_file(services, data, upload.filename, purpose, caller=None)
     except InputError as exc:
         if exc.code == "payload_too_large":
             return _too_large(limit)
         raise
+    if key:
+        try:
+            with services.sessions.begin() as session:
+                idempotency.remember(session, idempotency_scope(), key, body_digest, row.id)
+        except IntegrityError:  # a concurrent request with the same key won: answer with its file
+            existing = idempotency.replay(services, idempotency_scope(), key, body_digest)
+            return render_file(get_file(services, existing)), 200
     resp = current_app.response_class(json.dumps(render_file(row)), status=201, mimetype="application/json")
     resp.headers["Location"] = f"/v1/files/{row.id}"
     return resp

@@ -8,23 +8,20 @@ harmless: the worker finds no job row and drops the message after a short grace.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import secrets
-from datetime import timedelta
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 
-from . import defaults
+from . import idempotency
 from .catalog import SEED_MAX
-from .errors import Conflict, InputError, ServiceUnavailable
+from .errors import InputError, ServiceUnavailable
 from .ids import new_id
 from .lifecycle import QUEUED, utcnow
 from .queue import publish
-from .schema import IdempotencyKey, Job
+from .schema import Job
 
 MAX_METADATA_BYTES = 4096
 
@@ -64,10 +61,6 @@ def parse_request(body: Any) -> JobRequest:
         ) from None
 
 
-def request_hash(body: Any) -> str:
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
 def submit_job(services, body: Any, *, caller: str | None, scope: str, idempotency_key: str | None = None) -> tuple[Job, bool]:
     """Validate and enqueue one job. Returns ``(job, created)``; ``created`` is False when
     an earlier request with the same ``Idempotency-Key`` and body already made it."""
@@ -87,11 +80,10 @@ def submit_job(services, body: Any, *, caller: str | None, scope: str, idempoten
     if "seed" in inp and inp["seed"] is None:
         inp["seed"] = secrets.randbelow(SEED_MAX + 1)  # chosen now, so the result is reproducible
 
-    digest = request_hash(body) if idempotency_key else None
+    body_digest = idempotency.digest(body) if idempotency_key else None
     if idempotency_key:
-        if len(idempotency_key) > 255:
-            raise InputError("Idempotency-Key is too long", [{"loc": ["header", "Idempotency-Key"], "msg": "at most 255 characters"}])
-        existing = _replay(services, scope, idempotency_key, digest)
+        idempotency.check_key(idempotency_key)
+        existing = _replay(services, scope, idempotency_key, body_digest)
         if existing is not None:
             return existing, False
 
@@ -118,15 +110,7 @@ def submit_job(services, body: Any, *, caller: str | None, scope: str, idempoten
         with services.sessions.begin() as session:
             session.add(job)
             if idempotency_key:
-                # A key older than the replay window may be reused: forget the old use.
-                session.execute(
-                    delete(IdempotencyKey).where(
-                        IdempotencyKey.scope == scope,
-                        IdempotencyKey.key == idempotency_key,
-                        IdempotencyKey.created_at < now - timedelta(hours=defaults.IDEMPOTENCY_HOURS),
-                    )
-                )
-                session.add(IdempotencyKey(scope=scope, key=idempotency_key, request_hash=digest, resource_id=job.id, created_at=now))
+                idempotency.remember(session, scope, idempotency_key, body_digest, job.id)
             session.flush()
             try:
                 publish(services.celery, job.id, entry.id, req.priority)
@@ -134,19 +118,16 @@ def submit_job(services, body: Any, *, caller: str | None, scope: str, idempoten
                 raise ServiceUnavailable(f"broker unreachable, job not accepted: {exc.__class__.__name__}") from exc
     except IntegrityError:
         # A concurrent request with the same key won the insert; answer with its job.
-        existing = _replay(services, scope, idempotency_key, digest) if idempotency_key else None
+        existing = _replay(services, scope, idempotency_key, body_digest) if idempotency_key else None
         if existing is None:
             raise
         return existing, False
     return job, True
 
 
-def _replay(services, scope: str, key: str, digest: str) -> Job | None:
-    horizon = utcnow() - timedelta(hours=defaults.IDEMPOTENCY_HOURS)
+def _replay(services, scope: str, key: str, body_digest: str) -> Job | None:
+    job_id = idempotency.replay(services, scope, key, body_digest)
+    if job_id is None:
+        return None
     with services.sessions() as session:
-        row = session.get(IdempotencyKey, (scope, key))
-        if row is None or row.created_at < horizon:
-            return None
-        if row.request_hash != digest:
-            raise Conflict("Idempotency-Key was used with a different request body")
-        return session.execute(select(Job).where(Job.id == row.resource_id)).scalar_one_or_none()
+        return session.get(Job, job_id)

@@ -284,3 +284,17 @@ def test_files_table_on_postgresql(make_settings, pg_url):
         indexes = conn.exec_driver_sql("SELECT indexname FROM pg_indexes WHERE tablename = 'files'").scalars().all()
     assert "ix_files_created" in indexes
     services.engine.dispose()
+
+
+def test_upload_with_idempotency_key(client):
+    wav = wav_bytes(tone(1.0))
+
+    def send(data, key):
+        return client.post("/v1/files", data={"purpose": "audio", "file": (io.BytesIO(data), "a.wav")},
+                           headers={"Idempotency-Key": key}, content_type="multipart/form-data")
+
+    first, again = send(wav, "up-1"), send(wav, "up-1")
+    assert first.status_code == 201 and again.status_code == 200
+    assert first.get_json()["id"] == again.get_json()["id"]
+    assert_problem(send(wav_bytes(tone(2.0)), "up-1"), 409, "conflict")
+    assert send(wav, "up-2").get_json()["id"] != first.get_json()["id"]

@@ -1,0 +1,59 @@
+"""``Idempotency-Key``: the same key and body within the window return the same resource;
+the same key with another body is a conflict."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import delete
+from sqlalchemy.orm import Session
+
+from . import defaults
+from .errors import Conflict, InputError
+from .lifecycle import utcnow
+from .schema import IdempotencyKey
+
+MAX_KEY_CHARS = 255
+
+
+def digest(body: Any) -> str:
+    """A stable hash of a request body (JSON-able, or bytes)."""
+    raw = body if isinstance(body, bytes) else json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(raw).hexdigest()
+
+
+def check_key(key: str) -> None:
+    if len(key) > MAX_KEY_CHARS:
+        raise InputError("Idempotency-Key is too long",
+                         [{"loc": ["header", "Idempotency-Key"], "msg": f"at most {MAX_KEY_CHARS} characters"}])
+
+
+def replay(services, scope: str, key: str, body_digest: str) -> str | None:
+    """The id of the resource an earlier request with this key made, or None.
+
+    Raises Conflict when the key was used with a different body within the window.
+    """
+    with services.sessions() as session:
+        row = session.get(IdempotencyKey, (scope, key))
+        if row is None or row.created_at < utcnow() - timedelta(hours=defaults.IDEMPOTENCY_HOURS):
+            return None
+        if row.request_hash != body_digest:
+            raise Conflict("Idempotency-Key was used with a different request body")
+        return row.resource_id
+
+
+def remember(session: Session, scope: str, key: str, body_digest: str, resource_id: str) -> None:
+    """Record the key in ``session``'s transaction (a concurrent duplicate fails its commit)."""
+    now = utcnow()
+    # A key older than the replay window may be reused: forget the old use first.
+    session.execute(
+        delete(IdempotencyKey).where(
+            IdempotencyKey.scope == scope,
+            IdempotencyKey.key == key,
+            IdempotencyKey.created_at < now - timedelta(hours=defaults.IDEMPOTENCY_HOURS),
+        )
+    )
+    session.add(IdempotencyKey(scope=scope, key=key, request_hash=body_digest, resource_id=resource_id, created_at=now))
