@@ -1,11 +1,8 @@
 """Text-to-video with a diffusers pipeline (Wan 2.1 and other ``DiffusionPipeline``s).
 
-One pipeline stays resident; a batch of compatible jobs (same size, frame count,
-steps, guidance, and either all or none with a negative prompt) runs as ONE pipeline
-call, with one seeded generator per video so a video depends only on its own seed.
-Progress and cancellation go through ``callback_on_step_end``; when every job of the
-call is canceled the call stops between steps. Each video is encoded to H.264 MP4 in
-memory with PyAV.
+Jobs of the same size, frame count, steps, guidance, and either all or none with a
+negative prompt share one pipeline call (``diffusers_common``), one generator per
+video; each video is encoded to H.264 MP4 in memory with PyAV.
 
 The pipeline's shape rules are checked before the call, because diffusers rounds a bad
 frame count or size with only a log warning: ``num_frames`` must be
@@ -18,31 +15,19 @@ so the API and the registry can import this module on machines without them.
 
 from __future__ import annotations
 
-import gc
-import inspect
 import io
-import time
 from fractions import Fraction
 from typing import Any, Hashable
 
-from jobs.errors import ConfigError, JobCanceled, JobError, MissingExtra
+from jobs.errors import ConfigError, JobError, MissingExtra
 
-from .base import Artifact, Backend, ItemResult, WorkItem
+from .base import Artifact, ItemResult
+from .diffusers_common import DiffusersBackend
 
 H264_PRESET = "veryfast"
 """libx264 speed preset: close to ``ultrafast`` in time, much smaller files."""
 H264_CRF = 23
 """libx264 constant rate factor (its default; lower is better and bigger)."""
-
-
-def _torch():
-    """Import torch and diffusers, or say which extra installs them."""
-    try:
-        import diffusers  # noqa: F401
-        import torch
-    except ImportError:
-        raise MissingExtra("diffusers", "video") from None
-    return torch
 
 
 def _av():
@@ -54,56 +39,23 @@ def _av():
     return av
 
 
-class _AllCanceled(Exception):
-    """Raised from the step callback to abandon a call whose every job was canceled."""
-
-
-class DiffusersVideoBackend(Backend):
+class DiffusersVideoBackend(DiffusersBackend):
     """A text-to-video ``DiffusionPipeline`` loaded from ``entry.weights``."""
 
-    def __init__(self, entry, device: str):
-        super().__init__(entry, device)
-        self.pipe = None
-        """The loaded pipeline; benchmarks call it with ``pipeline_kwargs(items)``."""
-        self.load_seconds: float | None = None
-        self._params: dict[str, inspect.Parameter] = {}
-
-    # --- lifecycle -----------------------------------------------------------------
+    extra = "video"
+    output_type = "np"
+    output_field = "frames"
+    # Wan's UMT5 tokenizer; the tiny model's holds 32 tokens, real Wan's 512.
+    prompt_tokenizer = "tokenizer"
 
     def load(self) -> None:
-        torch = _torch()
+        self._torch()  # a missing diffusers is reported before a missing PyAV
         _av()  # fail at start-up, not on the first finished video
-        from diffusers import DiffusionPipeline
-        from diffusers.pipelines import pipeline_utils
+        super().load()
 
-        from diffusers.utils import logging as diffusers_logging
-        from transformers.utils import logging as transformers_logging
-
-        # A worker's log is for jobs; loading bars from every component only bury them.
-        diffusers_logging.disable_progress_bar()
-        transformers_logging.disable_progress_bar()
-        started = time.perf_counter()
-        # diffusers renamed ``torch_dtype`` to ``dtype`` and warns on the old name;
-        # use whichever this version reads.
-        dtype_arg = "dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"
-        dtype = getattr(torch, self.entry.dtype)
-        pipe = DiffusionPipeline.from_pretrained(str(self.entry.weights), **{dtype_arg: dtype})
-        pipe.to(self.device)
-        pipe.set_progress_bar_config(disable=True)
-        self._params = dict(inspect.signature(pipe.__call__).parameters)
+    def check_pipeline(self, pipe) -> None:
         if "num_frames" not in self._params or "callback_on_step_end" not in self._params:
             raise ConfigError(f"model {self.entry.id!r}: {type(pipe).__name__} is not a text-to-video pipeline")
-        self.pipe = pipe
-        self.load_seconds = time.perf_counter() - started
-
-    def unload(self) -> None:
-        self.pipe = None
-        self._params = {}
-        gc.collect()
-        if str(self.device).startswith("cuda"):
-            _torch().cuda.empty_cache()
-
-    # --- batching ------------------------------------------------------------------
 
     def batch_key(self, inp: dict[str, Any]) -> Hashable:
         # Everything one pipeline call shares; prompts, seeds and fps may differ
@@ -137,83 +89,17 @@ class DiffusersVideoBackend(Backend):
                 )
         return None
 
-    def pipeline_kwargs(self, items: list[WorkItem]) -> dict[str, Any]:
-        """Everything ``run_batch`` passes to the pipeline except the step callback.
-
-        Fresh generators each call, so ``self.pipe(**backend.pipeline_kwargs(items))``
-        renders exactly what ``run_batch(items)`` renders. Raises ``JobError``
-        (``invalid_input``) when the items ask for something this pipeline cannot do.
-        """
-        torch = _torch()
-        if self.pipe is None:
-            raise RuntimeError("load() must run before the first batch")
-        if len({self.batch_key(item.input) for item in items}) != 1:
-            raise ValueError("items of one call must have equal batch keys")
-        first = items[0].input
-        problem = self.shape_error(first)
+    def kind_kwargs(self, inp: dict[str, Any]) -> dict[str, Any]:
+        problem = self.shape_error(inp)
         if problem:
             raise JobError(problem, code="invalid_input")
-        kwargs: dict[str, Any] = {
-            "prompt": [item.input["prompt"] for item in items],
-            "width": first["width"],
-            "height": first["height"],
-            "num_frames": first["num_frames"],
-            "num_inference_steps": first["steps"],
-            "guidance_scale": first["guidance"],
-            "generator": [torch.Generator(self.device).manual_seed(item.input["seed"]) for item in items],
-            "output_type": "np",
-        }
-        if first.get("negative_prompt") is not None:
-            if "negative_prompt" not in self._params:
-                raise JobError(f"model {self.entry.id!r} does not take a negative_prompt", code="invalid_input")
-            # Wan reads it only under classifier-free guidance, i.e. guidance > 1
-            # (the catalog's video default is 5.0).
-            kwargs["negative_prompt"] = [item.input["negative_prompt"] for item in items]
-        limit = getattr(getattr(self.pipe, "tokenizer", None), "model_max_length", None)
-        default = self._params.get("max_sequence_length")
-        if limit and default is not None and isinstance(default.default, int) and limit < default.default:
-            # Padding the prompt past what its tokenizer holds only costs time (the
-            # tiny model's tokenizer holds 32 tokens; real Wan's UMT5 holds 512).
-            kwargs["max_sequence_length"] = limit
-        return kwargs
+        # No true_cfg_scale: Wan reads a negative prompt under plain classifier-free
+        # guidance, i.e. guidance > 1 (the catalog's video default is 5.0).
+        return {"num_frames": inp["num_frames"]}
 
-    # --- running -------------------------------------------------------------------
-
-    def run_batch(self, items: list[WorkItem]) -> list[ItemResult | BaseException]:
-        torch = _torch()
-        canceled = [item.is_canceled() for item in items]
-        if all(canceled):
-            return [JobCanceled("canceled") for _ in items]
-        try:
-            kwargs = self.pipeline_kwargs(items)
-        except JobError as exc:
-            return [JobError(str(exc), code=exc.code) for _ in items]
-        steps = kwargs["num_inference_steps"]
-
-        def on_step_end(pipe, step: int, timestep, tensors: dict) -> dict:
-            for i, item in enumerate(items):
-                item.on_progress((step + 1) / steps)
-                canceled[i] = canceled[i] or item.is_canceled()
-            if all(canceled):
-                # Not ``pipe._interrupt``: Wan's interrupt skips the remaining steps
-                # but still runs the VAE decode, which costs as much as many steps.
-                raise _AllCanceled
-            return {}  # no tensors changed
-
-        try:
-            with torch.inference_mode():
-                videos = self.pipe(**kwargs, callback_on_step_end=on_step_end).frames
-        except _AllCanceled:
-            return [JobCanceled("canceled") for _ in items]
-
-        results: list[ItemResult | BaseException] = []
-        for i, item in enumerate(items):
-            # A cancel that lands during decoding still wins over the finished video.
-            if canceled[i] or item.is_canceled():
-                results.append(JobCanceled("canceled"))
-            else:
-                results.append(_item_result(_to_uint8(videos[i]), item.input["fps"], item.input["seed"]))
-        return results
+    def item_result(self, inp: dict[str, Any], outputs) -> ItemResult:
+        [video] = outputs
+        return _item_result(_to_uint8(video), inp["fps"], inp["seed"])
 
 
 def _to_uint8(video) -> Any:
