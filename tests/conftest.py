@@ -39,9 +39,8 @@ def _port_open(host: str, port: int) -> bool:
         return False
 
 
-#: Redis databases 1-12 go round the tests; 13 is the shared cluster's; 14 and 15 the benchmarks'.
-_redis_db = itertools.cycle(range(1, 13))
-SHARED_REDIS_DB = 13
+#: Redis databases 1-13 go round the tests; 14 and 15 are the benchmarks'.
+_redis_db = itertools.cycle(range(1, 14))
 
 
 @pytest.fixture
@@ -113,20 +112,21 @@ def make_settings(tmp_path, redis_url, models_dir):
 @pytest.fixture(scope="session")
 def shared_cluster(tmp_path_factory, models_dir):
     """One API + one CPU worker serving every tiny model (SQLite, local store), shared by
-    the session's HTTP tests: one vLLM engine for the whole session."""
+    the session's HTTP tests: one vLLM engine for the whole session.
+
+    It has a Redis server of its own (the same binary, on a free port), so no other test
+    flushing a database of the machine's Redis can pull its queues from under it.
+    """
     from tests.fixtures.procs import Cluster
+    from tests.fixtures.services import start_redis
 
-    require(_port_open(REDIS_HOST, REDIS_PORT), f"Redis on {REDIS_HOST}:{REDIS_PORT}")
-    import redis
-
-    db = SHARED_REDIS_DB
-    redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db).flushdb()
     tmp = tmp_path_factory.mktemp("cluster")
-    c = Cluster(env=settings_env(tmp, redis_url=f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}", models_dir=models_dir,
-                                 max_body_kb=64), workdir=tmp)
+    redis_server = start_redis(tmp / "redis")
+    c = Cluster(env=settings_env(tmp, redis_url=redis_server.url, models_dir=models_dir, max_body_kb=64), workdir=tmp)
     try:
         c.start_api()
         c.start_worker()
         yield c
     finally:
         c.stop()
+        redis_server.stop()
