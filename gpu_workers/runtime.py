@@ -7,6 +7,7 @@ the jobs of dead workers and announces this worker in Redis.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
@@ -78,6 +79,11 @@ class WorkerRuntime:
             self.backends[model_id] = backend
             if backend.batching == "batcher":
                 self.batchers[model_id] = Batcher(backend, entry.max_batch, entry.max_wait_ms, model_id)
+        # Everything loaded so far lives as long as the process: keep it out of the
+        # collector's way (libraries that call gc.collect() per item, like faster-whisper's
+        # decode_audio, otherwise walk every model object each time).
+        gc.collect()
+        gc.freeze()
         self.state = State.READY
         threading.Thread(target=self._report_loop, name="reporter", daemon=True).start()
 

@@ -172,3 +172,13 @@ def test_concurrent_migrations_on_a_fresh_database(request, tmp_path, backend):
     procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True) for _ in range(4)]
     results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
     assert [rc for rc, _ in results] == [0, 0, 0, 0], [err[-500:] for _, err in results]
+
+
+def test_event_writer_coalesces_deltas_without_changing_the_text():
+    from jobs.events import _coalesce
+
+    batch = [("a", "delta", {"text": "He"}), ("a", "delta", {"text": "llo"}), ("b", "delta", {"text": "x"}),
+             ("a", "delta", {"text": "!"}), ("a", "progress", {"progress": 1.0}), ("a", "delta", {"text": "?"})]
+    assert _coalesce(batch) == [("a", "delta", {"text": "Hello"}), ("b", "delta", {"text": "x"}),
+                                ("a", "delta", {"text": "!"}), ("a", "progress", {"progress": 1.0}),
+                                ("a", "delta", {"text": "?"})]
