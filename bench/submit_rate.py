@@ -55,7 +55,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import requests  # noqa: E402
+import requests
 
 MODEL_ID = "bench-flux"
 BODY = {"model": MODEL_ID, "input": {"prompt": "a red fox in the snow", "width": 64, "height": 64, "steps": 1, "seed": 7}}
@@ -100,7 +100,7 @@ def postgres_pid(database_url: str) -> int | None:
             backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
         with open(f"/proc/{backend}/stat") as fh:
             return int(fh.read().rsplit(")", 1)[1].split()[1])
-    except Exception:
+    except Exception:  # noqa: BLE001 - only an accounting aid: no figure for PostgreSQL then
         return None
 
 
@@ -144,10 +144,11 @@ defaults = {{ width = 64, height = 64, steps = 1, guidance = 0.0, num_images = 1
 def start_api(env: dict[str, str], logdir: Path, workers: int, threads: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
     log_path = logdir / "api.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "api.cli", "api", "--port", str(port), "--workers", str(workers), "--threads", str(threads)],
-        cwd=ROOT, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"}, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT,
-    )
+    with open(log_path, "wb") as out:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "api.cli", "api", "--port", str(port), "--workers", str(workers), "--threads", str(threads)],
+            cwd=ROOT, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"}, stdout=out, stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -299,7 +300,7 @@ def count_jobs(database_url: str) -> int | None:
             n = conn.execute(text("SELECT count(*) FROM jobs")).scalar_one()
         engine.dispose()
         return n
-    except Exception as exc:  # a check, not the measurement
+    except Exception as exc:  # noqa: BLE001 - a check, not the measurement
         log(f"could not count jobs in the database: {exc}")
         return None
 
