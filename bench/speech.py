@@ -67,7 +67,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -76,13 +75,21 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import requests  # noqa: E402
+from _common import (  # noqa: E402
+    CpuMeter,
+    build_model,
+    free_port,
+    in_session,
+    parse_ts,
+    tree_cpu_s,
+    wait_ready,
+)
 
 MODEL_ID = "bench-whisper"
 """The catalog id the benchmark serves the tiny Whisper under: a queue (``model.bench-whisper``)
@@ -93,109 +100,11 @@ def log(msg: str) -> None:
     print(f"[speech {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def parse_ts(value: str) -> float:
-    """An API timestamp (ISO 8601, ``Z``) as POSIX seconds."""
-    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-
-
 # --- CPU accounting (the machine is small and may be shared) ------------------------
 
-_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def machine_busy_s() -> float:
-    """CPU seconds all cores have spent busy since boot (not idle, not iowait)."""
-    with open("/proc/stat") as fh:
-        v = [int(x) for x in fh.readline().split()[1:]]
-    return (sum(v[:8]) - v[3] - v[4]) / _TCK
-
-
-def _proc_stat(pid: int) -> list[str]:
-    with open(f"/proc/{pid}/stat") as fh:
-        return fh.read().rsplit(")", 1)[1].split()
-
-
-def descendants(pid: int) -> list[int]:
-    """Live descendants of ``pid`` (children of all its threads, recursively)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            for task in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{task}/children") as fh:
-                    kids = [int(c) for c in fh.read().split()]
-                out.extend(kids)
-                todo.extend(kids)
-        except (FileNotFoundError, ProcessLookupError):
-            pass
-    return out
-
-
-def tree_cpu_s(pid: int) -> float:
-    """user+system CPU seconds of a process and its live descendants (0 if gone)."""
-    total = 0.0
-    for p in [pid, *descendants(pid)]:
-        try:
-            f = _proc_stat(p)
-            total += (int(f[11]) + int(f[12])) / _TCK
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            pass
-    return total
-
-
-def in_session(sid: int) -> list[int]:
-    """Live processes whose session or process group is ``sid`` (a spawned child's pid)."""
-    out = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                f = _proc_stat(int(name))
-                if int(f[2]) == sid or int(f[3]) == sid:  # pgrp, session
-                    out.append(int(name))
-            except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
-                pass
-    return out
-
-
-class CpuMeter:
-    """Where the CPU went during a phase: ours by part, and everything else on the machine."""
-
-    def __init__(self, parts: dict):
-        self.parts = parts  # name -> callable returning CPU seconds so far
-
-    def sample(self) -> dict[str, float]:
-        s = {name: f() for name, f in self.parts.items()}
-        s["machine"] = machine_busy_s()
-        s["wall"] = time.monotonic()
-        return s
-
-    @staticmethod
-    def delta(a: dict, b: dict) -> dict:
-        wall = b["wall"] - a["wall"]
-        names = [k for k in a if k not in ("wall", "machine")]
-        out = {f"{k}_cpu_s": round(b[k] - a[k], 2) for k in names}
-        own = sum(b[k] - a[k] for k in names)
-        out["machine_busy_cores"] = round((b["machine"] - a["machine"]) / wall, 2)
-        out["other_busy_cores"] = round((b["machine"] - a["machine"] - own) / wall, 2)
-        return out
 
 
 # --- set-up -------------------------------------------------------------------------
-
-
-def build_model(module: str, function: str, dest: Path) -> Path:
-    """Build a tiny model (unless built) in a child process: building imports torch and
-    transformers, which would stay in this process and slow the direct baseline down
-    (a bigger heap makes every ``gc.collect()`` longer; faster-whisper runs one per file)."""
-    code = f"from {module} import {function}; {function}({str(dest)!r})"
-    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
-    return dest
 
 
 def write_catalog(path: Path, weights: Path, max_batch: int, max_wait_ms: int) -> None:
@@ -335,24 +244,6 @@ class Procs:
             if not left or time.monotonic() > deadline:
                 return left
             time.sleep(0.2)
-
-
-def wait_ready(url: str, procs: Procs, worker_pid: int | None, timeout: float = 300) -> None:
-    """Until /readyz answers 200 and (unless ``worker_pid`` is None) that worker is ready."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        procs.check_alive()
-        try:
-            if requests.get(url + "/readyz", timeout=2).status_code == 200:
-                if worker_pid is None:
-                    return
-                workers = requests.get(url + "/v1/workers", timeout=2).json()["data"]
-                if any(w.get("pid") == worker_pid and w.get("state") == "ready" for w in workers):
-                    return
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"vramq not ready within {timeout:.0f}s")
 
 
 class Api:
