@@ -26,21 +26,26 @@ def wav_bytes(samples: np.ndarray, rate: int = SR) -> bytes:
     return buf.getvalue()
 
 
-def mp3_bytes(samples: np.ndarray, rate: int = SR) -> bytes:
+def encode(samples: np.ndarray, codec: str, fmt: str, rate: int = SR, frame_size: int = 1152) -> bytes:
+    """Mono ``samples`` encoded by FFmpeg (PyAV) as ``codec`` in container ``fmt``."""
     import av
 
     buf = io.BytesIO()
-    with av.open(buf, "w", format="mp3") as out:
-        stream = out.add_stream("mp3", rate=rate)
+    with av.open(buf, "w", format=fmt) as out:
+        stream = out.add_stream(codec, rate=rate)
         stream.layout = "mono"
-        for start in range(0, samples.size, 1152):
-            frame = av.AudioFrame.from_ndarray(samples[None, start : start + 1152], format="fltp", layout="mono")
+        for start in range(0, samples.size, frame_size):
+            frame = av.AudioFrame.from_ndarray(samples[None, start : start + frame_size], format="fltp", layout="mono")
             frame.sample_rate = rate
             for packet in stream.encode(frame):
                 out.mux(packet)
         for packet in stream.encode(None):
             out.mux(packet)
     return buf.getvalue()
+
+
+def mp3_bytes(samples: np.ndarray, rate: int = SR) -> bytes:
+    return encode(samples, "mp3", "mp3", rate)
 
 
 def vowels(seconds: float, seed: int = 0) -> np.ndarray:

@@ -20,26 +20,12 @@ from jobs.errors import InputError, NotFound  # noqa: E402
 from jobs.files import check_audio_input, resolve_audio, store_file  # noqa: E402
 from jobs.services import Services  # noqa: E402
 
-from tests.audio import data_uri, tone, wav_bytes  # noqa: E402
+from tests.audio import data_uri, encode, tone, wav_bytes  # noqa: E402
 
 
 def encoded(codec: str, fmt: str, seconds: float = 2.0, rate: int = 44100) -> bytes:
     """``seconds`` of tone encoded by FFmpeg (PyAV) as ``codec`` in container ``fmt``."""
-    import av
-
-    samples = tone(seconds, rate)
-    buf = io.BytesIO()
-    with av.open(buf, "w", format=fmt) as out:
-        stream = out.add_stream(codec, rate=rate)
-        stream.layout = "mono"
-        for start in range(0, samples.size, 1024):
-            frame = av.AudioFrame.from_ndarray(samples[None, start : start + 1024], format="fltp", layout="mono")
-            frame.sample_rate = rate
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
-    return buf.getvalue()
+    return encode(tone(seconds, rate), codec, fmt, rate, frame_size=1024)
 
 
 def speech_entry(tmp_path: Path, **limits) -> ModelEntry:
