@@ -43,7 +43,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -56,6 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import requests
+from _common import free_port
 
 MODEL_ID = "bench-flux"
 BODY = {"model": MODEL_ID, "input": {"prompt": "a red fox in the snow", "width": 64, "height": 64, "steps": 1, "seed": 7}}
@@ -63,12 +63,6 @@ BODY = {"model": MODEL_ID, "input": {"prompt": "a red fox in the snow", "width":
 
 def log(msg: str) -> None:
     print(f"[submit_rate {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pct(values: list[float], q: float) -> float:
