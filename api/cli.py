@@ -30,12 +30,14 @@ def main(verbose: bool) -> None:
 @main.command()
 @click.option("--port", default=defaults.PORT, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--card", "cards", type=int, multiple=True, help="Run a worker on this GPU (repeatable). Default: one CPU worker.")
-def up(port: int, host: str, cards: tuple[int, ...]) -> None:
-    """Everything on one machine: API, worker(s) and the embedded broker if none is configured."""
+@click.option("--cards", default=None, metavar="SPEC",
+              help="Declared capacities of GPUs 0..N-1, e.g. 80GB,24GB (default: what NVML reports; the CPU without a GPU).")
+@click.option("--cpu", is_flag=True, help="One CPU worker even where there are GPUs.")
+def up(port: int, host: str, cards: str | None, cpu: bool) -> None:
+    """Everything on one machine: API, one worker per card (or a CPU worker), the embedded broker if none is configured."""
     from .stack import Stack
 
-    stack = Stack(_settings(), port=port, host=host, cards=list(cards) or None)
+    stack = Stack(_settings(), port=port, host=host, cards=cards, cpu=cpu)
     try:
         stack.start()
         click.echo(f"vramq is up at {stack.url}  (Ctrl-C or SIGTERM stops it)", err=True)
@@ -57,17 +59,119 @@ def api(port: int, host: str, workers: int, threads: int) -> None:
     serve(host, port, workers, threads, _settings())
 
 
+def _size(value: str | None) -> int | None:
+    if value is None:
+        return None
+    from gpu_workers.cards import parse_size
+
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @main.command()
 @click.option("--card", type=int, default=None, help="GPU index to pin (CUDA_VISIBLE_DEVICES).")
 @click.option("--cpu", is_flag=True, help="Run on the CPU.")
 @click.option("--models", default=None, help="Comma-separated model ids (default: the whole catalog).")
-def worker(card: int | None, cpu: bool, models: str | None) -> None:
+@click.option("--vram-budget", default=None, metavar="SIZE",
+              help="Memory the models may take together, e.g. 24GB (default: the card's memory; "
+                   "none on the CPU). Models past it load on demand, evicting the least recently used.")
+def worker(card: int | None, cpu: bool, models: str | None, vram_budget: str | None) -> None:
     """One worker pinned to one card (or the CPU), its models resident."""
     if (card is None) == (not cpu):
         raise click.UsageError("give exactly one of --card N or --cpu")
     from gpu_workers.worker import run_worker
 
-    run_worker(None if cpu else card, models.split(",") if models else None, _settings())
+    run_worker(None if cpu else card, models.split(",") if models else None, _settings(),
+               budget_bytes=_size(vram_budget))
+
+
+def _cards(cards: str | None, cpu: bool):
+    from gpu_workers.cards import resolve
+
+    try:
+        return resolve(cards, cpu=cpu)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--cards") from None
+
+
+def _catalog(path: Path | None):
+    from jobs.catalog import load_catalog
+    from jobs.services import load_configured_catalog
+
+    settings = _settings()
+    return load_catalog(path, models_dir=settings.models_dir) if path else load_configured_catalog(settings)
+
+
+@main.command()
+@click.option("--cards", default=None, metavar="SPEC",
+              help="Declared cards, e.g. 80GB,80GB or 2x24GB (default: the GPUs NVML finds, else the CPU).")
+@click.option("--cpu", is_flag=True, help="Plan for the CPU as one card (budget: VRAMQ_CPU_MEMORY_GB, else half the RAM).")
+@click.option("--catalog", "catalog_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Catalog TOML (default: VRAMQ_CATALOG, else the tiny catalog).")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan(cards: str | None, cpu: bool, catalog_path: Path | None, as_json: bool) -> None:
+    """Place the catalog's models on the cards; say what fits nowhere and why."""
+    from gpu_workers.supervisor import plan_catalog
+
+    result, _ = plan_catalog(_catalog(catalog_path), _cards(cards, cpu))
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+        return
+    from rich.console import Console
+
+    Console().print(result.table())
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option("--context", type=int, default=None, help="Tokens per sequence (default: the config's max_position_embeddings).")
+@click.option("--seqs", type=int, default=None, help="Concurrent sequences (default 1).")
+@click.option("--dtype", default=None, help="Weights: fp32, bf16, fp16, fp8, int8, int4 (default: the config's).")
+@click.option("--kv-dtype", default="fp16", show_default=True, help="KV cache: fp16 or fp8.")
+@click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON.")
+def vram(path: Path, context: int | None, seqs: int | None, dtype: str | None, kv_dtype: str, as_json: bool) -> None:
+    """The VRAM estimate of one model (a config.json or a model directory), with its breakdown."""
+    from gpu_workers.vram import estimate
+
+    try:
+        est = estimate(path, dtype=dtype, kv_dtype=kv_dtype, context=context, seqs=seqs)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    doc = est.to_json()
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{path}  ({doc['params'] / 1e9:.3f} B params, weights {doc['dtype']})")
+    table.add_column("part")
+    table.add_column("GB", justify="right")
+    kv = f"KV cache ({doc['kv_dtype']}, {est.kv_tokens:,} tokens)" if est.kv_dtype else "KV cache"
+    for label, key in (("weights", "weights_gb"), (kv, "kv_cache_gb"), ("activations", "activations_gb"),
+                       ("headroom (20 %)", "headroom_gb"), ("total", "total_gb")):
+        table.add_row(label, f"{doc[key]:.3f}")
+    Console().print(table)
+
+
+@main.command()
+@click.option("--cards", default=None, metavar="SPEC", help="Declared capacities of the GPUs 0..N-1, e.g. 80GB,24GB "
+              "(default: what NVML reports).")
+@click.option("--cpu", is_flag=True, help="One CPU worker (budget: VRAMQ_CPU_MEMORY_GB, else half the RAM).")
+@click.option("--stop-grace", default=300, show_default=True, help="Seconds running jobs get to finish on SIGTERM.")
+def workers(cards: str | None, cpu: bool, stop_grace: int) -> None:
+    """One worker per card, as `vramq plan` places the models; restarted when they die."""
+    from gpu_workers.supervisor import Supervisor, plan_catalog, worker_specs
+
+    result, _ = plan_catalog(_catalog(None), _cards(cards, cpu))
+    for model_id, need, reason in result.unplaced:
+        click.echo(f"vramq: {model_id} is not served: {reason}", err=True)
+    specs = worker_specs(result)
+    if not specs:
+        raise VramqError("no model fits any card; nothing to run (see `vramq plan`)")
+    sys.exit(Supervisor(specs, stop_grace_s=stop_grace).run())
 
 
 @main.group()

@@ -1,4 +1,6 @@
-"""Prometheus metrics of the API process, and the job gauges read from the database at scrape time.
+"""Prometheus metrics of the API process; job gauges read from the database and per-card
+figures read from the workers' heartbeats, both at scrape time (one scrape target for the
+whole installation).
 
 Under gunicorn with several processes, ``PROMETHEUS_MULTIPROC_DIR`` is set (``vramq api``
 does it) and counters from every process are summed at scrape time.
@@ -9,9 +11,10 @@ from __future__ import annotations
 import os
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from sqlalchemy import func, select
 
+from jobs.heartbeat import live_workers
 from jobs.schema import Job
 
 JOBS_SUBMITTED = Counter("vramq_jobs_submitted_total", "Jobs accepted by the API", ["model"])
@@ -38,6 +41,46 @@ class JobStateCollector:
         yield gauge
 
 
+class CardCollector:
+    """Per card (one worker each): memory budget, estimated and measured use, resident
+    models; per model on it: loads, evictions and load seconds. From live heartbeats."""
+
+    def __init__(self, services):
+        self.services = services
+
+    def collect(self):
+        labels = ["card", "host", "worker"]
+        vram = {k: GaugeMetricFamily(f"vramq_card_vram_{k}_bytes", help_, labels=labels) for k, help_ in (
+            ("budget", "Memory the card's models may take together"),
+            ("estimated", "Sum of the planner's estimates of the models resident on the card"),
+            ("measured", "Memory in use as the device reports it (NVML; the process RSS on the CPU)"))}
+        resident = GaugeMetricFamily("vramq_card_resident_models", "Models resident on the card", labels=labels)
+        per_model = labels + ["model"]
+        loaded = GaugeMetricFamily("vramq_model_resident", "1 if the model is resident on the card", labels=per_model)
+        loads = CounterMetricFamily("vramq_model_loads", "Model loads (cold starts included)", labels=per_model)
+        evictions = CounterMetricFamily("vramq_model_evictions", "Models evicted to make room", labels=per_model)
+        load_s = CounterMetricFamily("vramq_model_load_seconds", "Seconds spent loading the model", labels=per_model)
+        try:
+            workers = live_workers(self.services.redis)
+        except Exception:  # broker down: no card figures this scrape
+            workers = []
+        for w in workers:
+            key = [w.get("card", ""), w.get("host", ""), w.get("name", "")]
+            for k, fam in vram.items():
+                value = (w.get("vram") or {}).get(f"{k}_bytes")
+                if value is not None:
+                    fam.add_metric(key, value)
+            resident.add_metric(key, len(w.get("resident", [])))
+            for model, st in (w.get("models_stats") or {}).items():
+                mkey = key + [model]
+                loaded.add_metric(mkey, 1.0 if model in w.get("resident", []) else 0.0)
+                loads.add_metric(mkey, st["loads"])
+                evictions.add_metric(mkey, st["evictions"])
+                load_s.add_metric(mkey, st["load_seconds"])
+        yield from vram.values()
+        yield from (resident, loaded, loads, evictions, load_s)
+
+
 def render(services) -> bytes:
     """This process's metrics (or every gunicorn process's, summed), then the job gauges."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -47,4 +90,5 @@ def render(services) -> bytes:
         from prometheus_client import REGISTRY as registry
     jobs = CollectorRegistry()
     jobs.register(JobStateCollector(services))
+    jobs.register(CardCollector(services))
     return generate_latest(registry) + generate_latest(jobs)

@@ -19,25 +19,45 @@ def _depths(services) -> dict[str, int]:
         return dict(rows.all())
 
 
-def _served(services) -> set[str]:
-    """Models that at least one live, ready worker holds resident."""
+def _workers(services) -> list[dict]:
     try:
-        workers = live_workers(services.redis)
+        return live_workers(services.redis)
     except Exception:  # broker down: nothing can be known to be served
-        return set()
-    return {m for w in workers if w.get("state") == "ready" for m in w.get("models", [])}
+        return []
 
 
-def _model(entry, depth: int, served: set[str]) -> dict:
-    # ``vram_gb`` comes from the VRAM planner (placement work); null until then.
-    return {**entry.public(), "object": "model", "vram_gb": None, "available": entry.id in served, "queue_depth": depth}
+def _model(services, entry, depth: int, workers: list[dict]) -> dict:
+    """The entry, with ``available`` (a live worker serves it) and ``vram_gb`` (the
+    planner's estimate incl. headroom: from a worker's heartbeat, else estimated here)."""
+    served = any(entry.id in w.get("models", []) and w.get("state") in ("loading", "ready") for w in workers)
+    need = next((w["need_bytes"][entry.id] for w in workers if entry.id in (w.get("need_bytes") or {})), None)
+    if need is None:
+        need = _estimate(services, entry)
+    return {**entry.public(), "object": "model", "vram_gb": None if need is None else round(need / 1e9, 3),
+            "available": served, "queue_depth": depth}
+
+
+_estimates: dict[tuple[str, str], int | None] = {}
+
+
+def _estimate(services, entry) -> int | None:
+    """The estimate from the weights' headers or an LLM's config (no torch in the API)."""
+    key = (entry.id, str(entry.weights))
+    if key not in _estimates:
+        from gpu_workers.vram import estimate_entry
+
+        try:
+            _estimates[key] = estimate_entry(entry, allow_meta=False).total_bytes
+        except Exception:
+            _estimates[key] = None
+    return _estimates[key]
 
 
 @bp.get("/v1/models")
 def list_models():
     services = current_app.config["VRAMQ"]
-    depths, served = _depths(services), _served(services)
-    return {"object": "list", "data": [_model(e, depths.get(e.id, 0), served) for e in services.catalog]}
+    depths, workers = _depths(services), _workers(services)
+    return {"object": "list", "data": [_model(services, e, depths.get(e.id, 0), workers) for e in services.catalog]}
 
 
 @bp.get("/v1/workers")
@@ -53,4 +73,4 @@ def get_model(model_id: str):
     entry = services.catalog.get(model_id)
     if entry is None:
         raise NotFound(f"no model {model_id!r}")
-    return _model(entry, _depths(services).get(entry.id, 0), _served(services))
+    return _model(services, entry, _depths(services).get(entry.id, 0), _workers(services))

@@ -66,7 +66,9 @@ def install(app: Flask) -> None:
         if status >= 500 and not isinstance(exc, ServiceUnavailable):
             log.exception("error serving request")
         errors = getattr(exc, "errors", None)
-        return problem(status, str(exc), exc.code, errors if errors else None)
+        retry = getattr(exc, "retry_after", None)
+        return problem(status, str(exc), exc.code, errors if errors else None,
+                       headers={"Retry-After": str(retry)} if retry else None)
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException):

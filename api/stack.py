@@ -1,4 +1,7 @@
-"""``vramq up``: the whole system on one machine — broker, API and a worker — as child processes.
+"""``vramq up``: the whole system on one machine — broker, API and workers — as child processes.
+
+The workers run under ``vramq workers``: one per card as the planner places the
+catalog's models (one CPU worker when there is no GPU), restarted when they die.
 
 With nothing configured it uses the embedded defaults (SQLite, embedded Redis, local
 object directory) and builds the tiny models if they are missing. SIGTERM or SIGINT
@@ -21,12 +24,14 @@ from jobs.settings import Settings
 
 
 class Stack:
-    def __init__(self, settings: Settings, port: int, host: str = "127.0.0.1", cards: list[int] | None = None,
-                 log_dir: Path | None = None, api_workers: int = 2):
+    def __init__(self, settings: Settings, port: int, host: str = "127.0.0.1", cards: str | None = None,
+                 cpu: bool = False, log_dir: Path | None = None, api_workers: int = 2):
         self.settings = settings
         self.port = port
         self.host = host
-        self.cards = cards
+        self.cards = cards  # declared capacities (``--cards 80GB,24GB``); None: NVML, else the CPU
+        self.cpu = cpu
+        self.expected_workers = 1
         self.log_dir = log_dir  # None: children write to this terminal
         self.api_workers = api_workers
         self.children: list[tuple[str, subprocess.Popen]] = []
@@ -50,11 +55,21 @@ class Stack:
             make_tiny(self.settings.models_dir)
         cli = [sys.executable, "-m", "api.cli"]
         self._spawn("api", cli + ["api", "--host", self.host, "--port", str(self.port), "--workers", str(self.api_workers)])
-        for card in self.cards or [None]:
-            args = ["--cpu"] if card is None else ["--card", str(card)]
-            self._spawn("worker" if card is None else f"worker-card{card}", cli + ["worker", *args])
+        self.expected_workers = self._plan_workers()
+        # Running jobs get most of ``stop``'s timeout to finish before the workers are killed.
+        args = (["--cards", self.cards] if self.cards else []) + (["--cpu"] if self.cpu else []) + ["--stop-grace", "45"]
+        self._spawn("workers", cli + ["workers", *args])
         self._wait_ready(ready_timeout)
         return self
+
+    def _plan_workers(self) -> int:
+        """How many workers ``vramq workers`` will start (the cards the plan gives models)."""
+        from gpu_workers.cards import resolve
+        from gpu_workers.supervisor import plan_catalog, worker_specs
+        from jobs.services import load_configured_catalog
+
+        catalog = load_configured_catalog(Settings.from_env(self.env))
+        return len(worker_specs(plan_catalog(catalog, resolve(self.cards, cpu=self.cpu))[0]))
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         out = None
@@ -70,7 +85,7 @@ class Stack:
     def _wait_ready(self, timeout: float) -> None:
         """Ready when the API says so and every worker has announced itself."""
         deadline = time.monotonic() + timeout
-        want = len(self.cards or [None])
+        want = self.expected_workers
         while time.monotonic() < deadline:
             for name, proc in self.children:
                 if proc.poll() is not None:

@@ -6,6 +6,11 @@ until the batch is full (``max_batch``, counted in the backend's cost units) or
 ``max_wait_ms`` has passed since it started gathering, and runs them as one
 ``run_batch`` call. Jobs with another key wait, in arrival order, for a later batch, so
 none is starved by a stream of jobs of a different shape.
+
+Out of memory: when a call fails with the device out of memory, the backend releases
+its cached memory and the batch runs again in two halves, recursively. A job that is out
+of memory on its own fails with ``out_of_memory``; the others of its batch succeed, and
+the batcher goes on serving.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from .backends.base import Backend, WorkItem
+from jobs.errors import OutOfMemory
+
+from .backends.base import Backend, WorkItem, is_out_of_memory
 
 log = logging.getLogger("vramq.batcher")
 
@@ -52,6 +59,7 @@ class Batcher:
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
         self._thread.start()
         self.batches_run = 0
+        self.oom_splits = 0
 
     def submit(self, item: WorkItem) -> Future:
         cost = max(1, int(self.backend.batch_cost(item.input)))
@@ -108,17 +116,32 @@ class Batcher:
             self._run(batch)
 
     def _run(self, batch: list[_Pending]) -> None:
+        self.batches_run += 1
+        for p, outcome in zip(batch, self._call(batch), strict=True):
+            p.future.set_result(outcome)
+
+    def _call(self, batch: list[_Pending]) -> list[BatchOutcome]:
+        """One backend call for ``batch``; split in halves while the device is out of memory."""
         items = [p.item for p in batch]
         t0 = time.perf_counter()
         try:
             results = self.backend.run_batch(items)
             if len(results) != len(items):
                 raise RuntimeError(f"backend returned {len(results)} results for {len(items)} items")
-        except BaseException as exc:  # the whole call failed: every job in it fails with this
-            log.exception("batch of %d failed", len(items))
-            results = [exc] * len(items)
+        except BaseException as exc:  # the whole call failed
+            if not is_out_of_memory(exc):
+                log.exception("batch of %d failed", len(items))
+                results = [exc] * len(items)
+            else:
+                self.backend.release_memory()
+                if len(batch) > 1:
+                    self.oom_splits += 1
+                    half = len(batch) // 2
+                    log.warning("out of memory on a batch of %d; running it again as %d + %d",
+                                len(batch), half, len(batch) - half)
+                    return self._call(batch[:half]) + self._call(batch[half:])
+                log.warning("job %s is out of memory on its own: %s", items[0].job_id, exc)
+                results = [OutOfMemory(f"the device ran out of memory for this job even alone ({exc})")]
         elapsed = time.perf_counter() - t0
-        self.batches_run += 1
         total_cost = sum(p.cost for p in batch)
-        for p, result in zip(batch, results, strict=True):
-            p.future.set_result(BatchOutcome(result, elapsed * p.cost / total_cost, len(batch)))
+        return [BatchOutcome(r, elapsed * p.cost / total_cost, len(batch)) for p, r in zip(batch, results, strict=True)]

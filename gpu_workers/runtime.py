@@ -3,6 +3,10 @@
 One ``WorkerRuntime`` per worker process. Celery task threads call ``execute(job_id)``;
 a reporter thread writes progress, renews leases, notices cancellations, queues again
 the jobs of dead workers and announces this worker in Redis.
+
+Which models are in memory is ``Residency``'s business: with a memory budget smaller
+than the sum of the models' estimates, the models that fit load at start and the others
+load when a job needs them, evicting the least recently used.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ from jobs.queue import publish
 from jobs.schema import Job
 
 from .backends import backend_class
-from .backends.base import ItemResult, WorkItem
+from .backends.base import ItemResult, WorkItem, is_out_of_memory
 from .batcher import BatchOutcome, Batcher
+from .residency import Residency
 
 log = logging.getLogger("vramq.worker")
 
@@ -54,10 +59,12 @@ class WorkerRuntime:
     device: str
     model_ids: list[str]
     card: str = "cpu"
+    budget_bytes: int | None = None
+    """Memory the models may take together (the card's capacity); None: no limit."""
+    need_bytes: dict = field(default_factory=dict)
+    """Each model's estimated need (``gpu_workers.vram``); needed when there is a budget."""
     state: State = State.LOADING
-    backends: dict = field(default_factory=dict)
-    batchers: dict = field(default_factory=dict)
-    load_seconds: dict = field(default_factory=dict)
+    residency: Residency | None = None
     _running: dict = field(default_factory=dict)
     events: EventWriter | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -66,42 +73,53 @@ class WorkerRuntime:
     # --- start and stop -----------------------------------------------------------
 
     def load(self) -> None:
-        """Load every model onto the device, then start the batchers and the reporter."""
-        catalog = self.services.catalog
+        """Load the models that fit together, then start the reporter."""
         self.events = EventWriter(self.services.redis)
-        for model_id in self.model_ids:
-            entry = catalog.get(model_id)
-            backend = backend_class(entry)(entry, self.device)
-            t0 = time.perf_counter()
-            backend.load()
-            self.load_seconds[model_id] = time.perf_counter() - t0
-            log.info("loaded %s on %s in %.2fs", model_id, self.device, self.load_seconds[model_id])
-            self.backends[model_id] = backend
-            if backend.batching == "batcher":
-                self.batchers[model_id] = Batcher(backend, entry.max_batch, entry.max_wait_ms, model_id)
-        # Everything loaded so far lives as long as the process: keep it out of the
-        # collector's way (libraries that call gc.collect() per item, like faster-whisper's
-        # decode_audio, otherwise walk every model object each time).
-        gc.collect()
-        gc.freeze()
+        need = {m: self.need_bytes.get(m, 0) for m in self.model_ids}
+        self.residency = Residency(need, self.budget_bytes, self._load_model, self._unload_model)
+        resident = self.residency.fits_alongside(self.model_ids)
+        for model_id in resident:
+            self.residency.load_now(model_id)
+        on_demand = [m for m in self.model_ids if m not in resident]
+        if on_demand:
+            log.info("resident: %s; loaded on demand: %s (budget %s bytes)", resident, on_demand, self.budget_bytes)
         self.state = State.READY
         threading.Thread(target=self._report_loop, name="reporter", daemon=True).start()
 
+    def _load_model(self, model_id: str):
+        """Residency's loader: the backend loaded, and its batcher if it batches through one."""
+        entry = self.services.catalog.get(model_id)
+        backend = backend_class(entry)(entry, self.device)
+        gc.unfreeze()
+        backend.load()
+        batcher = None
+        if backend.batching == "batcher":
+            batcher = Batcher(backend, entry.max_batch, entry.max_wait_ms, model_id)
+        # What is loaded now lives until evicted: keep it out of the collector's way
+        # (libraries that call gc.collect() per item, like faster-whisper's decode_audio,
+        # otherwise walk every model object each time). Unfrozen again before an eviction.
+        gc.collect()
+        gc.freeze()
+        return backend, batcher
+
+    def _unload_model(self, model_id: str, handle) -> None:
+        backend, batcher = handle
+        if batcher is not None:
+            batcher.stop()
+        gc.unfreeze()
+        backend.unload()
+        backend.release_memory()
+
     def stop(self) -> None:
-        """Stop the batchers and reporter, then unload every model.
+        """Stop the reporter, then unload every model (their batchers stop first).
 
         Unloading is what stops a backend's own processes (vLLM's engine core and its
         workers); left running, they would outlive the worker and keep their memory.
         """
         self.state = State.STOPPING
         self._stop.set()
-        for b in self.batchers.values():
-            b.stop()
-        for model_id, backend in self.backends.items():
-            try:
-                backend.unload()
-            except Exception:
-                log.exception("unloading %s failed", model_id)
+        if self.residency is not None:
+            self.residency.unload_all()
         if self.events is not None:
             self.events.close()
 
@@ -112,7 +130,7 @@ class WorkerRuntime:
         total = 0
         for m in self.model_ids:
             entry = self.services.catalog.get(m)
-            engine = m in self.backends and self.backends[m].batching == "engine"
+            engine = backend_class(entry).batching == "engine"
             total += entry.max_batch if engine else 2 * entry.max_batch
         return total
 
@@ -167,14 +185,15 @@ class WorkerRuntime:
             on_delta=lambda text: self.events.put(job.id, "delta", {"text": text}),
             attachments=attachments,
         )
-        outcome = self._compute(job.model, item)
+        with self.residency.use(job.model) as lease:
+            outcome = self._compute(lease.handle, item)
         result = outcome.result
         if isinstance(result, JobCanceled) or run.canceled:
             log.info("job %s canceled while running", job.id)
             return
         if isinstance(result, BaseException):
             code = result.code if isinstance(result, JobError) else "internal_error"
-            if _is_oom(result):
+            if is_out_of_memory(result):
                 code = OutOfMemory.code
             self._fail(job, code, str(result) or result.__class__.__name__, outcome.gpu_seconds)
             return
@@ -185,7 +204,8 @@ class WorkerRuntime:
             log.exception("storing outputs of %s failed", job.id)
             self._fail(job, "storage_unavailable", f"could not store outputs: {exc}", outcome.gpu_seconds)
             return
-        usage = {"batch_size": outcome.batch_size, "queue_seconds": round(queued_s, 4)}
+        usage = {"batch_size": outcome.batch_size, "queue_seconds": round(queued_s, 4),
+                 "cold_start_seconds": round(lease.cold_start_s, 4)}
         expires = utcnow() + timedelta(hours=services.settings.retention_hours)
         with services.sessions.begin() as s:
             won = lifecycle.succeed(s, job.id, self.name, output, outcome.gpu_seconds, usage, expires)
@@ -195,11 +215,11 @@ class WorkerRuntime:
         else:  # canceled meanwhile, or our lease lapsed and another worker has it
             services.store.delete_prefix(prefix)
 
-    def _compute(self, model_id: str, item: WorkItem) -> BatchOutcome:
+    def _compute(self, handle, item: WorkItem) -> BatchOutcome:
         """Run the item through its model's batcher, or straight into its engine."""
-        backend = self.backends[model_id]
-        if backend.batching == "batcher":
-            outcome = self.batchers[model_id].submit(item).result()
+        backend, batcher = handle
+        if batcher is not None:
+            outcome = batcher.submit(item).result()
         else:
             t0 = time.perf_counter()
             try:
@@ -284,10 +304,40 @@ class WorkerRuntime:
             log.warning("job %s (%s) lost its worker; queued again", job_id, model)
 
     def _heartbeat(self) -> None:
-        info = {"name": self.name, "card": self.card, "models": self.model_ids, "pid": os.getpid(),
+        heartbeat.announce(self.services.redis, self.name, self.describe())
+
+    def describe(self) -> dict:
+        """This worker as its heartbeat tells it: the API's ``/v1/workers`` and per-card metrics."""
+        res = self.residency
+        stats = {m: {"loads": st.loads, "evictions": st.evictions, "load_seconds": round(st.load_seconds, 4)}
+                 for m, st in res.stats.items()}
+        return {"name": self.name, "card": self.card, "models": self.model_ids, "pid": os.getpid(),
                 "host": socket.gethostname(), "state": self.state.value, "running": len(self._running),
-                "load_seconds": self.load_seconds}
-        heartbeat.announce(self.services.redis, self.name, info)
+                "resident": res.resident, "models_stats": stats, "need_bytes": self.need_bytes,
+                "vram": {"budget_bytes": self.budget_bytes, "estimated_bytes": res.resident_bytes,
+                         "measured_bytes": measured_bytes(self.device)}}
+
+
+def measured_bytes(device: str) -> int | None:
+    """Memory in use as the device reports it: the card's used bytes (NVML, every process
+    on the card, vLLM's engine included), or on the CPU this process's resident set."""
+    if device == "cpu":
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError):
+            return None
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            index = int(os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0])
+            return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index)).used)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        return None
 
 
 def _link_artifacts(value, keys: dict[str, str]):
@@ -300,6 +350,3 @@ def _link_artifacts(value, keys: dict[str, str]):
         return [_link_artifacts(v, keys) for v in value]
     return value
 
-
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, OutOfMemory) or exc.__class__.__name__ == "OutOfMemoryError"

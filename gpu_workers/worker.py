@@ -30,8 +30,42 @@ def pin(card: int | None) -> str:
     return "cuda"
 
 
-def run_worker(card: int | None, models: list[str] | None = None, settings: Settings | None = None, loglevel: str = "INFO") -> None:
-    """Load the models, then consume their queues until stopped (SIGTERM: warm shutdown)."""
+def model_needs(catalog, model_ids: list[str], required: bool) -> dict[str, int]:
+    """Each model's estimated memory need in bytes (``gpu_workers.vram``).
+
+    ``required`` (a budget to keep): an estimate that fails stops the worker. Otherwise
+    the need is only reported, and a failed estimate is logged and left out.
+    """
+    from .vram import estimate_entry
+
+    need = {}
+    for m in model_ids:
+        try:
+            need[m] = estimate_entry(catalog.get(m)).total_bytes
+        except Exception as exc:
+            if required:
+                raise
+            log.warning("no memory estimate for %s: %s", m, exc)
+    return need
+
+
+def card_capacity(card: int | None) -> int | None:
+    """The card's memory from NVML; None on the CPU or where NVML cannot say."""
+    if card is None:
+        return None
+    from .cards import discover
+
+    return next((c.capacity_bytes for c in discover() if c.index == card), None)
+
+
+def run_worker(card: int | None, models: list[str] | None = None, settings: Settings | None = None,
+               loglevel: str = "INFO", budget_bytes: int | None = None) -> None:
+    """Load the models, then consume their queues until stopped (SIGTERM: warm shutdown).
+
+    ``models`` in order of preference: those that fit ``budget_bytes`` together load at
+    start, the rest on demand. The budget defaults to the card's memory (none on the CPU).
+    """
+    budget = budget_bytes if budget_bytes is not None else card_capacity(card)
     device = pin(card)
     from .runtime import WorkerRuntime  # after pinning: backends may import torch
 
@@ -42,7 +76,9 @@ def run_worker(card: int | None, models: list[str] | None = None, settings: Sett
         raise ConfigError(f"unknown models {unknown}; the catalog has {sorted(services.catalog.models)}")
     card_name = "cpu" if card is None else f"card{card}"
     name = f"{card_name}-{os.getpid()}@{socket.gethostname()}"
-    runtime = WorkerRuntime(services, name=name, device=device, model_ids=model_ids, card=card_name)
+    need = model_needs(services.catalog, model_ids, required=budget is not None)
+    runtime = WorkerRuntime(services, name=name, device=device, model_ids=model_ids, card=card_name,
+                            budget_bytes=budget, need_bytes=need)
     runtime.load()
 
     app = services.celery

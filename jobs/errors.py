@@ -6,6 +6,7 @@
     ├── NotFound                   no such resource for this caller (404)
     ├── Conflict                   the resource is in a state that forbids the call (409)
     ├── ServiceUnavailable         a dependency (broker, database, store) cannot be reached (503)
+    │   └── ModelUnavailable       no live worker serves the model (503, not queued forever)
     ├── MissingExtra               an optional dependency is not installed (names the extra)
     └── JobError                   a job failed on the worker; carries a stable ``code``
         ├── JobCanceled            the job was canceled while it ran
@@ -55,6 +56,15 @@ class ServiceUnavailable(VramqError):
     """A dependency (broker, database, object store) cannot be reached."""
 
     code = "service_unavailable"
+    retry_after: int | None = None
+    """Seconds a client should wait before trying again (``Retry-After``), when known."""
+
+
+class ModelUnavailable(ServiceUnavailable):
+    """No live worker serves the model: a job for it would wait in the queue forever."""
+
+    code = "model_unavailable"
+    retry_after = 10
 
 
 class MissingExtra(VramqError):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 PREFIX = "vramq:workers:"
 TTL_S = 15
@@ -24,3 +26,26 @@ def live_workers(redis) -> list[dict]:
 
 def withdraw(redis, name: str) -> None:
     redis.delete(PREFIX + name)
+
+
+def served_models(redis) -> set[str]:
+    """Models at least one live worker serves (loading or ready, resident or on demand)."""
+    return {m for w in live_workers(redis) if w.get("state") in ("loading", "ready") for m in w.get("models", [])}
+
+
+class ServedModels:
+    """``served_models`` read at most once per ``ttl_s`` per process (the submit path asks
+    on every request; a worker that just died still counts until its key expires)."""
+
+    def __init__(self, redis, ttl_s: float = 1.0):
+        self.redis, self.ttl_s = redis, ttl_s
+        self._value: set[str] = set()
+        self._at = float("-inf")
+        self._lock = threading.Lock()
+
+    def get(self) -> set[str]:
+        with self._lock:
+            if time.monotonic() - self._at >= self.ttl_s:
+                self._value = served_models(self.redis)
+                self._at = time.monotonic()
+            return self._value

@@ -67,6 +67,13 @@ class Services:
         )
 
     @cached_property
+    def served(self):
+        """Which models live workers serve, cached briefly (``heartbeat.ServedModels``)."""
+        from .heartbeat import ServedModels
+
+        return ServedModels(self.redis)
+
+    @cached_property
     def redis(self):
         """A plain Redis client on the broker (readiness checks, heartbeats)."""
         import redis

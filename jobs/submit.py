@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError
 
 from . import idempotency
 from .catalog import SEED_MAX
-from .errors import InputError, ServiceUnavailable
+from .errors import InputError, ModelUnavailable, ServiceUnavailable
 from .ids import new_id
 from .lifecycle import QUEUED, utcnow
 from .queue import publish
@@ -77,6 +77,10 @@ def submit_job(services, body: Any, *, caller: str | None, scope: str, idempoten
         from .files import check_audio_input  # PyAV, imported only for speech jobs
 
         check_audio_input(services, entry, inp)
+    if entry.kind == "text":
+        from .prompts import check_context
+
+        check_context(entry, inp)
     if "seed" in inp and inp["seed"] is None:
         inp["seed"] = secrets.randbelow(SEED_MAX + 1)  # chosen now, so the result is reproducible
 
@@ -86,6 +90,7 @@ def submit_job(services, body: Any, *, caller: str | None, scope: str, idempoten
         existing = _replay(services, scope, idempotency_key, body_digest)
         if existing is not None:
             return existing, False
+    check_available(services, entry.id)
 
     now = utcnow()
     job = Job(
@@ -123,6 +128,19 @@ def submit_job(services, body: Any, *, caller: str | None, scope: str, idempoten
             raise
         return existing, False
     return job, True
+
+
+def check_available(services, model_id: str) -> None:
+    """Refuse (503 ``model_unavailable``) a job for a model no live worker serves."""
+    try:
+        served = services.served.get()
+    except Exception as exc:  # Redis is the broker too: nothing could be enqueued anyway
+        raise ServiceUnavailable(f"broker unreachable, job not accepted: {exc.__class__.__name__}") from exc
+    if model_id not in served:
+        raise ModelUnavailable(
+            f"no live worker serves model {model_id!r} (none started, or the planner found no card "
+            f"it fits: see `vramq plan`); the job was not queued"
+        )
 
 
 def _replay(services, scope: str, key: str, body_digest: str) -> Job | None:

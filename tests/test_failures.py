@@ -55,7 +55,8 @@ def wait_running(cluster, job_id: str, min_progress: float = 0.05, timeout: floa
 
 def test_cancel_queued_job_never_runs(env, cluster_factory):
     cluster = cluster_factory(env)
-    cluster.start_api()  # no worker yet: jobs stay queued
+    cluster.start_api()
+    cluster.announce_loading_worker(["tiny-flux"])  # admitted, and nothing takes it yet
     job = cluster.post("/v1/jobs", json={"model": "tiny-flux", "input": {"prompt": "x", "steps": 2}}).json()
     assert cluster.get(f"/v1/jobs/{job['id']}").json()["queue_position"] == 0
     canceled = cluster.post(f"/v1/jobs/{job['id']}/cancel")
@@ -121,7 +122,10 @@ def test_worker_killed_mid_job_runs_it_exactly_once(env, cluster_factory):
 
 
 def test_readyz_follows_the_broker(tmp_path, models_dir, private_redis):
+    import redis
+
     from api import create_app
+    from jobs import heartbeat
     from jobs.schema import Job
     from jobs.services import Services
     from jobs.settings import Settings
@@ -138,6 +142,10 @@ def test_readyz_follows_the_broker(tmp_path, models_dir, private_redis):
     assert resp.status_code == 503 and resp.json["code"] == "service_unavailable"
     private_redis.start()
     assert client.get("/readyz").status_code == 200
+    # A worker for the model registers (still loading: it takes nothing in this test).
+    heartbeat.announce(redis.Redis.from_url(private_redis.url), "w", {"name": "w", "models": ["tiny-flux"],
+                                                                      "state": "loading"})
+    time.sleep(1.1)  # the API's view of live workers is cached for a second
     assert client.post("/v1/jobs", json={"model": "tiny-flux", "input": {"prompt": "x"}}).status_code == 202
     # The refused job left nothing behind; the accepted one is queued.
     with client.application.config["VRAMQ"].sessions() as s:
@@ -151,6 +159,7 @@ def test_broker_restart_loses_no_queued_job_and_workers_reconnect(tmp_path, mode
     small = {"model": "tiny-flux", "input": {"prompt": "r", "steps": 2}}
     assert cluster.wait_job(cluster.post("/v1/jobs", json=small).json()["id"])["status"] == "succeeded"
     worker.stop()  # nobody consumes: the next job waits in Redis
+    cluster.announce_loading_worker(["tiny-flux"])  # a worker on its way: jobs are still admitted
     queued = cluster.post("/v1/jobs", json=small).json()
     private_redis.stop()
     private_redis.start()  # the append-only file brings the message back

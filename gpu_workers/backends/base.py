@@ -9,6 +9,8 @@ the broker or the object store.
 from __future__ import annotations
 
 import abc
+import gc
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable
 
@@ -65,6 +67,11 @@ class Backend(abc.ABC):
     #: (vLLM's continuous batching); every task thread calls ``run_one`` concurrently.
     batching = "batcher"
 
+    #: A seam for tests of out-of-memory handling on machines without a GPU: when set, it is
+    #: called with each batch just before the model runs and may raise the real
+    #: ``torch.cuda.OutOfMemoryError``, as a full card would. Always None in production.
+    memory_seam: Callable[[list[WorkItem]], None] | None = None
+
     def __init__(self, entry, device: str):
         self.entry = entry  # jobs.catalog.ModelEntry
         self.device = device  # "cpu" or "cuda"
@@ -100,3 +107,19 @@ class Backend(abc.ABC):
 
     def unload(self) -> None:
         """Release the model's memory."""
+
+    def release_memory(self) -> None:
+        """Give cached device memory back after an out-of-memory error (the model stays loaded)."""
+        gc.collect()
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for a device out-of-memory error from torch, CTranslate2 or a backend's own check."""
+    from jobs.errors import OutOfMemory
+
+    if isinstance(exc, OutOfMemory) or type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()

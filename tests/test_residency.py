@@ -1,0 +1,124 @@
+"""Model residency: the models that fit stay loaded; others load on demand, evicting the
+least recently used idle model; a model in use is never evicted."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from gpu_workers.residency import Residency
+
+
+class Models:
+    """Loads and unloads recorded in order; a load takes ``delay`` seconds."""
+
+    def __init__(self, delay: float = 0.0):
+        self.log: list[str] = []
+        self.delay = delay
+        self.live: set[str] = set()
+
+    def load(self, m):
+        time.sleep(self.delay)
+        self.log.append(f"+{m}")
+        self.live.add(m)
+        return f"handle-{m}"
+
+    def unload(self, m, handle):
+        assert handle == f"handle-{m}"
+        self.log.append(f"-{m}")
+        self.live.discard(m)
+
+
+def make(budget, delay=0.0, **need):
+    models = Models(delay)
+    return Residency(need, budget, models.load, models.unload), models
+
+
+def test_least_recently_used_is_evicted_first():
+    r, models = make(20, a=10, b=10, c=10)
+    assert r.fits_alongside(["a", "b", "c"]) == ["a", "b"]
+    r.load_now("a")
+    r.load_now("b")
+    with r.use("a"):  # a is now more recent than b
+        pass
+    with r.use("c") as lease:  # needs room: b goes, not a
+        assert lease.handle == "handle-c" and lease.cold_start_s > 0
+    assert models.log == ["+a", "+b", "-b", "+c"]
+    assert r.resident == ["a", "c"]
+    with r.use("b"):  # a is least recently used now
+        pass
+    assert models.log[-2:] == ["-a", "+b"]
+    assert sum(r.need[m] for m in models.live) <= 20
+    assert r.stats["b"].loads == 2 and r.stats["b"].evictions == 1 and r.stats["a"].evictions == 1
+
+
+def test_a_hot_model_has_no_cold_start():
+    r, models = make(None, a=1)
+    first = r.acquire("a")
+    r.release("a")
+    second = r.acquire("a")
+    r.release("a")
+    assert first.cold_start_s > 0
+    assert second.cold_start_s == 0.0
+    assert models.log == ["+a"]
+
+
+def test_a_model_in_use_is_never_evicted():
+    r, models = make(10, a=10, b=10)
+    held = r.acquire("a")
+    got = {}
+
+    def want_b():
+        got["lease"] = r.acquire("b")
+
+    t = threading.Thread(target=want_b)
+    t.start()
+    time.sleep(0.3)
+    assert "lease" not in got and models.log == ["+a"]  # b waits: a is running a job
+    r.release("a")
+    t.join(5)
+    assert got["lease"].handle == "handle-b" and models.log == ["+a", "-a", "+b"]
+    assert held.handle == "handle-a"
+    r.release("b")
+
+
+def test_concurrent_jobs_for_a_cold_model_load_it_once_and_both_wait_for_it():
+    r, models = make(10, delay=0.3, a=5)
+    leases = []
+
+    def job():
+        with r.use("a") as lease:
+            leases.append(lease)
+
+    threads = [threading.Thread(target=job) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5)
+    assert models.log == ["+a"]
+    assert len(leases) == 4 and all(lease.cold_start_s >= 0.3 for lease in leases)
+
+
+def test_no_budget_keeps_everything():
+    r, models = make(None, a=10**12, b=10**12)
+    for m in ("a", "b", "a", "b"):
+        with r.use(m):
+            pass
+    assert models.log == ["+a", "+b"] and sorted(r.resident) == ["a", "b"]
+
+
+def test_a_failed_load_leaves_the_slot_usable():
+    calls = []
+
+    def load(m):
+        calls.append(m)
+        if len(calls) == 1:
+            raise RuntimeError("disk hiccup")
+        return "ok"
+
+    r = Residency({"a": 1}, 10, load, lambda m, h: None)
+    try:
+        r.acquire("a")
+    except RuntimeError:
+        pass
+    assert r.acquire("a").handle == "ok"
