@@ -115,12 +115,12 @@ class Plan:
             label = f"{cp.card.name}\n[dim]{what}[/dim]"
             for p in cp.models:
                 how = "on demand" if not p.resident else "replica" if p.replica else "resident"
-                table.add_row(label, p.id, f"{p.vram_bytes / GB:.1f}", how)
+                table.add_row(label, p.id, f"{p.vram_bytes / GB:.2f}", how)
                 label = ""
-            table.add_row(label, "[dim]free[/dim]", f"{cp.free_bytes / GB:.1f}", "")
+            table.add_row(label, "[dim]free[/dim]", f"{cp.free_bytes / GB:.2f}", "")
             table.add_section()
         for id_, nbytes, reason in self.unplaced:
-            table.add_row("[red]unplaced[/red]", id_, f"{nbytes / GB:.1f}", reason)
+            table.add_row("[red]unplaced[/red]", id_, f"{nbytes / GB:.2f}", reason)
         return table
 
 

@@ -90,6 +90,8 @@ class WorkerRuntime:
         """Residency's loader: the backend loaded, and its batcher if it batches through one."""
         entry = self.services.catalog.get(model_id)
         backend = backend_class(entry)(entry, self.device)
+        if self.budget_bytes and self.need_bytes.get(model_id):
+            backend.memory_fraction = self.need_bytes[model_id] / self.budget_bytes
         gc.unfreeze()
         backend.load()
         batcher = None

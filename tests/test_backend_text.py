@@ -231,3 +231,18 @@ def test_prompt_longer_than_the_context_room_fails_before_the_engine(backend, en
     assert info.value.code == "context_length_exceeded"
     assert str(n) in str(info.value)
     assert backend.unfinished_requests() == 0
+
+
+def test_engine_keeps_to_its_planned_share_of_the_card(entry):
+    """On a GPU, vLLM would take 90 % of the card; the planner's share for it is what it gets."""
+    from gpu_workers.backends.vllm_text import VllmTextBackend
+
+    on_gpu = VllmTextBackend(entry, "cuda")
+    assert "gpu_memory_utilization" not in on_gpu.engine_args()  # no plan: vLLM's own default
+    on_gpu.memory_fraction = 0.4
+    assert on_gpu.engine_args()["gpu_memory_utilization"] == 0.4
+    on_gpu.memory_fraction = 1.3  # a model alone on a card too small for its estimate
+    assert on_gpu.engine_args()["gpu_memory_utilization"] == 0.95
+    on_cpu = VllmTextBackend(entry, "cpu")
+    on_cpu.memory_fraction = 0.4
+    assert "gpu_memory_utilization" not in on_cpu.engine_args()

@@ -75,6 +75,9 @@ class Backend(abc.ABC):
     def __init__(self, entry, device: str):
         self.entry = entry  # jobs.catalog.ModelEntry
         self.device = device  # "cpu" or "cuda"
+        self.memory_fraction: float | None = None
+        """The share of the card the planner gave this model (its estimate / the card's
+        budget), set before ``load``; backends that reserve memory up front (vLLM) keep to it."""
 
     @abc.abstractmethod
     def load(self) -> None:
