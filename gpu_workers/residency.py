@@ -8,7 +8,8 @@ time as a cold start.
 
 Rules:
 - A model in use (a job holds it through ``use``) is never evicted; a load that needs
-  its room waits until it is released.
+  its room waits until it is released. Meanwhile that model takes no new jobs (it is
+  draining), so a steady stream of jobs for it cannot starve the waiting model.
 - One model loads at a time per worker; jobs for a model being loaded wait for it.
 - A budget of ``None`` means no limit: every model stays resident once loaded.
 """
@@ -59,6 +60,7 @@ class Residency:
         self._load, self._unload = load, unload
         self._slots = {m: _Slot() for m in need_bytes}
         self._lru: OrderedDict[str, None] = OrderedDict()  # loaded models, least recently used first
+        self._draining: set[str] = set()  # in use, and wanted out by a load that waits for them
         self._cond = threading.Condition()
         self.stats = {m: ModelStats() for m in need_bytes}
 
@@ -103,7 +105,7 @@ class Residency:
         waited_for_load = False
         with self._cond:
             while True:
-                if slot.handle is not None and not slot.loading:
+                if slot.handle is not None and not slot.loading and model_id not in self._draining:
                     slot.in_use += 1
                     self._lru.move_to_end(model_id)
                     return Lease(slot.handle, slot.last_load_s if waited_for_load else 0.0)
@@ -111,10 +113,15 @@ class Residency:
                     waited_for_load = waited_for_load or slot.loading
                     self._cond.wait()
                     continue
-                victims = self._victims_for(model_id)
-                if victims is None:  # the room is held by models in use: wait for a release
+                if slot.handle is not None:  # loaded but draining: wait until it takes jobs again
                     self._cond.wait()
                     continue
+                victims = self._victims_for(model_id)
+                if victims is None:  # the room is held by models in use: drain them, wait
+                    self._draining |= self._in_the_way(model_id)
+                    self._cond.wait()
+                    continue
+                self._draining.clear()  # a waiting load marks again what it needs when it wakes
                 slot.loading = True
                 for v in victims:
                     self._lru.pop(v)
@@ -185,6 +192,17 @@ class Residency:
                         model_id, self.need[model_id], self.budget)
             return list(self._lru)
         return None
+
+    def _in_the_way(self, model_id: str) -> set[str]:
+        """The least recently used models, in use or not, whose room ``model_id`` needs."""
+        used = sum(self.need[m] for m in self._lru)
+        out = set()
+        for m in self._lru:
+            if used + self.need[model_id] <= self.budget:
+                break
+            out.add(m)
+            used -= self.need[m]
+        return out
 
     def _evict(self, model_id: str, count: bool = True) -> None:
         slot = self._slots[model_id]

@@ -77,6 +77,10 @@ class WorkerRuntime:
         self.events = EventWriter(self.services.redis)
         need = {m: self.need_bytes.get(m, 0) for m in self.model_ids}
         self.residency = Residency(need, self.budget_bytes, self._load_model, self._unload_model)
+        # The reporter starts first: while the models load, the worker is announced as
+        # "loading", so the API keeps admitting jobs for them (a restarted worker's models
+        # may take minutes to load) and they wait in the queue.
+        threading.Thread(target=self._report_loop, name="reporter", daemon=True).start()
         resident = self.residency.fits_alongside(self.model_ids)
         for model_id in resident:
             self.residency.load_now(model_id)
@@ -84,7 +88,7 @@ class WorkerRuntime:
         if on_demand:
             log.info("resident: %s; loaded on demand: %s (budget %s bytes)", resident, on_demand, self.budget_bytes)
         self.state = State.READY
-        threading.Thread(target=self._report_loop, name="reporter", daemon=True).start()
+        self._heartbeat()
 
     def _load_model(self, model_id: str):
         """Residency's loader: the backend loaded, and its batcher if it batches through one."""
@@ -262,7 +266,7 @@ class WorkerRuntime:
         services = self.services
         lease_every = services.settings.lease_s / 3
         reap_every = max(services.settings.lease_s / 2, 1.0)
-        last_lease = last_reap = last_beat = 0.0
+        last_lease = last_reap = last_beat = float("-inf")
         while not self._stop.wait(defaults.REPORT_INTERVAL_S):
             now = time.monotonic()
             try:

@@ -122,3 +122,27 @@ def test_a_failed_load_leaves_the_slot_usable():
     except RuntimeError:
         pass
     assert r.acquire("a").handle == "ok"
+
+
+def test_a_model_wanted_out_takes_no_new_jobs_until_the_waiting_load_is_done():
+    """A steady stream of jobs for a resident model cannot starve a job for another one."""
+    r, models = make(10, a=10, b=10)
+    r.acquire("a")  # a job runs on a
+    order = []
+
+    def want(m):
+        with r.use(m):
+            order.append(m)
+
+    tb = threading.Thread(target=want, args=("b",))
+    tb.start()
+    time.sleep(0.2)  # b waits for a's room
+    ta = threading.Thread(target=want, args=("a",))
+    ta.start()
+    time.sleep(0.2)
+    assert order == []  # the new job for a did not jump in front of b
+    r.release("a")
+    tb.join(5)
+    ta.join(5)
+    assert order == ["b", "a"]
+    assert models.log == ["+a", "-a", "+b", "-b", "+a"]
