@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import settings_env
-from tests.test_failures import SLOW, SLOW_CATALOG, wait_running
+from tests.test_failures import SLOW, SLOW_CATALOG, env, wait_running  # noqa: F401 (env: a fixture)
 
 pytestmark = pytest.mark.e2e
 
@@ -74,14 +74,6 @@ def test_vram_cli_known_answer():
     assert bad.returncode != 0 and "fp7" in bad.stderr
 
 
-@pytest.fixture
-def slow_env(tmp_path, redis_url, models_dir):
-    catalog = tmp_path / "catalog.toml"
-    catalog.write_text(SLOW_CATALOG.format(weights=models_dir / "tiny-flux"))
-    return settings_env(tmp_path, redis_url=redis_url, models_dir=models_dir, catalog=catalog,
-                        lease_seconds=2, visibility_timeout=8)
-
-
 def _ready_worker(cluster, not_pid: int | None = None, timeout: float = 120) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -100,8 +92,8 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_supervisor_restarts_a_killed_worker_and_its_job_completes(slow_env, cluster_factory):
-    cluster = cluster_factory(slow_env)
+def test_supervisor_restarts_a_killed_worker_and_its_job_completes(env, cluster_factory):
+    cluster = cluster_factory(env)
     cluster.start_api()
     sup = cluster._spawn("workers", ["workers", "--cpu"])
     first = _ready_worker(cluster)
