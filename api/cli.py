@@ -115,7 +115,7 @@ def plan(cards: str | None, cpu: bool, catalog_path: Path | None, as_json: bool)
     """Place the catalog's models on the cards; say what fits nowhere and why."""
     from gpu_workers.supervisor import plan_catalog
 
-    result, _ = plan_catalog(_catalog(catalog_path), _cards(cards, cpu))
+    result = plan_catalog(_catalog(catalog_path), _cards(cards, cpu))
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
         return
@@ -165,7 +165,7 @@ def workers(cards: str | None, cpu: bool, stop_grace: int) -> None:
     """One worker per card, as `vramq plan` places the models; restarted when they die."""
     from gpu_workers.supervisor import Supervisor, plan_catalog, worker_specs
 
-    result, _ = plan_catalog(_catalog(None), _cards(cards, cpu))
+    result = plan_catalog(_catalog(None), _cards(cards, cpu))
     for model_id, need, reason in result.unplaced:
         click.echo(f"vramq: {model_id} is not served: {reason}", err=True)
     specs = worker_specs(result)

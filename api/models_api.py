@@ -6,7 +6,7 @@ from flask import Blueprint, current_app
 from sqlalchemy import func, select
 
 from jobs.errors import NotFound
-from jobs.heartbeat import live_workers
+from jobs.heartbeat import live_workers, served_by
 from jobs.lifecycle import QUEUED
 from jobs.schema import Job
 
@@ -29,12 +29,11 @@ def _workers(services) -> list[dict]:
 def _model(services, entry, depth: int, workers: list[dict]) -> dict:
     """The entry, with ``available`` (a live worker serves it) and ``vram_gb`` (the
     planner's estimate incl. headroom: from a worker's heartbeat, else estimated here)."""
-    served = any(entry.id in w.get("models", []) and w.get("state") in ("loading", "ready") for w in workers)
     need = next((w["need_bytes"][entry.id] for w in workers if entry.id in (w.get("need_bytes") or {})), None)
     if need is None:
         need = _estimate(services, entry)
     return {**entry.public(), "object": "model", "vram_gb": None if need is None else round(need / 1e9, 3),
-            "available": served, "queue_depth": depth}
+            "available": entry.id in served_by(workers), "queue_depth": depth}
 
 
 _estimates: dict[tuple[str, str], int | None] = {}

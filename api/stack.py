@@ -69,7 +69,7 @@ class Stack:
         from jobs.services import load_configured_catalog
 
         catalog = load_configured_catalog(Settings.from_env(self.env))
-        return len(worker_specs(plan_catalog(catalog, resolve(self.cards, cpu=self.cpu))[0]))
+        return len(worker_specs(plan_catalog(catalog, resolve(self.cards, cpu=self.cpu))))
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         out = None

@@ -76,10 +76,6 @@ class Residency:
         with self._cond:
             return sum(self.need[m] for m in self._lru)
 
-    def handle(self, model_id: str):
-        """The loaded handle, or None (no load is started)."""
-        return self._slots[model_id].handle
-
     def fits_alongside(self, model_ids: list[str]) -> list[str]:
         """The prefix of ``model_ids`` (in order) whose estimates fit the budget together."""
         out, used = [], 0

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from .cards import Card
 from .placement import Demand, Plan, plan
+from .worker import model_needs
 
 log = logging.getLogger("vramq.supervisor")
 
@@ -34,13 +35,10 @@ BACKOFF_MAX_S = 60.0
 STABLE_AFTER_S = 60.0
 
 
-def plan_catalog(catalog, cards: list[Card]) -> tuple[Plan, dict]:
-    """Estimate each catalog model and place them on ``cards``; also return the estimates."""
-    from .vram import estimate_entry
-
-    estimates = {entry.id: estimate_entry(entry) for entry in catalog}
-    demands = [Demand(m, e.total_bytes) for m, e in estimates.items()]
-    return plan(demands, cards), estimates
+def plan_catalog(catalog, cards: list[Card]) -> Plan:
+    """Estimate each catalog model and place them on ``cards``."""
+    need = model_needs(catalog, [entry.id for entry in catalog], required=True)
+    return plan([Demand(m, n) for m, n in need.items()], cards)
 
 
 @dataclass

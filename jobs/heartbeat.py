@@ -28,9 +28,14 @@ def withdraw(redis, name: str) -> None:
     redis.delete(PREFIX + name)
 
 
+def served_by(workers: list[dict]) -> set[str]:
+    """Models at least one of ``workers`` serves (loading or ready, resident or on demand)."""
+    return {m for w in workers if w.get("state") in ("loading", "ready") for m in w.get("models", [])}
+
+
 def served_models(redis) -> set[str]:
-    """Models at least one live worker serves (loading or ready, resident or on demand)."""
-    return {m for w in live_workers(redis) if w.get("state") in ("loading", "ready") for m in w.get("models", [])}
+    """Models at least one live worker serves."""
+    return served_by(live_workers(redis))
 
 
 class ServedModels:
