@@ -19,11 +19,15 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.config["MAX_CONTENT_LENGTH"] = services.settings.max_body_bytes
     app.json.sort_keys = False
 
-    from . import files_api, jobs_api, models_api, ops, problems
+    from . import accounts_api, files_api, jobs_api, models_api, ops, problems
+    from .callers import current_caller
     from .metrics import REQUESTS
+    from .ratelimit import RateLimiter
 
     problems.install(app)
+    limiter = RateLimiter(services.broker_url, services.settings.rate_limit_anonymous, services.settings.rate_limit_keyed)
     app.register_blueprint(jobs_api.bp)
+    app.register_blueprint(accounts_api.bp)
     app.register_blueprint(files_api.bp)
     app.register_blueprint(models_api.bp)
     app.register_blueprint(ops.bp)
@@ -31,6 +35,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     @app.before_request
     def _start():
         g.t0 = time.perf_counter()
+        if not request.path.startswith(("/healthz", "/readyz", "/metrics")):
+            limiter.check(current_caller())  # 401 for a bad key, 429 past the limit
 
     @app.after_request
     def _observe(resp):

@@ -202,7 +202,8 @@ def _parse_value(raw: str):
 @click.option("--wait", is_flag=True, help="Wait for the result, with a progress bar.")
 @click.option("--url", default=f"http://127.0.0.1:{defaults.PORT}", envvar="VRAMQ_URL", show_default=True)
 @click.option("--priority", type=click.Choice(["high", "normal", "low"]), default="normal")
-def submit(model: str, params: tuple[str, ...], wait: bool, url: str, priority: str) -> None:
+@click.option("--api-key", envvar="VRAMQ_API_KEY", default=None, help="An account's key (default: anonymous).")
+def submit(model: str, params: tuple[str, ...], wait: bool, url: str, priority: str, api_key: str | None) -> None:
     """Submit one job: vramq submit tiny-flux prompt="a red fox" width=256 --wait"""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -214,7 +215,7 @@ def submit(model: str, params: tuple[str, ...], wait: bool, url: str, priority: 
             raise click.UsageError(f"parameter {p!r} is not key=value")
         k, v = p.split("=", 1)
         inp[k] = _parse_value(v)
-    client = Client(url)
+    client = Client(url, api_key=api_key)
     try:
         job = client.submit(model, inp, priority=priority)
         if wait:
@@ -232,7 +233,8 @@ def submit(model: str, params: tuple[str, ...], wait: bool, url: str, priority: 
 
 
 @main.command()
-@click.option("--images", default=8, show_default=True, help="How many image prompts in the bulk render.")
+@click.option("--images", default=8, show_default=True, type=click.IntRange(1, 90),
+              help="How many image prompts in the bulk render.")
 @click.option("--port", default=defaults.PORT + 17, show_default=True)
 @click.option("--out", default="vramq-demo", show_default=True, type=click.Path(path_type=Path),
               help="Folder for the downloaded results.")
@@ -241,6 +243,99 @@ def demo(images: int, port: int, out: Path) -> None:
     from .demo import run_demo
 
     sys.exit(run_demo(_settings(), images=images, port=port, out=out))
+
+
+@main.command()
+@click.option("--once", is_flag=True, help="Sweep once and exit.")
+def sweeper(once: bool) -> None:
+    """Delete unsaved outputs past VRAMQ_RETENTION_HOURS, every VRAMQ_SWEEP_SECONDS."""
+    import signal
+    import threading
+
+    from jobs.lifecycle import utcnow
+    from jobs.retention import sweep
+    from jobs.services import Services
+
+    services = Services.from_settings(_settings())
+    log = logging.getLogger("vramq.retention")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    log.info("sweeper: outputs kept %g h unless saved; sweeping every %g s",
+             services.settings.retention_hours, services.settings.sweep_s)
+    while not stop.is_set():
+        try:
+            swept = sweep(services, utcnow())
+            if swept:
+                log.info("expired the outputs of %d jobs", len(swept))
+        except Exception:  # the database or store is down: try again next round
+            log.exception("sweep failed; retrying in %g s", services.settings.sweep_s)
+        if once:
+            return
+        stop.wait(services.settings.sweep_s)
+
+
+@main.group()
+def accounts() -> None:
+    """Accounts and tokens, straight on the database (the operator's view)."""
+
+
+@accounts.command("create")
+@click.option("--name", default=None, help="A label for the account.")
+def accounts_create(name: str | None) -> None:
+    """Make a free account and print its id and API key (shown this once)."""
+    from jobs.accounts import create_account
+    from jobs.services import Services
+
+    services = Services.from_settings(_settings())
+    with services.sessions.begin() as session:
+        account, key = create_account(session, name=name)
+    click.echo(json.dumps({"account_id": account.id, "api_key": key, "tier": account.tier}, indent=2))
+
+
+@accounts.command("credit")
+@click.argument("account_id")
+@click.argument("tokens", type=int)
+@click.option("--reason", default=None, help="Why (an order number, say); kept in the ledger.")
+def accounts_credit(account_id: str, tokens: int, reason: str | None) -> None:
+    """Add a token pack to an account's balance."""
+    from jobs import ledger
+    from jobs.accounts import get_account
+    from jobs.db import writing
+    from jobs.lifecycle import utcnow
+    from jobs.services import Services
+
+    services = Services.from_settings(_settings())
+    with writing(services.sessions) as session:
+        get_account(session, account_id)
+        ledger.credit(session, account_id, tokens, reason, utcnow())
+    _show_account(services, account_id, entries=1)
+
+
+@accounts.command("show")
+@click.argument("account_id")
+@click.option("--entries", default=20, show_default=True, help="How many ledger entries to list.")
+def accounts_show(account_id: str, entries: int) -> None:
+    """An account: tier, today's usage, balance, latest ledger entries."""
+    from jobs.services import Services
+
+    _show_account(Services.from_settings(_settings()), account_id, entries)
+
+
+def _show_account(services, account_id: str, entries: int) -> None:
+    from jobs import ledger
+    from jobs.accounts import get_account
+    from jobs.lifecycle import utcnow
+
+    with services.sessions() as session:
+        account = get_account(session, account_id)
+        use = ledger.usage(session, account.id, account.tier, services.allowances.for_tier(account.tier), utcnow())
+        rows = ledger.entries(session, account.id, limit=entries)
+    click.echo(json.dumps({
+        "account_id": account.id, "name": account.name, "tier": account.tier, "key_prefix": account.key_prefix,
+        "usage": use.to_json(),
+        "ledger": [{"entry": r.entry, "job_id": r.job_id, "day": r.day, "allowance_delta": r.allowance_delta,
+                    "balance_delta": r.balance_delta, "reason": r.reason, "at": ledger.iso(r.created_at)} for r in rows],
+    }, indent=2))
 
 
 def run() -> None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import requests
 
@@ -20,8 +21,10 @@ class ApiError(Exception):
 
 
 class Client:
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 30):
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 30,
+                 rate_limit_retries: int = 3):
         self.base_url = base_url.rstrip("/")
+        self.rate_limit_retries = rate_limit_retries
         self.http = requests.Session()
         if api_key:
             self.http.headers["Authorization"] = f"Bearer {api_key}"
@@ -29,6 +32,12 @@ class Client:
 
     def _call(self, method: str, path: str, **kw) -> Any:
         resp = self.http.request(method, self.base_url + path, timeout=self.timeout, **kw)
+        for _ in range(self.rate_limit_retries):
+            if resp.status_code != 429:
+                break
+            # Rate limited: wait as told (capped) and try again.
+            time.sleep(min(float(resp.headers.get("Retry-After", "1")), 60.0))
+            resp = self.http.request(method, self.base_url + path, timeout=self.timeout, **kw)
         if resp.status_code >= 400:
             try:
                 problem = resp.json()
@@ -53,13 +62,78 @@ class Client:
     def cancel(self, job_id: str) -> dict:
         return self._call("POST", f"/v1/jobs/{job_id}/cancel")
 
+    def create_account(self, name: str | None = None) -> dict:
+        """``POST /v1/accounts``: a free account; the answer holds its API key (shown once)."""
+        return self._call("POST", "/v1/accounts", json={"name": name} if name else {})
+
+    def usage(self) -> dict:
+        return self._call("GET", "/v1/usage")
+
+    def history(self, *, status: str | None = None, model: str | None = None, limit: int = 20,
+                cursor: str | None = None) -> dict:
+        params = {k: v for k, v in {"status": status, "model": model, "limit": limit, "cursor": cursor}.items() if v}
+        return self._call("GET", "/v1/jobs", params=params)
+
+    def save(self, job_id: str) -> dict:
+        return self._call("POST", f"/v1/jobs/{job_id}/save")
+
+    def share(self, job_id: str) -> str:
+        return self._call("POST", f"/v1/jobs/{job_id}/share")["url"]
+
+    def unshare(self, job_id: str) -> dict:
+        return self._call("DELETE", f"/v1/jobs/{job_id}/share")
+
     def models(self) -> list[dict]:
         return self._call("GET", "/v1/models")["data"]
 
-    def wait(self, job_id: str, *, timeout: float = 600, poll_s: float = 0.2,
+    def events(self, job_id: str, last_event_id: str | None = None) -> Iterator[tuple[str, dict]]:
+        """Follow ``GET /v1/jobs/{id}/events``: yields ``(event, data)`` as they come
+        (``status``, ``progress``, ``delta``, ``done``), and ``("keep-alive", {})`` on the
+        server's idle comments, so a caller can check its own deadline."""
+        headers = {"Accept": "text/event-stream"}
+        if last_event_id:
+            headers["Last-Event-ID"] = last_event_id
+        with self.http.get(f"{self.base_url}/v1/jobs/{job_id}/events", headers=headers, stream=True,
+                           timeout=(self.timeout, 30)) as resp:
+            if resp.status_code >= 400:
+                raise ApiError(resp.status_code, resp.json())
+            event, data = "message", []
+            for line in resp.iter_lines(decode_unicode=True):
+                if line.startswith(":"):
+                    yield "keep-alive", {}
+                elif line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:"):
+                    data.append(line[5:].strip())
+                elif not line and data:
+                    yield event, json.loads("\n".join(data))
+                    event, data = "message", []
+
+    def wait(self, job_id: str, *, timeout: float = 600, poll_s: float = 1.0,
              on_update: Callable[[dict], None] | None = None) -> dict:
-        """Poll until the job finishes; ``on_update`` sees every state read."""
+        """Wait until the job finishes, following its event stream (one request, however
+        long the job), or polling every ``poll_s`` if the stream breaks; ``on_update``
+        sees the job at each change."""
         deadline = time.monotonic() + timeout
+        job = self.get(job_id)
+        if on_update:
+            on_update(job)
+        if job["status"] in TERMINAL:
+            return job
+        try:
+            for event, data in self.events(job_id):
+                if event == "done":
+                    job = data
+                elif event in ("status", "progress"):
+                    job = {**job, **data}
+                if on_update and event in ("status", "progress", "done"):
+                    on_update(job)
+                if event == "done":
+                    return job
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"job {job_id} still {job['status']} after {timeout}s")
+        except (requests.RequestException, ValueError):
+            pass  # the stream broke: poll instead
         while True:
             job = self.get(job_id)
             if on_update:

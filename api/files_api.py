@@ -15,9 +15,10 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from jobs import idempotency
 from jobs.errors import InputError
+from jobs.errors import NotFound
 from jobs.files import PURPOSES, File, get_file, store_file
 
-from .callers import idempotency_scope
+from .callers import current_caller
 from .problems import problem
 from .render import iso
 
@@ -76,11 +77,11 @@ def upload_file():
     body_digest = idempotency.digest(b"\0".join([purpose.encode(), (upload.filename or "").encode(), data]))
     if key:
         idempotency.check_key(key)
-        existing = idempotency.replay(services, idempotency_scope(), key, body_digest)
+        existing = idempotency.replay(services, current_caller().holder, key, body_digest)
         if existing is not None:
             return render_file(get_file(services, existing)), 200
     try:
-        row = store_file(services, data, upload.filename, purpose, caller=None)
+        row = store_file(services, data, upload.filename, purpose, caller=current_caller().holder)
     except InputError as exc:
         if exc.code == "payload_too_large":
             return _too_large(limit)
@@ -88,9 +89,9 @@ def upload_file():
     if key:
         try:
             with services.sessions.begin() as session:
-                idempotency.remember(session, idempotency_scope(), key, body_digest, row.id)
+                idempotency.remember(session, current_caller().holder, key, body_digest, row.id)
         except IntegrityError:  # a concurrent request with the same key won: answer with its file
-            existing = idempotency.replay(services, idempotency_scope(), key, body_digest)
+            existing = idempotency.replay(services, current_caller().holder, key, body_digest)
             return render_file(get_file(services, existing)), 200
     resp = current_app.response_class(json.dumps(render_file(row)), status=201, mimetype="application/json")
     resp.headers["Location"] = f"/v1/files/{row.id}"
@@ -99,4 +100,7 @@ def upload_file():
 
 @bp.get("/v1/files/<file_id>")
 def read_file(file_id: str):
-    return render_file(get_file(_services(), file_id))
+    row = get_file(_services(), file_id)
+    if not current_caller().owns(row.caller):
+        raise NotFound(f"no file {file_id}")
+    return render_file(row)

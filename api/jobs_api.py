@@ -1,24 +1,27 @@
-"""``/v1/jobs``: submit, read, cancel, follow."""
+"""``/v1/jobs``: submit, read, list, cancel, follow, save, share; and ``/s/<token>``."""
 
 from __future__ import annotations
 
+import base64
 import json
 import time
+from datetime import datetime
 
 from flask import Blueprint, Response, current_app, request, stream_with_context
-
+from sqlalchemy import and_, or_, select
 from werkzeug.exceptions import BadRequest
 
-from jobs import events
-from jobs.errors import NotFound
-from jobs.lifecycle import TERMINAL, cancel
+from jobs import events, ledger, retention
+from jobs.db import writing
+from jobs.errors import InputError, NotFound
+from jobs.lifecycle import QUEUED, RUNNING, TERMINAL, cancel
 from jobs.schema import Job
 from jobs.submit import submit_job
 
-from .callers import idempotency_scope
+from .callers import current_caller, require_account
 from .metrics import JOBS_SUBMITTED
 from .problems import problem
-from .render import render_job
+from .render import base_url, render_job
 
 bp = Blueprint("jobs", __name__)
 
@@ -48,7 +51,7 @@ def create_job():
     services = _services()
     body = _json_body()
     key = request.headers.get("Idempotency-Key")
-    job, created = submit_job(services, body, caller=None, scope=idempotency_scope(), idempotency_key=key)
+    job, created = submit_job(services, body, caller=current_caller(), idempotency_key=key)
     if created:
         JOBS_SUBMITTED.labels(model=job.model).inc()
     with services.sessions() as session:
@@ -59,8 +62,9 @@ def create_job():
 
 
 def _load(session, job_id: str) -> Job:
+    """The job, if the caller owns it; another caller's job is 404 (no existence leak)."""
     job = session.get(Job, job_id)
-    if job is None:
+    if job is None or not current_caller().owns(job.caller):
         raise NotFound(f"no job {job_id}")
     return job
 
@@ -71,16 +75,75 @@ def get_job(job_id: str):
         return render_job(_load(session, job_id), session)
 
 
+HISTORY_MAX = 100
+STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
+
+
 @bp.get("/v1/jobs")
 def list_jobs():
-    return problem(401, "job history needs an API key (Authorization: Bearer …)", "unauthorized")
+    """The caller's jobs, newest first. The cursor is the last job of a page (its
+    ``created_at`` and id), so pages stay stable while new jobs arrive."""
+    caller = require_account("job history")
+    args = request.args
+    q = select(Job).where(Job.caller == caller.holder)
+    if args.get("status"):
+        wanted = args["status"].split(",")
+        bad = [w for w in wanted if w not in STATUSES]
+        if bad:
+            raise _bad_arg("status", f"unknown status {bad[0]!r}; one or more of {', '.join(STATUSES)}")
+        q = q.where(Job.status.in_(wanted))
+    if args.get("model"):
+        q = q.where(Job.model == args["model"])
+    try:
+        limit = int(args.get("limit", 20))
+    except ValueError:
+        raise _bad_arg("limit", "must be an integer") from None
+    if not 1 <= limit <= HISTORY_MAX:
+        raise _bad_arg("limit", f"must be from 1 to {HISTORY_MAX}")
+    if args.get("cursor"):
+        created, last_id = _decode_cursor(args["cursor"])
+        q = q.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < last_id)))
+    q = q.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+    with _services().sessions() as session:
+        rows = list(session.execute(q).scalars())
+        page = rows[:limit]
+        data = [render_job(j, session) for j in page]
+    more = len(rows) > limit
+    return {"object": "list", "data": data, "next_cursor": _encode_cursor(page[-1]) if more else None}
+
+
+def _bad_arg(name: str, msg: str) -> InputError:
+    return InputError(f"query parameter {name}: {msg}", [{"loc": ["query", name], "msg": msg}])
+
+
+def _encode_cursor(job: Job) -> str:
+    raw = json.dumps([job.created_at.isoformat(), job.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        created, job_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        return datetime.fromisoformat(created), str(job_id)
+    except (ValueError, TypeError):
+        raise _bad_arg("cursor", "is not a cursor this server gave out (use next_cursor as is)") from None
 
 
 @bp.post("/v1/jobs/<job_id>/cancel")
 def cancel_job(job_id: str):
+    """Cancel. A queued job gets its reservation back; a running one is charged its
+    model's minimum (it held a GPU slot) and stops between steps."""
     services = _services()
+    now = services.now()
+    with services.sessions() as session:
+        _load(session, job_id)  # 404 for another caller's job
     with services.sessions.begin() as session:
-        cancel(session, job_id)
+        was = cancel(session, job_id, now=now)  # first statement: a write (see jobs.db.writing)
+        job = session.get(Job, job_id)
+        if was == QUEUED:
+            ledger.refund(session, job_id, now, "refund: canceled before it started")
+        elif was == RUNNING:
+            ledger.settle(session, job, 0.0, services.allowances, now, cost=job.min_tokens)
     try:
         events.emit(services.redis, job_id, "status", {"status": "canceled"})
         events.emit(services.redis, job_id, "done", {"status": "canceled"})
@@ -88,6 +151,64 @@ def cancel_job(job_id: str):
         pass
     with services.sessions() as session:
         return render_job(_load(session, job_id), session)
+
+
+@bp.post("/v1/jobs/<job_id>/save")
+def save_job(job_id: str):
+    """Keep the job's outputs past retention (needs an account)."""
+    return _set_saved(job_id, True)
+
+
+@bp.delete("/v1/jobs/<job_id>/save")
+def unsave_job(job_id: str):
+    """Let the outputs expire again, ``VRAMQ_RETENTION_HOURS`` after the job finished."""
+    return _set_saved(job_id, False)
+
+
+def _set_saved(job_id: str, keep: bool):
+    require_account("saving results")
+    services = _services()
+    with services.sessions() as session:
+        job = _load(session, job_id)
+    with services.sessions.begin() as session:
+        retention.save(session, job, keep)
+    with services.sessions() as session:
+        return render_job(_load(session, job_id), session)
+
+
+@bp.post("/v1/jobs/<job_id>/share")
+def share_job(job_id: str):
+    """A public read-only link to the job (``/s/<token>``); the same link until revoked."""
+    services = _services()
+    with services.sessions() as session:
+        job = _load(session, job_id)
+    with writing(services.sessions) as session:
+        token = retention.share(session, job, services.now()).token
+    return {"url": base_url() + f"s/{token}", "token": token}
+
+
+@bp.delete("/v1/jobs/<job_id>/share")
+def unshare_job(job_id: str):
+    """Revoke the job's share link: it answers 404 from now on."""
+    services = _services()
+    with services.sessions() as session:
+        job = _load(session, job_id)
+    with services.sessions.begin() as session:
+        revoked = retention.unshare(session, job, services.now())
+    return {"revoked": revoked}
+
+
+@bp.get("/s/<token>")
+def shared(token: str):
+    """A shared job, read-only and without a key: what was asked and what came out."""
+    with _services().sessions() as session:
+        job = retention.shared_job(session, token)
+        if job is None:
+            raise NotFound("no such share link (it may have been revoked)")
+        full = render_job(job, None)
+    keep = ("id", "object", "model", "kind", "status", "created_at", "finished_at", "input", "output", "error",
+            "expires_at", "outputs_expired")
+    return {k: full[k] for k in keep}
 
 
 @bp.get("/v1/jobs/<job_id>/events")

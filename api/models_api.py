@@ -8,6 +8,7 @@ from sqlalchemy import func, select
 from jobs.errors import NotFound
 from jobs.heartbeat import live_workers, served_by
 from jobs.lifecycle import QUEUED
+from jobs.pricing import rate_for
 from jobs.schema import Job
 
 bp = Blueprint("models", __name__)
@@ -32,7 +33,8 @@ def _model(services, entry, depth: int, workers: list[dict]) -> dict:
     need = next((w["need_bytes"][entry.id] for w in workers if entry.id in (w.get("need_bytes") or {})), None)
     if need is None:
         need = _estimate(services, entry)
-    return {**entry.public(), "object": "model", "vram_gb": None if need is None else round(need / 1e9, 3),
+    price = {"tokens_per_gpu_second": rate_for(entry), "min_tokens": entry.price.min_tokens}
+    return {**entry.public(), "object": "model", "price": price, "vram_gb": None if need is None else round(need / 1e9, 3),
             "available": entry.id in served_by(workers), "queue_depth": depth}
 
 

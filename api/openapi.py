@@ -19,6 +19,12 @@ def _problems(*codes: int) -> dict:
 
 
 JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string", "pattern": "^job_"}}
+ACCOUNT_ID = {"name": "account_id", "in": "path", "required": True, "schema": {"type": "string", "pattern": "^acct_"}}
+IDEMPOTENCY = {"name": "Idempotency-Key", "in": "header", "schema": {"type": "string", "maxLength": 255}}
+
+
+def _query(name: str, schema: dict, description: str = "") -> dict:
+    return {"name": name, "in": "query", "schema": schema, "description": description}
 
 
 def spec(services) -> dict:
@@ -34,10 +40,50 @@ def spec(services) -> dict:
                     "parameters": [{"name": "Idempotency-Key", "in": "header", "schema": {"type": "string", "maxLength": 255}}],
                     "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobRequest"}}}},
                     "responses": {"202": _resp("accepted", job_ref), "200": _resp("replayed (same Idempotency-Key and body)", job_ref),
-                                  **_problems(400, 409, 413, 422, 503)},
+                                  **_problems(400, 401, 402, 409, 413, 422, 429, 503)},
                 },
-                "get": {"summary": "Job history (needs an API key)", "responses": _problems(401)},
+                "get": {"summary": "The caller's jobs, newest first (needs an API key); cursor pagination stable under new jobs",
+                        "parameters": [_query("status", {"type": "string"}, "one or more statuses, comma-separated"),
+                                       _query("model", {"type": "string"}),
+                                       _query("limit", {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}),
+                                       _query("cursor", {"type": "string"}, "next_cursor of the previous page")],
+                        "responses": {"200": _resp("a page: {data: [job], next_cursor}"), **_problems(401, 422)}},
             },
+            "/v1/jobs/{job_id}/save": {
+                "post": {"summary": "Keep the outputs past retention (needs an API key)", "parameters": [JOB_ID],
+                         "responses": {"200": _resp("saved", job_ref), **_problems(401, 404, 409)}},
+                "delete": {"summary": "Let the outputs expire again", "parameters": [JOB_ID],
+                           "responses": {"200": _resp("unsaved", job_ref), **_problems(401, 404, 409)}},
+            },
+            "/v1/jobs/{job_id}/share": {
+                "post": {"summary": "A public read-only link to the job (/s/<token>), the same until revoked", "parameters": [JOB_ID],
+                         "responses": {"200": _resp("{url, token}"), **_problems(404)}},
+                "delete": {"summary": "Revoke the job's share link", "parameters": [JOB_ID],
+                           "responses": {"200": _resp("{revoked}"), **_problems(404)}},
+            },
+            "/s/{token}": {"get": {"summary": "A shared job's result, no key needed",
+                                   "parameters": [{"name": "token", "in": "path", "required": True, "schema": {"type": "string"}}],
+                                   "responses": {"200": _resp("the shared job"), **_problems(404)}}},
+            "/v1/accounts": {"post": {"summary": "Make a free account; the API key is shown in this answer only",
+                                      "requestBody": {"content": {"application/json": {"schema": {
+                                          "type": "object", "properties": {"name": {"type": "string", "maxLength": 120}}}}}},
+                                      "responses": {"201": _resp("{account_id, api_key, key_prefix, tier, name, created_at}"),
+                                                    **_problems(422, 429)}}},
+            "/v1/account": {"get": {"summary": "The calling account", "responses": {"200": _resp("the account"), **_problems(401)}}},
+            "/v1/usage": {"get": {"summary": "Tokens: tier, daily_allowance, used_today, balance, available, resets_at",
+                                  "responses": {"200": _resp("usage"), **_problems(401)}}},
+            "/v1/admin/accounts/{account_id}": {"get": {
+                "summary": "An account with its usage and latest ledger entries (admin key)", "parameters": [ACCOUNT_ID],
+                "responses": {"200": _resp("account"), **_problems(401, 403, 404)}}},
+            "/v1/admin/accounts/{account_id}/credit": {"post": {
+                "summary": "Add purchased tokens (a pack) to an account's balance (admin key)",
+                "parameters": [ACCOUNT_ID, IDEMPOTENCY],
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["tokens"],
+                    "properties": {"tokens": {"type": "integer", "minimum": 1, "maximum": 1_000_000_000},
+                                   "reason": {"type": "string", "maxLength": 200}}}}}},
+                "responses": {"201": _resp("{account_id, balance}"), "200": _resp("replayed (same Idempotency-Key)"),
+                              **_problems(401, 403, 404, 409, 422)}}},
             "/v1/jobs/{job_id}": {"get": {"summary": "Read a job", "parameters": [JOB_ID],
                                           "responses": {"200": _resp("the job", job_ref), **_problems(404)}}},
             "/v1/jobs/{job_id}/cancel": {"post": {"summary": "Cancel a queued or running job", "parameters": [JOB_ID],

@@ -7,14 +7,17 @@ import logging
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
-from jobs.errors import Conflict, InputError, NotFound, ServiceUnavailable, VramqError
+from jobs.errors import (Conflict, Forbidden, InputError, NotFound, QuotaExceeded, RateLimited, ServiceUnavailable,
+                         Unauthorized, VramqError)
 
 log = logging.getLogger("vramq.api")
 
-STATUS = {InputError: 422, NotFound: 404, Conflict: 409, ServiceUnavailable: 503}
+STATUS = {InputError: 422, NotFound: 404, Conflict: 409, ServiceUnavailable: 503, Unauthorized: 401,
+          Forbidden: 403, QuotaExceeded: 402, RateLimited: 429}
 TITLES = {
     400: "Bad request",
     401: "Unauthorized",
+    402: "Payment required",
     403: "Forbidden",
     404: "Not found",
     405: "Method not allowed",
@@ -67,8 +70,11 @@ def install(app: Flask) -> None:
             log.exception("error serving request")
         errors = getattr(exc, "errors", None)
         retry = getattr(exc, "retry_after", None)
-        return problem(status, str(exc), exc.code, errors if errors else None,
-                       headers={"Retry-After": str(retry)} if retry else None)
+        headers = {"Retry-After": str(retry)} if retry else {}
+        if status == 401:
+            headers["WWW-Authenticate"] = 'Bearer realm="vramq"'
+        return problem(status, str(exc), exc.code, errors if errors else None, headers=headers,
+                       **getattr(exc, "extra", {}))
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException):

@@ -72,7 +72,7 @@ def render_job(job: Job, session=None) -> dict[str, Any]:
         "metadata": job.meta,
         "batch_id": job.batch_id,
         "priority": job.priority,
-        "output": None if job.output is None else render_output(job.output),
+        "output": None if job.output is None or job.outputs_expired_at else render_output(job.output),
         "error": error,
         "attempts": job.attempts,
         "usage": {
@@ -81,6 +81,8 @@ def render_job(job: Job, session=None) -> dict[str, Any]:
             "tokens_charged": job.tokens_charged,
             **job.usage_detail,
         },
+        "saved": job.saved,
         "expires_at": None if job.saved else iso(job.expires_at),
+        "outputs_expired": job.outputs_expired_at is not None,
         "links": {"self": self_url, "cancel": self_url + "/cancel", "events": self_url + "/events"},
     }

@@ -1,4 +1,4 @@
-"""``vramq up``: the whole system on one machine — broker, API and workers — as child processes.
+"""``vramq up``: the whole system on one machine — broker, API, workers and the retention sweeper — as child processes.
 
 The workers run under ``vramq workers``: one per card as the planner places the
 catalog's models (one CPU worker when there is no GPU), restarted when they die.
@@ -59,6 +59,7 @@ class Stack:
         # Running jobs get most of ``stop``'s timeout to finish before the workers are killed.
         args = (["--cards", self.cards] if self.cards else []) + (["--cpu"] if self.cpu else []) + ["--stop-grace", "45"]
         self._spawn("workers", cli + ["workers", *args])
+        self._spawn("sweeper", cli + ["sweeper"])  # retention: deletes unsaved outputs past their time
         self._wait_ready(ready_timeout)
         return self
 
@@ -83,7 +84,13 @@ class Stack:
         self.children.append((name, proc))
 
     def _wait_ready(self, timeout: float) -> None:
-        """Ready when the API says so and every worker has announced itself."""
+        """Ready when the API says so and every worker has announced itself (read from the
+        heartbeats in Redis, not over HTTP: start-up polling must not spend the rate limit)."""
+        import redis
+
+        from jobs.heartbeat import live_workers
+
+        broker = redis.Redis.from_url(self.env.get("VRAMQ_BROKER_URL") or self.settings.broker_url, socket_timeout=2)
         deadline = time.monotonic() + timeout
         want = self.expected_workers
         while time.monotonic() < deadline:
@@ -92,10 +99,10 @@ class Stack:
                     raise ServiceUnavailable(f"{name} exited with code {proc.returncode} during start-up")
             try:
                 ready = requests.get(self.url + "/readyz", timeout=2).status_code == 200
-                workers = requests.get(self.url + "/v1/workers", timeout=2).json()["data"] if ready else []
+                workers = live_workers(broker) if ready else []
                 if ready and len(workers) >= want and all(w["state"] == "ready" for w in workers):
                     return
-            except requests.RequestException:
+            except (requests.RequestException, redis.RedisError):
                 pass
             time.sleep(0.25)
         raise ServiceUnavailable(f"vramq did not become ready within {timeout:.0f}s")

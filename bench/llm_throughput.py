@@ -74,6 +74,7 @@ sys.path.insert(0, str(ROOT))
 
 import requests  # noqa: E402
 from _common import (  # noqa: E402
+    UNMETERED,
     CpuMeter,
     _proc_stat,
     build_model,
@@ -427,6 +428,7 @@ def main() -> int:
             "VRAMQ_BROKER_URL": args.redis,
             "VRAMQ_MODELS_DIR": str(work / "models"),
             "VRAMQ_SECRET_KEY": "bench-" + uuid.uuid4().hex,
+            **UNMETERED,
         }
         if args.database_url:
             env["VRAMQ_DATABASE_URL"] = args.database_url

@@ -83,7 +83,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import requests
-from _common import free_port
+from _common import UNMETERED, free_port
 
 MODEL_ID = "bench-flux"
 
@@ -443,6 +443,7 @@ def main() -> int:
             "VRAMQ_BROKER_URL": args.redis,
             "VRAMQ_MODELS_DIR": str(work / "models"),
             "VRAMQ_SECRET_KEY": "bench-" + uuid.uuid4().hex,
+            **UNMETERED,
         }
         if args.database_url:
             env["VRAMQ_DATABASE_URL"] = args.database_url

@@ -82,6 +82,7 @@ sys.path.insert(0, str(ROOT))
 
 import requests  # noqa: E402
 from _common import (  # noqa: E402
+    UNMETERED,
     CpuMeter,
     build_model,
     free_port,
@@ -388,6 +389,7 @@ def main() -> int:
             "VRAMQ_BROKER_URL": args.redis,
             "VRAMQ_MODELS_DIR": str(work / "models"),
             "VRAMQ_SECRET_KEY": "bench-" + uuid.uuid4().hex,
+            **UNMETERED,
         }
         if args.database_url:
             env["VRAMQ_DATABASE_URL"] = args.database_url

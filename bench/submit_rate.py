@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import requests
-from _common import free_port
+from _common import UNMETERED, free_port
 
 MODEL_ID = "bench-flux"
 BODY = {"model": MODEL_ID, "input": {"prompt": "a red fox in the snow", "width": 64, "height": 64, "steps": 1, "seed": 7}}
@@ -340,7 +340,8 @@ def main() -> int:
         write_catalog(catalog)
         database_url = args.database_url or f"sqlite:///{data / 'vramq.db'}"
         env = {"VRAMQ_DATA_DIR": str(data), "VRAMQ_CATALOG": str(catalog), "VRAMQ_BROKER_URL": args.redis,
-               "VRAMQ_DATABASE_URL": database_url, "VRAMQ_SECRET_KEY": "bench-" + uuid.uuid4().hex}
+               "VRAMQ_DATABASE_URL": database_url, "VRAMQ_SECRET_KEY": "bench-" + uuid.uuid4().hex,
+               **UNMETERED}
         api, url = start_api(env, work, args.api_workers, args.api_threads)
         log(f"api ready at {url} ({args.api_workers} processes x {args.api_threads} threads)")
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from enum import Enum
 
-from jobs import defaults, heartbeat, lifecycle
+from jobs import defaults, heartbeat, ledger, lifecycle
 from jobs.errors import JobCanceled, JobError, OutOfMemory, VramqError
 from jobs.events import EventWriter
 from jobs.lifecycle import utcnow
@@ -215,6 +215,8 @@ class WorkerRuntime:
         expires = utcnow() + timedelta(hours=services.settings.retention_hours)
         with services.sessions.begin() as s:
             won = lifecycle.succeed(s, job.id, self.name, output, outcome.gpu_seconds, usage, expires)
+            if won:  # in the same transaction: a success is settled exactly once
+                ledger.settle(s, job, outcome.gpu_seconds, services.allowances, utcnow())
         if won:
             self.events.put(job.id, "progress", {"progress": 1.0})
             self.events.put(job.id, "done", {"status": lifecycle.SUCCEEDED})
@@ -249,6 +251,8 @@ class WorkerRuntime:
     def _fail(self, job: Job, code: str, message: str, gpu_seconds: float) -> None:
         with self.services.sessions.begin() as s:
             won = lifecycle.fail(s, job.id, self.name, code, message, gpu_seconds)
+            if won:  # failed jobs are not charged
+                ledger.refund(s, job.id, utcnow(), f"refund: job failed ({code})")
         if won:
             self.events.put(job.id, "done", {"status": lifecycle.FAILED})
 

@@ -74,7 +74,14 @@ LIMITS = {"image": ImageLimits, "video": VideoLimits, "text": TextLimits, "speec
 
 
 class Price(_Strict):
-    tokens_per_gpu_second: float = Field(gt=0)
+    """What a job of the model costs; see jobs.pricing for the rules."""
+
+    tokens_per_gpu_second: float | None = Field(None, gt=0)
+    """None: from the VRAM the model ties up (``pricing.RATE_PER_GB`` per GB)."""
+    min_tokens: int = Field(100, ge=0)
+    """The least a job costs, however short."""
+    seconds_per_unit: float | None = Field(None, gt=0)
+    """The estimate's prior, GPU-seconds per unit of work, until recent runs calibrate it."""
 
 
 class ModelEntry(_Strict):
@@ -89,7 +96,7 @@ class ModelEntry(_Strict):
     defaults: dict[str, Any] = Field(default_factory=dict)
     max_batch: int = Field(1, ge=1, le=256)
     max_wait_ms: int = Field(10, ge=0, le=10_000)
-    price: Price = Price(tokens_per_gpu_second=100.0)
+    price: Price = Price()
     description: str = ""
 
     @model_validator(mode="after")
@@ -149,7 +156,7 @@ class ModelEntry(_Strict):
             "kind": self.kind,
             "backend": self.backend,
             "description": self.description,
-            "price": self.price.model_dump(),
+            "price": self.price.model_dump(exclude_none=True),
             "limits": self.limit.model_dump(),
             "defaults": _effective_defaults(self),
             "max_batch": self.max_batch,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine
@@ -48,6 +50,16 @@ def make_engine(url: str) -> Engine:
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+@contextmanager
+def writing(sessions: sessionmaker[Session]) -> Iterator[Session]:
+    """A transaction that reads before it writes. On SQLite it takes the write lock at
+    BEGIN, so a concurrent writer makes it wait (busy timeout) instead of failing at its
+    first write with "database is locked". Elsewhere it is ``sessions.begin()``."""
+    with sessions.begin() as session:
+        session.connection(execution_options={"sqlite_begin": "IMMEDIATE"})
+        yield session
 
 
 def migrate(engine: Engine) -> None:

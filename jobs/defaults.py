@@ -26,3 +26,13 @@ REPORT_INTERVAL_S = 0.25
 MISSING_JOB_GRACE_S = 5.0
 #: Port of ``vramq up`` and ``vramq api``.
 PORT = 8000
+#: VRAMQ_ANONYMOUS_DAILY_TOKENS: tokens a day for callers without a key (per client address).
+ANONYMOUS_DAILY_TOKENS = 2_500
+#: VRAMQ_FREE_DAILY_TOKENS: tokens a day for a free account.
+FREE_DAILY_TOKENS = 5_000
+#: VRAMQ_RATE_LIMIT_ANONYMOUS: requests a minute from one client address without a key.
+RATE_LIMIT_ANONYMOUS = 120
+#: VRAMQ_RATE_LIMIT_KEYED: requests a minute with one API key.
+RATE_LIMIT_KEYED = 1_200
+#: VRAMQ_SWEEP_SECONDS: how often the retention sweeper looks for expired outputs.
+SWEEP_S = 60

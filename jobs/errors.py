@@ -3,8 +3,12 @@
     VramqError                     root: every error vramq raises on purpose
     ├── ConfigError                a setting or the catalog is wrong (found at start-up)
     ├── InputError                 a request's input is invalid (422, names the field)
+    ├── Unauthorized               no valid API key where one is needed (401)
+    ├── Forbidden                  the key is valid but may not do this (403)
     ├── NotFound                   no such resource for this caller (404)
     ├── Conflict                   the resource is in a state that forbids the call (409)
+    ├── QuotaExceeded              not enough tokens for the job (402, with resets_at)
+    ├── RateLimited                too many requests this minute (429, Retry-After)
     ├── ServiceUnavailable         a dependency (broker, database, store) cannot be reached (503)
     │   └── ModelUnavailable       no live worker serves the model (503, not queued forever)
     ├── MissingExtra               an optional dependency is not installed (names the extra)
@@ -38,6 +42,39 @@ class InputError(VramqError):
         self.errors = errors or []
         if code:
             self.code = code
+
+
+class Unauthorized(VramqError):
+    """The call needs a valid API key (none was given, or the one given is unknown)."""
+
+    code = "unauthorized"
+
+
+class Forbidden(VramqError):
+    """The caller is known but may not make this call (an admin call without the admin key)."""
+
+    code = "forbidden"
+
+
+class QuotaExceeded(VramqError):
+    """The caller's tokens (today's allowance plus purchased balance) do not cover the job."""
+
+    code = "quota_exceeded"
+
+    def __init__(self, message: str, *, needed: int, available: int, resets_at: str):
+        super().__init__(message)
+        self.extra = {"tokens_needed": needed, "tokens_available": available,
+                      "shortfall": needed - available, "resets_at": resets_at}
+
+
+class RateLimited(VramqError):
+    """Too many requests in the current minute for this key or address."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = max(1, retry_after)
 
 
 class NotFound(VramqError):

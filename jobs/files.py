@@ -150,7 +150,7 @@ def resolve_audio(services, ref: str, *, max_bytes: int | None = None) -> bytes:
     return services.store.get(row.key)
 
 
-def check_audio_input(services, entry, inp: dict[str, Any]) -> float:
+def check_audio_input(services, entry, inp: dict[str, Any], owner=None) -> float:
     """Submit-time check of a speech job's audio; return its duration in seconds.
 
     The file must exist and be audio; a data URI is decoded and probed here. Past the
@@ -170,6 +170,8 @@ def check_audio_input(services, entry, inp: dict[str, Any]) -> float:
     else:
         try:
             row = get_file(services, ref)
+            if owner is not None and not owner.owns(row.caller):
+                raise NotFound(ref)  # another caller's file does not exist for this one
         except NotFound:
             raise bad(f"no file {ref} (upload audio with POST /v1/files, purpose audio)") from None
         if row.purpose != "audio":

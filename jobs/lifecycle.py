@@ -151,21 +151,22 @@ def release(session: Session, job_id: str, worker: str) -> bool:
     return result.rowcount == 1
 
 
-def cancel(session: Session, job_id: str, caller: str | None = None, now: datetime | None = None) -> None:
-    """Cancel a queued or running job. A running job's worker stops it between steps.
+def cancel(session: Session, job_id: str, caller: str | None = None, now: datetime | None = None) -> str:
+    """Cancel a queued or running job; return the status it had (``queued`` or ``running``).
 
-    Raises NotFound when the job does not exist for ``caller`` and Conflict when it has
-    already finished.
+    A running job's worker stops it between steps. Raises NotFound when the job does
+    not exist for ``caller`` and Conflict when it has already finished.
     """
     now = now or utcnow()
-    cond = [Job.id == job_id, Job.status.in_((QUEUED, RUNNING))]
-    if caller is not None:
-        cond.append(Job.caller == caller)
-    result = session.execute(
-        update(Job).where(*cond).values(status=CANCELED, finished_at=now, lease_owner=None, lease_expires_at=None)
-    )
-    if result.rowcount == 1:
-        return
+    for status in (QUEUED, RUNNING):
+        cond = [Job.id == job_id, Job.status == status]
+        if caller is not None:
+            cond.append(Job.caller == caller)
+        result = session.execute(
+            update(Job).where(*cond).values(status=CANCELED, finished_at=now, lease_owner=None, lease_expires_at=None)
+        )
+        if result.rowcount == 1:
+            return status
     q = select(Job.status).where(Job.id == job_id)
     if caller is not None:
         q = q.where(Job.caller == caller)

@@ -75,15 +75,18 @@ def counter_for(weights: Path) -> PromptCounter | None:
         return None
 
 
-def check_context(entry, inp: dict) -> None:
-    """Raise 422 when prompt tokens + ``max_tokens`` exceed the model's ``max_context``."""
+def check_context(entry, inp: dict) -> int | None:
+    """Raise 422 when prompt tokens + ``max_tokens`` exceed the model's ``max_context``.
+
+    Returns the prompt's token count (None when the tokenizer is not readable here)."""
     counter = counter_for(Path(entry.weights))
     tokens = counter.count(inp) if counter is not None else None
     if tokens is None:
-        return
+        return None
     limit = entry.limit.max_context
     if tokens + inp["max_tokens"] > limit:
         field = "messages" if inp.get("messages") is not None else "prompt"
         msg = (f"the prompt is {tokens} tokens; with max_tokens {inp['max_tokens']} that is "
                f"{tokens + inp['max_tokens']}, past the limit max_context {limit} of model {entry.id}")
         raise InputError(msg, [{"loc": ["input", field], "msg": msg}], code="context_length_exceeded")
+    return tokens

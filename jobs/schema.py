@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, Index, Integer, String, Text, TypeDecorator
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, Index, Integer, String, Text, TypeDecorator, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -56,15 +56,85 @@ class Job(Base):
     tokens_charged: Mapped[int] = mapped_column(Integer, default=0)
     usage_detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     caller: Mapped[str | None] = mapped_column(String(80), nullable=True)
+    """The owner: an account id (``acct_…``) or ``anon:<client address>``; see jobs.accounts."""
+    # Pricing fixed at submit (jobs.pricing): settlement uses these, not today's catalog.
+    work_units: Mapped[float] = mapped_column(Float, default=0.0)
+    price_rate: Mapped[float] = mapped_column(Float, default=0.0)
+    min_tokens: Mapped[int] = mapped_column(Integer, default=0)
     batch_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
     saved: Mapped[bool] = mapped_column(Boolean, default=False)
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    outputs_expired_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    """Set by the retention sweeper when it deleted the outputs (the row stays)."""
 
     __table_args__ = (
         Index("ix_jobs_model_status_created", "model", "status", "created_at"),
         Index("ix_jobs_status_lease", "status", "lease_expires_at"),
         Index("ix_jobs_caller_created", "caller", "created_at"),
+        Index("ix_jobs_expires", "expires_at"),
     )
+
+
+class Account(Base):
+    """A keyed caller. The key itself is never stored: its SHA-256 is (see jobs.accounts)."""
+
+    __tablename__ = "accounts"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str | None] = mapped_column(String(120), nullable=True)
+    tier: Mapped[str] = mapped_column(String(16), default="free")
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    key_prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class Wallet(Base):
+    """One row per token holder (account or anonymous address): the row that a change to
+    the holder's tokens locks first, so concurrent changes queue. Amounts live in the
+    ledger; nothing here is a balance."""
+
+    __tablename__ = "wallets"
+
+    holder: Mapped[str] = mapped_column(String(80), primary_key=True)
+    version: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class LedgerEntry(Base):
+    """One movement of tokens. Balances are sums over these rows (see jobs.ledger).
+
+    ``allowance_delta`` moves tokens of the day's allowance of ``day`` (negative = spent);
+    ``balance_delta`` moves purchased tokens (positive = credited). A job has at most one
+    ``reserve`` and one closing entry (``settle`` or ``refund``), enforced by the unique
+    constraint, so a settlement can never be written twice.
+    """
+
+    __tablename__ = "ledger"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    holder: Mapped[str] = mapped_column(String(80))
+    entry: Mapped[str] = mapped_column(String(16))
+    job_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    day: Mapped[str] = mapped_column(String(10))
+    allowance_delta: Mapped[int] = mapped_column(BigInteger, default=0)
+    balance_delta: Mapped[int] = mapped_column(BigInteger, default=0)
+    reason: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        UniqueConstraint("job_id", "entry", name="uq_ledger_job_entry"),
+        Index("ix_ledger_holder_day", "holder", "day"),
+    )
+
+
+class Share(Base):
+    """A public, revocable read-only link to one job's result (``/s/<token>``)."""
+
+    __tablename__ = "shares"
+
+    token: Mapped[str] = mapped_column(String(64), primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(40), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class IdempotencyKey(Base):

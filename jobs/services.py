@@ -5,11 +5,14 @@ Built once per process and passed down; nothing here runs at import time.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from functools import cached_property
+from typing import Callable
 
 from .catalog import TINY_CATALOG, Catalog, load_catalog
 from .db import make_engine, make_sessionmaker, migrate
+from .lifecycle import utcnow
 from .queue import make_celery
 from .settings import Settings
 
@@ -26,6 +29,11 @@ class Services:
 
     settings: Settings
     broker_url: str
+    clock: Callable[[], datetime] = field(default=utcnow)
+    """Where submits and usage read the time (tests move it across a day boundary)."""
+
+    def now(self) -> datetime:
+        return self.clock()
 
     @classmethod
     def from_settings(cls, settings: Settings, *, migrate_db: bool = True) -> "Services":
@@ -50,6 +58,19 @@ class Services:
     @cached_property
     def catalog(self) -> Catalog:
         return load_configured_catalog(self.settings)
+
+    @cached_property
+    def estimator(self):
+        """Quotes jobs' costs, calibrated from recent runs (``pricing.Estimator``)."""
+        from .pricing import Estimator
+
+        return Estimator(self.sessions)
+
+    @cached_property
+    def allowances(self):
+        from .ledger import Allowances
+
+        return Allowances(self.settings)
 
     @cached_property
     def celery(self):

@@ -39,6 +39,12 @@ class Settings:
     lease_s: float
     visibility_timeout_s: int
     trusted_proxies: tuple[str, ...] = field(default=())
+    anonymous_daily_tokens: int = defaults.ANONYMOUS_DAILY_TOKENS
+    free_daily_tokens: int = defaults.FREE_DAILY_TOKENS
+    rate_limit_anonymous: int = defaults.RATE_LIMIT_ANONYMOUS
+    """Requests a minute; 0 turns the limit off (``VRAMQ_RATE_LIMIT_ANONYMOUS=0``)."""
+    rate_limit_keyed: int = defaults.RATE_LIMIT_KEYED
+    sweep_s: float = defaults.SWEEP_S
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -48,7 +54,7 @@ class Settings:
             value = env.get(f"VRAMQ_{name}")
             return value if value not in (None, "") else None
 
-        def number(name: str, default, kind=int):
+        def number(name: str, default, kind=int, zero_ok: bool = False):
             raw = get(name)
             if raw is None:
                 return default
@@ -56,8 +62,8 @@ class Settings:
                 value = kind(raw)
             except ValueError:
                 raise ConfigError(f"VRAMQ_{name}={raw!r} is not {'an integer' if kind is int else 'a number'}") from None
-            if value <= 0:
-                raise ConfigError(f"VRAMQ_{name} must be positive, got {raw!r}")
+            if value < 0 or (value == 0 and not zero_ok):
+                raise ConfigError(f"VRAMQ_{name} must be {'zero or more' if zero_ok else 'positive'}, got {raw!r}")
             return value
 
         data_dir = Path(get("DATA_DIR") or defaults.DATA_DIR).expanduser().resolve()
@@ -86,6 +92,11 @@ class Settings:
             lease_s=lease_s,
             visibility_timeout_s=visibility,
             trusted_proxies=_split(get("TRUSTED_PROXIES")),
+            anonymous_daily_tokens=number("ANONYMOUS_DAILY_TOKENS", defaults.ANONYMOUS_DAILY_TOKENS, zero_ok=True),
+            free_daily_tokens=number("FREE_DAILY_TOKENS", defaults.FREE_DAILY_TOKENS, zero_ok=True),
+            rate_limit_anonymous=number("RATE_LIMIT_ANONYMOUS", defaults.RATE_LIMIT_ANONYMOUS, zero_ok=True),
+            rate_limit_keyed=number("RATE_LIMIT_KEYED", defaults.RATE_LIMIT_KEYED, zero_ok=True),
+            sweep_s=number("SWEEP_SECONDS", defaults.SWEEP_S, float),
         )
 
     def with_(self, **changes) -> "Settings":

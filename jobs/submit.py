@@ -15,11 +15,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from sqlalchemy.exc import IntegrityError
 
-from . import idempotency
+from . import idempotency, ledger
+from .accounts import Caller
 from .catalog import SEED_MAX
 from .errors import InputError, ModelUnavailable, ServiceUnavailable
 from .ids import new_id
-from .lifecycle import QUEUED, utcnow
+from .lifecycle import QUEUED
+from .pricing import work_units
 from .queue import publish
 from .schema import Job
 
@@ -61,9 +63,14 @@ def parse_request(body: Any) -> JobRequest:
         ) from None
 
 
-def submit_job(services, body: Any, *, caller: str | None, scope: str, idempotency_key: str | None = None) -> tuple[Job, bool]:
-    """Validate and enqueue one job. Returns ``(job, created)``; ``created`` is False when
-    an earlier request with the same ``Idempotency-Key`` and body already made it."""
+def submit_job(services, body: Any, *, caller: Caller, idempotency_key: str | None = None) -> tuple[Job, bool]:
+    """Validate, price and enqueue one job. Returns ``(job, created)``; ``created`` is
+    False when an earlier request with the same ``Idempotency-Key`` and body made it.
+
+    The job's estimated cost is reserved from the caller's tokens in the transaction
+    that writes the job (402 ``quota_exceeded`` when they do not cover it); the worker
+    settles it to the actual cost when the job ends (jobs.ledger)."""
+    scope = caller.holder
     req = parse_request(body)
     entry = services.catalog.get(req.model)
     if entry is None:
@@ -73,14 +80,15 @@ def submit_job(services, body: Any, *, caller: str | None, scope: str, idempoten
             code="unknown_model",
         )
     inp = entry.validate_input(req.input)
+    prompt_tokens = audio_seconds = None
     if entry.kind == "speech":
         from .files import check_audio_input  # PyAV, imported only for speech jobs
 
-        check_audio_input(services, entry, inp)
+        audio_seconds = check_audio_input(services, entry, inp, owner=caller)
     if entry.kind == "text":
         from .prompts import check_context
 
-        check_context(entry, inp)
+        prompt_tokens = check_context(entry, inp)
     if "seed" in inp and inp["seed"] is None:
         inp["seed"] = secrets.randbelow(SEED_MAX + 1)  # chosen now, so the result is reproducible
 
@@ -92,7 +100,10 @@ def submit_job(services, body: Any, *, caller: str | None, scope: str, idempoten
             return existing, False
     check_available(services, entry.id)
 
-    now = utcnow()
+    units = work_units(entry.kind, inp, prompt_tokens=prompt_tokens, audio_seconds=audio_seconds)
+    quote = services.estimator.quote(entry, units)
+    metered = not caller.admin  # the operator's own key is not metered
+    now = services.now()
     job = Job(
         id=new_id("job"),
         model=entry.id,
@@ -105,14 +116,20 @@ def submit_job(services, body: Any, *, caller: str | None, scope: str, idempoten
         created_at=now,
         attempts=0,
         gpu_seconds=0.0,
-        tokens_reserved=0,
+        tokens_reserved=quote.tokens if metered else 0,
         tokens_charged=0,
+        work_units=units,
+        price_rate=quote.rate,
+        min_tokens=quote.min_tokens,
         usage_detail={},
-        caller=caller,
+        caller=caller.holder,
         saved=False,
     )
     try:
         with services.sessions.begin() as session:
+            if metered:  # first: the wallet lock is this transaction's first write
+                ledger.reserve(session, caller.holder, services.allowances.for_tier(caller.tier), job.id,
+                               quote.tokens, now)
             session.add(job)
             if idempotency_key:
                 idempotency.remember(session, scope, idempotency_key, body_digest, job.id)

@@ -87,6 +87,12 @@ def settings_env(tmp_path: Path, *, redis_url: str, models_dir: Path, database_u
         "VRAMQ_BROKER_URL": redis_url,
         "VRAMQ_MODELS_DIR": str(models_dir),
         "VRAMQ_SECRET_KEY": "test-secret-" + uuid.uuid4().hex,
+        # Tests of other features submit many jobs from one address: metering and rate
+        # limits are out of their way here; test_accounts sets its own.
+        "VRAMQ_ANONYMOUS_DAILY_TOKENS": "1000000000",
+        "VRAMQ_FREE_DAILY_TOKENS": "1000000000",
+        "VRAMQ_RATE_LIMIT_ANONYMOUS": "0",
+        "VRAMQ_RATE_LIMIT_KEYED": "0",
     }
     if database_url:
         env["VRAMQ_DATABASE_URL"] = database_url

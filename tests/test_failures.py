@@ -23,6 +23,7 @@ weights = "{weights}"
 dtype = "float32"
 max_batch = 4
 max_wait_ms = 5
+price = {{ tokens_per_gpu_second = 200 }}
 limits = {{ max_width = 512, max_height = 512, min_side = 32, max_steps = 5000 }}
 """
 #: About 13 ms a step on this CPU: long enough to kill or cancel the job mid-run.
@@ -70,6 +71,9 @@ def test_cancel_queued_job_never_runs(env, cluster_factory):
     final = cluster.get(f"/v1/jobs/{job['id']}").json()
     assert final["status"] == "canceled" and final["started_at"] is None and final["attempts"] == 0
     assert objects(env, job["id"]) == []
+    # Canceled before it started: its whole reservation came back; only the later job is charged.
+    assert final["usage"]["tokens_reserved"] >= 100 and final["usage"]["tokens_charged"] == 0
+    assert cluster.get("/v1/usage").json()["used_today"] == later["usage"]["tokens_charged"] > 0
 
 
 def test_cancel_running_job_stops_between_steps(env, cluster_factory):
@@ -86,6 +90,8 @@ def test_cancel_running_job_stops_between_steps(env, cluster_factory):
     final = cluster.get(f"/v1/jobs/{job['id']}").json()
     assert final["status"] == "canceled" and final["output"] is None and final["progress"] < 0.9
     assert objects(env, job["id"]) == []
+    # Canceled while running: charged the model's minimum, the rest of the reservation returned.
+    assert final["usage"]["tokens_charged"] == 100 < final["usage"]["tokens_reserved"]
     # The pipeline stopped between steps: the progress the worker streamed never came
     # near the end of the 600 steps (had it run on, it would have reached 1.0).
     import redis
@@ -189,6 +195,7 @@ def test_storage_down_fails_the_job_cleanly_and_the_worker_goes_on(tmp_path, red
     assert cluster.get("/readyz").json()["checks"]["storage"].startswith("unavailable")
     failed = cluster.wait_job(cluster.post("/v1/jobs", json=small).json()["id"], timeout=90)
     assert failed["status"] == "failed" and failed["error"]["code"] == "storage_unavailable", failed
+    assert failed["usage"]["tokens_reserved"] > 0 and failed["usage"]["tokens_charged"] == 0  # failures are refunded
     private_s3.start()
     make_bucket()  # moto keeps nothing across restarts
     assert cluster.wait_job(cluster.post("/v1/jobs", json=small).json()["id"])["status"] == "succeeded"

@@ -40,8 +40,18 @@ def test_configured_services(tmp_path):
     ("LINK_TTL", "-1", "must be positive"),
     ("RETENTION_HOURS", "0", "must be positive"),
     ("VISIBILITY_TIMEOUT", "10", "must exceed VRAMQ_LEASE_SECONDS"),
+    ("RATE_LIMIT_ANONYMOUS", "-1", "must be zero or more"),
+    ("FREE_DAILY_TOKENS", "lots", "not an integer"),
 ])
 def test_bad_values_are_refused_by_name(tmp_path, name, value, needle):
     with pytest.raises(ConfigError, match=needle) as err:
         Settings.from_env({"VRAMQ_DATA_DIR": str(tmp_path), f"VRAMQ_{name}": value})
     assert f"VRAMQ_{name}" in str(err.value)
+
+
+def test_metering_settings_default_to_the_seeds_and_zero_turns_a_limit_off(tmp_path):
+    s = Settings.from_env({"VRAMQ_DATA_DIR": str(tmp_path)})
+    assert (s.anonymous_daily_tokens, s.free_daily_tokens) == (2500, 5000)
+    assert (s.rate_limit_anonymous, s.rate_limit_keyed) == (120, 1200)
+    off = Settings.from_env({"VRAMQ_DATA_DIR": str(tmp_path), "VRAMQ_RATE_LIMIT_KEYED": "0"})
+    assert off.rate_limit_keyed == 0

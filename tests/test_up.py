@@ -38,7 +38,7 @@ def test_up_on_embedded_defaults_runs_a_job_and_stops_cleanly(tmp_path):
             except (requests.RequestException, KeyError, IndexError):
                 pass
             assert time.monotonic() < deadline, (tmp_path / "up.log").read_text()
-            time.sleep(0.2)
+            time.sleep(1.0)  # under the anonymous rate limit (120 a minute)
         out = subprocess.run([sys.executable, "-m", "api.cli", "submit", "tiny-flux", "prompt=a small boat", "width=64",
                               "height=64", "--wait", "--url", url], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr

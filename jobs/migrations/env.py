@@ -3,7 +3,7 @@ or against ``VRAMQ_DATABASE_URL`` when run from the ``alembic`` command line."""
 
 from alembic import context
 
-import jobs.files  # noqa: F401
+import jobs.files  # noqa: F401  (tables outside jobs.schema)
 from jobs.schema import Base
 
 config = context.config

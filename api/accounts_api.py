@@ -1,0 +1,136 @@
+"""Accounts, token usage and the admin's credit call."""
+
+from __future__ import annotations
+
+import json
+
+from flask import Blueprint, current_app, request
+from sqlalchemy.exc import IntegrityError
+
+from jobs import idempotency, ledger
+from jobs.accounts import caller_for, create_account, get_account
+from jobs.db import writing
+from jobs.errors import InputError
+from jobs.ledger import iso
+
+from .callers import current_caller, require_account, require_admin
+
+bp = Blueprint("accounts", __name__)
+
+
+def _services():
+    return current_app.config["VRAMQ"]
+
+
+def _body() -> dict:
+    raw = request.get_data(cache=True)
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise InputError(f"the body is not valid JSON: {exc}", [{"loc": [], "msg": "not valid JSON"}]) from None
+    if not isinstance(body, dict):
+        raise InputError("the body must be a JSON object", [{"loc": [], "msg": "must be a JSON object"}])
+    return body
+
+
+def _account_json(account) -> dict:
+    return {"object": "account", "account_id": account.id, "name": account.name, "tier": account.tier,
+            "key_prefix": account.key_prefix, "created_at": iso(account.created_at)}
+
+
+@bp.post("/v1/accounts")
+def create():
+    """A free account. The API key is in this answer only: it is stored hashed."""
+    body = _body()
+    unknown = set(body) - {"name"}
+    if unknown:
+        name = sorted(unknown)[0]
+        raise InputError(f"unknown field {name!r}", [{"loc": [name], "msg": "extra inputs are not permitted"}])
+    name = body.get("name")
+    if name is not None and not isinstance(name, str):
+        raise InputError("name must be a string", [{"loc": ["name"], "msg": "must be a string"}])
+    with _services().sessions.begin() as session:
+        account, key = create_account(session, name=name)
+    return {**_account_json(account), "api_key": key}, 201
+
+
+@bp.get("/v1/account")
+def me():
+    """The calling account (``key_prefix`` tells keys apart; the key itself is never shown again)."""
+    caller = require_account("this call")
+    with _services().sessions() as session:
+        return _account_json(get_account(session, caller.account_id)) if caller.keyed else {"object": "admin"}
+
+
+@bp.get("/v1/usage")
+def usage():
+    """Today's allowance, what is used of it, the purchased balance, and when it resets."""
+    services = _services()
+    caller = current_caller()
+    daily = services.allowances.for_tier(caller.tier)
+    with services.sessions() as session:
+        return ledger.usage(session, caller.holder, caller.tier, daily, services.now()).to_json()
+
+
+@bp.post("/v1/admin/accounts/<account_id>/credit")
+def credit(account_id: str):
+    """Add a token pack to an account's balance. Send an ``Idempotency-Key``: a retried
+    credit with the same key is not counted twice."""
+    require_admin()
+    services = _services()
+    body = _body()
+    unknown = set(body) - {"tokens", "reason"}
+    if unknown:
+        name = sorted(unknown)[0]
+        raise InputError(f"unknown field {name!r}", [{"loc": [name], "msg": "extra inputs are not permitted"}])
+    if "tokens" not in body:
+        raise InputError("tokens is required", [{"loc": ["tokens"], "msg": "field required"}])
+    key = request.headers.get("Idempotency-Key")
+    scope = f"credit:{account_id}"
+    digest = idempotency.digest(body) if key else None
+    if key:
+        idempotency.check_key(key)
+        if idempotency.replay(services, scope, key, digest) is not None:
+            return _credited(services, account_id, replayed=True)
+    now = services.now()
+    try:
+        with writing(services.sessions) as session:
+            account = get_account(session, account_id)
+            row = ledger.credit(session, account.id, body["tokens"], body.get("reason"), now)
+            if key:
+                idempotency.remember(session, scope, key, digest, str(row.id))
+    except IntegrityError:  # the same key, sent twice at once: the other one credited
+        if not key or idempotency.replay(services, scope, key, digest) is None:
+            raise
+        return _credited(services, account_id, replayed=True)
+    return _credited(services, account_id, replayed=False), 201
+
+
+def _credited(services, account_id: str, replayed: bool) -> dict:
+    with services.sessions() as session:
+        account = get_account(session, account_id)
+        caller = caller_for(account)
+        use = ledger.usage(session, caller.holder, caller.tier, services.allowances.for_tier(caller.tier), services.now())
+    return {"account_id": account_id, "balance": use.balance, "replayed": replayed}
+
+
+@bp.get("/v1/admin/accounts/<account_id>")
+def show(account_id: str):
+    """An account with its usage and latest ledger entries (admin only)."""
+    require_admin()
+    services = _services()
+    with services.sessions() as session:
+        account = get_account(session, account_id)
+        caller = caller_for(account)
+        use = ledger.usage(session, caller.holder, caller.tier, services.allowances.for_tier(caller.tier), services.now())
+        rows = ledger.entries(session, account.id, limit=min(int(request.args.get("limit", 50) or 50), 500))
+    return {**_account_json(account), "usage": use.to_json(), "ledger": [entry_json(r) for r in rows]}
+
+
+def entry_json(row) -> dict:
+    return {"id": row.id, "entry": row.entry, "job_id": row.job_id, "day": row.day,
+            "allowance_delta": row.allowance_delta, "balance_delta": row.balance_delta,
+            "reason": row.reason, "created_at": iso(row.created_at)}
+

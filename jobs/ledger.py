@@ -1,0 +1,239 @@
+"""The token ledger: every reservation, settlement, refund and credit is a row.
+
+Amounts are derived, never stored: a holder's *used today* is minus the sum of its
+``allowance_delta`` for today, its *balance* (purchased tokens) the sum of its
+``balance_delta``. Every change first locks the holder's ``wallets`` row (an UPDATE, so
+it is a row lock on PostgreSQL and the database write lock on SQLite), then reads the
+sums, then writes its row, all in the caller's transaction: concurrent submits for one
+holder queue on that lock and can never spend the same token twice.
+
+Rules (also in docs/tokens.md):
+
+* **The day.** Allowances are per UTC calendar day and reset at 00:00 UTC for everyone
+  (``resets_at``). A fixed boundary is easy to state and to check; a rolling 24 h window
+  would need per-spend expiry.
+* **Spending order.** A reservation takes today's allowance first, then the purchased
+  balance. Unused allowance does not carry over; the balance never expires.
+* **Settlement below the reservation** gives back the difference, to the balance first
+  (up to what the reservation took from it), then to the allowance of the day the
+  reservation was made.
+* **Settlement above the reservation** (the job ran longer than estimated) charges the
+  excess from what the holder has left now (today's allowance, then balance). A holder
+  never goes below zero: what is not covered is written off, and the settle row's
+  ``reason`` says how much. The estimate is calibrated from recent runs so this is rare.
+* **Refunds.** A job that fails, or is canceled before it starts, gets its whole
+  reservation back. A job canceled while running is charged ``min_tokens``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, time, timedelta, timezone
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from .errors import InputError, QuotaExceeded
+from .pricing import charge
+from .schema import Account, Job, LedgerEntry, Wallet
+
+MAX_CREDIT = 1_000_000_000
+
+
+def day_of(now: datetime) -> str:
+    return now.astimezone(timezone.utc).date().isoformat()
+
+
+def resets_at(now: datetime) -> datetime:
+    """The next 00:00 UTC: when today's allowance is whole again."""
+    today = now.astimezone(timezone.utc).date()
+    return datetime.combine(today + timedelta(days=1), time(0), tzinfo=timezone.utc)
+
+
+def iso(dt: datetime) -> str:
+    return dt.isoformat().replace("+00:00", "Z")
+
+
+class Allowances:
+    """Daily allowance by tier (``VRAMQ_ANONYMOUS_DAILY_TOKENS``, ``VRAMQ_FREE_DAILY_TOKENS``)."""
+
+    def __init__(self, settings):
+        self.by_tier = {"anonymous": settings.anonymous_daily_tokens, "free": settings.free_daily_tokens}
+
+    def for_tier(self, tier: str) -> int:
+        return self.by_tier.get(tier, self.by_tier["free"])
+
+    def for_holder(self, session: Session, holder: str) -> int:
+        if holder.startswith("anon:"):
+            return self.by_tier["anonymous"]
+        tier = session.execute(select(Account.tier).where(Account.id == holder)).scalar()
+        return self.for_tier(tier or "free")
+
+
+def lock(session: Session, holder: str) -> None:
+    """Take the holder's wallet lock for the rest of the transaction (creating the row once)."""
+    bump = update(Wallet).where(Wallet.holder == holder).values(version=Wallet.version + 1)
+    if session.execute(bump).rowcount == 1:
+        return
+    session.execute(_insert_ignore(session, Wallet, {"holder": holder, "version": 0}))
+    session.execute(bump)
+
+
+def _insert_ignore(session: Session, table, values: dict):
+    if session.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert(table).values(**values).on_conflict_do_nothing()
+
+
+def sums(session: Session, holder: str, day: str) -> tuple[int, int]:
+    """``(used on day, balance)`` for the holder, from the ledger."""
+    used = session.execute(
+        select(func.coalesce(func.sum(LedgerEntry.allowance_delta), 0)).where(LedgerEntry.holder == holder,
+                                                                               LedgerEntry.day == day)
+    ).scalar_one()
+    balance = session.execute(
+        select(func.coalesce(func.sum(LedgerEntry.balance_delta), 0)).where(LedgerEntry.holder == holder)
+    ).scalar_one()
+    return -int(used), int(balance)
+
+
+@dataclass(frozen=True)
+class Usage:
+    tier: str
+    daily_allowance: int
+    used_today: int
+    balance: int
+    resets_at: datetime
+
+    @property
+    def available(self) -> int:
+        return max(0, self.daily_allowance - self.used_today) + self.balance
+
+    def to_json(self) -> dict:
+        return {"tier": self.tier, "daily_allowance": self.daily_allowance, "used_today": self.used_today,
+                "balance": self.balance, "available": self.available, "resets_at": iso(self.resets_at)}
+
+
+def usage(session: Session, holder: str, tier: str, daily: int, now: datetime) -> Usage:
+    used, balance = sums(session, holder, day_of(now))
+    return Usage(tier=tier, daily_allowance=daily, used_today=used, balance=balance, resets_at=resets_at(now))
+
+
+def _entry(session: Session, holder: str, entry: str, now: datetime, *, day: str | None = None, job_id: str | None = None,
+           allowance: int = 0, balance: int = 0, reason: str | None = None) -> LedgerEntry:
+    row = LedgerEntry(holder=holder, entry=entry, job_id=job_id, day=day or day_of(now), allowance_delta=allowance,
+                      balance_delta=balance, reason=reason, created_at=now)
+    session.add(row)
+    session.flush()
+    return row
+
+
+def reserve(session: Session, holder: str, daily: int, job_id: str, tokens: int, now: datetime) -> None:
+    """Hold ``tokens`` for a job, or raise 402 ``quota_exceeded`` (nothing is written then)."""
+    lock(session, holder)
+    day = day_of(now)
+    used, balance = sums(session, holder, day)
+    allowance_left = max(0, daily - used)
+    available = allowance_left + balance
+    if tokens > available:
+        raise QuotaExceeded(
+            f"this job needs {tokens} tokens and {available} are left (daily allowance {daily}, "
+            f"{used} used today, balance {balance}); the allowance resets at {iso(resets_at(now))}",
+            needed=tokens, available=available, resets_at=iso(resets_at(now)),
+        )
+    from_allowance = min(tokens, allowance_left)
+    _entry(session, holder, "reserve", now, day=day, job_id=job_id, allowance=-from_allowance,
+           balance=-(tokens - from_allowance))
+
+
+def _reservation(session: Session, job_id: str) -> LedgerEntry | None:
+    return session.execute(
+        select(LedgerEntry).where(LedgerEntry.job_id == job_id, LedgerEntry.entry == "reserve")
+    ).scalar_one_or_none()
+
+
+def _closed(session: Session, job_id: str) -> bool:
+    return session.execute(
+        select(func.count()).select_from(LedgerEntry)
+        .where(LedgerEntry.job_id == job_id, LedgerEntry.entry.in_(("settle", "refund")))
+    ).scalar_one() > 0
+
+
+@dataclass(frozen=True)
+class Settlement:
+    reserved: int
+    cost: int
+    charged: int
+    written_off: int
+
+
+def settle(session: Session, job: Job, gpu_seconds: float, allowances: Allowances, now: datetime,
+           *, cost: int | None = None) -> Settlement | None:
+    """Close a finished job's reservation at its actual cost (see the module's rules).
+
+    Call it in the transaction that recorded the job's end. Returns None when there is
+    nothing to settle (no reservation, or already closed).
+    """
+    res = _reservation(session, job.id)
+    if res is None:
+        return None
+    lock(session, res.holder)
+    if _closed(session, job.id):
+        return None
+    took_allowance, took_balance = -res.allowance_delta, -res.balance_delta
+    reserved = took_allowance + took_balance
+    if cost is None:
+        cost = charge(gpu_seconds, job.price_rate, job.min_tokens)
+    if cost <= reserved:
+        back = reserved - cost
+        to_balance = min(back, took_balance)
+        _entry(session, res.holder, "settle", now, day=res.day, job_id=job.id, allowance=back - to_balance,
+               balance=to_balance)
+        result = Settlement(reserved, cost, cost, 0)
+    else:
+        extra = cost - reserved
+        day = day_of(now)
+        used, balance = sums(session, res.holder, day)
+        from_allowance = min(extra, max(0, allowances.for_holder(session, res.holder) - used))
+        from_balance = min(extra - from_allowance, balance)
+        written_off = extra - from_allowance - from_balance
+        reason = f"cost {cost} over reservation {reserved}" + (f"; {written_off} written off" if written_off else "")
+        _entry(session, res.holder, "settle", now, day=day, job_id=job.id, allowance=-from_allowance,
+               balance=-from_balance, reason=reason)
+        result = Settlement(reserved, cost, reserved + from_allowance + from_balance, written_off)
+    session.execute(update(Job).where(Job.id == job.id).values(tokens_charged=result.charged))
+    return result
+
+
+def refund(session: Session, job_id: str, now: datetime, reason: str) -> int:
+    """Give a job's whole reservation back; return the tokens returned (0 if none or closed)."""
+    res = _reservation(session, job_id)
+    if res is None:
+        return 0
+    lock(session, res.holder)
+    if _closed(session, job_id):
+        return 0
+    _entry(session, res.holder, "refund", now, day=res.day, job_id=job_id, allowance=-res.allowance_delta,
+           balance=-res.balance_delta, reason=reason[:200])
+    session.execute(update(Job).where(Job.id == job_id).values(tokens_charged=0))
+    return -(res.allowance_delta + res.balance_delta)
+
+
+def credit(session: Session, holder: str, tokens: int, reason: str | None, now: datetime) -> LedgerEntry:
+    """Add purchased tokens (a pack) to the holder's balance."""
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or not 1 <= tokens <= MAX_CREDIT:
+        raise InputError(f"tokens must be an integer from 1 to {MAX_CREDIT}",
+                         [{"loc": ["tokens"], "msg": f"must be an integer from 1 to {MAX_CREDIT}"}])
+    if reason is not None and (not isinstance(reason, str) or len(reason) > 200):
+        raise InputError("reason must be a string of at most 200 characters",
+                         [{"loc": ["reason"], "msg": "must be a string of at most 200 characters"}])
+    lock(session, holder)
+    return _entry(session, holder, "credit", now, balance=tokens, reason=reason)
+
+
+def entries(session: Session, holder: str, limit: int = 50) -> list[LedgerEntry]:
+    return list(session.execute(
+        select(LedgerEntry).where(LedgerEntry.holder == holder).order_by(LedgerEntry.id.desc()).limit(limit)
+    ).scalars())
