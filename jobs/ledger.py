@@ -1,11 +1,15 @@
 """The token ledger: every reservation, settlement, refund and credit is a row.
 
-Amounts are derived, never stored: a holder's *used today* is minus the sum of its
-``allowance_delta`` for today, its *balance* (purchased tokens) the sum of its
-``balance_delta``. Every change first locks the holder's ``wallets`` row (an UPDATE, so
-it is a row lock on PostgreSQL and the database write lock on SQLite), then reads the
-sums, then writes its row, all in the caller's transaction: concurrent submits for one
-holder queue on that lock and can never spend the same token twice.
+A holder's *used today* is minus the sum of its ``allowance_delta`` for today, its
+*balance* (purchased tokens) the sum of its ``balance_delta``. The holder's ``wallets``
+row keeps both as running totals, updated in the same transaction as each ledger row,
+so a submit reads one row instead of summing the holder's history; ``audit`` recomputes
+them from the ledger and the tests hold the two equal.
+
+Every change first locks the wallet row (``UPDATE … RETURNING``: a row lock on
+PostgreSQL, the database write lock on SQLite), then decides, then writes its ledger row
+and the new totals, all in the caller's transaction: concurrent submits for one holder
+queue on that lock and can never spend the same token twice.
 
 Rules (also in docs/tokens.md):
 
@@ -70,13 +74,34 @@ class Allowances:
         return self.for_tier(tier or "free")
 
 
-def lock(session: Session, holder: str) -> None:
-    """Take the holder's wallet lock for the rest of the transaction (creating the row once)."""
-    bump = update(Wallet).where(Wallet.holder == holder).values(version=Wallet.version + 1)
-    if session.execute(bump).rowcount == 1:
-        return
-    session.execute(_insert_ignore(session, Wallet, {"holder": holder, "version": 0}))
-    session.execute(bump)
+@dataclass
+class _Totals:
+    """The holder's wallet row as locked: allowance used on ``day``, and the balance."""
+
+    holder: str
+    day: str
+    used: int
+    balance: int
+
+    def used_on(self, session: Session, day: str) -> int:
+        if day == self.day:
+            return self.used
+        if day > self.day:
+            return 0  # no entry yet on a later day
+        return ledger_used(session, self.holder, day)  # an earlier day (clocks around midnight)
+
+
+def lock(session: Session, holder: str) -> _Totals:
+    """Take the holder's wallet lock for the rest of the transaction (creating the row
+    once) and return its totals."""
+    bump = (update(Wallet).where(Wallet.holder == holder).values(version=Wallet.version + 1)
+            .returning(Wallet.day, Wallet.used, Wallet.balance))
+    row = session.execute(bump).first()
+    if row is None:
+        session.execute(_insert_ignore(session, Wallet, {"holder": holder, "version": 0, "day": "", "used": 0,
+                                                         "balance": 0}))
+        row = session.execute(bump).first()
+    return _Totals(holder, row.day, int(row.used), int(row.balance))
 
 
 def _insert_ignore(session: Session, table, values: dict):
@@ -87,16 +112,19 @@ def _insert_ignore(session: Session, table, values: dict):
     return insert(table).values(**values).on_conflict_do_nothing()
 
 
-def sums(session: Session, holder: str, day: str) -> tuple[int, int]:
-    """``(used on day, balance)`` for the holder, from the ledger."""
-    used = session.execute(
-        select(func.coalesce(func.sum(LedgerEntry.allowance_delta), 0)).where(LedgerEntry.holder == holder,
-                                                                               LedgerEntry.day == day)
-    ).scalar_one()
+def ledger_used(session: Session, holder: str, day: str) -> int:
+    return -int(session.execute(
+        select(func.coalesce(func.sum(LedgerEntry.allowance_delta), 0))
+        .where(LedgerEntry.holder == holder, LedgerEntry.day == day)
+    ).scalar_one())
+
+
+def audit(session: Session, holder: str, day: str) -> tuple[int, int]:
+    """``(used on day, balance)`` recomputed from the ledger rows alone."""
     balance = session.execute(
         select(func.coalesce(func.sum(LedgerEntry.balance_delta), 0)).where(LedgerEntry.holder == holder)
     ).scalar_one()
-    return -int(used), int(balance)
+    return ledger_used(session, holder, day), int(balance)
 
 
 @dataclass(frozen=True)
@@ -117,24 +145,34 @@ class Usage:
 
 
 def usage(session: Session, holder: str, tier: str, daily: int, now: datetime) -> Usage:
-    used, balance = sums(session, holder, day_of(now))
+    row = session.get(Wallet, holder)
+    totals = _Totals(holder, row.day, row.used, row.balance) if row else _Totals(holder, "", 0, 0)
+    used, balance = totals.used_on(session, day_of(now)), totals.balance
     return Usage(tier=tier, daily_allowance=daily, used_today=used, balance=balance, resets_at=resets_at(now))
 
 
-def _entry(session: Session, holder: str, entry: str, now: datetime, *, day: str | None = None, job_id: str | None = None,
-           allowance: int = 0, balance: int = 0, reason: str | None = None) -> LedgerEntry:
-    row = LedgerEntry(holder=holder, entry=entry, job_id=job_id, day=day or day_of(now), allowance_delta=allowance,
-                      balance_delta=balance, reason=reason, created_at=now)
+def _entry(session: Session, totals: _Totals, entry: str, now: datetime, *, day: str | None = None,
+           job_id: str | None = None, allowance: int = 0, balance: int = 0, reason: str | None = None) -> LedgerEntry:
+    """Write one ledger row and move the locked wallet's totals by the same amounts."""
+    row = LedgerEntry(holder=totals.holder, entry=entry, job_id=job_id, day=day or day_of(now),
+                      allowance_delta=allowance, balance_delta=balance, reason=reason, created_at=now)
     session.add(row)
+    totals.balance += balance
+    if row.day == totals.day:
+        totals.used -= allowance
+    elif row.day > totals.day:  # the first entry of a new day: yesterday's use is history
+        totals.day, totals.used = row.day, -allowance
+    session.execute(update(Wallet).where(Wallet.holder == totals.holder)
+                    .values(day=totals.day, used=totals.used, balance=totals.balance))
     session.flush()
     return row
 
 
 def reserve(session: Session, holder: str, daily: int, job_id: str, tokens: int, now: datetime) -> None:
     """Hold ``tokens`` for a job, or raise 402 ``quota_exceeded`` (nothing is written then)."""
-    lock(session, holder)
+    totals = lock(session, holder)
     day = day_of(now)
-    used, balance = sums(session, holder, day)
+    used, balance = totals.used_on(session, day), totals.balance
     allowance_left = max(0, daily - used)
     available = allowance_left + balance
     if tokens > available:
@@ -144,7 +182,7 @@ def reserve(session: Session, holder: str, daily: int, job_id: str, tokens: int,
             needed=tokens, available=available, resets_at=iso(resets_at(now)),
         )
     from_allowance = min(tokens, allowance_left)
-    _entry(session, holder, "reserve", now, day=day, job_id=job_id, allowance=-from_allowance,
+    _entry(session, totals, "reserve", now, day=day, job_id=job_id, allowance=-from_allowance,
            balance=-(tokens - from_allowance))
 
 
@@ -179,7 +217,7 @@ def settle(session: Session, job: Job, gpu_seconds: float, allowances: Allowance
     res = _reservation(session, job.id)
     if res is None:
         return None
-    lock(session, res.holder)
+    totals = lock(session, res.holder)
     if _closed(session, job.id):
         return None
     took_allowance, took_balance = -res.allowance_delta, -res.balance_delta
@@ -189,18 +227,18 @@ def settle(session: Session, job: Job, gpu_seconds: float, allowances: Allowance
     if cost <= reserved:
         back = reserved - cost
         to_balance = min(back, took_balance)
-        _entry(session, res.holder, "settle", now, day=res.day, job_id=job.id, allowance=back - to_balance,
+        _entry(session, totals, "settle", now, day=res.day, job_id=job.id, allowance=back - to_balance,
                balance=to_balance)
         result = Settlement(reserved, cost, cost, 0)
     else:
         extra = cost - reserved
         day = day_of(now)
-        used, balance = sums(session, res.holder, day)
+        used, balance = totals.used_on(session, day), totals.balance
         from_allowance = min(extra, max(0, allowances.for_holder(session, res.holder) - used))
         from_balance = min(extra - from_allowance, balance)
         written_off = extra - from_allowance - from_balance
         reason = f"cost {cost} over reservation {reserved}" + (f"; {written_off} written off" if written_off else "")
-        _entry(session, res.holder, "settle", now, day=day, job_id=job.id, allowance=-from_allowance,
+        _entry(session, totals, "settle", now, day=day, job_id=job.id, allowance=-from_allowance,
                balance=-from_balance, reason=reason)
         result = Settlement(reserved, cost, reserved + from_allowance + from_balance, written_off)
     session.execute(update(Job).where(Job.id == job.id).values(tokens_charged=result.charged))
@@ -212,10 +250,10 @@ def refund(session: Session, job_id: str, now: datetime, reason: str) -> int:
     res = _reservation(session, job_id)
     if res is None:
         return 0
-    lock(session, res.holder)
+    totals = lock(session, res.holder)
     if _closed(session, job_id):
         return 0
-    _entry(session, res.holder, "refund", now, day=res.day, job_id=job_id, allowance=-res.allowance_delta,
+    _entry(session, totals, "refund", now, day=res.day, job_id=job_id, allowance=-res.allowance_delta,
            balance=-res.balance_delta, reason=reason[:200])
     session.execute(update(Job).where(Job.id == job_id).values(tokens_charged=0))
     return -(res.allowance_delta + res.balance_delta)
@@ -229,8 +267,7 @@ def credit(session: Session, holder: str, tokens: int, reason: str | None, now: 
     if reason is not None and (not isinstance(reason, str) or len(reason) > 200):
         raise InputError("reason must be a string of at most 200 characters",
                          [{"loc": ["reason"], "msg": "must be a string of at most 200 characters"}])
-    lock(session, holder)
-    return _entry(session, holder, "credit", now, balance=tokens, reason=reason)
+    return _entry(session, lock(session, holder), "credit", now, balance=tokens, reason=reason)
 
 
 def entries(session: Session, holder: str, limit: int = 50) -> list[LedgerEntry]:

@@ -89,14 +89,19 @@ class Account(Base):
 
 
 class Wallet(Base):
-    """One row per token holder (account or anonymous address): the row that a change to
-    the holder's tokens locks first, so concurrent changes queue. Amounts live in the
-    ledger; nothing here is a balance."""
+    """One row per token holder (account or anonymous address): the row a change to the
+    holder's tokens locks first, so concurrent changes queue, and the running totals of
+    the ledger (``day``'s allowance used, purchased balance), kept in the transaction that
+    writes each ledger row so a submit reads one row instead of summing the history.
+    ``jobs.ledger.audit`` recomputes them from the ledger."""
 
     __tablename__ = "wallets"
 
     holder: Mapped[str] = mapped_column(String(80), primary_key=True)
     version: Mapped[int] = mapped_column(BigInteger, default=0)
+    day: Mapped[str] = mapped_column(String(10), default="")
+    used: Mapped[int] = mapped_column(BigInteger, default=0)
+    balance: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 class LedgerEntry(Base):

@@ -203,8 +203,11 @@ def _reserved_job(services: Services, holder: str, tokens: int, *, rate: float =
 
 
 def _totals(services: Services, holder: str, now: datetime) -> tuple[int, int]:
+    """``(used today, balance)``: the wallet's running totals, checked against the ledger's sums."""
     with services.sessions() as s:
-        return ledger.sums(s, holder, ledger.day_of(now))
+        use = ledger.usage(s, holder, "anonymous", 0, now)
+        assert ledger.audit(s, holder, ledger.day_of(now)) == (use.used_today, use.balance)
+        return use.used_today, use.balance
 
 
 def test_settlement_below_and_above_the_reservation(db_services):
@@ -325,6 +328,8 @@ def test_100_concurrent_submits_against_an_allowance_for_10(db, tmp_path, redis_
     with services.sessions() as s:
         rows = s.execute(select(LedgerEntry.job_id, LedgerEntry.allowance_delta, LedgerEntry.balance_delta)).all()
         job_ids = set(s.execute(select(Job.id)).scalars())
+        holder = s.execute(select(LedgerEntry.holder).distinct()).scalar_one()
+        assert ledger.audit(s, holder, ledger.day_of(datetime.now(timezone.utc))) == (1000, 0)
     assert len(rows) == 10 and all(a == -100 and b == 0 for _j, a, b in rows)
     assert {j for j, _a, _b in rows} == job_ids == {r.json()["id"] for r in answers if r.status_code == 202}
 

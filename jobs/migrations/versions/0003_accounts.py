@@ -29,6 +29,9 @@ def upgrade() -> None:
         "wallets",
         sa.Column("holder", sa.String(80), primary_key=True),
         sa.Column("version", sa.BigInteger, nullable=False),
+        sa.Column("day", sa.String(10), nullable=False),
+        sa.Column("used", sa.BigInteger, nullable=False),
+        sa.Column("balance", sa.BigInteger, nullable=False),
     )
     op.create_table(
         "ledger",
