@@ -274,6 +274,22 @@ def sweeper(once: bool) -> None:
         stop.wait(services.settings.sweep_s)
 
 
+@main.command()
+@click.option("--threads", default=16, show_default=True, help="Deliveries in flight at once.")
+def webhooks(threads: int) -> None:
+    """Deliver webhooks from the outbox: signed, retried with backoff for over 24 h."""
+    import signal
+    import threading
+
+    from jobs.services import Services
+    from jobs.webhooks import Deliverer
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    logging.getLogger("vramq.webhooks").info("webhook deliverer: %d threads", threads)
+    Deliverer(Services.from_settings(_settings()), threads=threads).run(stop)
+
+
 @main.group()
 def accounts() -> None:
     """Accounts and tokens, straight on the database (the operator's view)."""

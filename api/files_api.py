@@ -20,7 +20,7 @@ from jobs.files import PURPOSES, File, get_file, store_file
 
 from .callers import current_caller
 from .problems import problem
-from .render import iso
+from jobs.views import iso
 
 bp = Blueprint("files", __name__)
 

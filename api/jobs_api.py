@@ -11,17 +11,18 @@ from flask import Blueprint, Response, current_app, request, stream_with_context
 from sqlalchemy import and_, or_, select
 from werkzeug.exceptions import BadRequest
 
-from jobs import events, ledger, retention
+from jobs import events, ledger, retention, webhooks
 from jobs.db import writing
-from jobs.errors import InputError, NotFound
+from jobs.errors import Forbidden, InputError, NotFound
 from jobs.lifecycle import QUEUED, RUNNING, TERMINAL, cancel
 from jobs.schema import Job
 from jobs.submit import submit_job
+from jobs.views import job_json
 
 from .callers import current_caller, require_account
 from .metrics import JOBS_SUBMITTED
 from .problems import problem
-from .render import base_url, render_job
+from .render import base_url, links, render_job
 
 bp = Blueprint("jobs", __name__)
 
@@ -144,6 +145,7 @@ def cancel_job(job_id: str):
             ledger.refund(session, job_id, now, "refund: canceled before it started")
         elif was == RUNNING:
             ledger.settle(session, job, 0.0, services.allowances, now, cost=job.min_tokens)
+        webhooks.enqueue(session, job_id, "job.canceled", lambda j: job_json(j, links()), now)
     try:
         events.emit(services.redis, job_id, "status", {"status": "canceled"})
         events.emit(services.redis, job_id, "done", {"status": "canceled"})
@@ -151,6 +153,24 @@ def cancel_job(job_id: str):
         pass
     with services.sessions() as session:
         return render_job(_load(session, job_id), session)
+
+
+@bp.get("/v1/jobs/<job_id>/deliveries")
+def job_deliveries(job_id: str):
+    """The job's webhook deliveries, each with every attempt and what the receiver answered."""
+    with _services().sessions() as session:
+        _load(session, job_id)
+        return {"object": "list", "data": webhooks.deliveries(session, job_id)}
+
+
+@bp.get("/v1/webhooks/secret")
+def webhook_secret():
+    """The account's Standard Webhooks signing secret (``whsec_…``), made on first use."""
+    caller = require_account("a webhook secret")
+    if not caller.keyed:
+        raise Forbidden("the admin key has no webhook secret; webhooks belong to accounts")
+    with _services().sessions.begin() as session:
+        return {"secret": webhooks.secret_for(session, caller.account_id)}
 
 
 @bp.post("/v1/jobs/<job_id>/save")

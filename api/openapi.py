@@ -61,6 +61,12 @@ def spec(services) -> dict:
                 "delete": {"summary": "Revoke the job's share link", "parameters": [JOB_ID],
                            "responses": {"200": _resp("{revoked}"), **_problems(404)}},
             },
+            "/v1/jobs/{job_id}/deliveries": {"get": {
+                "summary": "The job's webhook deliveries, each with every attempt", "parameters": [JOB_ID],
+                "responses": {"200": _resp("{data: [delivery]}"), **_problems(404)}}},
+            "/v1/webhooks/secret": {"get": {
+                "summary": "The account's Standard Webhooks signing secret (whsec_…)",
+                "responses": {"200": _resp("{secret}"), **_problems(401, 403)}}},
             "/s/{token}": {"get": {"summary": "A shared job's result, no key needed",
                                    "parameters": [{"name": "token", "in": "path", "required": True, "schema": {"type": "string"}}],
                                    "responses": {"200": _resp("the shared job"), **_problems(404)}}},

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from enum import Enum
 
-from jobs import defaults, heartbeat, ledger, lifecycle
+from jobs import defaults, heartbeat, ledger, lifecycle, webhooks
 from jobs.errors import JobCanceled, JobError, OutOfMemory, VramqError
 from jobs.events import EventWriter
 from jobs.lifecycle import utcnow
@@ -67,6 +67,8 @@ class WorkerRuntime:
     residency: Residency | None = None
     _running: dict = field(default_factory=dict)
     events: EventWriter | None = None
+    render: object = None
+    """Renders a job for its webhook payload (``webhooks.renderer``), set by ``load``."""
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
 
@@ -75,6 +77,7 @@ class WorkerRuntime:
     def load(self) -> None:
         """Load the models that fit together, then start the reporter."""
         self.events = EventWriter(self.services.redis)
+        self.render = webhooks.renderer(self.services)
         need = {m: self.need_bytes.get(m, 0) for m in self.model_ids}
         self.residency = Residency(need, self.budget_bytes, self._load_model, self._unload_model)
         # The reporter starts first: while the models load, the worker is announced as
@@ -215,8 +218,9 @@ class WorkerRuntime:
         expires = utcnow() + timedelta(hours=services.settings.retention_hours)
         with services.sessions.begin() as s:
             won = lifecycle.succeed(s, job.id, self.name, output, outcome.gpu_seconds, usage, expires)
-            if won:  # in the same transaction: a success is settled exactly once
+            if won:  # in the same transaction: a success is settled and announced exactly once
                 ledger.settle(s, job, outcome.gpu_seconds, services.allowances, utcnow())
+                webhooks.enqueue(s, job.id, "job.succeeded", self.render)
         if won:
             self.events.put(job.id, "progress", {"progress": 1.0})
             self.events.put(job.id, "done", {"status": lifecycle.SUCCEEDED})
@@ -253,6 +257,7 @@ class WorkerRuntime:
             won = lifecycle.fail(s, job.id, self.name, code, message, gpu_seconds)
             if won:  # failed jobs are not charged
                 ledger.refund(s, job.id, utcnow(), f"refund: job failed ({code})")
+                webhooks.enqueue(s, job.id, "job.failed", self.render)
         if won:
             self.events.put(job.id, "done", {"status": lifecycle.FAILED})
 

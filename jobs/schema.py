@@ -66,6 +66,8 @@ class Job(Base):
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     outputs_expired_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     """Set by the retention sweeper when it deleted the outputs (the row stays)."""
+    webhook: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    """``{"url", "events"}``: where the job's end is announced (jobs.webhooks)."""
 
     __table_args__ = (
         Index("ix_jobs_model_status_created", "model", "status", "created_at"),
@@ -86,6 +88,8 @@ class Account(Base):
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     key_prefix: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    webhook_secret: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    """``whsec_…``: signs this account's webhooks (Standard Webhooks); made on first use."""
 
 
 class Wallet(Base):
@@ -152,3 +156,39 @@ class IdempotencyKey(Base):
     request_hash: Mapped[str] = mapped_column(String(64))
     resource_id: Mapped[str] = mapped_column(String(40))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class WebhookDelivery(Base):
+    """One event to deliver to one URL: the outbox the deliverer works from. ``id`` is
+    the ``webhook-id`` header, the same on every attempt, so receivers can deduplicate."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(80))
+    job_id: Mapped[str | None] = mapped_column(String(40), nullable=True, index=True)
+    event: Mapped[str] = mapped_column(String(32))
+    url: Mapped[str] = mapped_column(String(2048))
+    payload: Mapped[str] = mapped_column(Text)
+    """The body, as signed: JSON text, fixed when the event happened."""
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+    __table_args__ = (Index("ix_webhook_deliveries_due", "status", "next_at"),)
+
+
+class WebhookAttempt(Base):
+    """One try at a delivery: what the receiver answered, or why there was no answer."""
+
+    __tablename__ = "webhook_attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[str] = mapped_column(String(40), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+    status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    duration_ms: Mapped[float] = mapped_column(Float, default=0.0)

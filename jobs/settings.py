@@ -85,7 +85,7 @@ class Settings:
             retention_hours=number("RETENTION_HOURS", defaults.RETENTION_HOURS, float),
             secret_key=secret,
             admin_key=get("ADMIN_KEY"),
-            webhook_allow_hosts=_split(get("WEBHOOK_ALLOW_HOSTS")),
+            webhook_allow_hosts=tuple(h.lower() for h in _split(get("WEBHOOK_ALLOW_HOSTS"))),
             public_url=(get("PUBLIC_URL") or "").rstrip("/") or None,
             max_body_bytes=number("MAX_BODY_KB", defaults.MAX_BODY_KB) * 1024,
             max_upload_bytes=number("MAX_UPLOAD_MB", defaults.MAX_UPLOAD_MB) * 1024 * 1024,

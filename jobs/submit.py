@@ -35,6 +35,8 @@ class JobRequest(BaseModel):
     input: dict[str, Any]
     priority: Literal["high", "normal", "low"] = "normal"
     metadata: dict[str, Any] = Field(default_factory=dict)
+    webhook: dict[str, Any] | None = None
+    """``{"url", "events"?}``: checked by jobs.webhooks.parse_spec."""
 
     @field_validator("metadata")
     @classmethod
@@ -47,13 +49,6 @@ class JobRequest(BaseModel):
 def parse_request(body: Any) -> JobRequest:
     if not isinstance(body, dict):
         raise InputError("the body must be a JSON object", [{"loc": [], "msg": "must be a JSON object"}])
-    if "webhook" in body:
-        # Delivery is not built yet; accepting the field and never calling back would
-        # be a silent failure, so it is refused until it is.
-        raise InputError(
-            "webhooks are not supported by this server yet",
-            [{"loc": ["webhook"], "msg": "not supported yet"}],
-        )
     try:
         return JobRequest.model_validate(body)
     except ValidationError as exc:
@@ -89,6 +84,14 @@ def submit_job(services, body: Any, *, caller: Caller, idempotency_key: str | No
         from .prompts import check_context
 
         prompt_tokens = check_context(entry, inp)
+    webhook = None
+    if req.webhook is not None:
+        if not caller.keyed:
+            raise InputError("webhooks need an API key: they are signed with the account's secret",
+                             [{"loc": ["webhook"], "msg": "needs an API key (Authorization: Bearer …)"}])
+        from .webhooks import parse_spec
+
+        webhook = parse_spec(req.webhook, services.settings.webhook_allow_hosts)
     if "seed" in inp and inp["seed"] is None:
         inp["seed"] = secrets.randbelow(SEED_MAX + 1)  # chosen now, so the result is reproducible
 
@@ -124,6 +127,7 @@ def submit_job(services, body: Any, *, caller: Caller, idempotency_key: str | No
         usage_detail={},
         caller=caller.holder,
         saved=False,
+        webhook=webhook,
     )
     try:
         with services.sessions.begin() as session:

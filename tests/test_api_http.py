@@ -50,7 +50,7 @@ def with_input(**changes):
         ({"model": "tiny-flux"}, ["input"], "required"),
         ({**GOOD, "priority": "urgent"}, ["priority"], "high"),
         ({**GOOD, "input": "draw a cat"}, ["input"], "dictionary"),
-        ({**GOOD, "webhook": {"url": "https://example.com/hook"}}, ["webhook"], "not supported"),
+        ({**GOOD, "webhook": {"url": "https://example.com/hook"}}, ["webhook"], "API key"),
         ({**GOOD, "metadata": {"blob": "x" * 5000}}, ["metadata"], "4096"),
         ({**GOOD, "extra": 1}, ["extra"], "not permitted"),
     ],
