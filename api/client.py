@@ -47,9 +47,12 @@ class Client:
         return resp.json()
 
     def submit(self, model: str, input: dict, *, priority: str = "normal", metadata: dict | None = None,
-               idempotency_key: str | None = None) -> dict:
+               idempotency_key: str | None = None, webhook: dict | None = None) -> dict:
+        """``POST /v1/jobs``; ``webhook={"url", "events"?}`` has the job's end announced."""
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         body = {"model": model, "input": input, "priority": priority, "metadata": metadata or {}}
+        if webhook is not None:
+            body["webhook"] = webhook
         return self._call("POST", "/v1/jobs", json=body, headers=headers)
 
     def upload(self, data: bytes, filename: str, purpose: str = "audio") -> dict:
@@ -82,6 +85,12 @@ class Client:
 
     def unshare(self, job_id: str) -> dict:
         return self._call("DELETE", f"/v1/jobs/{job_id}/share")
+
+    def webhook_secret(self) -> str:
+        return self._call("GET", "/v1/webhooks/secret")["secret"]
+
+    def deliveries(self, job_id: str) -> list[dict]:
+        return self._call("GET", f"/v1/jobs/{job_id}/deliveries")["data"]
 
     def models(self) -> list[dict]:
         return self._call("GET", "/v1/models")["data"]
@@ -148,3 +157,13 @@ class Client:
         resp = self.http.get(url, timeout=self.timeout)
         resp.raise_for_status()
         return resp.content
+
+
+def verify_webhook(secret: str, body: bytes | str, headers: dict[str, str]) -> dict:
+    """For a webhook receiver: check a delivery's Standard Webhooks signature (and that its
+    timestamp is within 5 minutes) and return the payload. Raises
+    ``standardwebhooks.WebhookVerificationError`` when it does not verify.
+    Deduplicate on ``headers["webhook-id"]``: a retried delivery keeps its id."""
+    from standardwebhooks import Webhook
+
+    return Webhook(secret).verify(body, headers)

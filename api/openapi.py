@@ -127,6 +127,7 @@ def spec(services) -> dict:
                     "id": {"type": "string"}, "object": {"const": "job"}, "model": {"type": "string"},
                     "status": {"enum": ["queued", "running", "succeeded", "failed", "canceled"]},
                     "progress": {"type": "number"}, "queue_position": {"type": ["integer", "null"]},
+                    "eta_seconds": {"type": ["number", "null"], "description": "while queued: (position + 1) / the model's recent jobs per second"},
                     "output": {"type": ["object", "null"]}, "error": {"type": ["object", "null"]}, "usage": {"type": "object"},
                 }},
                 "Problem": {"type": "object", "required": ["type", "title", "status", "detail", "code"], "properties": {

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
+from datetime import timedelta
 from typing import Any
 
 from flask import current_app, request
 from sqlalchemy import func, select
 
-from jobs.lifecycle import QUEUED
+from jobs.lifecycle import FAILED, QUEUED, SUCCEEDED, utcnow
 from jobs.queue import PRIORITY
 from jobs.schema import Job
 from jobs.views import Links, job_json
@@ -31,11 +33,49 @@ def queue_position(session, job: Job) -> int | None:
     q = select(func.count()).select_from(Job).where(
         Job.model == job.model,
         Job.status == QUEUED,
-        (Job.priority.in_(ahead_priorities)) | ((Job.priority == job.priority) & (Job.created_at < job.created_at)),
+        (Job.priority.in_(ahead_priorities))
+        | ((Job.priority == job.priority)
+           & ((Job.created_at < job.created_at) | ((Job.created_at == job.created_at) & (Job.id < job.id)))),
     )
     return session.execute(q).scalar_one()
 
 
+THROUGHPUT_WINDOW = 50
+"""ETA: the model's throughput is measured over its last this-many finished jobs…"""
+THROUGHPUT_MAX_AGE_S = 3600
+"""…that finished within the last hour (an idle model has no ETA: no recent evidence)."""
+_throughput: dict[tuple[str, str], tuple[float, float | None]] = {}
+
+
+def throughput(session, model: str) -> float | None:
+    """Jobs per second the model's workers finished recently (cached 2 s per process)."""
+    now = time.monotonic()
+    key = (str(session.get_bind().url), model)
+    hit = _throughput.get(key)
+    if hit is not None and now - hit[0] < 2.0:
+        return hit[1]
+    since = utcnow() - timedelta(seconds=THROUGHPUT_MAX_AGE_S)
+    times = sorted(session.execute(
+        select(Job.finished_at).where(Job.model == model, Job.status.in_((SUCCEEDED, FAILED)), Job.finished_at >= since)
+        .order_by(Job.finished_at.desc()).limit(THROUGHPUT_WINDOW)
+    ).scalars())
+    rate = None
+    if len(times) >= 3 and times[-1] > times[0]:
+        rate = (len(times) - 1) / (times[-1] - times[0]).total_seconds()
+    _throughput[key] = (now, rate)
+    return rate
+
+
+def queue_info(session, job: Job) -> tuple[int | None, float | None]:
+    """``(queue_position, eta_seconds)``: the jobs ahead, and when this one should be
+    done at the model's recent throughput (``(position + 1) / jobs per second``)."""
+    position = queue_position(session, job)
+    if position is None:
+        return None, None
+    rate = throughput(session, job.model)
+    return position, None if rate is None else round((position + 1) / rate, 1)
+
+
 def render_job(job: Job, session=None) -> dict[str, Any]:
-    """The job as the API shows it (``queue_position`` needs a session)."""
-    return job_json(job, links(), (lambda j: queue_position(session, j)) if session is not None else (lambda j: None))
+    """The job as the API shows it (the queue fields need a session)."""
+    return job_json(job, links(), (lambda j: queue_info(session, j)) if session is not None else (lambda j: (None, None)))

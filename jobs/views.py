@@ -35,7 +35,10 @@ class Links:
         return value
 
 
-def job_json(job: Job, links: Links, queue_position: Callable[[Job], int | None] = lambda job: None) -> dict[str, Any]:
+def job_json(job: Job, links: Links,
+             queue: Callable[[Job], tuple[int | None, float | None]] = lambda job: (None, None)) -> dict[str, Any]:
+    """The job's JSON; ``queue(job)`` gives ``(queue_position, eta_seconds)`` while it is queued."""
+    position, eta = queue(job)
     self_url = urljoin(links.base, f"v1/jobs/{job.id}")
     error = {"code": job.error_code, "message": job.error_message} if job.error_code else None
     return {
@@ -48,7 +51,8 @@ def job_json(job: Job, links: Links, queue_position: Callable[[Job], int | None]
         "started_at": iso(job.started_at),
         "finished_at": iso(job.finished_at),
         "progress": round(job.progress, 4),
-        "queue_position": queue_position(job),
+        "queue_position": position,
+        "eta_seconds": eta,
         "input": job.input,
         "metadata": job.meta,
         "batch_id": job.batch_id,

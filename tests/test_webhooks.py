@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from standardwebhooks import Webhook
 
+from api.client import verify_webhook
 from jobs.services import Services
 from jobs.webhooks import Deliverer
 from tests.conftest import settings_env
@@ -205,7 +206,7 @@ def test_a_real_worker_announces_success_through_the_deliverer_process(tmp_path,
     secret = cluster.get("/v1/webhooks/secret", headers=auth).json()["secret"]
     job = cluster.post("/v1/jobs", json={**IMAGE, "webhook": {"url": receiver.url("/ok")}}, headers=auth).json()
     hit = receiver.wait_for("/ok", timeout=90)[0]
-    payload = Webhook(secret).verify(hit["body"], hit["headers"])
+    payload = verify_webhook(secret, hit["body"], hit["headers"])  # the client's helper
     assert payload["type"] == "job.succeeded" and payload["data"]["id"] == job["id"]
     assert payload["data"]["status"] == "succeeded" and payload["data"]["output"]["images"][0]["url"]
     assert payload["data"]["usage"]["tokens_charged"] >= 100
