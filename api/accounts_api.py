@@ -8,10 +8,10 @@ from flask import Blueprint, current_app, request
 from sqlalchemy.exc import IntegrityError
 
 from jobs import idempotency, ledger
-from jobs.accounts import caller_for, create_account, get_account
+from jobs.accounts import create_account, get_account
 from jobs.db import writing
 from jobs.errors import InputError
-from jobs.ledger import iso
+from jobs.views import iso
 
 from .callers import current_caller, require_account, require_admin
 
@@ -35,6 +35,13 @@ def _body() -> dict:
     return body
 
 
+def _only(body: dict, allowed: set[str]) -> None:
+    """422 naming the first field the body has that the call does not take."""
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise InputError(f"unknown field {unknown[0]!r}", [{"loc": [unknown[0]], "msg": "extra inputs are not permitted"}])
+
+
 def _account_json(account) -> dict:
     return {"object": "account", "account_id": account.id, "name": account.name, "tier": account.tier,
             "key_prefix": account.key_prefix, "created_at": iso(account.created_at)}
@@ -44,10 +51,7 @@ def _account_json(account) -> dict:
 def create():
     """A free account. The API key is in this answer only: it is stored hashed."""
     body = _body()
-    unknown = set(body) - {"name"}
-    if unknown:
-        name = sorted(unknown)[0]
-        raise InputError(f"unknown field {name!r}", [{"loc": [name], "msg": "extra inputs are not permitted"}])
+    _only(body, {"name"})
     name = body.get("name")
     if name is not None and not isinstance(name, str):
         raise InputError("name must be a string", [{"loc": ["name"], "msg": "must be a string"}])
@@ -69,9 +73,8 @@ def usage():
     """Today's allowance, what is used of it, the purchased balance, and when it resets."""
     services = _services()
     caller = current_caller()
-    daily = services.allowances.for_tier(caller.tier)
     with services.sessions() as session:
-        return ledger.usage(session, caller.holder, caller.tier, daily, services.now()).to_json()
+        return ledger.usage(session, caller.holder, caller.tier, services.allowances, services.now()).to_json()
 
 
 @bp.post("/v1/admin/accounts/<account_id>/credit")
@@ -81,10 +84,7 @@ def credit(account_id: str):
     require_admin()
     services = _services()
     body = _body()
-    unknown = set(body) - {"tokens", "reason"}
-    if unknown:
-        name = sorted(unknown)[0]
-        raise InputError(f"unknown field {name!r}", [{"loc": [name], "msg": "extra inputs are not permitted"}])
+    _only(body, {"tokens", "reason"})
     if "tokens" not in body:
         raise InputError("tokens is required", [{"loc": ["tokens"], "msg": "field required"}])
     key = request.headers.get("Idempotency-Key")
@@ -111,8 +111,7 @@ def credit(account_id: str):
 def _credited(services, account_id: str, replayed: bool) -> dict:
     with services.sessions() as session:
         account = get_account(session, account_id)
-        caller = caller_for(account)
-        use = ledger.usage(session, caller.holder, caller.tier, services.allowances.for_tier(caller.tier), services.now())
+        use = ledger.usage(session, account.id, account.tier, services.allowances, services.now())
     return {"account_id": account_id, "balance": use.balance, "replayed": replayed}
 
 
@@ -123,8 +122,7 @@ def show(account_id: str):
     services = _services()
     with services.sessions() as session:
         account = get_account(session, account_id)
-        caller = caller_for(account)
-        use = ledger.usage(session, caller.holder, caller.tier, services.allowances.for_tier(caller.tier), services.now())
+        use = ledger.usage(session, account.id, account.tier, services.allowances, services.now())
         rows = ledger.entries(session, account.id, limit=min(int(request.args.get("limit", 50) or 50), 500))
     return {**_account_json(account), "usage": use.to_json(), "ledger": [entry_json(r) for r in rows]}
 

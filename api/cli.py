@@ -341,16 +341,17 @@ def _show_account(services, account_id: str, entries: int) -> None:
     from jobs import ledger
     from jobs.accounts import get_account
     from jobs.lifecycle import utcnow
+    from jobs.views import iso
 
     with services.sessions() as session:
         account = get_account(session, account_id)
-        use = ledger.usage(session, account.id, account.tier, services.allowances.for_tier(account.tier), utcnow())
+        use = ledger.usage(session, account.id, account.tier, services.allowances, utcnow())
         rows = ledger.entries(session, account.id, limit=entries)
     click.echo(json.dumps({
         "account_id": account.id, "name": account.name, "tier": account.tier, "key_prefix": account.key_prefix,
         "usage": use.to_json(),
         "ledger": [{"entry": r.entry, "job_id": r.job_id, "day": r.day, "allowance_delta": r.allowance_delta,
-                    "balance_delta": r.balance_delta, "reason": r.reason, "at": ledger.iso(r.created_at)} for r in rows],
+                    "balance_delta": r.balance_delta, "reason": r.reason, "at": iso(r.created_at)} for r in rows],
     }, indent=2))
 
 

@@ -21,7 +21,6 @@ from jobs.views import job_json
 
 from .callers import current_caller, require_account
 from .metrics import JOBS_SUBMITTED
-from .problems import problem
 from .render import base_url, links, render_job
 
 bp = Blueprint("jobs", __name__)

@@ -8,7 +8,7 @@ from sqlalchemy import func, select
 from jobs.errors import NotFound
 from jobs.heartbeat import live_workers, served_by
 from jobs.lifecycle import QUEUED
-from jobs.pricing import rate_for
+from jobs.pricing import rate_for, vram_need_bytes
 from jobs.schema import Job
 
 bp = Blueprint("models", __name__)
@@ -32,26 +32,10 @@ def _model(services, entry, depth: int, workers: list[dict]) -> dict:
     planner's estimate incl. headroom: from a worker's heartbeat, else estimated here)."""
     need = next((w["need_bytes"][entry.id] for w in workers if entry.id in (w.get("need_bytes") or {})), None)
     if need is None:
-        need = _estimate(services, entry)
+        need = vram_need_bytes(entry)
     price = {"tokens_per_gpu_second": rate_for(entry), "min_tokens": entry.price.min_tokens}
     return {**entry.public(), "object": "model", "price": price, "vram_gb": None if need is None else round(need / 1e9, 3),
             "available": entry.id in served_by(workers), "queue_depth": depth}
-
-
-_estimates: dict[tuple[str, str], int | None] = {}
-
-
-def _estimate(services, entry) -> int | None:
-    """The estimate from the weights' headers or an LLM's config (no torch in the API)."""
-    key = (entry.id, str(entry.weights))
-    if key not in _estimates:
-        from gpu_workers.vram import estimate_entry
-
-        try:
-            _estimates[key] = estimate_entry(entry, allow_meta=False).total_bytes
-        except Exception:
-            _estimates[key] = None
-    return _estimates[key]
 
 
 @bp.get("/v1/models")

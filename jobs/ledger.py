@@ -40,6 +40,7 @@ from sqlalchemy.orm import Session
 from .errors import InputError, QuotaExceeded
 from .pricing import charge
 from .schema import Account, Job, LedgerEntry, Wallet
+from .views import iso
 
 MAX_CREDIT = 1_000_000_000
 
@@ -52,10 +53,6 @@ def resets_at(now: datetime) -> datetime:
     """The next 00:00 UTC: when today's allowance is whole again."""
     today = now.astimezone(timezone.utc).date()
     return datetime.combine(today + timedelta(days=1), time(0), tzinfo=timezone.utc)
-
-
-def iso(dt: datetime) -> str:
-    return dt.isoformat().replace("+00:00", "Z")
 
 
 class Allowances:
@@ -144,11 +141,11 @@ class Usage:
                 "balance": self.balance, "available": self.available, "resets_at": iso(self.resets_at)}
 
 
-def usage(session: Session, holder: str, tier: str, daily: int, now: datetime) -> Usage:
+def usage(session: Session, holder: str, tier: str, allowances: Allowances, now: datetime) -> Usage:
     row = session.get(Wallet, holder)
     totals = _Totals(holder, row.day, row.used, row.balance) if row else _Totals(holder, "", 0, 0)
-    used, balance = totals.used_on(session, day_of(now)), totals.balance
-    return Usage(tier=tier, daily_allowance=daily, used_today=used, balance=balance, resets_at=resets_at(now))
+    return Usage(tier=tier, daily_allowance=allowances.for_tier(tier), used_today=totals.used_on(session, day_of(now)),
+                 balance=totals.balance, resets_at=resets_at(now))
 
 
 def _entry(session: Session, totals: _Totals, entry: str, now: datetime, *, day: str | None = None,

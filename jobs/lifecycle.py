@@ -151,26 +151,22 @@ def release(session: Session, job_id: str, worker: str) -> bool:
     return result.rowcount == 1
 
 
-def cancel(session: Session, job_id: str, caller: str | None = None, now: datetime | None = None) -> str:
+def cancel(session: Session, job_id: str, now: datetime | None = None) -> str:
     """Cancel a queued or running job; return the status it had (``queued`` or ``running``).
 
     A running job's worker stops it between steps. Raises NotFound when the job does
-    not exist for ``caller`` and Conflict when it has already finished.
+    not exist and Conflict when it has already finished. (Who may cancel is the API's
+    question: it answers 404 for another caller's job before calling this.)
     """
     now = now or utcnow()
     for status in (QUEUED, RUNNING):
-        cond = [Job.id == job_id, Job.status == status]
-        if caller is not None:
-            cond.append(Job.caller == caller)
         result = session.execute(
-            update(Job).where(*cond).values(status=CANCELED, finished_at=now, lease_owner=None, lease_expires_at=None)
+            update(Job).where(Job.id == job_id, Job.status == status)
+            .values(status=CANCELED, finished_at=now, lease_owner=None, lease_expires_at=None)
         )
         if result.rowcount == 1:
             return status
-    q = select(Job.status).where(Job.id == job_id)
-    if caller is not None:
-        q = q.where(Job.caller == caller)
-    status = session.execute(q).scalar()
+    status = session.execute(select(Job.status).where(Job.id == job_id)).scalar()
     if status is None:
         raise NotFound(f"no job {job_id}")
     raise Conflict(f"job {job_id} already {status}")

@@ -64,34 +64,31 @@ def work_units(kind: str, inp: dict, *, prompt_tokens: int | None = None, audio_
     raise ValueError(f"unknown kind {kind!r}")
 
 
-_rates: dict[tuple[str, str], float] = {}
-_rates_lock = threading.Lock()
-
-
 def rate_for(entry) -> float:
     """Tokens per GPU-second: the catalog's price, else from the model's VRAM need."""
     if entry.price.tokens_per_gpu_second is not None:
         return entry.price.tokens_per_gpu_second
-    key = (entry.id, str(entry.weights))
-    with _rates_lock:
-        if key in _rates:
-            return _rates[key]
     need = vram_need_bytes(entry)
-    rate = FALLBACK_RATE if need is None else max(1.0, round(RATE_PER_GB * need / 1e9, 2))
-    with _rates_lock:
-        _rates[key] = rate
-    return rate
+    return FALLBACK_RATE if need is None else max(1.0, round(RATE_PER_GB * need / 1e9, 2))
+
+
+_needs: dict[tuple[str, str], int | None] = {}
 
 
 def vram_need_bytes(entry) -> int | None:
-    """The planner's estimate for the entry, computed without torch (headers or config)."""
-    from gpu_workers.vram import estimate_entry  # pure Python with allow_meta=False
+    """The planner's estimate for the entry, computed without torch (weights' headers or
+    an LLM's config), once per process; None when the weights are not readable here."""
+    key = (entry.id, str(entry.weights))
+    if key not in _needs:
+        from gpu_workers.vram import estimate_entry  # pure Python with allow_meta=False
 
-    try:
-        return estimate_entry(entry, allow_meta=False).total_bytes
-    except Exception as exc:
-        log.warning("no VRAM estimate for %s (%s); its default price is %s tokens/GPU-s", entry.id, exc, FALLBACK_RATE)
-        return None
+        try:
+            _needs[key] = estimate_entry(entry, allow_meta=False).total_bytes
+        except Exception as exc:
+            log.warning("no VRAM estimate for %s (%s); its default price is %s tokens/GPU-s", entry.id, exc,
+                        FALLBACK_RATE)
+            _needs[key] = None
+    return _needs[key]
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from .errors import InputError
 from .ids import new_id
 from .lifecycle import utcnow
 from .schema import Account, Job, WebhookAttempt, WebhookDelivery
+from .views import iso
 
 log = logging.getLogger("vramq.webhooks")
 
@@ -141,7 +142,7 @@ def enqueue(session: Session, job_id: str, event: str, render, now: datetime | N
     now = now or utcnow()
     secret_for(session, job.caller)  # exists before the first attempt signs with it
     delivery_id = new_id("msg")
-    payload = json.dumps({"type": event, "timestamp": now.isoformat().replace("+00:00", "Z"), "data": render(job)},
+    payload = json.dumps({"type": event, "timestamp": iso(now), "data": render(job)},
                          separators=(",", ":"))
     session.add(WebhookDelivery(id=delivery_id, holder=job.caller or "", job_id=job.id, event=event,
                                 url=job.webhook["url"], payload=payload, status="pending", attempts=0, next_at=now,
@@ -157,9 +158,9 @@ def deliveries(session: Session, job_id: str) -> list[dict]:
         attempts = session.execute(select(WebhookAttempt).where(WebhookAttempt.delivery_id == d.id)
                                    .order_by(WebhookAttempt.number)).scalars().all()
         out.append({"id": d.id, "event": d.event, "url": d.url, "status": d.status, "attempts": [
-            {"number": a.number, "at": a.at.isoformat().replace("+00:00", "Z"), "status_code": a.status_code,
+            {"number": a.number, "at": iso(a.at), "status_code": a.status_code,
              "error": a.error, "duration_ms": round(a.duration_ms, 1)} for a in attempts],
-            "next_attempt_at": d.next_at.isoformat().replace("+00:00", "Z") if d.status == "pending" else None})
+            "next_attempt_at": iso(d.next_at) if d.status == "pending" else None})
     return out
 
 

@@ -205,7 +205,7 @@ def _reserved_job(services: Services, holder: str, tokens: int, *, rate: float =
 def _totals(services: Services, holder: str, now: datetime) -> tuple[int, int]:
     """``(used today, balance)``: the wallet's running totals, checked against the ledger's sums."""
     with services.sessions() as s:
-        use = ledger.usage(s, holder, "anonymous", 0, now)
+        use = ledger.usage(s, holder, "anonymous", services.allowances, now)
         assert ledger.audit(s, holder, ledger.day_of(now)) == (use.used_today, use.balance)
         return use.used_today, use.balance
 
