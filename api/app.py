@@ -19,7 +19,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.config["MAX_CONTENT_LENGTH"] = services.settings.max_body_bytes
     app.json.sort_keys = False
 
-    from . import accounts_api, files_api, jobs_api, models_api, ops, problems
+    from . import accounts_api, batches_api, files_api, jobs_api, models_api, ops, problems
     from .callers import current_caller
     from .metrics import REQUESTS
     from .ratelimit import RateLimiter
@@ -28,6 +28,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     limiter = RateLimiter(services.broker_url, services.settings.rate_limit_anonymous, services.settings.rate_limit_keyed)
     app.register_blueprint(jobs_api.bp)
     app.register_blueprint(accounts_api.bp)
+    app.register_blueprint(batches_api.bp)
     app.register_blueprint(files_api.bp)
     app.register_blueprint(models_api.bp)
     app.register_blueprint(ops.bp)

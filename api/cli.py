@@ -233,6 +233,46 @@ def submit(model: str, params: tuple[str, ...], wait: bool, url: str, priority: 
 
 
 @main.command()
+@click.argument("jsonl", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--wait", is_flag=True, help="Follow the batch to its end, then save its results manifest.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Where --wait saves the manifest (default: <batch id>.results.jsonl).")
+@click.option("--url", default=f"http://127.0.0.1:{defaults.PORT}", envvar="VRAMQ_URL", show_default=True)
+@click.option("--priority", type=click.Choice(["high", "normal", "low"]), default="low", show_default=True)
+@click.option("--api-key", envvar="VRAMQ_API_KEY", default=None, help="An account's key (default: anonymous).")
+def batch(jsonl: Path, wait: bool, out: Path | None, url: str, priority: str, api_key: str | None) -> None:
+    """Submit a JSONL file of jobs ({"custom_id", "model", "input"} per line) as one batch."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .client import ApiError, Client
+
+    client = Client(url, api_key=api_key, timeout=300)
+    try:
+        f = client.upload(jsonl.read_bytes(), jsonl.name, purpose="batch")
+        b = client.submit_batch(input_file=f["id"], priority=priority)
+        if wait:
+            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                          transient=True) as bar:
+                task = bar.add_task(b["id"], total=b["counts"]["total"])
+
+                def show(current: dict) -> None:
+                    c = current["counts"]
+                    bar.update(task, completed=c["succeeded"] + c["failed"] + c["canceled"],
+                               description=f"{current['id']} {current['status']} ({c['running']} running)")
+
+                b = client.wait_batch(b["id"], on_update=show)
+            path = out or Path(f"{b['id']}.results.jsonl")
+            path.write_bytes(client.download(b["results_url"]))
+            click.echo(f"results manifest: {path}", err=True)
+    except ApiError as exc:
+        click.echo(json.dumps(exc.problem, indent=2), err=True)
+        sys.exit(1)
+    click.echo(json.dumps(b, indent=2))
+    if wait and b["counts"]["succeeded"] != b["counts"]["total"]:
+        sys.exit(1)
+
+
+@main.command()
 @click.option("--images", default=8, show_default=True, type=click.IntRange(1, 90),
               help="How many image prompts in the bulk render.")
 @click.option("--port", default=defaults.PORT + 17, show_default=True)
@@ -277,7 +317,8 @@ def sweeper(once: bool) -> None:
 @main.command()
 @click.option("--threads", default=16, show_default=True, help="Deliveries in flight at once.")
 def webhooks(threads: int) -> None:
-    """Deliver webhooks from the outbox: signed, retried with backoff for over 24 h."""
+    """Deliver webhooks from the outbox (signed, retried with backoff for over 24 h) and
+    finish batches (results manifest, then ``batch.completed``)."""
     import signal
     import threading
 
@@ -287,7 +328,10 @@ def webhooks(threads: int) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     logging.getLogger("vramq.webhooks").info("webhook deliverer: %d threads", threads)
-    Deliverer(Services.from_settings(_settings()), threads=threads).run(stop)
+    from jobs.batches import Finisher
+
+    services = Services.from_settings(_settings())
+    Deliverer(services, threads=threads).run(stop, also=Finisher(services).tick)
 
 
 @main.group()

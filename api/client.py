@@ -99,11 +99,13 @@ class Client:
         """Follow ``GET /v1/jobs/{id}/events``: yields ``(event, data)`` as they come
         (``status``, ``progress``, ``delta``, ``done``), and ``("keep-alive", {})`` on the
         server's idle comments, so a caller can check its own deadline."""
-        headers = {"Accept": "text/event-stream"}
-        if last_event_id:
-            headers["Last-Event-ID"] = last_event_id
-        with self.http.get(f"{self.base_url}/v1/jobs/{job_id}/events", headers=headers, stream=True,
-                           timeout=(self.timeout, 30)) as resp:
+        headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+        return self._stream(f"/v1/jobs/{job_id}/events", headers)
+
+    def _stream(self, path: str, headers: dict | None = None) -> Iterator[tuple[str, dict]]:
+        """A server-sent event stream as ``(event, data)`` pairs."""
+        headers = {"Accept": "text/event-stream", **(headers or {})}
+        with self.http.get(self.base_url + path, headers=headers, stream=True, timeout=(self.timeout, 30)) as resp:
             if resp.status_code >= 400:
                 raise ApiError(resp.status_code, resp.json())
             event, data = "message", []
@@ -152,6 +154,78 @@ class Client:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {job['status']} after {timeout}s")
             time.sleep(poll_s)
+
+    # --- batches ------------------------------------------------------------------------
+
+    def submit_batch(self, jobs: list[dict] | None = None, *, input_file: str | None = None, priority: str = "low",
+                     metadata: dict | None = None, webhook: dict | None = None,
+                     idempotency_key: str | None = None) -> dict:
+        """``POST /v1/batches``: ``jobs`` (``[{"custom_id", "model", "input"}]``) or an
+        uploaded JSONL ``input_file`` (``upload(data, name, purpose="batch")``). All or
+        none: a bad line is a 422 naming its line."""
+        body: dict = {"priority": priority, "metadata": metadata or {}}
+        if jobs is not None:
+            body["jobs"] = jobs
+        if input_file is not None:
+            body["input_file"] = input_file
+        if webhook is not None:
+            body["webhook"] = webhook
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self._call("POST", "/v1/batches", json=body, headers=headers)
+
+    def batch(self, batch_id: str) -> dict:
+        return self._call("GET", f"/v1/batches/{batch_id}")
+
+    def cancel_batch(self, batch_id: str) -> dict:
+        return self._call("POST", f"/v1/batches/{batch_id}/cancel")
+
+    def batch_jobs(self, batch_id: str, *, status: str | None = None, page_size: int = 1000) -> Iterator[dict]:
+        """Every job of the batch in submission order, a page at a time."""
+        cursor = None
+        while True:
+            params = {k: v for k, v in {"status": status, "limit": page_size, "cursor": cursor}.items() if v}
+            page = self._call("GET", f"/v1/batches/{batch_id}/jobs", params=params)
+            yield from page["data"]
+            cursor = page["next_cursor"]
+            if not cursor:
+                return
+
+    def batch_events(self, batch_id: str) -> Iterator[tuple[str, dict]]:
+        """Follow ``GET /v1/batches/{id}/events``: ``counts`` (the batch) as they change,
+        then ``done`` (the batch with its ``results_url``)."""
+        return self._stream(f"/v1/batches/{batch_id}/events")
+
+    def wait_batch(self, batch_id: str, *, timeout: float = 3600, poll_s: float = 2.0,
+                   on_update: Callable[[dict], None] | None = None) -> dict:
+        """Wait until the batch has finished and its results are written (``results_url``),
+        following its event stream, or polling if the stream breaks."""
+        deadline = time.monotonic() + timeout
+        try:
+            for event, batch in self.batch_events(batch_id):
+                if event in ("counts", "done") and on_update:
+                    on_update(batch)
+                if event == "done":
+                    return batch
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"batch {batch_id} not finished after {timeout}s")
+        except (requests.RequestException, ValueError):
+            pass
+        while True:
+            batch = self.batch(batch_id)
+            if on_update:
+                on_update(batch)
+            if batch["finished_at"]:
+                return batch
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"batch {batch_id} not finished after {timeout}s")
+            time.sleep(poll_s)
+
+    def batch_results(self, batch: dict) -> list[dict]:
+        """The finished batch's manifest: one ``{custom_id, job_id, status, output, error}``
+        per job, in submission order."""
+        if not batch.get("results_url"):
+            raise ValueError(f"batch {batch['id']} has no results yet (wait_batch first)")
+        return [json.loads(line) for line in self.download(batch["results_url"]).decode().splitlines() if line]
 
     def download(self, url: str) -> bytes:
         resp = self.http.get(url, timeout=self.timeout)

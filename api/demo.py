@@ -71,15 +71,19 @@ def _speech_clip() -> bytes:
     return buf.getvalue()
 
 
-def _submit_all(client: Client, images: int) -> list[dict]:
-    """The demo's jobs: a bulk image render, then one video, one transcription, one chat."""
+def _submit_all(client: Client, images: int) -> tuple[list[dict], dict | None]:
+    """The demo's jobs: a bulk image render as one batch, then one video, one
+    transcription, one chat. Returns the jobs and the batch."""
     models = {m["kind"]: m for m in client.models()}
-    jobs = []
+    jobs, batch = [], None
     if "image" in models:
         m = models["image"]
         side = min(256, m["limits"]["max_width"])
-        jobs += [client.submit(m["id"], {"prompt": PROMPTS[i % len(PROMPTS)], "width": side, "height": side, "steps": 4,
-                                         "seed": i}, metadata={"demo": "bulk-render", "index": i}) for i in range(images)]
+        batch = client.submit_batch([
+            {"custom_id": f"image-{i}", "model": m["id"], "metadata": {"index": i},
+             "input": {"prompt": PROMPTS[i % len(PROMPTS)], "width": side, "height": side, "steps": 4, "seed": i}}
+            for i in range(images)], metadata={"demo": "bulk-render"})
+        jobs += list(client.batch_jobs(batch["id"]))
     if "video" in models:
         jobs.append(client.submit(models["video"]["id"], {"prompt": "a paper boat drifting down a rainy street",
                                                           "width": 128, "height": 128, "num_frames": 17, "fps": 8, "steps": 8}))
@@ -90,7 +94,7 @@ def _submit_all(client: Client, images: int) -> list[dict]:
         jobs.append(client.submit(models["text"]["id"], {"messages": [
             {"role": "system", "content": "You are a concise assistant."},
             {"role": "user", "content": "Name three uses of a GPU job queue."}], "max_tokens": 48}))
-    return jobs
+    return jobs, batch
 
 
 def _seconds(job: dict) -> str:
@@ -114,8 +118,8 @@ def _files(job: dict) -> list[tuple[str, str]]:
 
 
 def _render(console: Console, client: Client, images: int, out: Path) -> int:
-    jobs = _submit_all(client, images)
-    console.print(f"submitted {len(jobs)} jobs: " + ", ".join(
+    jobs, batch = _submit_all(client, images)
+    console.print(f"submitted {len(jobs)} jobs" + (f" (the images as batch {batch['id']})" if batch else "") + ": " + ", ".join(
         f"{sum(j['kind'] == k for j in jobs)} {k}" for k in ("image", "video", "speech", "text") if any(j["kind"] == k for j in jobs)))
     finished: dict[str, dict] = {}
     with Progress(TextColumn("{task.description:<40}"), BarColumn(), TextColumn("{task.fields[status]:<10}"),
@@ -164,6 +168,13 @@ def _render(console: Console, client: Client, images: int, out: Path) -> int:
     if links:
         console.print("(signed links are served by the API and expire; the demo's API stops with the demo, "
                       "`vramq up` serves the same data dir)")
+    if batch is not None:  # the dispatcher writes the batch's manifest once its jobs ended
+        batch = client.wait_batch(batch["id"], timeout=120)
+        manifest = client.batch_results(batch)
+        ok = ok and batch["status"] == "completed" and len(manifest) == images
+        console.print(f"batch {batch['id']}: {batch['status']}, {batch['counts']['succeeded']}/{batch['counts']['total']} "
+                      f"succeeded; results manifest ({len(manifest)} lines):\n  [link={batch['results_url']}]"
+                      f"{batch['results_url']}[/link]", soft_wrap=True)
     use = client.usage()
     console.print(f"tokens: {use['used_today']} of today's {use['daily_allowance']} used "
                   f"(resets {use['resets_at']}); balance {use['balance']}")

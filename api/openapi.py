@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from jobs.batches import MAX_JOBS, BatchLine, BatchRequest
 from jobs.submit import JobRequest
 
 PROBLEM = {"$ref": "#/components/schemas/Problem"}
@@ -20,6 +21,7 @@ def _problems(*codes: int) -> dict:
 
 JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string", "pattern": "^job_"}}
 ACCOUNT_ID = {"name": "account_id", "in": "path", "required": True, "schema": {"type": "string", "pattern": "^acct_"}}
+BATCH_ID = {"name": "batch_id", "in": "path", "required": True, "schema": {"type": "string", "pattern": "^batch_"}}
 IDEMPOTENCY = {"name": "Idempotency-Key", "in": "header", "schema": {"type": "string", "maxLength": 255}}
 
 
@@ -30,6 +32,7 @@ def _query(name: str, schema: dict, description: str = "") -> dict:
 def spec(services) -> dict:
     inputs = {f"Input_{e.id}": e.input_model.model_json_schema() for e in services.catalog}
     job_ref = {"$ref": "#/components/schemas/Job"}
+    batch_ref = {"$ref": "#/components/schemas/Batch"}
     return {
         "openapi": "3.1.0",
         "info": {"title": "vramq", "version": "1", "description": "Asynchronous batch job queue for GPU generation."},
@@ -67,6 +70,38 @@ def spec(services) -> dict:
             "/v1/webhooks/secret": {"get": {
                 "summary": "The account's Standard Webhooks signing secret (whsec_…)",
                 "responses": {"200": _resp("{secret}"), **_problems(401, 403)}}},
+            "/v1/batches": {
+                "post": {
+                    "summary": f"Submit up to {MAX_JOBS} jobs as one batch (jobs, or a JSONL input_file): all or none; "
+                               "priority defaults to low",
+                    "parameters": [IDEMPOTENCY],
+                    "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/BatchRequest"}}}},
+                    "responses": {"202": _resp("accepted", batch_ref), "200": _resp("replayed (same Idempotency-Key and body)", batch_ref),
+                                  **_problems(400, 401, 402, 409, 413, 422, 429, 503)},
+                },
+                "get": {"summary": "The caller's batches, newest first (needs an API key)",
+                        "parameters": [_query("limit", {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}),
+                                       _query("cursor", {"type": "string"}, "next_cursor of the previous page")],
+                        "responses": {"200": _resp("a page: {data: [batch], next_cursor}"), **_problems(401, 422)}},
+            },
+            "/v1/batches/{batch_id}": {"get": {"summary": "Read a batch: counts by status, usage, results_url once finished",
+                                               "parameters": [BATCH_ID], "responses": {"200": _resp("the batch", batch_ref), **_problems(404)}}},
+            "/v1/batches/{batch_id}/jobs": {"get": {
+                "summary": "The batch's jobs in submission order",
+                "parameters": [BATCH_ID, _query("status", {"type": "string"}, "one or more statuses, comma-separated"),
+                               _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}),
+                               _query("cursor", {"type": "string"}, "next_cursor of the previous page")],
+                "responses": {"200": _resp("a page: {data: [job], next_cursor}"), **_problems(404, 422)}}},
+            "/v1/batches/{batch_id}/cancel": {"post": {
+                "summary": "Cancel the batch's queued and running jobs (queued ones are refunded)", "parameters": [BATCH_ID],
+                "responses": {"200": _resp("the batch, with canceled: {queued, running}", batch_ref), **_problems(404, 409)}}},
+            "/v1/batches/{batch_id}/events": {"get": {
+                "summary": "Server-sent events: counts whenever they change, then done with results_url",
+                "parameters": [BATCH_ID],
+                "responses": {"200": _resp("event stream", {"type": "string"}, "text/event-stream"), **_problems(404)}}},
+            "/v1/batches/{batch_id}/deliveries": {"get": {
+                "summary": "The batch's own webhook deliveries (batch.completed), each with every attempt", "parameters": [BATCH_ID],
+                "responses": {"200": _resp("{data: [delivery]}"), **_problems(404)}}},
             "/s/{token}": {"get": {"summary": "A shared job's result, no key needed",
                                    "parameters": [{"name": "token", "in": "path", "required": True, "schema": {"type": "string"}}],
                                    "responses": {"200": _resp("the shared job"), **_problems(404)}}},
@@ -129,6 +164,16 @@ def spec(services) -> dict:
                     "progress": {"type": "number"}, "queue_position": {"type": ["integer", "null"]},
                     "eta_seconds": {"type": ["number", "null"], "description": "while queued: (position + 1) / the model's recent jobs per second"},
                     "output": {"type": ["object", "null"]}, "error": {"type": ["object", "null"]}, "usage": {"type": "object"},
+                }},
+                "BatchRequest": {**BatchRequest.model_json_schema(), "description": "each of jobs is a BatchLine"},
+                "BatchLine": BatchLine.model_json_schema(),
+                "Batch": {"type": "object", "required": ["id", "object", "status", "counts"], "properties": {
+                    "id": {"type": "string"}, "object": {"const": "batch"},
+                    "status": {"enum": ["queued", "running", "completed", "canceled"]},
+                    "counts": {"type": "object", "properties": {k: {"type": "integer"} for k in (
+                        "total", "queued", "running", "succeeded", "failed", "canceled")}},
+                    "results_url": {"type": ["string", "null"], "description": "signed link to the JSONL manifest, once finished"},
+                    "usage": {"type": "object"},
                 }},
                 "Problem": {"type": "object", "required": ["type", "title", "status", "detail", "code"], "properties": {
                     "type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"},

@@ -7,10 +7,10 @@ from datetime import timedelta
 from typing import Any
 
 from flask import current_app, request
-from sqlalchemy import func, select
+from sqlalchemy import select
 
-from jobs.lifecycle import FAILED, QUEUED, SUCCEEDED, utcnow
-from jobs.queue import PRIORITY
+from jobs import fairness
+from jobs.lifecycle import FAILED, SUCCEEDED, utcnow
 from jobs.schema import Job
 from jobs.views import Links, job_json
 
@@ -26,18 +26,9 @@ def links() -> Links:
 
 
 def queue_position(session, job: Job) -> int | None:
-    """Jobs of the same model that a worker takes before this one (0 = next)."""
-    if job.status != QUEUED:
-        return None
-    ahead_priorities = [p for p, rank in PRIORITY.items() if rank < PRIORITY[job.priority]]
-    q = select(func.count()).select_from(Job).where(
-        Job.model == job.model,
-        Job.status == QUEUED,
-        (Job.priority.in_(ahead_priorities))
-        | ((Job.priority == job.priority)
-           & ((Job.created_at < job.created_at) | ((Job.created_at == job.created_at) & (Job.id < job.id)))),
-    )
-    return session.execute(q).scalar_one()
+    """About how many jobs of the same model are taken before this one (0 = next),
+    under the fair order of jobs.fairness."""
+    return fairness.position(session, job)
 
 
 THROUGHPUT_WINDOW = 50

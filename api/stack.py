@@ -60,7 +60,7 @@ class Stack:
         args = (["--cards", self.cards] if self.cards else []) + (["--cpu"] if self.cpu else []) + ["--stop-grace", "45"]
         self._spawn("workers", cli + ["workers", *args])
         self._spawn("sweeper", cli + ["sweeper"])  # retention: deletes unsaved outputs past their time
-        self._spawn("webhooks", cli + ["webhooks"])  # delivers webhooks from the outbox
+        self._spawn("webhooks", cli + ["webhooks"])  # delivers webhooks, finishes batches
         self._wait_ready(ready_timeout)
         return self
 

@@ -108,6 +108,23 @@ class CpuMeter:
         return out
 
 
+def announce_loading_worker(broker, models: list[str]) -> None:
+    """Keep announcing (in a daemon thread) a worker that is still "loading" ``models``:
+    the API admits jobs only for models a live worker serves, and such a worker takes
+    none of them, so what is measured is the API alone."""
+    import threading
+
+    from jobs import heartbeat
+
+    def announce() -> None:
+        while True:
+            heartbeat.announce(broker, "bench-loading", {"name": "bench-loading", "card": "cpu", "models": models,
+                                                         "pid": 0, "host": "bench", "state": "loading", "running": 0})
+            time.sleep(5)
+
+    threading.Thread(target=announce, daemon=True).start()
+
+
 def build_model(module: str, function: str, dest: Path) -> Path:
     """Build a tiny model (unless built) in a child process: building imports torch and
     transformers, which would stay in this process and slow the direct baseline down

@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import requests
-from _common import UNMETERED, free_port
+from _common import UNMETERED, announce_loading_worker, free_port
 
 MODEL_ID = "bench-flux"
 BODY = {"model": MODEL_ID, "input": {"prompt": "a red fox in the snow", "width": 64, "height": 64, "steps": 1, "seed": 7}}
@@ -344,17 +344,7 @@ def main() -> int:
                **UNMETERED}
         api, url = start_api(env, work, args.api_workers, args.api_threads)
         log(f"api ready at {url} ({args.api_workers} processes x {args.api_threads} threads)")
-        # No worker runs, but the API admits jobs only for models a live worker serves:
-        # a worker that is still "loading" its models is announced, as a real one does.
-        from jobs import heartbeat
-
-        def announce_loading() -> None:
-            while True:
-                heartbeat.announce(broker, "bench-loading", {"name": "bench-loading", "card": "cpu", "models": [MODEL_ID],
-                                                             "pid": 0, "host": "bench", "state": "loading", "running": 0})
-                time.sleep(5)
-
-        threading.Thread(target=announce_loading, daemon=True).start()
+        announce_loading_worker(broker, [MODEL_ID])  # no worker runs, but the model is admitted
 
         warm = run_python(url, min(args.connections, 16), args.warmup, None)
         if warm["accepted"] != args.warmup:

@@ -21,12 +21,13 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from enum import Enum
 
-from jobs import defaults, heartbeat, ledger, lifecycle, webhooks
+from jobs import defaults, fairness, heartbeat, ledger, lifecycle, webhooks
+from jobs.db import writing
 from jobs.errors import JobCanceled, JobError, OutOfMemory, VramqError
 from jobs.events import EventWriter
 from jobs.lifecycle import utcnow
 from jobs.queue import publish
-from jobs.schema import Job
+from jobs.schema import Batch, Job
 
 from .backends import backend_class
 from .backends.base import ItemResult, WorkItem, is_out_of_memory
@@ -69,6 +70,8 @@ class WorkerRuntime:
     events: EventWriter | None = None
     render: object = None
     """Renders a job for its webhook payload (``webhooks.renderer``), set by ``load``."""
+    _missing: set = field(default_factory=set)
+    """Hints whose rows never appeared (see ``_hint_committed``)."""
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
 
@@ -145,16 +148,19 @@ class WorkerRuntime:
 
     # --- one job ------------------------------------------------------------------
 
-    def execute(self, job_id: str) -> None:
+    def execute(self, hint: str, model: str, priority: str) -> None:
+        """One turn at ``model``/``priority`` (a message, see jobs.queue): take the fairest
+        queued job there (jobs.fairness) and run it. ``hint`` is the job or batch whose
+        arrival sent the message; its row is waited for, as the API publishes just before
+        it commits."""
         services = self.services
-        job = self._wait_for_row(job_id)
-        if job is None:
-            log.warning("message for unknown job %s dropped", job_id)
+        if not self._hint_committed(hint):
+            log.warning("message for unknown %s dropped", hint)
             return
-        with services.sessions.begin() as s:
-            won = lifecycle.take(s, job_id, self.name, services.settings.lease_s)
-        if not won:
-            log.info("job %s is %s elsewhere; message dropped", job_id, job.status)
+        with writing(services.sessions) as s:
+            job_id = fairness.take_next(s, model, priority, self.name, services.settings.lease_s)
+        if job_id is None:
+            log.debug("turn at %s/%s: nothing queued", model, priority)
             return
         with services.sessions() as s:
             job = s.get(Job, job_id)
@@ -167,14 +173,21 @@ class WorkerRuntime:
             with self._lock:
                 self._running.pop(job_id, None)
 
-    def _wait_for_row(self, job_id: str) -> Job | None:
-        # The API publishes just before it commits; give the commit a moment to land.
+    def _hint_committed(self, hint: str) -> bool:
+        # The API publishes just before it commits; give the commit a moment to land. A
+        # hint that never appears (its transaction failed) is remembered, so the other
+        # messages of a failed batch are dropped without waiting again.
+        if hint in self._missing:
+            return False
+        table = Batch if hint.startswith("batch_") else Job
         deadline = time.monotonic() + defaults.MISSING_JOB_GRACE_S
         while True:
             with self.services.sessions() as s:
-                job = s.get(Job, job_id)
-            if job is not None or time.monotonic() > deadline:
-                return job
+                if s.get(table, hint) is not None:
+                    return True
+            if time.monotonic() > deadline:
+                self._missing.add(hint)
+                return False
             time.sleep(0.05)
 
     def _run(self, job: Job, run: _Running) -> None:

@@ -84,8 +84,8 @@ def run_worker(card: int | None, models: list[str] | None = None, settings: Sett
     app = services.celery
 
     @app.task(name=RUN_JOB, acks_late=True, reject_on_worker_lost=True)
-    def run_job(job_id: str) -> None:
-        runtime.execute(job_id)
+    def run_job(hint: str, model: str, priority: str) -> None:
+        runtime.execute(hint, model, priority)
 
     argv = [
         "worker",

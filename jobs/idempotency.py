@@ -45,6 +45,18 @@ def replay(services, scope: str, key: str, body_digest: str) -> str | None:
         return row.resource_id
 
 
+def replayed(services, scope: str, key: str | None, body_digest: str | None, table):
+    """The row of ``table`` an earlier request with this key made, or None (no key, or
+    not seen). Raises Conflict like ``replay``."""
+    if not key:
+        return None
+    resource_id = replay(services, scope, key, body_digest)
+    if resource_id is None:
+        return None
+    with services.sessions() as session:
+        return session.get(table, resource_id)
+
+
 def remember(session: Session, scope: str, key: str, body_digest: str, resource_id: str) -> None:
     """Record the key in ``session``'s transaction (a concurrent duplicate fails its commit)."""
     now = utcnow()

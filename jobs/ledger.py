@@ -34,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, time, timedelta, timezone
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
 from .errors import InputError, QuotaExceeded
@@ -154,33 +154,58 @@ def _entry(session: Session, totals: _Totals, entry: str, now: datetime, *, day:
     row = LedgerEntry(holder=totals.holder, entry=entry, job_id=job_id, day=day or day_of(now),
                       allowance_delta=allowance, balance_delta=balance, reason=reason, created_at=now)
     session.add(row)
-    totals.balance += balance
-    if row.day == totals.day:
-        totals.used -= allowance
-    elif row.day > totals.day:  # the first entry of a new day: yesterday's use is history
-        totals.day, totals.used = row.day, -allowance
-    session.execute(update(Wallet).where(Wallet.holder == totals.holder)
-                    .values(day=totals.day, used=totals.used, balance=totals.balance))
+    _move(session, totals, row.day, allowance, balance)
     session.flush()
     return row
 
 
+def _move(session: Session, totals: _Totals, day: str, allowance: int, balance: int) -> None:
+    """Move the locked wallet's running totals by ledger amounts written on ``day``."""
+    totals.balance += balance
+    if day == totals.day:
+        totals.used -= allowance
+    elif day > totals.day:  # the first entry of a new day: yesterday's use is history
+        totals.day, totals.used = day, -allowance
+    session.execute(update(Wallet).where(Wallet.holder == totals.holder)
+                    .values(day=totals.day, used=totals.used, balance=totals.balance))
+
+
 def reserve(session: Session, holder: str, daily: int, job_id: str, tokens: int, now: datetime) -> None:
     """Hold ``tokens`` for a job, or raise 402 ``quota_exceeded`` (nothing is written then)."""
+    reserve_many(session, holder, daily, [(job_id, tokens)], now)
+
+
+def reserve_many(session: Session, holder: str, daily: int, items: list[tuple[str, int]], now: datetime) -> None:
+    """Hold tokens for many jobs (``(job_id, tokens)``) under one lock: all or none (402).
+
+    Each job gets its own ``reserve`` row, taken from today's allowance first and then
+    the balance, in the order given, so each can be settled or refunded on its own."""
     totals = lock(session, holder)
     day = day_of(now)
     used, balance = totals.used_on(session, day), totals.balance
     allowance_left = max(0, daily - used)
     available = allowance_left + balance
+    tokens = sum(t for _, t in items)
     if tokens > available:
+        what = "this job needs" if len(items) == 1 else f"these {len(items)} jobs need"
         raise QuotaExceeded(
-            f"this job needs {tokens} tokens and {available} are left (daily allowance {daily}, "
+            f"{what} {tokens} tokens and {available} are left (daily allowance {daily}, "
             f"{used} used today, balance {balance}); the allowance resets at {iso(resets_at(now))}",
             needed=tokens, available=available, resets_at=iso(resets_at(now)),
         )
-    from_allowance = min(tokens, allowance_left)
-    _entry(session, totals, "reserve", now, day=day, job_id=job_id, allowance=-from_allowance,
-           balance=-(tokens - from_allowance))
+    if len(items) == 1:
+        from_allowance = min(tokens, allowance_left)
+        _entry(session, totals, "reserve", now, day=day, job_id=items[0][0], allowance=-from_allowance,
+               balance=-(tokens - from_allowance))
+        return
+    rows, spent_allowance = [], 0
+    for job_id, t in items:
+        a = min(t, allowance_left - spent_allowance)
+        spent_allowance += a
+        rows.append({"holder": holder, "entry": "reserve", "job_id": job_id, "day": day, "allowance_delta": -a,
+                     "balance_delta": -(t - a), "reason": None, "created_at": now})
+    session.execute(insert(LedgerEntry), rows)
+    _move(session, totals, day, -spent_allowance, -(tokens - spent_allowance))
 
 
 def _reservation(session: Session, job_id: str) -> LedgerEntry | None:
@@ -254,6 +279,46 @@ def refund(session: Session, job_id: str, now: datetime, reason: str) -> int:
            balance=-res.balance_delta, reason=reason[:200])
     session.execute(update(Job).where(Job.id == job_id).values(tokens_charged=0))
     return -(res.allowance_delta + res.balance_delta)
+
+
+def refund_many(session: Session, job_ids: list[str], now: datetime, reason: str, chunk: int = 2000) -> int:
+    """``refund`` for many jobs (a canceled batch): bulk rows, one lock per holder.
+
+    Jobs without a reservation, or already closed, are skipped. Returns the tokens returned."""
+    returned = 0
+    for start in range(0, len(job_ids), chunk):
+        ids = job_ids[start:start + chunk]
+        open_rows = session.execute(
+            select(LedgerEntry.holder, LedgerEntry.job_id, LedgerEntry.day, LedgerEntry.allowance_delta,
+                   LedgerEntry.balance_delta)
+            .where(LedgerEntry.job_id.in_(ids), LedgerEntry.entry == "reserve")
+            .order_by(LedgerEntry.holder)
+        ).all()
+        by_holder: dict[str, list] = {}
+        for r in open_rows:
+            by_holder.setdefault(r.holder, []).append(r)
+        for holder, reservations in by_holder.items():
+            totals = lock(session, holder)  # then look for closings: they cannot appear meanwhile
+            closed = set(session.execute(select(LedgerEntry.job_id).where(
+                LedgerEntry.job_id.in_([r.job_id for r in reservations]),
+                LedgerEntry.entry.in_(("settle", "refund")))).scalars())
+            rows, per_day = [], {}
+            for r in reservations:
+                if r.job_id in closed:
+                    continue
+                rows.append({"holder": holder, "entry": "refund", "job_id": r.job_id, "day": r.day,
+                             "allowance_delta": -r.allowance_delta, "balance_delta": -r.balance_delta,
+                             "reason": reason[:200], "created_at": now})
+                a, b = per_day.get(r.day, (0, 0))
+                per_day[r.day] = (a - r.allowance_delta, b - r.balance_delta)
+            if not rows:
+                continue
+            session.execute(insert(LedgerEntry), rows)
+            for day in sorted(per_day):
+                _move(session, totals, day, *per_day[day])
+            session.execute(update(Job).where(Job.id.in_([r["job_id"] for r in rows])).values(tokens_charged=0))
+            returned += sum(r["allowance_delta"] + r["balance_delta"] for r in rows)
+    return returned
 
 
 def credit(session: Session, holder: str, tokens: int, reason: str | None, now: datetime) -> LedgerEntry:

@@ -4,9 +4,21 @@ Delivery semantics are Celery's: a message is acknowledged after its task ran
 (``acks_late``), and put back if the worker process is lost
 (``reject_on_worker_lost``). Job state lives in SQL (``jobs.lifecycle``), not in a
 Celery result backend, so a redelivered message is harmless: the lease decides.
+
+**A message is a turn, not a job.** Every job that becomes ``queued`` publishes one
+message on its model's queue at its priority; the worker that receives it takes the
+*fairest* queued job of that model and priority in SQL (``jobs.fairness``), which may be
+another account's job than the one whose arrival sent the message. So there are always
+at least as many messages as queued jobs, Redis orders the priorities, and SQL orders
+the accounts within one. The message names the job (or batch) that sent it, ``hint``:
+the worker waits for that row to be committed before it looks, since the API publishes
+just before its commit.
 """
 
 from __future__ import annotations
+
+import json
+import uuid
 
 from celery import Celery
 from kombu import Queue
@@ -51,12 +63,25 @@ def make_celery(broker_url: str, visibility_timeout_s: int, model_ids: list[str]
     return app
 
 
-def publish(app: Celery, job_id: str, model_id: str, priority: str = "normal") -> None:
-    """Send the message that makes a worker run the job; raises on broker failure."""
-    app.send_task(
-        RUN_JOB,
-        args=[job_id],
-        queue=queue_name(model_id),
-        priority=PRIORITY[priority],
-        retry=False,
-    )
+def publish(app: Celery, hint: str, model_id: str, priority: str = "normal", count: int = 1) -> None:
+    """Send ``count`` turns for ``model_id`` at ``priority``; raises on broker failure.
+
+    ``hint`` is the job or batch whose arrival they announce. A batch sends thousands at
+    once: they share one message body and go out through one Redis pipeline (kombu's
+    ``Producer.batch``), about ten times faster than one ``send_task`` each.
+    """
+    args = [hint, model_id, priority]
+    if count == 1:
+        app.send_task(RUN_JOB, args=args, queue=queue_name(model_id), priority=PRIORITY[priority], retry=False)
+        return
+    template = app.amqp.as_task_v2("template", RUN_JOB, args=args)
+    body = json.dumps(template.body)
+    with app.producer_or_acquire() as producer, producer.batch(max_size=2000):
+        for _ in range(count):
+            task_id = str(uuid.uuid4())
+            producer.publish(
+                body, routing_key=queue_name(model_id), exchange="", priority=PRIORITY[priority], retry=False,
+                content_type="application/json", content_encoding="utf-8",
+                headers={**template.headers, "id": task_id, "root_id": task_id},
+                **{**template.properties, "correlation_id": task_id},
+            )

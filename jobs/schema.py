@@ -62,6 +62,8 @@ class Job(Base):
     price_rate: Mapped[float] = mapped_column(Float, default=0.0)
     min_tokens: Mapped[int] = mapped_column(Integer, default=0)
     batch_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    custom_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    """The batch line's own name for the job (``custom_id``); None outside batches."""
     saved: Mapped[bool] = mapped_column(Boolean, default=False)
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     outputs_expired_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
@@ -74,6 +76,41 @@ class Job(Base):
         Index("ix_jobs_status_lease", "status", "lease_expires_at"),
         Index("ix_jobs_caller_created", "caller", "created_at"),
         Index("ix_jobs_expires", "expires_at"),
+        # The fair pick (jobs.fairness): queued jobs of a model and priority, by caller and age.
+        Index("ix_jobs_fair", "model", "priority", "status", "caller", "created_at", "id"),
+        Index("ix_jobs_model_status_caller", "model", "status", "caller"),  # each account's jobs running
+        Index("ix_jobs_batch", "batch_id", "status"),
+    )
+
+
+class Batch(Base):
+    """Many jobs submitted as one (``POST /v1/batches``); see jobs.batches.
+
+    ``status`` is stored only as ``queued`` (open), ``canceled`` or ``completed``; an open
+    batch reads ``running`` once any of its jobs started. Counts come from the jobs."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    caller: Mapped[str] = mapped_column(String(80))
+    status: Mapped[str] = mapped_column(String(16))
+    priority: Mapped[str] = mapped_column(String(8))
+    total: Mapped[int] = mapped_column(Integer)
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
+    webhook: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    input_file: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    base_url: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    """The API's address as the submitter called it: where the manifest's local-store
+    links point (``VRAMQ_PUBLIC_URL`` wins when set)."""
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    canceled_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    """When the results manifest was written (every job had ended)."""
+    results_key: Mapped[str | None] = mapped_column(String(200), nullable=True)
+
+    __table_args__ = (
+        Index("ix_batches_caller_created", "caller", "created_at"),
+        Index("ix_batches_open", "finished_at"),
     )
 
 
@@ -167,6 +204,7 @@ class WebhookDelivery(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     holder: Mapped[str] = mapped_column(String(80))
     job_id: Mapped[str | None] = mapped_column(String(40), nullable=True, index=True)
+    batch_id: Mapped[str | None] = mapped_column(String(40), nullable=True, index=True)
     event: Mapped[str] = mapped_column(String(32))
     url: Mapped[str] = mapped_column(String(2048))
     payload: Mapped[str] = mapped_column(Text)

@@ -67,23 +67,7 @@ def submit_job(services, body: Any, *, caller: Caller, idempotency_key: str | No
     settles it to the actual cost when the job ends (jobs.ledger)."""
     scope = caller.holder
     req = parse_request(body)
-    entry = services.catalog.get(req.model)
-    if entry is None:
-        raise InputError(
-            f"unknown model {req.model!r}; GET /v1/models lists the models",
-            [{"loc": ["model"], "msg": f"unknown model {req.model!r}"}],
-            code="unknown_model",
-        )
-    inp = entry.validate_input(req.input)
-    prompt_tokens = audio_seconds = None
-    if entry.kind == "speech":
-        from .files import check_audio_input  # PyAV, imported only for speech jobs
-
-        audio_seconds = check_audio_input(services, entry, inp, owner=caller)
-    if entry.kind == "text":
-        from .prompts import check_context
-
-        prompt_tokens = check_context(entry, inp)
+    entry, inp, units = check_job(services, req.model, req.input, caller)
     webhook = None
     if req.webhook is not None:
         if not caller.keyed:
@@ -92,18 +76,14 @@ def submit_job(services, body: Any, *, caller: Caller, idempotency_key: str | No
         from .webhooks import parse_spec
 
         webhook = parse_spec(req.webhook, services.settings.webhook_allow_hosts)
-    if "seed" in inp and inp["seed"] is None:
-        inp["seed"] = secrets.randbelow(SEED_MAX + 1)  # chosen now, so the result is reproducible
-
     body_digest = idempotency.digest(body) if idempotency_key else None
     if idempotency_key:
         idempotency.check_key(idempotency_key)
-        existing = _replay(services, scope, idempotency_key, body_digest)
+        existing = idempotency.replayed(services, scope, idempotency_key, body_digest, Job)
         if existing is not None:
             return existing, False
     check_available(services, entry.id)
 
-    units = work_units(entry.kind, inp, prompt_tokens=prompt_tokens, audio_seconds=audio_seconds)
     quote = services.estimator.quote(entry, units)
     metered = not caller.admin  # the operator's own key is not metered
     now = services.now()
@@ -144,11 +124,37 @@ def submit_job(services, body: Any, *, caller: Caller, idempotency_key: str | No
                 raise ServiceUnavailable(f"broker unreachable, job not accepted: {exc.__class__.__name__}") from exc
     except IntegrityError:
         # A concurrent request with the same key won the insert; answer with its job.
-        existing = _replay(services, scope, idempotency_key, body_digest) if idempotency_key else None
+        existing = idempotency.replayed(services, scope, idempotency_key, body_digest, Job)
         if existing is None:
             raise
         return existing, False
     return job, True
+
+
+def check_job(services, model_id: str, raw_input: Any, caller: Caller):
+    """Check one job's model and input against the catalog (422 naming the field);
+    return ``(entry, input with defaults filled in, work units)``. A ``seed`` left out is
+    chosen now, so the result is reproducible."""
+    entry = services.catalog.get(model_id)
+    if entry is None:
+        raise InputError(
+            f"unknown model {model_id!r}; GET /v1/models lists the models",
+            [{"loc": ["model"], "msg": f"unknown model {model_id!r}"}],
+            code="unknown_model",
+        )
+    inp = entry.validate_input(raw_input)
+    prompt_tokens = audio_seconds = None
+    if entry.kind == "speech":
+        from .files import check_audio_input  # PyAV, imported only for speech jobs
+
+        audio_seconds = check_audio_input(services, entry, inp, owner=caller)
+    if entry.kind == "text":
+        from .prompts import check_context
+
+        prompt_tokens = check_context(entry, inp)
+    if "seed" in inp and inp["seed"] is None:
+        inp["seed"] = secrets.randbelow(SEED_MAX + 1)
+    return entry, inp, work_units(entry.kind, inp, prompt_tokens=prompt_tokens, audio_seconds=audio_seconds)
 
 
 def check_available(services, model_id: str) -> None:
@@ -162,11 +168,3 @@ def check_available(services, model_id: str) -> None:
             f"no live worker serves model {model_id!r} (none started, or the planner found no card "
             f"it fits: see `vramq plan`); the job was not queued"
         )
-
-
-def _replay(services, scope: str, key: str, body_digest: str) -> Job | None:
-    job_id = idempotency.replay(services, scope, key, body_digest)
-    if job_id is None:
-        return None
-    with services.sessions() as session:
-        return session.get(Job, job_id)

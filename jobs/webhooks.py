@@ -48,6 +48,7 @@ from .views import iso
 log = logging.getLogger("vramq.webhooks")
 
 JOB_EVENTS = ("job.succeeded", "job.failed", "job.canceled")
+BATCH_EVENTS = ("batch.completed",)
 RETRY_SCHEDULE_S = (5, 30, 120, 600, 1800, 3600, 7200, 14400, 28800, 28800, 28800)
 TIMEOUT_S = (5.0, 10.0)
 """Connect and read timeouts of one attempt."""
@@ -60,8 +61,8 @@ class WebhookSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     url: str = Field(min_length=1, max_length=2048)
-    events: list[Literal["job.succeeded", "job.failed", "job.canceled"]] = Field(
-        default_factory=lambda: list(JOB_EVENTS), min_length=1)
+    events: list[Literal["job.succeeded", "job.failed", "job.canceled", "batch.completed"]] | None = Field(
+        default=None, min_length=1)
 
 
 def secret_for(session: Session, account_id: str) -> str:
@@ -118,7 +119,11 @@ def _kind(ip) -> str:
     return "non-public"
 
 
-def parse_spec(raw: Any, allow: tuple[str, ...]) -> dict:
+def parse_spec(raw: Any, allow: tuple[str, ...], *, batch: bool = False) -> dict:
+    """A job's (or, with ``batch``, a batch's) ``webhook``, checked: ``{"url", "events"}``.
+
+    A job's events default to all three job events. A batch's default to
+    ``batch.completed``; job events named on a batch are sent for each of its jobs."""
     from pydantic import ValidationError
 
     try:
@@ -126,8 +131,14 @@ def parse_spec(raw: Any, allow: tuple[str, ...]) -> dict:
     except ValidationError as exc:
         raise InputError("webhook is invalid", [{"loc": ["webhook", *[str(p) for p in e["loc"]]], "msg": e["msg"]}
                                                 for e in exc.errors()]) from None
+    allowed = JOB_EVENTS + BATCH_EVENTS if batch else JOB_EVENTS
+    for i, event in enumerate(spec.events or ()):
+        if event not in allowed:
+            msg = f"{event!r} is not an event of a {'batch' if batch else 'job'}; one of {', '.join(allowed)}"
+            raise InputError(f"webhook is invalid: {msg}", [{"loc": ["webhook", "events", str(i)], "msg": msg}])
     check_url(spec.url, allow)
-    return {"url": spec.url, "events": sorted(set(spec.events))}
+    events = spec.events or (BATCH_EVENTS if batch else JOB_EVENTS)
+    return {"url": spec.url, "events": sorted(set(events))}
 
 
 # --- the outbox ----------------------------------------------------------------------
@@ -150,8 +161,24 @@ def enqueue(session: Session, job_id: str, event: str, render, now: datetime | N
     return delivery_id
 
 
-def deliveries(session: Session, job_id: str) -> list[dict]:
-    rows = session.execute(select(WebhookDelivery).where(WebhookDelivery.job_id == job_id)
+def enqueue_batch(session: Session, batch, event: str, data: dict, now: datetime | None = None) -> str | None:
+    """Write the delivery of a batch ``event`` (``data``: the batch's JSON), if it asked."""
+    if not batch.webhook or event not in batch.webhook.get("events", BATCH_EVENTS):
+        return None
+    now = now or utcnow()
+    secret_for(session, batch.caller)
+    delivery_id = new_id("msg")
+    payload = json.dumps({"type": event, "timestamp": iso(now), "data": data}, separators=(",", ":"))
+    session.add(WebhookDelivery(id=delivery_id, holder=batch.caller, batch_id=batch.id, event=event,
+                                url=batch.webhook["url"], payload=payload, status="pending", attempts=0, next_at=now,
+                                created_at=now))
+    return delivery_id
+
+
+def deliveries(session: Session, job_id: str | None = None, batch_id: str | None = None) -> list[dict]:
+    """A job's (or a batch's own) deliveries, each with its attempts."""
+    which = WebhookDelivery.job_id == job_id if job_id else WebhookDelivery.batch_id == batch_id
+    rows = session.execute(select(WebhookDelivery).where(which)
                            .order_by(WebhookDelivery.created_at)).scalars().all()
     out = []
     for d in rows:
@@ -191,9 +218,12 @@ class Deliverer:
         self.http = requests.Session()
         self.http.trust_env = False  # no proxies from the environment: the guard checks the real target
 
-    def run(self, stop: threading.Event, idle_s: float = 0.5) -> None:
+    def run(self, stop: threading.Event, idle_s: float = 0.5, also=None) -> None:
+        """Deliver until ``stop``; ``also()`` runs every round too (the batch finisher)."""
         while not stop.is_set():
             try:
+                if also is not None:
+                    also()
                 sent = self.tick()
             except Exception:
                 log.exception("webhook deliverer: claiming failed; retrying")

@@ -87,5 +87,6 @@ def test_demo_runs_the_bulk_render_end_to_end(tmp_path, models_dir):
     [vtt] = out_dir.glob("job_*.vtt")
     assert vtt.read_text().startswith("WEBVTT")
     assert "chat reply" in out.stdout and "transcript" in out.stdout
+    assert "completed, 3/3 succeeded; results manifest (3 lines)" in out.stdout  # the images went as one batch
     for kind in ("image", "video", "speech", "text"):
         assert f" {kind} " in out.stdout  # a row of the summary table

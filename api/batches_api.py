@@ -1,0 +1,170 @@
+"""``/v1/batches``: submit many jobs as one, follow them, cancel them, collect the results."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from flask import Blueprint, Response, current_app, request, stream_with_context
+from sqlalchemy import and_, func, or_, select
+
+from jobs import batches, webhooks
+from jobs.errors import NotFound
+from jobs.schema import Batch, Job
+from jobs.views import job_json
+
+from .callers import current_caller, require_account
+from .jobs_api import STATUSES, STREAM_MAX_S, _bad_arg, _decode_cursor, _encode_cursor, _json_body
+from .metrics import JOBS_SUBMITTED
+from .render import base_url, links
+
+bp = Blueprint("batches", __name__)
+
+PAGE_MAX = 1000
+EVENTS_POLL_S = 1.0
+
+
+def _services():
+    return current_app.config["VRAMQ"]
+
+
+def _load(session, batch_id: str) -> Batch:
+    """The batch, if the caller owns it; another caller's batch is 404."""
+    batch = session.get(Batch, batch_id)
+    if batch is None or not current_caller().owns(batch.caller):
+        raise NotFound(f"no batch {batch_id}")
+    return batch
+
+
+def _render(session, batch: Batch) -> dict:
+    return batches.batch_json(batch, batches.summary(session, batch.id), links())
+
+
+@bp.post("/v1/batches")
+def create_batch():
+    """Accept up to 10,000 jobs at once (``jobs`` or a JSONL ``input_file``): all or none."""
+    services = _services()
+    request.max_content_length = services.settings.max_upload_bytes  # a batch is as big as an upload
+    body = _json_body()
+    batch, created = batches.create(services, body, caller=current_caller(),
+                                    idempotency_key=request.headers.get("Idempotency-Key"), base_url=base_url())
+    with services.sessions() as session:
+        rendered = _render(session, batch)
+    if created:
+        for model, n in _per_model(services, batch.id).items():
+            JOBS_SUBMITTED.labels(model=model).inc(n)
+    resp = current_app.response_class(json.dumps(rendered), status=202 if created else 200,
+                                      mimetype="application/json")
+    resp.headers["Location"] = rendered["links"]["self"]
+    return resp
+
+
+def _per_model(services, batch_id: str) -> dict[str, int]:
+    with services.sessions() as session:
+        return dict(session.execute(select(Job.model, func.count()).where(Job.batch_id == batch_id)
+                                    .group_by(Job.model)).all())
+
+
+@bp.get("/v1/batches")
+def list_batches():
+    """The caller's batches, newest first (``limit``, ``cursor`` as for job history)."""
+    caller = require_account("batch history")
+    limit = _limit(100, 20)
+    q = select(Batch).where(Batch.caller == caller.holder)
+    if request.args.get("cursor"):
+        created, last_id = _decode_cursor(request.args["cursor"])
+        q = q.where(or_(Batch.created_at < created, and_(Batch.created_at == created, Batch.id < last_id)))
+    with _services().sessions() as session:
+        rows = list(session.execute(q.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit + 1)).scalars())
+        data = [_render(session, b) for b in rows[:limit]]
+    return {"object": "list", "data": data,
+            "next_cursor": _encode_cursor(rows[limit - 1]) if len(rows) > limit else None}
+
+
+def _limit(maximum: int, default: int) -> int:
+    try:
+        limit = int(request.args.get("limit", default))
+    except ValueError:
+        raise _bad_arg("limit", "must be an integer") from None
+    if not 1 <= limit <= maximum:
+        raise _bad_arg("limit", f"must be from 1 to {maximum}")
+    return limit
+
+
+@bp.get("/v1/batches/<batch_id>")
+def get_batch(batch_id: str):
+    with _services().sessions() as session:
+        return _render(session, _load(session, batch_id))
+
+
+@bp.get("/v1/batches/<batch_id>/jobs")
+def batch_jobs(batch_id: str):
+    """The batch's jobs in submission order; ``cursor`` is the ``next_cursor`` of the page
+    before, ``status`` filters (``a,b``), ``limit`` up to 1000."""
+    limit = _limit(PAGE_MAX, 100)
+    statuses = None
+    if request.args.get("status"):
+        statuses = request.args["status"].split(",")
+        bad = [s for s in statuses if s not in STATUSES]
+        if bad:
+            raise _bad_arg("status", f"unknown status {bad[0]!r}; one or more of {', '.join(STATUSES)}")
+    after = request.args.get("cursor") or None
+    if after is not None and not after.startswith("job_"):
+        raise _bad_arg("cursor", "is not a cursor this server gave out (use next_cursor as is)")
+    with _services().sessions() as session:
+        _load(session, batch_id)
+        jobs = batches.page(session, batch_id, after, limit + 1, statuses)
+        lk = links()
+        data = [job_json(j, lk) for j in jobs[:limit]]
+    return {"object": "list", "data": data, "next_cursor": jobs[limit - 1].id if len(jobs) > limit else None}
+
+
+@bp.post("/v1/batches/<batch_id>/cancel")
+def cancel_batch(batch_id: str):
+    """Cancel every job of the batch not yet finished; 409 once the batch has finished."""
+    services = _services()
+    with services.sessions() as session:
+        _load(session, batch_id)
+    lk = links()
+    canceled = batches.cancel(services, batch_id, render=lambda j: job_json(j, lk))
+    with services.sessions() as session:
+        return {**_render(session, _load(session, batch_id)), "canceled": canceled}
+
+
+@bp.get("/v1/batches/<batch_id>/deliveries")
+def batch_deliveries(batch_id: str):
+    """The batch's own webhook deliveries (``batch.completed``) with their attempts."""
+    with _services().sessions() as session:
+        _load(session, batch_id)
+        return {"object": "list", "data": webhooks.deliveries(session, batch_id=batch_id)}
+
+
+@bp.get("/v1/batches/<batch_id>/events")
+def batch_events(batch_id: str):
+    """Server-sent events: ``counts`` (the batch) whenever its counts or status change,
+    then ``done`` (the batch, with ``results_url``) once its results are written."""
+    services = _services()
+    with services.sessions() as session:
+        _load(session, batch_id)
+    lk = links()
+
+    def frame(event: str, data: dict) -> str:
+        return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+    def stream():
+        last = None
+        deadline = time.monotonic() + STREAM_MAX_S
+        while time.monotonic() < deadline:
+            with services.sessions() as session:
+                batch = session.get(Batch, batch_id)
+                current = batches.batch_json(batch, batches.summary(session, batch_id), lk)
+            if batch.finished_at is not None:
+                yield frame("done", current)
+                return
+            seen = (current["status"], current["counts"])
+            yield frame("counts", current) if seen != last else ": keep-alive\n\n"
+            last = seen
+            time.sleep(EVENTS_POLL_S)
+
+    return Response(stream_with_context(stream()), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
