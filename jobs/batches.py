@@ -136,7 +136,7 @@ def _check_lines(services, lines: list[tuple[int, Any]], caller: Caller, where: 
     errors: list[dict] = []
     checked: list[dict] = []
     seen: dict[str, int] = {}
-    bad_lines = 0
+    bad_lines: list[int] = []
     for index, (number, raw) in enumerate(lines):
         base = [where, index] if where == "jobs" else [where, "line", number]
         line_errors = []
@@ -162,14 +162,14 @@ def _check_lines(services, lines: list[tuple[int, Any]], caller: Caller, where: 
                 line_errors += [{**e, "loc": base + list(e["loc"])} for e in exc.errors] or [
                     {"loc": base, "msg": str(exc)}]
         if line_errors:
-            bad_lines += 1
+            bad_lines.append(number)
             for e in line_errors:
                 if len(errors) < MAX_ERRORS_LISTED:
                     errors.append({**e, "line": number})
     if bad_lines:
         more = f"; the first {MAX_ERRORS_LISTED} errors are listed" if len(errors) >= MAX_ERRORS_LISTED else ""
-        raise _invalid(errors, f"{bad_lines} of {len(lines)} lines are invalid (lines "
-                               f"{', '.join(str(e['line']) for e in errors[:10])}{'…' if bad_lines > 10 else ''})"
+        raise _invalid(errors, f"{len(bad_lines)} of {len(lines)} lines are invalid (lines "
+                               f"{', '.join(map(str, bad_lines[:10]))}{', …' if len(bad_lines) > 10 else ''})"
                                f"; nothing was queued{more}")
     return checked
 

@@ -99,20 +99,25 @@ def test_a_batch_is_accepted_whole_reserved_per_job_and_listed_in_order(h):
 def test_bad_lines_reject_the_whole_batch_with_their_line_numbers(h):
     acct, key = h.account()
     jobs = lines(6)
-    jobs[1]["input"]["width"] = 100_000  # past the model's limit
+    jobs[1]["input"]["width"] = 100_000  # past the model's limit…
+    jobs[1]["input"]["steps"] = 10_000  # …and a second error on the same line
     jobs[3]["model"] = "no-such-model"
     jobs[4]["custom_id"] = jobs[0]["custom_id"]  # a duplicate
     jobs[5]["priority"] = "high"  # a batch-level field on a line
     resp = h.call("POST", "/v1/batches", key, json={"jobs": jobs})
     assert resp.status_code == 422
     body = resp.get_json()
-    by_line = {e["line"]: e for e in body["errors"]}
+    by_line: dict[int, list] = {}
+    for e in body["errors"]:
+        by_line.setdefault(e["line"], []).append(e)
     assert sorted(by_line) == [2, 4, 5, 6], body
-    assert by_line[2]["loc"] == ["jobs", 1, "input", "width"] and "limit" in by_line[2]["msg"]
-    assert by_line[4]["loc"] == ["jobs", 3, "model"] and "no-such-model" in by_line[4]["msg"]
-    assert by_line[5]["loc"] == ["jobs", 4, "custom_id"] and "line 1" in by_line[5]["msg"]
-    assert by_line[6]["loc"] == ["jobs", 5, "priority"]
-    assert "4 of 6 lines are invalid" in body["detail"]
+    assert [e["loc"] for e in by_line[2]] == [["jobs", 1, "input", "width"], ["jobs", 1, "input", "steps"]]
+    assert all("limit" in e["msg"] for e in by_line[2])
+    [e4], [e5], [e6] = by_line[4], by_line[5], by_line[6]
+    assert e4["loc"] == ["jobs", 3, "model"] and "no-such-model" in e4["msg"]
+    assert e5["loc"] == ["jobs", 4, "custom_id"] and "line 1" in e5["msg"]
+    assert e6["loc"] == ["jobs", 5, "priority"]
+    assert "4 of 6 lines are invalid (lines 2, 4, 5, 6)" in body["detail"]
     assert count(h, Job) == 0 and count(h, Batch) == 0 and messages(h) == 0
     assert h.usage(key)["used_today"] == 0
 
