@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 
-from flask import Blueprint, Response, current_app, request, stream_with_context
+from flask import Blueprint, current_app, request
 from sqlalchemy import and_, func, or_, select
 
 from jobs import batches, webhooks
@@ -14,7 +14,8 @@ from jobs.schema import Batch, Job
 from jobs.views import job_json
 
 from .callers import current_caller, require_account
-from .jobs_api import STATUSES, STREAM_MAX_S, _bad_arg, _decode_cursor, _encode_cursor, _json_body
+from .jobs_api import (STREAM_MAX_S, _bad_arg, _decode_cursor, _encode_cursor, _json_body, limit_arg, sse_frame,
+                       sse_response, statuses_arg)
 from .metrics import JOBS_SUBMITTED
 from .render import base_url, links
 
@@ -69,7 +70,7 @@ def _per_model(services, batch_id: str) -> dict[str, int]:
 def list_batches():
     """The caller's batches, newest first (``limit``, ``cursor`` as for job history)."""
     caller = require_account("batch history")
-    limit = _limit(100, 20)
+    limit = limit_arg(100, 20)
     q = select(Batch).where(Batch.caller == caller.holder)
     if request.args.get("cursor"):
         created, last_id = _decode_cursor(request.args["cursor"])
@@ -79,16 +80,6 @@ def list_batches():
         data = [_render(session, b) for b in rows[:limit]]
     return {"object": "list", "data": data,
             "next_cursor": _encode_cursor(rows[limit - 1]) if len(rows) > limit else None}
-
-
-def _limit(maximum: int, default: int) -> int:
-    try:
-        limit = int(request.args.get("limit", default))
-    except ValueError:
-        raise _bad_arg("limit", "must be an integer") from None
-    if not 1 <= limit <= maximum:
-        raise _bad_arg("limit", f"must be from 1 to {maximum}")
-    return limit
 
 
 @bp.get("/v1/batches/<batch_id>")
@@ -101,13 +92,8 @@ def get_batch(batch_id: str):
 def batch_jobs(batch_id: str):
     """The batch's jobs in submission order; ``cursor`` is the ``next_cursor`` of the page
     before, ``status`` filters (``a,b``), ``limit`` up to 1000."""
-    limit = _limit(PAGE_MAX, 100)
-    statuses = None
-    if request.args.get("status"):
-        statuses = request.args["status"].split(",")
-        bad = [s for s in statuses if s not in STATUSES]
-        if bad:
-            raise _bad_arg("status", f"unknown status {bad[0]!r}; one or more of {', '.join(STATUSES)}")
+    limit = limit_arg(PAGE_MAX, 100)
+    statuses = statuses_arg()
     after = request.args.get("cursor") or None
     if after is not None and not after.startswith("job_"):
         raise _bad_arg("cursor", "is not a cursor this server gave out (use next_cursor as is)")
@@ -148,9 +134,6 @@ def batch_events(batch_id: str):
         _load(session, batch_id)
     lk = links()
 
-    def frame(event: str, data: dict) -> str:
-        return f"event: {event}\ndata: {json.dumps(data)}\n\n"
-
     def stream():
         last = None
         deadline = time.monotonic() + STREAM_MAX_S
@@ -159,12 +142,11 @@ def batch_events(batch_id: str):
                 batch = session.get(Batch, batch_id)
                 current = batches.batch_json(batch, batches.summary(session, batch_id), lk)
             if batch.finished_at is not None:
-                yield frame("done", current)
+                yield sse_frame("done", current)
                 return
             seen = (current["status"], current["counts"])
-            yield frame("counts", current) if seen != last else ": keep-alive\n\n"
+            yield sse_frame("counts", current) if seen != last else ": keep-alive\n\n"
             last = seen
             time.sleep(EVENTS_POLL_S)
 
-    return Response(stream_with_context(stream()), mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return sse_response(stream())

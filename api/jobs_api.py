@@ -86,20 +86,12 @@ def list_jobs():
     caller = require_account("job history")
     args = request.args
     q = select(Job).where(Job.caller == caller.holder)
-    if args.get("status"):
-        wanted = args["status"].split(",")
-        bad = [w for w in wanted if w not in STATUSES]
-        if bad:
-            raise _bad_arg("status", f"unknown status {bad[0]!r}; one or more of {', '.join(STATUSES)}")
+    wanted = statuses_arg()
+    if wanted:
         q = q.where(Job.status.in_(wanted))
     if args.get("model"):
         q = q.where(Job.model == args["model"])
-    try:
-        limit = int(args.get("limit", 20))
-    except ValueError:
-        raise _bad_arg("limit", "must be an integer") from None
-    if not 1 <= limit <= HISTORY_MAX:
-        raise _bad_arg("limit", f"must be from 1 to {HISTORY_MAX}")
+    limit = limit_arg(HISTORY_MAX, 20)
     if args.get("cursor"):
         created, last_id = _decode_cursor(args["cursor"])
         q = q.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < last_id)))
@@ -114,6 +106,39 @@ def list_jobs():
 
 def _bad_arg(name: str, msg: str) -> InputError:
     return InputError(f"query parameter {name}: {msg}", [{"loc": ["query", name], "msg": msg}])
+
+
+def statuses_arg() -> list[str] | None:
+    """``?status=a,b``: the statuses asked for (422 for an unknown one), or None."""
+    if not request.args.get("status"):
+        return None
+    wanted = request.args["status"].split(",")
+    bad = [w for w in wanted if w not in STATUSES]
+    if bad:
+        raise _bad_arg("status", f"unknown status {bad[0]!r}; one or more of {', '.join(STATUSES)}")
+    return wanted
+
+
+def limit_arg(maximum: int, default: int) -> int:
+    """``?limit=``: a page size from 1 to ``maximum`` (422 otherwise)."""
+    try:
+        limit = int(request.args.get("limit", default))
+    except ValueError:
+        raise _bad_arg("limit", "must be an integer") from None
+    if not 1 <= limit <= maximum:
+        raise _bad_arg("limit", f"must be from 1 to {maximum}")
+    return limit
+
+
+def sse_frame(event: str, data: dict, event_id: str | None = None) -> str:
+    head = f"id: {event_id}\n" if event_id else ""
+    return f"{head}event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+def sse_response(stream) -> Response:
+    """A server-sent event stream; proxies are told not to buffer it."""
+    return Response(stream_with_context(stream), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 def _encode_cursor(job: Job) -> str:
@@ -245,18 +270,14 @@ def job_events(job_id: str):
         status = job.status
     after = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or "0"
 
-    def frame(event: str, data: dict, event_id: str | None = None) -> str:
-        head = f"id: {event_id}\n" if event_id else ""
-        return f"{head}event: {event}\ndata: {json.dumps(data)}\n\n"
-
     def done_frame(event_id: str | None) -> str:
         with services.sessions() as session:
-            return frame("done", render_job(session.get(Job, job_id), session), event_id)
+            return sse_frame("done", render_job(session.get(Job, job_id), session), event_id)
 
     def stream():
         nonlocal after
         if after == "0":
-            yield frame("status", {"status": status})
+            yield sse_frame("status", {"status": status})
         deadline = time.monotonic() + STREAM_MAX_S
         while time.monotonic() < deadline:
             entries = events.read(services.redis, job_id, after, block_ms=1000)
@@ -265,7 +286,7 @@ def job_events(job_id: str):
                 if event == "done":
                     yield done_frame(entry_id)
                     return
-                yield frame(event, data, entry_id)
+                yield sse_frame(event, data, entry_id)
             if not entries:
                 # Nothing new for a second: the row says whether the job ended without a
                 # ``done`` in the stream (it expired, or the job was canceled while queued).
@@ -276,8 +297,4 @@ def job_events(job_id: str):
                     return
                 yield ": keep-alive\n\n"
 
-    return Response(
-        stream_with_context(stream()),
-        mimetype="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    return sse_response(stream())

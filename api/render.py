@@ -25,12 +25,6 @@ def links() -> Links:
     return Links(services.store, services.settings.link_ttl, base_url())
 
 
-def queue_position(session, job: Job) -> int | None:
-    """About how many jobs of the same model are taken before this one (0 = next),
-    under the fair order of jobs.fairness."""
-    return fairness.position(session, job)
-
-
 THROUGHPUT_WINDOW = 50
 """ETA: the model's throughput is measured over its last this-many finished jobs…"""
 THROUGHPUT_MAX_AGE_S = 3600
@@ -60,7 +54,7 @@ def throughput(session, model: str) -> float | None:
 def queue_info(session, job: Job) -> tuple[int | None, float | None]:
     """``(queue_position, eta_seconds)``: the jobs ahead, and when this one should be
     done at the model's recent throughput (``(position + 1) / jobs per second``)."""
-    position = queue_position(session, job)
+    position = fairness.position(session, job)  # the fair order's estimate
     if position is None:
         return None, None
     rate = throughput(session, job.model)

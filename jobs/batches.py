@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 from datetime import datetime
+from urllib.parse import urljoin
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -31,12 +32,12 @@ from sqlalchemy.orm import Session
 
 from . import idempotency, ledger, webhooks
 from .accounts import Caller
-from .errors import Conflict, InputError, NotFound, ServiceUnavailable
+from .errors import Conflict, InputError, NotFound, ServiceUnavailable, validation_errors
 from .ids import new_id
-from .lifecycle import CANCELED, FAILED, QUEUED, RUNNING, SUCCEEDED, utcnow
+from .lifecycle import CANCELED, FAILED, QUEUED, RUNNING, SUCCEEDED, cancel_where, utcnow
 from .queue import publish
 from .schema import Batch, Job
-from .submit import MAX_METADATA_BYTES, check_available, check_job
+from .submit import Metadata, check_available, check_job, check_webhook
 from .views import Links, iso, job_json
 
 log = logging.getLogger("vramq.batches")
@@ -57,7 +58,7 @@ class BatchLine(BaseModel):
     custom_id: str = Field(min_length=1, max_length=64)
     model: str = Field(min_length=1, max_length=64)
     input: dict[str, Any]
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: Metadata = Field(default_factory=dict)
 
 
 class BatchRequest(BaseModel):
@@ -66,7 +67,7 @@ class BatchRequest(BaseModel):
     jobs: list[Any] | None = Field(default=None, min_length=1, max_length=MAX_JOBS)
     input_file: str | None = Field(default=None, min_length=1, max_length=40)
     priority: Literal["high", "normal", "low"] = "low"
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: Metadata = Field(default_factory=dict)
     webhook: dict[str, Any] | None = None
 
 
@@ -80,17 +81,13 @@ def parse_request(body: Any) -> BatchRequest:
     try:
         req = BatchRequest.model_validate(body)
     except ValidationError as exc:
-        errors = []
-        for e in exc.errors():
-            msg = e["msg"]
-            if e["type"] == "too_long" and e["loc"][:1] == ("jobs",):
-                msg = f"a batch holds at most {MAX_JOBS} jobs"
-            errors.append({"loc": [str(p) for p in e["loc"]], "msg": msg})
+        errors = validation_errors(exc)
+        for error, e in zip(errors, exc.errors()):
+            if e["type"] == "too_long" and error["loc"] == ["jobs"]:
+                error["msg"] = f"a batch holds at most {MAX_JOBS} jobs"
         raise _invalid(errors) from None
     if (req.jobs is None) == (req.input_file is None):
         raise _invalid([{"loc": ["jobs"], "msg": "give either jobs (a list) or input_file (a JSONL file id), not both"}])
-    if len(json.dumps(req.metadata)) > MAX_METADATA_BYTES:
-        raise _invalid([{"loc": ["metadata"], "msg": f"must encode to at most {MAX_METADATA_BYTES} bytes of JSON"}])
     return req
 
 
@@ -104,8 +101,8 @@ def _file_lines(services, file_id: str, caller: Caller) -> list[tuple[int, Any]]
     try:
         row = get_file(services, file_id)
     except NotFound:
-        raise bad(f"no file {file_id} (upload the JSONL with POST /v1/files, purpose batch)") from None
-    if not caller.owns(row.caller):
+        row = None
+    if row is None or not caller.owns(row.caller):  # another caller's file does not exist for this one
         raise bad(f"no file {file_id} (upload the JSONL with POST /v1/files, purpose batch)")
     if row.purpose != "batch":
         raise bad(f"file {file_id} was uploaded with purpose {row.purpose!r}, not 'batch'")
@@ -113,21 +110,11 @@ def _file_lines(services, file_id: str, caller: Caller) -> list[tuple[int, Any]]
         text = services.store.get(row.key).decode("utf-8")
     except Exception as exc:
         raise ServiceUnavailable(f"could not read {file_id} from storage: {exc.__class__.__name__}") from exc
-    lines = []
-    for number, raw in enumerate(text.splitlines(), 1):
-        if raw.strip():
-            try:
-                lines.append((number, json.loads(raw)))
-            except ValueError as exc:
-                lines.append((number, _Unparsable(str(exc))))
+    # The upload checked that every line is a JSON object (jobs.files), so this parses.
+    lines = [(number, json.loads(raw)) for number, raw in enumerate(text.splitlines(), 1) if raw.strip()]
     if len(lines) > MAX_JOBS:
         raise bad(f"the file has {len(lines)} jobs; a batch holds at most {MAX_JOBS}")
     return lines
-
-
-class _Unparsable:
-    def __init__(self, why: str):
-        self.why = why
 
 
 def _check_lines(services, lines: list[tuple[int, Any]], caller: Caller, where: str) -> list[dict]:
@@ -140,24 +127,19 @@ def _check_lines(services, lines: list[tuple[int, Any]], caller: Caller, where: 
     for index, (number, raw) in enumerate(lines):
         base = [where, index] if where == "jobs" else [where, "line", number]
         line_errors = []
-        if isinstance(raw, _Unparsable):
-            line_errors.append({"loc": base, "msg": f"not valid JSON: {raw.why}"})
-        elif not isinstance(raw, dict):
+        if not isinstance(raw, dict):
             line_errors.append({"loc": base, "msg": "must be a JSON object"})
         else:
             try:
                 line = BatchLine.model_validate(raw)
                 entry, inp, units = check_job(services, line.model, line.input, caller)
-                if len(json.dumps(line.metadata)) > MAX_METADATA_BYTES:
-                    raise InputError("", [{"loc": ["metadata"],
-                                           "msg": f"must encode to at most {MAX_METADATA_BYTES} bytes of JSON"}])
                 if line.custom_id in seen:
                     raise InputError("", [{"loc": ["custom_id"], "msg": f"custom_id {line.custom_id!r} is also on "
                                                                           f"line {seen[line.custom_id]}"}])
                 seen[line.custom_id] = number
                 checked.append({"line": line, "entry": entry, "input": inp, "units": units})
             except ValidationError as exc:
-                line_errors += [{"loc": base + [str(p) for p in e["loc"]], "msg": e["msg"]} for e in exc.errors()]
+                line_errors += validation_errors(exc, base)
             except InputError as exc:
                 line_errors += [{**e, "loc": base + list(e["loc"])} for e in exc.errors] or [
                     {"loc": base, "msg": str(exc)}]
@@ -184,21 +166,14 @@ def create(services, body: Any, *, caller: Caller, idempotency_key: str | None =
         checked = _check_lines(services, lines, caller, "jobs")
     else:
         checked = _check_lines(services, _file_lines(services, req.input_file, caller), caller, "input_file")
-    webhook = job_webhook = None
-    if req.webhook is not None:
-        if not caller.keyed:
-            raise _invalid([{"loc": ["webhook"], "msg": "needs an API key (Authorization: Bearer …)"}],
-                           "webhooks need an API key: they are signed with the account's secret")
-        webhook = webhooks.parse_spec(req.webhook, services.settings.webhook_allow_hosts, batch=True)
-        job_events = [e for e in webhook["events"] if e in webhooks.JOB_EVENTS]
-        job_webhook = {"url": webhook["url"], "events": job_events} if job_events else None
+    webhook = check_webhook(services, req.webhook, caller, batch=True)
+    job_events = [e for e in webhook["events"] if e in webhooks.JOB_EVENTS] if webhook else []
+    job_webhook = {"url": webhook["url"], "events": job_events} if job_events else None
 
     body_digest = idempotency.digest(body) if idempotency_key else None
-    if idempotency_key:
-        idempotency.check_key(idempotency_key)
-        existing = idempotency.replayed(services, caller.holder, idempotency_key, body_digest, Batch)
-        if existing is not None:
-            return existing, False
+    existing = idempotency.replayed(services, caller.holder, idempotency_key, body_digest, Batch)
+    if existing is not None:
+        return existing, False
     for model_id in sorted({c["entry"].id for c in checked}):
         check_available(services, model_id)
 
@@ -274,8 +249,6 @@ def status_of(batch: Batch, counts: dict) -> str:
 
 
 def batch_json(batch: Batch, summary_: dict, links: Links) -> dict:
-    from urllib.parse import urljoin
-
     self_url = urljoin(links.base, f"v1/batches/{batch.id}")
     return {
         "id": batch.id,
@@ -321,12 +294,7 @@ def cancel(services, batch_id: str, now: datetime | None = None, render=None) ->
             if status is None:
                 raise NotFound(f"no batch {batch_id}")
             raise Conflict(f"batch {batch_id} already {status}")
-        moved = {}
-        for was in (QUEUED, RUNNING):
-            moved[was] = [r[0] for r in session.execute(
-                update(Job).where(Job.batch_id == batch_id, Job.status == was)
-                .values(status=CANCELED, finished_at=now, lease_owner=None, lease_expires_at=None)
-                .returning(Job.id))]
+        moved = cancel_where(session, Job.batch_id == batch_id, now)
         ledger.refund_many(session, moved[QUEUED], now, "refund: batch canceled before the job started")
         for job_id in moved[RUNNING]:
             job = session.get(Job, job_id)

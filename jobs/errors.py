@@ -20,6 +20,12 @@
 from __future__ import annotations
 
 
+def validation_errors(exc, prefix: tuple | list = ()) -> list[dict]:
+    """A pydantic ``ValidationError`` as the ``errors`` of an ``InputError``:
+    ``{"loc": [*prefix, field…], "msg"}`` each."""
+    return [{"loc": [*prefix, *map(str, e["loc"])], "msg": e["msg"]} for e in exc.errors()]
+
+
 class VramqError(Exception):
     """Root of every error vramq raises on purpose."""
 

@@ -47,9 +47,10 @@ def replay(services, scope: str, key: str, body_digest: str) -> str | None:
 
 def replayed(services, scope: str, key: str | None, body_digest: str | None, table):
     """The row of ``table`` an earlier request with this key made, or None (no key, or
-    not seen). Raises Conflict like ``replay``."""
+    not seen). Raises InputError for a key too long, and Conflict like ``replay``."""
     if not key:
         return None
+    check_key(key)
     resource_id = replay(services, scope, key, body_digest)
     if resource_id is None:
         return None

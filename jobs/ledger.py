@@ -193,11 +193,6 @@ def reserve_many(session: Session, holder: str, daily: int, items: list[tuple[st
             f"{used} used today, balance {balance}); the allowance resets at {iso(resets_at(now))}",
             needed=tokens, available=available, resets_at=iso(resets_at(now)),
         )
-    if len(items) == 1:
-        from_allowance = min(tokens, allowance_left)
-        _entry(session, totals, "reserve", now, day=day, job_id=items[0][0], allowance=-from_allowance,
-               balance=-(tokens - from_allowance))
-        return
     rows, spent_allowance = [], 0
     for job_id, t in items:
         a = min(t, allowance_left - spent_allowance)
@@ -269,16 +264,7 @@ def settle(session: Session, job: Job, gpu_seconds: float, allowances: Allowance
 
 def refund(session: Session, job_id: str, now: datetime, reason: str) -> int:
     """Give a job's whole reservation back; return the tokens returned (0 if none or closed)."""
-    res = _reservation(session, job_id)
-    if res is None:
-        return 0
-    totals = lock(session, res.holder)
-    if _closed(session, job_id):
-        return 0
-    _entry(session, totals, "refund", now, day=res.day, job_id=job_id, allowance=-res.allowance_delta,
-           balance=-res.balance_delta, reason=reason[:200])
-    session.execute(update(Job).where(Job.id == job_id).values(tokens_charged=0))
-    return -(res.allowance_delta + res.balance_delta)
+    return refund_many(session, [job_id], now, reason)
 
 
 def refund_many(session: Session, job_ids: list[str], now: datetime, reason: str, chunk: int = 2000) -> int:

@@ -158,18 +158,24 @@ def cancel(session: Session, job_id: str, now: datetime | None = None) -> str:
     not exist and Conflict when it has already finished. (Who may cancel is the API's
     question: it answers 404 for another caller's job before calling this.)
     """
-    now = now or utcnow()
+    moved = cancel_where(session, Job.id == job_id, now)
     for status in (QUEUED, RUNNING):
-        result = session.execute(
-            update(Job).where(Job.id == job_id, Job.status == status)
-            .values(status=CANCELED, finished_at=now, lease_owner=None, lease_expires_at=None)
-        )
-        if result.rowcount == 1:
+        if moved[status]:
             return status
     status = session.execute(select(Job.status).where(Job.id == job_id)).scalar()
     if status is None:
         raise NotFound(f"no job {job_id}")
     raise Conflict(f"job {job_id} already {status}")
+
+
+def cancel_where(session: Session, condition, now: datetime | None = None) -> dict[str, list[str]]:
+    """Cancel every queued or running job matching ``condition`` (one UPDATE per state);
+    return the ids canceled by the state they had: ``{"queued": […], "running": […]}``."""
+    now = now or utcnow()
+    return {status: [row[0] for row in session.execute(
+        update(Job).where(condition, Job.status == status)
+        .values(status=CANCELED, finished_at=now, lease_owner=None, lease_expires_at=None).returning(Job.id))]
+        for status in (QUEUED, RUNNING)}
 
 
 def canceled_among(session: Session, job_ids: Iterable[str]) -> set[str]:

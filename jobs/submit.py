@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import json
 import secrets
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy.exc import IntegrityError
 
 from . import idempotency, ledger
 from .accounts import Caller
 from .catalog import SEED_MAX
-from .errors import InputError, ModelUnavailable, ServiceUnavailable
+from .errors import InputError, ModelUnavailable, ServiceUnavailable, validation_errors
 from .ids import new_id
 from .lifecycle import QUEUED
 from .pricing import work_units
@@ -28,22 +28,25 @@ from .schema import Job
 MAX_METADATA_BYTES = 4096
 
 
+def _small(v: dict[str, Any]) -> dict[str, Any]:
+    if len(json.dumps(v)) > MAX_METADATA_BYTES:
+        raise ValueError(f"must encode to at most {MAX_METADATA_BYTES} bytes of JSON")
+    return v
+
+
+Metadata = Annotated[dict[str, Any], AfterValidator(_small)]
+"""A job's or batch's ``metadata``: any JSON object of at most ``MAX_METADATA_BYTES``."""
+
+
 class JobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(min_length=1, max_length=64)
     input: dict[str, Any]
     priority: Literal["high", "normal", "low"] = "normal"
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: Metadata = Field(default_factory=dict)
     webhook: dict[str, Any] | None = None
-    """``{"url", "events"?}``: checked by jobs.webhooks.parse_spec."""
-
-    @field_validator("metadata")
-    @classmethod
-    def _small(cls, v: dict[str, Any]) -> dict[str, Any]:
-        if len(json.dumps(v)) > MAX_METADATA_BYTES:
-            raise ValueError(f"must encode to at most {MAX_METADATA_BYTES} bytes of JSON")
-        return v
+    """``{"url", "events"?}``: checked by ``check_webhook``."""
 
 
 def parse_request(body: Any) -> JobRequest:
@@ -52,10 +55,7 @@ def parse_request(body: Any) -> JobRequest:
     try:
         return JobRequest.model_validate(body)
     except ValidationError as exc:
-        raise InputError(
-            "the request body is invalid",
-            [{"loc": [str(p) for p in e["loc"]], "msg": e["msg"]} for e in exc.errors()],
-        ) from None
+        raise InputError("the request body is invalid", validation_errors(exc)) from None
 
 
 def submit_job(services, body: Any, *, caller: Caller, idempotency_key: str | None = None) -> tuple[Job, bool]:
@@ -68,20 +68,11 @@ def submit_job(services, body: Any, *, caller: Caller, idempotency_key: str | No
     scope = caller.holder
     req = parse_request(body)
     entry, inp, units = check_job(services, req.model, req.input, caller)
-    webhook = None
-    if req.webhook is not None:
-        if not caller.keyed:
-            raise InputError("webhooks need an API key: they are signed with the account's secret",
-                             [{"loc": ["webhook"], "msg": "needs an API key (Authorization: Bearer …)"}])
-        from .webhooks import parse_spec
-
-        webhook = parse_spec(req.webhook, services.settings.webhook_allow_hosts)
+    webhook = check_webhook(services, req.webhook, caller)
     body_digest = idempotency.digest(body) if idempotency_key else None
-    if idempotency_key:
-        idempotency.check_key(idempotency_key)
-        existing = idempotency.replayed(services, scope, idempotency_key, body_digest, Job)
-        if existing is not None:
-            return existing, False
+    existing = idempotency.replayed(services, scope, idempotency_key, body_digest, Job)
+    if existing is not None:
+        return existing, False
     check_available(services, entry.id)
 
     quote = services.estimator.quote(entry, units)
@@ -155,6 +146,19 @@ def check_job(services, model_id: str, raw_input: Any, caller: Caller):
     if "seed" in inp and inp["seed"] is None:
         inp["seed"] = secrets.randbelow(SEED_MAX + 1)
     return entry, inp, work_units(entry.kind, inp, prompt_tokens=prompt_tokens, audio_seconds=audio_seconds)
+
+
+def check_webhook(services, raw: Any, caller: Caller, *, batch: bool = False) -> dict | None:
+    """A job's (or batch's) ``webhook``, checked (jobs.webhooks.parse_spec); None when
+    not given. Webhooks need an account: they are signed with its secret."""
+    if raw is None:
+        return None
+    if not caller.keyed:
+        raise InputError("webhooks need an API key: they are signed with the account's secret",
+                         [{"loc": ["webhook"], "msg": "needs an API key (Authorization: Bearer …)"}])
+    from .webhooks import parse_spec
+
+    return parse_spec(raw, services.settings.webhook_allow_hosts, batch=batch)
 
 
 def check_available(services, model_id: str) -> None:

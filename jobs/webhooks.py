@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from .errors import InputError
+from .errors import InputError, validation_errors
 from .ids import new_id
 from .lifecycle import utcnow
 from .schema import Account, Job, WebhookAttempt, WebhookDelivery
@@ -129,8 +129,7 @@ def parse_spec(raw: Any, allow: tuple[str, ...], *, batch: bool = False) -> dict
     try:
         spec = WebhookSpec.model_validate(raw)
     except ValidationError as exc:
-        raise InputError("webhook is invalid", [{"loc": ["webhook", *[str(p) for p in e["loc"]]], "msg": e["msg"]}
-                                                for e in exc.errors()]) from None
+        raise InputError("webhook is invalid", validation_errors(exc, ["webhook"])) from None
     allowed = JOB_EVENTS + BATCH_EVENTS if batch else JOB_EVENTS
     for i, event in enumerate(spec.events or ()):
         if event not in allowed:
@@ -150,28 +149,25 @@ def enqueue(session: Session, job_id: str, event: str, render, now: datetime | N
     job = session.get(Job, job_id, populate_existing=True)  # as this transaction left it
     if job is None or not job.webhook or event not in job.webhook.get("events", JOB_EVENTS):
         return None
-    now = now or utcnow()
-    secret_for(session, job.caller)  # exists before the first attempt signs with it
-    delivery_id = new_id("msg")
-    payload = json.dumps({"type": event, "timestamp": iso(now), "data": render(job)},
-                         separators=(",", ":"))
-    session.add(WebhookDelivery(id=delivery_id, holder=job.caller or "", job_id=job.id, event=event,
-                                url=job.webhook["url"], payload=payload, status="pending", attempts=0, next_at=now,
-                                created_at=now))
-    return delivery_id
+    return _outbox(session, job.caller or "", job.webhook["url"], event, render(job), now, job_id=job.id)
 
 
 def enqueue_batch(session: Session, batch, event: str, data: dict, now: datetime | None = None) -> str | None:
     """Write the delivery of a batch ``event`` (``data``: the batch's JSON), if it asked."""
     if not batch.webhook or event not in batch.webhook.get("events", BATCH_EVENTS):
         return None
+    return _outbox(session, batch.caller, batch.webhook["url"], event, data, now, batch_id=batch.id)
+
+
+def _outbox(session: Session, holder: str, url: str, event: str, data: dict, now: datetime | None,
+            *, job_id: str | None = None, batch_id: str | None = None) -> str:
+    """Write one delivery row: the signed body is fixed now. Returns its id."""
     now = now or utcnow()
-    secret_for(session, batch.caller)
+    secret_for(session, holder)  # exists before the first attempt signs with it
     delivery_id = new_id("msg")
     payload = json.dumps({"type": event, "timestamp": iso(now), "data": data}, separators=(",", ":"))
-    session.add(WebhookDelivery(id=delivery_id, holder=batch.caller, batch_id=batch.id, event=event,
-                                url=batch.webhook["url"], payload=payload, status="pending", attempts=0, next_at=now,
-                                created_at=now))
+    session.add(WebhookDelivery(id=delivery_id, holder=holder, job_id=job_id, batch_id=batch_id, event=event,
+                                url=url, payload=payload, status="pending", attempts=0, next_at=now, created_at=now))
     return delivery_id
 
 
