@@ -9,8 +9,12 @@ from pathlib import Path
 
 import click
 
-from jobs import defaults
+from jobs import defaults, proctree
 from jobs.errors import VramqError
+
+# A process a vramq worker's library started with multiprocessing's spawn (vLLM's engine
+# core) imports this module as its main: it dies with that worker (jobs.proctree).
+proctree.bind_if_asked()
 
 
 def _settings():
@@ -35,15 +39,23 @@ def main(verbose: bool) -> None:
 @click.option("--cpu", is_flag=True, help="One CPU worker even where there are GPUs.")
 def up(port: int, host: str, cards: str | None, cpu: bool) -> None:
     """Everything on one machine: API, one worker per card (or a CPU worker), the embedded broker if none is configured."""
-    from .stack import Stack
+    from jobs.proctree import StopRequested, StopSignals
 
-    stack = Stack(_settings(), port=port, host=host, cards=cards, cpu=cpu)
+    signals = StopSignals()  # first: a SIGTERM during start-up stops what was started so far
+    stack, code = None, 0
     try:
+        from .stack import Stack
+
+        stack = Stack(_settings(), port=port, host=host, cards=cards, cpu=cpu)
         stack.start()
         click.echo(f"vramq is up at {stack.url}  (Ctrl-C or SIGTERM stops it)", err=True)
-        code = stack.wait()
+        code = stack.wait(signals)
+    except StopRequested as stop:
+        click.echo(f"vramq: {stop} during start-up; stopping", err=True)
     finally:
-        stack.stop()
+        signals.running()  # a second signal must not interrupt the stopping
+        if stack is not None:
+            stack.stop()
     sys.exit(code)
 
 
@@ -77,14 +89,16 @@ def _size(value: str | None) -> int | None:
 @click.option("--vram-budget", default=None, metavar="SIZE",
               help="Memory the models may take together, e.g. 24GB (default: the card's memory; "
                    "none on the CPU). Models past it load on demand, evicting the least recently used.")
-def worker(card: int | None, cpu: bool, models: str | None, vram_budget: str | None) -> None:
+@click.option("--stop-grace", default=defaults.STOP_GRACE_S, show_default=True,
+              help="Seconds running jobs get to finish on SIGTERM; then they go back to the queue.")
+def worker(card: int | None, cpu: bool, models: str | None, vram_budget: str | None, stop_grace: int) -> None:
     """One worker pinned to one card (or the CPU), its models resident."""
     if (card is None) == (not cpu):
         raise click.UsageError("give exactly one of --card N or --cpu")
     from gpu_workers.worker import run_worker
 
     run_worker(None if cpu else card, models.split(",") if models else None, _settings(),
-               budget_bytes=_size(vram_budget))
+               budget_bytes=_size(vram_budget), stop_grace_s=stop_grace)
 
 
 def _cards(cards: str | None, cpu: bool):
@@ -160,18 +174,26 @@ def vram(path: Path, context: int | None, seqs: int | None, dtype: str | None, k
 @click.option("--cards", default=None, metavar="SPEC", help="Declared capacities of the GPUs 0..N-1, e.g. 80GB,24GB "
               "(default: what NVML reports).")
 @click.option("--cpu", is_flag=True, help="One CPU worker (budget: VRAMQ_CPU_MEMORY_GB, else half the RAM).")
-@click.option("--stop-grace", default=300, show_default=True, help="Seconds running jobs get to finish on SIGTERM.")
+@click.option("--stop-grace", default=defaults.STOP_GRACE_S, show_default=True,
+              help="Seconds running jobs get to finish on SIGTERM.")
 def workers(cards: str | None, cpu: bool, stop_grace: int) -> None:
     """One worker per card, as `vramq plan` places the models; restarted when they die."""
-    from gpu_workers.supervisor import Supervisor, plan_catalog, worker_specs
+    from jobs.proctree import StopRequested, StopSignals
 
-    result = plan_catalog(_catalog(None), _cards(cards, cpu))
+    signals = StopSignals()  # first: SIGTERM while planning ends the command, nothing started
+    try:
+        from gpu_workers.supervisor import Supervisor, plan_catalog, worker_specs
+
+        result = plan_catalog(_catalog(None), _cards(cards, cpu))
+        signals.running()  # from here the supervisor's loop watches the flag
+    except StopRequested:
+        sys.exit(0)
     for model_id, need, reason in result.unplaced:
         click.echo(f"vramq: {model_id} is not served: {reason}", err=True)
     specs = worker_specs(result)
     if not specs:
         raise VramqError("no model fits any card; nothing to run (see `vramq plan`)")
-    sys.exit(Supervisor(specs, stop_grace_s=stop_grace).run())
+    sys.exit(Supervisor(specs, stop_grace_s=stop_grace).run(signals))
 
 
 @main.group()
@@ -242,7 +264,13 @@ def submit(model: str, params: tuple[str, ...], wait: bool, url: str, priority: 
 @click.option("--api-key", envvar="VRAMQ_API_KEY", default=None, help="An account's key (default: anonymous).")
 def batch(jsonl: Path, wait: bool, out: Path | None, url: str, priority: str, api_key: str | None) -> None:
     """Submit a JSONL file of jobs ({"custom_id", "model", "input"} per line) as one batch."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     from .client import ApiError, Client
 
@@ -288,7 +316,9 @@ def demo(images: int, port: int, out: Path) -> None:
 @main.command()
 @click.option("--once", is_flag=True, help="Sweep once and exit.")
 def sweeper(once: bool) -> None:
-    """Delete unsaved outputs past VRAMQ_RETENTION_HOURS, every VRAMQ_SWEEP_SECONDS."""
+    """Every VRAMQ_SWEEP_SECONDS, delete what is past its time: unsaved outputs and batch
+    manifests (VRAMQ_RETENTION_HOURS), uploads (VRAMQ_UPLOAD_RETENTION_HOURS), shares of
+    expired jobs, idempotency keys (VRAMQ_IDEMPOTENCY_HOURS)."""
     import signal
     import threading
 
@@ -300,13 +330,15 @@ def sweeper(once: bool) -> None:
     log = logging.getLogger("vramq.retention")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    log.info("sweeper: outputs kept %g h unless saved; sweeping every %g s",
-             services.settings.retention_hours, services.settings.sweep_s)
+    settings = services.settings
+    log.info("sweeper: outputs and batch manifests kept %g h unless saved, uploads %g h, idempotency keys %g h; "
+             "sweeping every %g s", settings.retention_hours, settings.upload_retention_hours,
+             settings.idempotency_hours, settings.sweep_s)
     while not stop.is_set():
         try:
-            swept = sweep(services, utcnow())
-            if swept:
-                log.info("expired the outputs of %d jobs", len(swept))
+            report = sweep(services, utcnow())
+            if report:
+                log.info("%s", report.describe())
         except Exception:  # the database or store is down: try again next round
             log.exception("sweep failed; retrying in %g s", services.settings.sweep_s)
         if once:

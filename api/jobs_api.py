@@ -11,15 +11,16 @@ from flask import Blueprint, Response, current_app, request, stream_with_context
 from sqlalchemy import and_, or_, select
 from werkzeug.exceptions import BadRequest
 
-from jobs import events, ledger, retention, webhooks
+from jobs import events, outcomes, retention, webhooks
 from jobs.db import writing
 from jobs.errors import Forbidden, InputError, NotFound
-from jobs.lifecycle import QUEUED, RUNNING, TERMINAL, cancel
+from jobs.lifecycle import TERMINAL, raise_not_cancelable
+from jobs.outcomes import Canceled
 from jobs.schema import Job
 from jobs.submit import submit_job
 from jobs.views import job_json
 
-from .callers import current_caller, require_account
+from .callers import current_caller, require_account, require_admin
 from .metrics import JOBS_SUBMITTED
 from .render import base_url, links, render_job
 
@@ -84,8 +85,26 @@ def list_jobs():
     """The caller's jobs, newest first. The cursor is the last job of a page (its
     ``created_at`` and id), so pages stay stable while new jobs arrive."""
     caller = require_account("job history")
+    return _history(select(Job).where(Job.caller == caller.holder))
+
+
+@bp.get("/v1/admin/jobs")
+def admin_jobs():
+    """Every caller's jobs, newest first (admin only), filtered like the history and by
+    ``code`` (the error code) and ``caller``: ``?status=failed&code=worker_lost`` is the
+    dead-letter view, the jobs that killed their workers ``VRAMQ_MAX_ATTEMPTS`` times."""
+    require_admin()
+    q = select(Job)
+    if request.args.get("code"):
+        q = q.where(Job.error_code == request.args["code"])
+    if request.args.get("caller"):
+        q = q.where(Job.caller == request.args["caller"])
+    return _history(q)
+
+
+def _history(q):
+    """One page of the jobs ``q`` selects, with the history's filters and cursor."""
     args = request.args
-    q = select(Job).where(Job.caller == caller.holder)
     wanted = statuses_arg()
     if wanted:
         q = q.where(Job.status.in_(wanted))
@@ -163,18 +182,12 @@ def cancel_job(job_id: str):
     with services.sessions() as session:
         _load(session, job_id)  # 404 for another caller's job
     with services.sessions.begin() as session:
-        was = cancel(session, job_id, now=now)  # first statement: a write (see jobs.db.writing)
-        job = session.get(Job, job_id)
-        if was == QUEUED:
-            ledger.refund(session, job_id, now, "refund: canceled before it started")
-        elif was == RUNNING:
-            ledger.settle(session, job, 0.0, services.allowances, now, cost=job.min_tokens)
-        webhooks.enqueue(session, job_id, "job.canceled", lambda j: job_json(j, links()), now)
-    try:
-        events.emit(services.redis, job_id, "status", {"status": "canceled"})
-        events.emit(services.redis, job_id, "done", {"status": "canceled"})
-    except Exception:  # the live view is best effort; the row already says canceled
-        pass
+        # Its first statement is a write (see jobs.db.writing).
+        ending = outcomes.end(session, Canceled(), job_id=job_id, allowances=services.allowances,
+                              render=lambda j: job_json(j, links()), now=now)
+        if not ending.won:
+            raise_not_cancelable(session, job_id)
+    ending.announce(services.redis)
     with services.sessions() as session:
         return render_job(_load(session, job_id), session)
 

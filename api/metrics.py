@@ -1,6 +1,6 @@
-"""Prometheus metrics of the API process; job gauges read from the database and per-card
-figures read from the workers' heartbeats, both at scrape time (one scrape target for the
-whole installation).
+"""Prometheus metrics of the API process; job gauges read from the database, per-card
+figures read from the workers' heartbeats and the retention sweeper's totals read from
+Redis, all at scrape time (one scrape target for the whole installation).
 
 Under gunicorn with several processes, ``PROMETHEUS_MULTIPROC_DIR`` is set (``vramq api``
 does it) and counters from every process are summed at scrape time.
@@ -15,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from sqlalchemy import func, select
 
 from jobs.heartbeat import live_workers
+from jobs.retention import deleted_totals
 from jobs.schema import Job
 
 JOBS_SUBMITTED = Counter("vramq_jobs_submitted_total", "Jobs accepted by the API", ["model"])
@@ -81,6 +82,28 @@ class CardCollector:
         yield from (resident, loaded, loads, evictions, load_s)
 
 
+class RetentionCollector:
+    """``vramq_retention_deleted_total{what}``: what the retention sweeper deleted, per
+    class. The sweeper is a process of its own, so its totals live in Redis
+    (``jobs.retention.DELETED_KEY``) and are read here at scrape time."""
+
+    def __init__(self, services):
+        self.services = services
+
+    def collect(self):
+        import redis
+
+        deleted = CounterMetricFamily("vramq_retention_deleted", "Things the retention sweeper deleted, by class",
+                                      labels=["what"])
+        try:
+            totals = deleted_totals(self.services.redis)
+        except redis.RedisError:  # broker down: no retention figures this scrape
+            totals = {}
+        for what, count in totals.items():
+            deleted.add_metric([what], count)
+        yield deleted
+
+
 def render(services) -> bytes:
     """This process's metrics (or every gunicorn process's, summed), then the job gauges."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -91,4 +114,5 @@ def render(services) -> bytes:
     jobs = CollectorRegistry()
     jobs.register(JobStateCollector(services))
     jobs.register(CardCollector(services))
+    jobs.register(RetentionCollector(services))
     return generate_latest(registry) + generate_latest(jobs)

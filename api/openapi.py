@@ -113,6 +113,16 @@ def spec(services) -> dict:
             "/v1/account": {"get": {"summary": "The calling account", "responses": {"200": _resp("the account"), **_problems(401)}}},
             "/v1/usage": {"get": {"summary": "Tokens: tier, daily_allowance, used_today, balance, available, resets_at",
                                   "responses": {"200": _resp("usage"), **_problems(401)}}},
+            "/v1/admin/jobs": {"get": {
+                "summary": "Every caller's jobs, newest first (admin key); status=failed&code=worker_lost is the "
+                           "dead-letter view",
+                "parameters": [_query("status", {"type": "string"}, "one or more statuses, comma-separated"),
+                               _query("code", {"type": "string"}, "error code, e.g. worker_lost, model_load_failed"),
+                               _query("caller", {"type": "string"}, "the owner (acct_… or anon:ADDRESS)"),
+                               _query("model", {"type": "string"}),
+                               _query("limit", {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}),
+                               _query("cursor", {"type": "string"}, "next_cursor of the previous page")],
+                "responses": {"200": _resp("a page: {data: [job], next_cursor}"), **_problems(401, 403, 422)}}},
             "/v1/admin/accounts/{account_id}": {"get": {
                 "summary": "An account with its usage and latest ledger entries (admin key)", "parameters": [ACCOUNT_ID],
                 "responses": {"200": _resp("account"), **_problems(401, 403, 404)}}},

@@ -11,7 +11,6 @@ stops the children (workers finish or give back their jobs), then the broker it 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import requests
 
+from jobs import proctree
 from jobs.errors import ServiceUnavailable
 from jobs.settings import Settings
 
@@ -36,7 +36,7 @@ class Stack:
         self.api_workers = api_workers
         self.children: list[tuple[str, subprocess.Popen]] = []
         self.redis_proc = None
-        self.env = os.environ.copy()
+        self.env = dict(os.environ)
 
     @property
     def url(self) -> str:
@@ -78,10 +78,10 @@ class Stack:
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             out = open(self.log_dir / f"{name}.log", "ab")
-        # Each child leads its own process group, so stopping can reach what it started
-        # (a worker's vLLM engine processes) even if the child itself is gone.
-        proc = subprocess.Popen(argv, env=self.env, stdout=out, stderr=subprocess.STDOUT if out else None,
-                                cwd=Path(__file__).resolve().parent.parent, start_new_session=True)
+        # Its own process group (stopping reaches what it started, a worker's vLLM engine),
+        # and it dies with this process however this process dies (jobs.proctree).
+        proc = proctree.spawn(argv, env=self.env, stdout=out, stderr=subprocess.STDOUT if out else None,
+                              cwd=Path(__file__).resolve().parent.parent)
         self.children.append((name, proc))
 
     def _wait_ready(self, timeout: float) -> None:
@@ -108,16 +108,10 @@ class Stack:
             time.sleep(0.25)
         raise ServiceUnavailable(f"vramq did not become ready within {timeout:.0f}s")
 
-    def wait(self) -> int:
+    def wait(self, signals: proctree.StopSignals) -> int:
         """Block until a signal asks to stop or a child dies; return the exit code."""
-        stop = {"sig": None}
-
-        def _handler(signum, _frame):
-            stop["sig"] = signum
-
-        signal.signal(signal.SIGTERM, _handler)
-        signal.signal(signal.SIGINT, _handler)
-        while stop["sig"] is None:
+        signals.running()
+        while signals.requested is None:
             for name, proc in self.children:
                 if proc.poll() is not None:
                     print(f"vramq: {name} exited with code {proc.returncode}; stopping", file=sys.stderr)
@@ -126,21 +120,10 @@ class Stack:
         return 0
 
     def stop(self, timeout: float = 60) -> None:
+        """SIGTERM every child (workers finish or give back their jobs), SIGKILL what is
+        left after ``timeout``, then stop the broker this stack started."""
         # Workers first, so none takes a job the API can no longer report on; the API last.
-        for _name, proc in reversed(self.children):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for _name, proc in self.children:
-            try:
-                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                pass
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # the child if stuck, and anything it left
-            except ProcessLookupError:
-                pass
-            proc.wait()
+        proctree.terminate_all([proc for _name, proc in reversed(self.children)], timeout)
         self.children.clear()
         if self.redis_proc is not None:
             from jobs.embedded import stop_redis

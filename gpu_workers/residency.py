@@ -21,8 +21,10 @@ import threading
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator
+
+from jobs.errors import ModelLoadFailed
 
 log = logging.getLogger("vramq.residency")
 
@@ -50,11 +52,17 @@ class _Slot:
     loading: bool = False
     last_load_s: float = 0.0
     load_epoch: int = 0
+    failed: str | None = None
+    """Why loading this model failed last; not tried again before ``retry_at``."""
+    retry_at: float = 0.0
+    retry_after_s: float = 0.0
 
 
 class Residency:
     def __init__(self, need_bytes: dict[str, int], budget_bytes: int | None,
-                 load: Callable[[str], object], unload: Callable[[str, object], None]):
+                 load: Callable[[str], object], unload: Callable[[str, object], None],
+                 retry_load_after_s: float = 60.0, clock: Callable[[], float] = time.monotonic):
+        self.retry_load_after_s, self.clock = retry_load_after_s, clock
         self.need = dict(need_bytes)
         self.budget = budget_bytes
         self._load, self._unload = load, unload
@@ -96,11 +104,25 @@ class Residency:
         finally:
             self.release(model_id)
 
+    @property
+    def failed(self) -> dict[str, str]:
+        """Models this worker could not load and will not try again yet, with the reason
+        (announced in its heartbeat: admission and other workers' turns avoid it)."""
+        now = self.clock()
+        with self._cond:
+            return {m: s.failed for m, s in self._slots.items() if s.failed and now < s.retry_at}
+
     def acquire(self, model_id: str) -> Lease:
+        """Hold ``model_id``, loading it first if needed. Raises ``ModelLoadFailed`` when it
+        cannot be loaded, and at once for a model whose load failed within its cool-down
+        (``retry_load_after_s``, doubling on each failure up to an hour): broken weights
+        are not loaded again for every job, and a passing fault heals by itself."""
         slot = self._slots[model_id]
         waited_for_load = False
         with self._cond:
             while True:
+                if slot.failed and self.clock() < slot.retry_at:
+                    raise ModelLoadFailed(f"model {model_id} could not be loaded on this worker: {slot.failed}")
                 if slot.handle is not None and not slot.loading and model_id not in self._draining:
                     slot.in_use += 1
                     self._lru.move_to_end(model_id)
@@ -130,6 +152,15 @@ class Residency:
             t0 = time.perf_counter()
             handle = self._load(model_id)
             elapsed = time.perf_counter() - t0
+        except Exception as exc:
+            log.exception("loading %s failed", model_id)
+            with self._cond:
+                slot.loading = False
+                slot.failed = f"{type(exc).__name__}: {exc}"[:500]
+                slot.retry_after_s = min(max(slot.retry_after_s * 2, self.retry_load_after_s), 3600.0)
+                slot.retry_at = self.clock() + slot.retry_after_s
+                self._cond.notify_all()
+            raise ModelLoadFailed(f"model {model_id} could not be loaded: {slot.failed}") from exc
         except BaseException:
             with self._cond:
                 slot.loading = False
@@ -137,6 +168,7 @@ class Residency:
             raise
         with self._cond:
             slot.handle, slot.loading, slot.last_load_s = handle, False, elapsed
+            slot.failed, slot.retry_after_s = None, 0.0
             slot.in_use += 1
             self._lru[model_id] = None
             st = self.stats[model_id]

@@ -21,18 +21,22 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from enum import Enum
 
-from jobs import defaults, fairness, heartbeat, ledger, lifecycle, webhooks
+from sqlalchemy.exc import DBAPIError
+
+from jobs import defaults, fairness, heartbeat, lifecycle, outcomes, turns, webhooks
 from jobs.db import writing
-from jobs.errors import JobCanceled, JobError, OutOfMemory, VramqError
+from jobs.errors import JobCanceled, JobError, ModelLoadFailed, OutOfMemory, VramqError
 from jobs.events import EventWriter
 from jobs.lifecycle import utcnow
+from jobs.outcomes import Failed, GivenBack, LeaseLapsed, Succeeded
 from jobs.queue import publish
 from jobs.schema import Batch, Job
 
 from .backends import backend_class
 from .backends.base import ItemResult, WorkItem, is_out_of_memory
-from .batcher import BatchOutcome, Batcher
+from .batcher import Batcher, BatchOutcome
 from .residency import Residency
+from .spool import Spool
 
 log = logging.getLogger("vramq.worker")
 
@@ -72,6 +76,8 @@ class WorkerRuntime:
     """Renders a job for its webhook payload (``webhooks.renderer``), set by ``load``."""
     _missing: set = field(default_factory=set)
     """Hints whose rows never appeared (see ``_hint_committed``)."""
+    spool: Spool | None = None
+    """Outputs the store refused, retried from disk (``gpu_workers.spool``)."""
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
 
@@ -81,6 +87,9 @@ class WorkerRuntime:
         """Load the models that fit together, then start the reporter."""
         self.events = EventWriter(self.services.redis)
         self.render = webhooks.renderer(self.services)
+        settings = self.services.settings
+        self.spool = Spool(_spool_folder(settings.data_dir), self.services.store, max_seconds=settings.spool_s,
+                           max_bytes=settings.spool_max_bytes).start()
         need = {m: self.need_bytes.get(m, 0) for m in self.model_ids}
         self.residency = Residency(need, self.budget_bytes, self._load_model, self._unload_model)
         # The reporter starts first: while the models load, the worker is announced as
@@ -130,6 +139,8 @@ class WorkerRuntime:
         """
         self.state = State.STOPPING
         self._stop.set()
+        if self.spool is not None:  # outputs not stored yet: their jobs run again elsewhere
+            self.give_back(self.spool.stop())
         if self.residency is not None:
             self.residency.unload_all()
         if self.events is not None:
@@ -157,6 +168,12 @@ class WorkerRuntime:
         if not self._hint_committed(hint):
             log.warning("message for unknown %s dropped", hint)
             return
+        if model in self.residency.failed and self._served_elsewhere(model):
+            # This worker cannot load the model but another can: pass the turn on rather
+            # than fail a job that worker would run (after a pause, not to spin on it).
+            time.sleep(0.5)
+            publish(services.celery, hint, model, priority)
+            return
         with writing(services.sessions) as s:
             job_id = fairness.take_next(s, model, priority, self.name, services.settings.lease_s)
         if job_id is None:
@@ -167,11 +184,43 @@ class WorkerRuntime:
         run = _Running(job_id)
         with self._lock:
             self._running[job_id] = run
+        spooled = False
         try:
-            self._run(job, run)
+            spooled = self._run(job, run)
         finally:
-            with self._lock:
-                self._running.pop(job_id, None)
+            if not spooled:  # a spooled job stays ours (its lease renewed) until it lands
+                self._forget(job_id)
+
+    def _served_elsewhere(self, model: str) -> bool:
+        """Whether another live worker serves ``model`` and has not failed to load it."""
+        try:
+            others = [w for w in heartbeat.live_workers(self.services.redis) if w.get("name") != self.name]
+        except Exception:  # broker down: the turn cannot be passed on anyway
+            return False
+        return model in heartbeat.served_by(others)
+
+    def _forget(self, job_id: str) -> None:
+        with self._lock:
+            self._running.pop(job_id, None)
+
+    def give_back(self, job_ids: list[str]) -> None:
+        """Hand running jobs back to the queue (a stopping worker): queued again at once,
+        with a turn each, the attempt not counted."""
+        for job_id in job_ids:
+            try:
+                with self.services.sessions.begin() as s:
+                    ending = outcomes.end(s, GivenBack(), job_id=job_id, worker=self.name)
+                ending.publish(self.services.celery)
+                ending.announce(self.events)
+                if ending.won:
+                    log.info("job %s given back to the queue", job_id)
+            except Exception as exc:  # database or broker down: the lease brings it back
+                log.warning("could not give job %s back (%s); it returns when its lease lapses", job_id, exc)
+            self._forget(job_id)
+
+    def running_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._running)
 
     def _hint_committed(self, hint: str) -> bool:
         # The API publishes just before it commits; give the commit a moment to land. A
@@ -190,15 +239,16 @@ class WorkerRuntime:
                 return False
             time.sleep(0.05)
 
-    def _run(self, job: Job, run: _Running) -> None:
-        services = self.services
+    def _run(self, job: Job, run: _Running) -> bool:
+        """Run one taken job to its end. True when its outputs are spooled: the job is
+        still running (under this worker's lease) until the store takes them."""
         self.events.put(job.id, "status", {"status": lifecycle.RUNNING})
         queued_s = (job.started_at - job.created_at).total_seconds() if job.started_at else 0.0
         try:
             attachments = self._attachments(job)
         except VramqError as exc:
-            self._fail(job, getattr(exc, "code", "invalid_input"), str(exc), 0.0)
-            return
+            self._end(job, Failed(getattr(exc, "code", "invalid_input"), str(exc)))
+            return False
         item = WorkItem(
             job_id=job.id,
             input=job.input,
@@ -207,38 +257,87 @@ class WorkerRuntime:
             on_delta=lambda text: self.events.put(job.id, "delta", {"text": text}),
             attachments=attachments,
         )
-        with self.residency.use(job.model) as lease:
-            outcome = self._compute(lease.handle, item)
+        try:
+            with self.residency.use(job.model) as lease:
+                outcome = self._compute(lease.handle, item)
+        except ModelLoadFailed as exc:  # the job fails; the worker goes on with its other models
+            self._heartbeat()  # announce the failed model now: admission stops sending jobs for it
+            self._end(job, Failed(exc.code, str(exc)))
+            return False
         result = outcome.result
         if isinstance(result, JobCanceled) or run.canceled:
             log.info("job %s canceled while running", job.id)
-            return
+            return False
         if isinstance(result, BaseException):
             code = result.code if isinstance(result, JobError) else "internal_error"
             if is_out_of_memory(result):
                 code = OutOfMemory.code
-            self._fail(job, code, str(result) or result.__class__.__name__, outcome.gpu_seconds)
-            return
+            self._end(job, Failed(code, str(result) or result.__class__.__name__, outcome.gpu_seconds))
+            return False
         prefix = f"jobs/{job.id}/{job.attempts}/"
-        try:
-            output = self._store(prefix, result)
-        except Exception as exc:
-            log.exception("storing outputs of %s failed", job.id)
-            self._fail(job, "storage_unavailable", f"could not store outputs: {exc}", outcome.gpu_seconds)
-            return
         usage = {"batch_size": outcome.batch_size, "queue_seconds": round(queued_s, 4),
                  "cold_start_seconds": round(lease.cold_start_s, 4)}
-        expires = utcnow() + timedelta(hours=services.settings.retention_hours)
-        with services.sessions.begin() as s:
-            won = lifecycle.succeed(s, job.id, self.name, output, outcome.gpu_seconds, usage, expires)
-            if won:  # in the same transaction: a success is settled and announced exactly once
-                ledger.settle(s, job, outcome.gpu_seconds, services.allowances, utcnow())
-                webhooks.enqueue(s, job.id, "job.succeeded", self.render)
-        if won:
-            self.events.put(job.id, "progress", {"progress": 1.0})
-            self.events.put(job.id, "done", {"status": lifecycle.SUCCEEDED})
-        else:  # canceled meanwhile, or our lease lapsed and another worker has it
-            services.store.delete_prefix(prefix)
+
+        def stored(keys: dict[str, str]) -> None:
+            self._succeeded(job, prefix, _link_artifacts(result.output, keys), outcome.gpu_seconds, usage)
+
+        try:
+            keys = self._store(prefix, result)
+        except Exception as exc:  # the store is down: keep the GPU work on disk and retry
+            def give_up(reason: str) -> None:
+                self._end(job, Failed("storage_unavailable", f"could not store outputs: {reason}",
+                                      outcome.gpu_seconds))
+                self._forget(job.id)
+
+            def landed(keys: dict[str, str]) -> None:
+                stored(keys)
+                self._forget(job.id)
+
+            self.spool.hold(job.id, prefix, result.artifacts, str(exc), landed, give_up)
+            return job.id in self.spool.held
+        stored(keys)
+        return False
+
+    def _succeeded(self, job: Job, prefix: str, output: dict, gpu_seconds: float, usage: dict) -> None:
+        expires = utcnow() + timedelta(hours=self.services.settings.retention_hours)
+        ending = self._end(job, Succeeded(output, gpu_seconds, usage, expires))
+        # The winner's outputs are the job's only ones: a losing attempt (canceled meanwhile,
+        # or its lease lapsed and another worker has the job) drops its own, and the winner
+        # drops what an earlier attempt killed mid-upload left behind.
+        try:
+            if ending.won:
+                store = self.services.store
+                for folder in {key[: key.index("/", len(f"jobs/{job.id}/")) + 1]
+                               for key in store.list(f"jobs/{job.id}/")} - {prefix}:
+                    store.delete_prefix(folder)
+            else:
+                self.services.store.delete_prefix(prefix)
+        except Exception as exc:
+            log.warning("could not tidy the outputs of other attempts of %s: %s", job.id, exc)
+
+    def _end(self, job: Job, outcome) -> outcomes.Ending:
+        """Record the job's end (``jobs.outcomes.end``: transition, ledger, webhook), then
+        append its events. Does nothing if this worker no longer owns the job.
+
+        A database that is down is waited for (backoff, up to three leases; the job stays
+        this worker's, its lease renewed as soon as the database answers): a finished job
+        is not thrown back to the queue, nor counted as a lost worker, over a blip."""
+        deadline = time.monotonic() + 3 * self.services.settings.lease_s
+        pause = 0.25
+        while True:
+            try:
+                with self.services.sessions.begin() as s:
+                    ending = outcomes.end(s, outcome, job_id=job.id, worker=self.name,
+                                          allowances=self.services.allowances, render=self.render)
+                break
+            except DBAPIError as exc:
+                if time.monotonic() + pause > deadline:
+                    raise
+                log.warning("recording the end of %s failed (%s); retrying in %.1fs", job.id, exc.orig, pause)
+                time.sleep(pause)
+                pause = min(pause * 2, 5.0)
+        ending.announce(self.events)
+        return ending
 
     def _compute(self, handle, item: WorkItem) -> BatchOutcome:
         """Run the item through its model's batcher, or straight into its engine."""
@@ -265,22 +364,14 @@ class WorkerRuntime:
 
         return {"audio": resolve_audio(self.services, job.input["audio"])}
 
-    def _fail(self, job: Job, code: str, message: str, gpu_seconds: float) -> None:
-        with self.services.sessions.begin() as s:
-            won = lifecycle.fail(s, job.id, self.name, code, message, gpu_seconds)
-            if won:  # failed jobs are not charged
-                ledger.refund(s, job.id, utcnow(), f"refund: job failed ({code})")
-                webhooks.enqueue(s, job.id, "job.failed", self.render)
-        if won:
-            self.events.put(job.id, "done", {"status": lifecycle.FAILED})
-
-    def _store(self, prefix: str, result: ItemResult) -> dict:
+    def _store(self, prefix: str, result: ItemResult) -> dict[str, str]:
+        """Store each artifact under ``prefix``; return its key by artifact name."""
         keys = {}
         for art in result.artifacts:
             key = prefix + art.name
             self.services.store.put(key, art.data, art.content_type)
             keys[art.name] = key
-        return _link_artifacts(result.output, keys)
+        return keys
 
     # --- the reporter -------------------------------------------------------------
 
@@ -288,24 +379,35 @@ class WorkerRuntime:
         services = self.services
         lease_every = services.settings.lease_s / 3
         reap_every = max(services.settings.lease_s / 2, 1.0)
-        last_lease = last_reap = last_beat = float("-inf")
+        reconciler = turns.Reconciler(services)
+        last_lease = last_reap = last_beat = last_turns = float("-inf")
         while not self._stop.wait(defaults.REPORT_INTERVAL_S):
             now = time.monotonic()
-            try:
-                with self._lock:
-                    running = dict(self._running)
-                if running:
-                    self._report(running, renew=now - last_lease >= lease_every)
-                    if now - last_lease >= lease_every:
-                        last_lease = now
-                if now - last_reap >= reap_every:
-                    last_reap = now
-                    self._reap()
-                if now - last_beat >= heartbeat.TTL_S / 3:
-                    last_beat = now
-                    self._heartbeat()
-            except Exception:  # the database or broker blinked: try again next tick
-                log.exception("reporter tick failed")
+            # Each duty on its own: the database down must not stop the heartbeat, nor
+            # the broker down the lease renewals.
+            with self._lock:
+                running = dict(self._running)
+            if running:
+                renew = now - last_lease >= lease_every
+                if self._duty("progress and leases", self._report, running, renew) and renew:
+                    last_lease = now
+            if now - last_reap >= reap_every:
+                last_reap = now
+                self._duty("requeuing lapsed leases", self._reap)
+            if now - last_turns >= turns.CHECK_S and self.state == State.READY:
+                last_turns = now
+                self._duty("topping up turns", reconciler.tick_if_turn)
+            if now - last_beat >= heartbeat.TTL_S / 3:
+                last_beat = now
+                self._duty("heartbeat", self._heartbeat)
+
+    def _duty(self, what: str, fn, *args) -> bool:
+        try:
+            fn(*args)
+            return True
+        except Exception as exc:  # the database or broker blinked: the next tick tries again
+            log.warning("%s failed: %s", what, exc)
+            return False
 
     def _report(self, running: dict[str, _Running], renew: bool) -> None:
         changed = {jid: r.progress for jid, r in running.items() if r.progress != r.reported}
@@ -322,14 +424,18 @@ class WorkerRuntime:
             running[jid].canceled = True
 
     def _reap(self) -> None:
-        """Queue again the jobs whose worker stopped renewing their lease."""
+        """Queue again the jobs whose worker stopped renewing their lease, or fail those
+        that have lost their worker ``VRAMQ_MAX_ATTEMPTS`` times (``worker_lost``)."""
+        lapsed = LeaseLapsed(self.services.settings.max_attempts)
         with self.services.sessions.begin() as s:
-            requeued = lifecycle.requeue_expired(s)
-            for job_id, model, priority in requeued:
-                publish(self.services.celery, job_id, model, priority)
-        for job_id, model, _ in requeued:
-            self.events.put(job_id, "status", {"status": lifecycle.QUEUED})
+            ending = outcomes.end(s, lapsed, allowances=self.services.allowances, render=self.render)
+        ending.announce(self.events)
+        for job_id, model, _ in ending.turns:
             log.warning("job %s (%s) lost its worker; queued again", job_id, model)
+        for job_id in ending.ids(lifecycle.FAILED):
+            log.error("job %s lost its worker %d times; failed (%s)", job_id, lapsed.max_attempts,
+                      outcomes.WORKER_LOST)
+        ending.publish(self.services.celery)  # after the commit: a turn never precedes its job
 
     def _heartbeat(self) -> None:
         heartbeat.announce(self.services.redis, self.name, self.describe())
@@ -339,7 +445,8 @@ class WorkerRuntime:
         res = self.residency
         stats = {m: {"loads": st.loads, "evictions": st.evictions, "load_seconds": round(st.load_seconds, 4)}
                  for m, st in res.stats.items()}
-        return {"name": self.name, "card": self.card, "models": self.model_ids, "pid": os.getpid(),
+        return {"name": self.name, "card": self.card, "models": self.model_ids, "failed_models": res.failed,
+                "pid": os.getpid(),
                 "host": socket.gethostname(), "state": self.state.value, "running": len(self._running),
                 "resident": res.resident, "models_stats": stats, "need_bytes": self.need_bytes,
                 "vram": {"budget_bytes": self.budget_bytes, "estimated_bytes": res.resident_bytes,
@@ -378,3 +485,26 @@ def _link_artifacts(value, keys: dict[str, str]):
         return [_link_artifacts(v, keys) for v in value]
     return value
 
+
+def _spool_folder(data_dir) -> "os.PathLike":
+    """This process's spool folder, ``<data_dir>/spool/<pid>``; the folders of processes
+    no longer alive on this host are removed (their jobs ran again through their leases)."""
+    import shutil
+    from pathlib import Path
+
+    root = Path(data_dir) / "spool"
+    if root.is_dir():
+        for folder in root.iterdir():
+            if folder.name.isdigit() and not _alive(int(folder.name)):
+                shutil.rmtree(folder, ignore_errors=True)
+    return root / str(os.getpid())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from jobs import proctree
 
 from .cards import Card
 from .placement import Demand, Plan, plan
@@ -33,6 +34,7 @@ log = logging.getLogger("vramq.supervisor")
 BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 60.0
 STABLE_AFTER_S = 60.0
+STOP_MARGIN_S = 10.0
 
 
 def plan_catalog(catalog, cards: list[Card]) -> Plan:
@@ -86,7 +88,6 @@ class Supervisor:
     stop_grace_s: float = 300.0
     poll_s: float = 0.2
     _children: list[_Child] = field(default_factory=list)
-    _stopping: bool = False
 
     def start(self) -> None:
         self._children = [_Child(spec) for spec in self.specs]
@@ -94,28 +95,29 @@ class Supervisor:
             self._spawn(child)
 
     def _spawn(self, child: _Child) -> None:
-        # The worker pins its card (CUDA_VISIBLE_DEVICES) itself. Its own process group: stopping it reaches what it started (vLLM's engine processes).
-        child.popen = subprocess.Popen(child.spec.argv(), env=self.env, start_new_session=True,
-                                       cwd=Path(__file__).resolve().parent.parent)
+        # The worker pins its card (CUDA_VISIBLE_DEVICES) itself. Its own process group:
+        # stopping it reaches what it started (vLLM's engine processes); and it gets SIGTERM
+        # if this supervisor dies, however it dies (jobs.proctree).
+        argv = child.spec.argv() + ["--stop-grace", str(int(self.stop_grace_s))]
+        child.popen = proctree.spawn(argv, env=self.env, cwd=Path(__file__).resolve().parent.parent)
         child.started_at = time.monotonic()
         child.restart_at = None
         log.info("%s started (pid %d): %s", child.spec.name, child.popen.pid, ", ".join(child.spec.models))
 
-    def run(self) -> int:
-        """Supervise until SIGTERM/SIGINT; then stop the workers. Returns the exit code."""
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
-        self.start()
+    def run(self, signals: proctree.StopSignals | None = None) -> int:
+        """Supervise until SIGTERM/SIGINT; then stop the workers. Returns the exit code.
+
+        ``signals``: the handlers the command installed first thing (else installed here)."""
+        signals = signals or proctree.StopSignals()
+        signals.running()
         try:
-            while not self._stopping:
+            self.start()
+            while signals.requested is None:
                 self.tick()
                 time.sleep(self.poll_s)
         finally:
             self.stop()
         return 0
-
-    def _on_signal(self, signum, _frame) -> None:
-        self._stopping = True
 
     def tick(self) -> None:
         """Notice dead workers and start them again when their backoff has passed."""
@@ -129,7 +131,7 @@ class Supervisor:
             code = child.popen.poll()
             if code is None:
                 continue
-            _kill_group(child.popen)  # whatever it left behind
+            proctree.kill_group(child.popen)  # whatever it left behind
             ran = now - child.started_at
             if ran >= STABLE_AFTER_S:
                 child.backoff_s = BACKOFF_FIRST_S
@@ -139,25 +141,13 @@ class Supervisor:
             child.backoff_s = min(child.backoff_s * 2, BACKOFF_MAX_S)
 
     def stop(self) -> None:
-        running = [c.popen for c in self._children if c.popen is not None and c.popen.poll() is None]
-        for p in running:
-            p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + self.stop_grace_s
-        for p in running:
-            try:
-                p.wait(timeout=max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                log.warning("worker pid %d still running after %.0fs; killing it (its jobs return "
-                            "to the queue when their lease lapses)", p.pid, self.stop_grace_s)
-        for c in self._children:
-            if c.popen is not None:
-                _kill_group(c.popen)
+        """SIGTERM every worker (running jobs finish; unstarted messages go back), SIGKILL
+        the group of any still running after the grace period (its jobs come back through
+        their leases)."""
+        children = [c.popen for c in self._children if c.popen is not None]
+        # A worker enforces the grace period itself (it hands overdue jobs back, then
+        # exits); the margin lets it do that before it is killed.
+        for p in proctree.terminate_all(children, self.stop_grace_s + STOP_MARGIN_S):
+            log.warning("worker pid %d still running after %.0fs; killed (its jobs return "
+                        "to the queue when their lease lapses)", p.pid, self.stop_grace_s)
         self._children = []
-
-
-def _kill_group(popen: subprocess.Popen) -> None:
-    try:
-        os.killpg(popen.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    popen.wait()

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import threading
+import time
 
+from jobs import defaults, proctree
 from jobs.errors import ConfigError
 from jobs.queue import RUN_JOB, queue_name
 from jobs.services import Services
@@ -59,12 +63,17 @@ def card_capacity(card: int | None) -> int | None:
 
 
 def run_worker(card: int | None, models: list[str] | None = None, settings: Settings | None = None,
-               loglevel: str = "INFO", budget_bytes: int | None = None) -> None:
+               loglevel: str = "INFO", budget_bytes: int | None = None,
+               stop_grace_s: float = defaults.STOP_GRACE_S) -> None:
     """Load the models, then consume their queues until stopped (SIGTERM: warm shutdown).
 
     ``models`` in order of preference: those that fit ``budget_bytes`` together load at
     start, the rest on demand. The budget defaults to the card's memory (none on the CPU).
+    On SIGTERM running jobs get ``stop_grace_s`` to finish; then they are handed back to
+    the queue and the worker exits, taking its engine processes with it.
     """
+    # Processes the backends fork (vLLM's engine core) die with this one, however it dies.
+    proctree.children_die_with_me()
     budget = budget_bytes if budget_bytes is not None else card_capacity(card)
     device = pin(card)
     from .runtime import WorkerRuntime  # after pinning: backends may import torch
@@ -98,6 +107,12 @@ def run_worker(card: int | None, models: list[str] | None = None, settings: Sett
         "--without-mingle",
         "--without-heartbeat",
     ]
+    from celery.signals import worker_shutting_down
+
+    def deadline_for_running_jobs(**_kw) -> None:  # Celery's warm shutdown has begun
+        threading.Thread(target=_overdue, args=(runtime, stop_grace_s), name="stop-grace", daemon=True).start()
+
+    worker_shutting_down.connect(deadline_for_running_jobs, weak=False)
     log.info("worker %s serving %s on %s", name, model_ids, device)
     try:
         app.worker_main(argv)
@@ -107,5 +122,17 @@ def run_worker(card: int | None, models: list[str] | None = None, settings: Sett
 
         try:
             withdraw(services.redis, name)
-        except Exception:
-            pass
+        except Exception as exc:  # its heartbeat key expires by itself within seconds
+            log.warning("could not withdraw %s from the live workers: %s", name, exc)
+
+
+def _overdue(runtime, grace_s: float) -> None:
+    """After the grace period, hand the jobs still running back and end the process (and
+    its process group: the engine processes) so a stop never hangs on a stuck job."""
+    time.sleep(grace_s)
+    running = runtime.running_ids()
+    log.warning("still %d jobs running %.0fs after SIGTERM; giving them back and exiting", len(running), grace_s)
+    runtime.give_back(running)
+    if os.getpgrp() == os.getpid():  # this worker leads its group: take the group with it
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+    os._exit(1)

@@ -30,11 +30,11 @@ from sqlalchemy import case, exists, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from . import idempotency, ledger, webhooks
+from . import idempotency, ledger, outcomes, webhooks
 from .accounts import Caller
 from .errors import Conflict, InputError, NotFound, ServiceUnavailable, validation_errors
 from .ids import new_id
-from .lifecycle import CANCELED, FAILED, QUEUED, RUNNING, SUCCEEDED, cancel_where, utcnow
+from .lifecycle import CANCELED, FAILED, QUEUED, RUNNING, SUCCEEDED, utcnow
 from .queue import publish
 from .schema import Batch, Job
 from .submit import Metadata, check_available, check_job, check_webhook
@@ -294,22 +294,18 @@ def cancel(services, batch_id: str, now: datetime | None = None, render=None) ->
             if status is None:
                 raise NotFound(f"no batch {batch_id}")
             raise Conflict(f"batch {batch_id} already {status}")
-        moved = cancel_where(session, Job.batch_id == batch_id, now)
-        ledger.refund_many(session, moved[QUEUED], now, "refund: batch canceled before the job started")
-        for job_id in moved[RUNNING]:
-            job = session.get(Job, job_id)
-            ledger.settle(session, job, 0.0, services.allowances, now, cost=job.min_tokens)
-        if render is not None:
-            for job_id in moved[QUEUED] + moved[RUNNING]:
-                webhooks.enqueue(session, job_id, "job.canceled", render, now)
-    try:  # running jobs' event streams hear it now; queued ones' notice from the row
-        from . import events
-
-        for job_id in moved[RUNNING]:
-            events.emit(services.redis, job_id, "done", {"status": CANCELED})
-    except Exception:
-        pass
-    return {QUEUED: len(moved[QUEUED]), RUNNING: len(moved[RUNNING])}
+        ending = outcomes.end(session, outcomes.Canceled(), where=Job.batch_id == batch_id,
+                              allowances=services.allowances, render=render, now=now)
+    canceled = ending.ids(CANCELED)
+    running = ending.canceled_running
+    # Event streams: the running jobs' followers hear it now (their workers stop between
+    # steps); a queued job's stream is only read while it is followed, so they are
+    # announced only up to a bound, not 10,000 round trips in the request.
+    if len(canceled) > 1000:
+        keep = set(running)
+        ending.events = [e for e in ending.events if e[0] in keep]
+    ending.announce(services.redis)
+    return {QUEUED: len(canceled) - len(running), RUNNING: len(running)}
 
 
 # --- finishing -----------------------------------------------------------------------

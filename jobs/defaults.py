@@ -19,6 +19,18 @@ LEASE_S = 30
 VISIBILITY_TIMEOUT_S = 6 * 3600
 #: VRAMQ_IDEMPOTENCY_HOURS: how long an Idempotency-Key is remembered.
 IDEMPOTENCY_HOURS = 24
+#: VRAMQ_MAX_ATTEMPTS: a job whose worker died (its lease lapsed) this many times ends
+#: ``failed`` with code ``worker_lost`` instead of being queued again: a job that crashes
+#: its worker (a native fault, a CUDA error) must not kill workers forever.
+MAX_ATTEMPTS = 3
+#: VRAMQ_SPOOL_SECONDS: how long a worker keeps retrying outputs the store refused
+#: (spooled on its disk) before the job fails ``storage_unavailable``.
+SPOOL_S = 3600
+#: VRAMQ_SPOOL_MAX_MB: the most a worker spools on its disk while the store is down.
+SPOOL_MAX_MB = 10 * 1024
+#: VRAMQ_STOP_GRACE (``--stop-grace``): seconds a stopping worker gives its running jobs
+#: before it hands them back and exits.
+STOP_GRACE_S = 300
 #: How often a worker writes progress, renews leases and looks for cancellations.
 REPORT_INTERVAL_S = 0.25
 #: How long a worker waits for a job row that its message announced but that is not
@@ -36,3 +48,6 @@ RATE_LIMIT_ANONYMOUS = 120
 RATE_LIMIT_KEYED = 1_200
 #: VRAMQ_SWEEP_SECONDS: how often the retention sweeper looks for expired outputs.
 SWEEP_S = 60
+#: VRAMQ_UPLOAD_RETENTION_HOURS: uploaded files are deleted this many hours after upload
+#: (never while a queued or running job, or an unfinished batch, still refers to them).
+UPLOAD_RETENTION_HOURS = 24

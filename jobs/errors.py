@@ -14,7 +14,8 @@
     ├── MissingExtra               an optional dependency is not installed (names the extra)
     └── JobError                   a job failed on the worker; carries a stable ``code``
         ├── JobCanceled            the job was canceled while it ran
-        └── OutOfMemory            the device ran out of memory for this job
+        ├── OutOfMemory            the device ran out of memory for this job
+        └── ModelLoadFailed        the worker could not load the job's model
 """
 
 from __future__ import annotations
@@ -142,3 +143,9 @@ class OutOfMemory(JobError):
     """The device ran out of memory for this job."""
 
     code = "out_of_memory"
+
+
+class ModelLoadFailed(JobError):
+    """The worker could not load the job's model (bad weights, a missing file, no memory)."""
+
+    code = "model_load_failed"

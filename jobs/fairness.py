@@ -19,7 +19,7 @@ from __future__ import annotations
 from sqlalchemy import and_, func, select, text
 from sqlalchemy.orm import Session
 
-from .lifecycle import QUEUED, RUNNING
+from .lifecycle import QUEUED
 from .queue import PRIORITY
 from .schema import Job
 

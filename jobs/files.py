@@ -2,7 +2,9 @@
 
 A file is a row in ``files`` (what it is) and an object ``files/<file_id>`` in the store
 (its bytes). The object is written before the row, so a row always has its bytes; a
-failed insert leaves at most an orphan object for retention to sweep.
+failed insert deletes the object again. The retention sweeper (jobs.retention) deletes
+both ``VRAMQ_UPLOAD_RETENTION_HOURS`` after the upload, once no open job or batch needs
+the file: the object first, then the row.
 
 Content is checked, never trusted from the name or the declared type: audio is
 decoded in full (``jobs.audio.probe_audio``), JSONL must be UTF-8 with one JSON object
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from datetime import datetime
 from typing import Any
@@ -25,6 +28,8 @@ from .errors import InputError, NotFound
 from .ids import new_id
 from .lifecycle import utcnow
 from .schema import Base, UTCDateTime
+
+log = logging.getLogger("vramq.files")
 
 PURPOSES = ("audio", "batch")
 MAX_FILENAME_CHARS = 255
@@ -55,6 +60,11 @@ class File(Base):
 
 def object_key(file_id: str) -> str:
     return f"files/{file_id}"
+
+
+def delete_object(store, file_id: str) -> None:
+    """Delete a file's bytes; an object already gone is not an error (a retried sweep)."""
+    store.delete(object_key(file_id))
 
 
 def _field_error(field: str, msg: str, code: str | None = None) -> InputError:
@@ -100,9 +110,23 @@ def store_file(services, data: bytes, filename: str | None, purpose: str, caller
         created_at=utcnow(),
     )
     services.store.put(row.key, data, content_type)
-    with services.sessions.begin() as session:
-        session.add(row)
+    try:
+        with services.sessions.begin() as session:
+            session.add(row)
+    except Exception:  # the database refused: no row will ever point at the bytes
+        _discard_orphan(services.store, row.id)
+        raise
     return row
+
+
+def _discard_orphan(store, file_id: str) -> None:
+    """Delete the bytes of an upload whose row was not written: the sweeper works from
+    rows, so an object without one would be kept for ever."""
+    try:
+        delete_object(store, file_id)
+    except Exception as exc:  # the upload fails anyway; say what was left behind
+        log.warning("upload %s: the row was not written and its object %s could not be deleted (%s)",
+                    file_id, object_key(file_id), exc)
 
 
 def _check_jsonl(data: bytes) -> None:

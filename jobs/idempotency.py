@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
-from . import defaults
 from .errors import Conflict, InputError
 from .lifecycle import utcnow
 from .schema import IdempotencyKey
@@ -31,18 +30,37 @@ def check_key(key: str) -> None:
                          [{"loc": ["header", "Idempotency-Key"], "msg": f"at most {MAX_KEY_CHARS} characters"}])
 
 
+def window(services) -> timedelta:
+    """How long a key is remembered (``VRAMQ_IDEMPOTENCY_HOURS``); the sweeper deletes
+    older keys (jobs.retention)."""
+    return timedelta(hours=services.settings.idempotency_hours)
+
+
 def replay(services, scope: str, key: str, body_digest: str) -> str | None:
     """The id of the resource an earlier request with this key made, or None.
 
-    Raises Conflict when the key was used with a different body within the window.
+    Raises Conflict when the key was used with a different body within the window. A
+    use older than the window is forgotten here, so the caller's ``remember`` can record
+    the key again (the sweeper may not have deleted it yet).
     """
+    cutoff = utcnow() - window(services)
     with services.sessions() as session:
         row = session.get(IdempotencyKey, (scope, key))
-        if row is None or row.created_at < utcnow() - timedelta(hours=defaults.IDEMPOTENCY_HOURS):
+        if row is None:
             return None
-        if row.request_hash != body_digest:
-            raise Conflict("Idempotency-Key was used with a different request body")
-        return row.resource_id
+        if row.created_at >= cutoff:
+            if row.request_hash != body_digest:
+                raise Conflict("Idempotency-Key was used with a different request body")
+            return row.resource_id
+    _forget(services, scope, key, cutoff)
+    return None
+
+
+def _forget(services, scope: str, key: str, cutoff: datetime) -> None:
+    """Delete the key's use if it is older than ``cutoff`` (a fresh concurrent use stays)."""
+    with services.sessions.begin() as session:
+        session.execute(delete(IdempotencyKey).where(
+            IdempotencyKey.scope == scope, IdempotencyKey.key == key, IdempotencyKey.created_at < cutoff))
 
 
 def replayed(services, scope: str, key: str | None, body_digest: str | None, table):
@@ -59,14 +77,9 @@ def replayed(services, scope: str, key: str | None, body_digest: str | None, tab
 
 
 def remember(session: Session, scope: str, key: str, body_digest: str, resource_id: str) -> None:
-    """Record the key in ``session``'s transaction (a concurrent duplicate fails its commit)."""
-    now = utcnow()
-    # A key older than the replay window may be reused: forget the old use first.
-    session.execute(
-        delete(IdempotencyKey).where(
-            IdempotencyKey.scope == scope,
-            IdempotencyKey.key == key,
-            IdempotencyKey.created_at < now - timedelta(hours=defaults.IDEMPOTENCY_HOURS),
-        )
-    )
-    session.add(IdempotencyKey(scope=scope, key=key, request_hash=body_digest, resource_id=resource_id, created_at=now))
+    """Record the key in ``session``'s transaction (a concurrent duplicate fails its commit).
+
+    Callers ask ``replay`` first, which forgets a use older than the window, so the key
+    is free unless a concurrent request just took it."""
+    session.add(IdempotencyKey(scope=scope, key=key, request_hash=body_digest, resource_id=resource_id,
+                               created_at=utcnow()))

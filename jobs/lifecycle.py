@@ -1,7 +1,7 @@
 """The job state machine, as atomic conditional updates.
 
     queued ──take──▶ running ──succeed──▶ succeeded
-      │  ▲             │ ├────fail─────▶ failed
+      │  ▲             │ ├────fail─────▶ failed  (also: lease lapsed MAX_ATTEMPTS times)
       │  └──requeue────┘ │   (lease lapsed: its worker died, or it gave the job back)
       └──cancel──▶ canceled ◀──cancel──┘
 
@@ -12,7 +12,9 @@ redelivered message and a cancel can race freely: exactly one wins each transiti
 The lease makes "never twice, never lost" hold together: a worker owns a running job
 until ``lease_expires_at``, renews it while it works, and may record the outcome only
 while it still owns it. A job whose lease lapsed is queued again by whoever notices
-first (``requeue_expired``).
+first (``requeue_expired``), or failed once it has killed ``VRAMQ_MAX_ATTEMPTS`` workers.
+``jobs.outcomes.end`` wraps these transitions with the ledger, the webhook outbox and
+the events; nothing else ends a job.
 """
 
 from __future__ import annotations
@@ -142,26 +144,34 @@ def fail(
 
 
 def release(session: Session, job_id: str, worker: str) -> bool:
-    """Give a running job back to the queue (a worker shutting down before it ran it)."""
+    """Give a running job back to the queue (a worker stopping before it could finish it).
+
+    The attempt is not counted: the job did not kill its worker, so it must not move
+    towards the attempt cap (``jobs.outcomes``)."""
     result = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == RUNNING, Job.lease_owner == worker)
-        .values(status=QUEUED, lease_owner=None, lease_expires_at=None, progress=0.0, started_at=None)
+        .values(status=QUEUED, lease_owner=None, lease_expires_at=None, progress=0.0, started_at=None,
+                attempts=Job.attempts - 1)
     )
     return result.rowcount == 1
 
 
 def cancel(session: Session, job_id: str, now: datetime | None = None) -> str:
-    """Cancel a queued or running job; return the status it had (``queued`` or ``running``).
+    """Cancel a queued or running job (the transition alone; ``jobs.outcomes.end`` adds the
+    ledger, webhook and events); return the status it had (``queued`` or ``running``).
 
-    A running job's worker stops it between steps. Raises NotFound when the job does
-    not exist and Conflict when it has already finished. (Who may cancel is the API's
-    question: it answers 404 for another caller's job before calling this.)
+    Raises NotFound when the job does not exist and Conflict when it has already finished.
     """
     moved = cancel_where(session, Job.id == job_id, now)
     for status in (QUEUED, RUNNING):
         if moved[status]:
             return status
+    raise_not_cancelable(session, job_id)
+
+
+def raise_not_cancelable(session: Session, job_id: str):
+    """NotFound for a job that does not exist, Conflict for one already finished."""
     status = session.execute(select(Job.status).where(Job.id == job_id)).scalar()
     if status is None:
         raise NotFound(f"no job {job_id}")
@@ -186,19 +196,31 @@ def canceled_among(session: Session, job_ids: Iterable[str]) -> set[str]:
     return {r[0] for r in rows}
 
 
-def requeue_expired(session: Session, now: datetime | None = None, limit: int = 100) -> list[tuple[str, str, str]]:
-    """Queue again the running jobs whose lease lapsed; return ``(id, model, priority)`` of each.
+def requeue_expired(session: Session, job_ids: list[str], now: datetime | None = None) -> list[tuple[str, str, str]]:
+    """Queue again those of ``job_ids`` still running with a lapsed lease; return
+    ``(id, model, priority)`` of each moved (the caller publishes a turn for each).
 
-    The caller publishes a message for each returned job.
-    """
+    One statement that both checks and moves the rows: concurrent reapers each move a
+    disjoint set, and on SQLite it never upgrades a read lock to a write lock."""
+    if not job_ids:
+        return []
     now = now or utcnow()
-    # One statement that both finds and moves the rows: concurrent reapers each get a
-    # disjoint set, and on SQLite it never upgrades a read lock to a write lock.
-    expired = select(Job.id).where(Job.status == RUNNING, Job.lease_expires_at < now).limit(limit).scalar_subquery()
     rows = session.execute(
         update(Job)
-        .where(Job.id.in_(expired), Job.status == RUNNING, Job.lease_expires_at < now)
+        .where(Job.id.in_(job_ids), Job.status == RUNNING, Job.lease_expires_at < now)
         .values(status=QUEUED, lease_owner=None, lease_expires_at=None, progress=0.0)
         .returning(Job.id, Job.model, Job.priority)
     )
     return [tuple(r) for r in rows]
+
+
+def fail_lapsed(session: Session, job_id: str, code: str, message: str, now: datetime | None = None) -> bool:
+    """Fail a running job whose lease lapsed (no worker owns it any more)."""
+    now = now or utcnow()
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == RUNNING, Job.lease_expires_at < now)
+        .values(status=FAILED, error_code=code, error_message=message[:2000], finished_at=now,
+                lease_owner=None, lease_expires_at=None)
+    )
+    return result.rowcount == 1

@@ -45,6 +45,11 @@ class Settings:
     """Requests a minute; 0 turns the limit off (``VRAMQ_RATE_LIMIT_ANONYMOUS=0``)."""
     rate_limit_keyed: int = defaults.RATE_LIMIT_KEYED
     sweep_s: float = defaults.SWEEP_S
+    max_attempts: int = defaults.MAX_ATTEMPTS
+    spool_s: float = defaults.SPOOL_S
+    spool_max_bytes: int = defaults.SPOOL_MAX_MB * 1024 * 1024
+    upload_retention_hours: float = defaults.UPLOAD_RETENTION_HOURS
+    idempotency_hours: float = defaults.IDEMPOTENCY_HOURS
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -97,6 +102,11 @@ class Settings:
             rate_limit_anonymous=number("RATE_LIMIT_ANONYMOUS", defaults.RATE_LIMIT_ANONYMOUS, zero_ok=True),
             rate_limit_keyed=number("RATE_LIMIT_KEYED", defaults.RATE_LIMIT_KEYED, zero_ok=True),
             sweep_s=number("SWEEP_SECONDS", defaults.SWEEP_S, float),
+            max_attempts=number("MAX_ATTEMPTS", defaults.MAX_ATTEMPTS),
+            spool_s=number("SPOOL_SECONDS", defaults.SPOOL_S, float),
+            spool_max_bytes=number("SPOOL_MAX_MB", defaults.SPOOL_MAX_MB) * 1024 * 1024,
+            upload_retention_hours=number("UPLOAD_RETENTION_HOURS", defaults.UPLOAD_RETENTION_HOURS, float),
+            idempotency_hours=number("IDEMPOTENCY_HOURS", defaults.IDEMPOTENCY_HOURS, float),
         )
 
     def with_(self, **changes) -> "Settings":

@@ -217,12 +217,15 @@ class Deliverer:
     def run(self, stop: threading.Event, idle_s: float = 0.5, also=None) -> None:
         """Deliver until ``stop``; ``also()`` runs every round too (the batch finisher)."""
         while not stop.is_set():
-            try:
-                if also is not None:
+            if also is not None:
+                try:
                     also()
+                except Exception:  # database or store down: the next round tries again
+                    log.exception("%s failed; retrying", getattr(also, "__qualname__", "the dispatcher's other task"))
+            try:
                 sent = self.tick()
-            except Exception:
-                log.exception("webhook deliverer: claiming failed; retrying")
+            except Exception:  # database down: the next round tries again
+                log.exception("webhook deliverer: claiming due deliveries failed; retrying")
                 sent = 0
             if not sent:
                 stop.wait(idle_s)

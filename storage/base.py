@@ -100,6 +100,12 @@ class ObjectStore(abc.ABC):
         with self._reaching("list", path):
             return sorted(self._list(path))
 
+    def delete(self, key: str) -> None:
+        """Delete the object under ``key``; a missing object is not an error."""
+        validate_key(key)
+        with self._reaching("delete", key):
+            self._delete_many([key])
+
     def delete_prefix(self, prefix: str) -> int:
         """Delete every object under the folder ``prefix``; return how many there were.
 

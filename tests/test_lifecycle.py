@@ -96,9 +96,9 @@ def test_lapsed_lease_is_requeued_once_and_the_old_owner_loses(sessions):
         lc.take(s, job_id, "dead", 30)
     later = lc.utcnow() + timedelta(seconds=31)
     with sessions.begin() as s:
-        assert lc.requeue_expired(s, now=later) == [(job_id, "m", "normal")]
+        assert lc.requeue_expired(s, [job_id], now=later) == [(job_id, "m", "normal")]
     with sessions.begin() as s:
-        assert lc.requeue_expired(s, now=later) == []  # nothing twice
+        assert lc.requeue_expired(s, [job_id], now=later) == []  # nothing twice
     assert read(sessions, job_id).status == "queued"
     with sessions.begin() as s:
         assert lc.take(s, job_id, "alive", 30)
@@ -113,7 +113,7 @@ def test_live_lease_is_not_requeued(sessions):
     with sessions.begin() as s:
         lc.take(s, job_id, "w1", 30)
     with sessions.begin() as s:
-        assert lc.requeue_expired(s) == []
+        assert lc.requeue_expired(s, [job_id]) == []
         assert not lc.take(s, job_id, "w2", 30)  # a redelivered message for a live job is dropped
 
 
@@ -145,6 +145,7 @@ def test_release_gives_the_job_back(sessions):
         assert lc.release(s, job_id, "w1")
     job = read(sessions, job_id)
     assert job.status == "queued" and job.lease_owner is None and job.started_at is None
+    assert job.attempts == 0  # a job given back did not kill its worker: not an attempt
 
 
 def test_fail_a_queued_job(sessions):

@@ -6,7 +6,10 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from gpu_workers.residency import Residency
+from jobs.errors import ModelLoadFailed
 
 
 class Models:
@@ -107,21 +110,31 @@ def test_no_budget_keeps_everything():
     assert models.log == ["+a", "+b"] and sorted(r.resident) == ["a", "b"]
 
 
-def test_a_failed_load_leaves_the_slot_usable():
-    calls = []
+def test_a_failed_load_is_not_retried_until_its_cool_down_has_passed():
+    calls, now = [], [100.0]
 
     def load(m):
         calls.append(m)
-        if len(calls) == 1:
+        if len(calls) <= 2:
             raise RuntimeError("disk hiccup")
         return "ok"
 
-    r = Residency({"a": 1}, 10, load, lambda m, h: None)
-    try:
+    r = Residency({"a": 1, "b": 1}, 10, load, lambda m, h: None, retry_load_after_s=60, clock=lambda: now[0])
+    with pytest.raises(ModelLoadFailed, match="disk hiccup"):
         r.acquire("a")
-    except RuntimeError:
-        pass
-    assert r.acquire("a").handle == "ok"
+    assert r.failed == {"a": "RuntimeError: disk hiccup"}
+    with pytest.raises(ModelLoadFailed):  # within the cool-down: refused without loading again
+        r.acquire("a")
+    assert calls == ["a"]
+    now[0] += 61
+    assert r.failed == {}
+    with pytest.raises(ModelLoadFailed):  # tried again, failed again: the cool-down doubles
+        r.acquire("a")
+    now[0] += 61
+    assert "a" in r.failed
+    now[0] += 60
+    assert r.acquire("a").handle == "ok" and r.failed == {}
+    assert calls == ["a", "a", "a"]
 
 
 def test_a_model_wanted_out_takes_no_new_jobs_until_the_waiting_load_is_done():
