@@ -12,6 +12,7 @@ load when a job needs them, evicting the least recently used.
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 import socket
@@ -301,19 +302,33 @@ class WorkerRuntime:
     def _succeeded(self, job: Job, prefix: str, output: dict, gpu_seconds: float, usage: dict) -> None:
         expires = utcnow() + timedelta(hours=self.services.settings.retention_hours)
         ending = self._end(job, Succeeded(output, gpu_seconds, usage, expires))
-        # The winner's outputs are the job's only ones: a losing attempt (canceled meanwhile,
-        # or its lease lapsed and another worker has the job) drops its own, and the winner
-        # drops what an earlier attempt killed mid-upload left behind.
+        # The winner's outputs are the job's only ones: the winner drops what an earlier
+        # attempt killed mid-upload left behind, and a losing attempt drops its own.
         try:
-            if ending.won:
+            if ending.won or self._won_before(job.id, prefix):
                 store = self.services.store
                 for folder in {key[: key.index("/", len(f"jobs/{job.id}/")) + 1]
                                for key in store.list(f"jobs/{job.id}/")} - {prefix}:
                     store.delete_prefix(folder)
-            else:
+            elif not self._folder_in_use(job, prefix):
                 self.services.store.delete_prefix(prefix)
         except Exception as exc:
             log.warning("could not tidy the outputs of other attempts of %s: %s", job.id, exc)
+
+    def _won_before(self, job_id: str, prefix: str) -> bool:
+        """Whether the job's recorded outputs are this attempt's: a success whose COMMIT
+        went through while its answer was lost (the retry then finds nothing to move)."""
+        with self.services.sessions() as s:
+            row = s.get(Job, job_id)
+        return row is not None and row.status == lifecycle.SUCCEEDED and prefix in json.dumps(row.output)
+
+    def _folder_in_use(self, job: Job, prefix: str) -> bool:
+        """Whether another worker runs the job under the same attempt number (it was given
+        back, so its next attempt reuses the folder): then the folder is not ours to delete."""
+        with self.services.sessions() as s:
+            row = s.get(Job, job.id)
+        return row is not None and row.status == lifecycle.RUNNING and row.attempts == job.attempts \
+            and row.lease_owner != self.name
 
     def _end(self, job: Job, outcome) -> outcomes.Ending:
         """Record the job's end (``jobs.outcomes.end``: transition, ledger, webhook), then

@@ -16,8 +16,17 @@ from .errors import ServiceUnavailable
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-def make_engine(url: str) -> Engine:
-    """An engine tuned for the backend: WAL and a busy timeout on SQLite, pre-ping on PostgreSQL."""
+def make_engine(url: str, *, dead_peer_s: float = 15.0) -> Engine:
+    """An engine tuned for the backend: WAL and a busy timeout on SQLite, pre-ping on PostgreSQL.
+
+    ``dead_peer_s`` (PostgreSQL): how soon a session whose client went silent is ended on
+    both sides. A worker cut off from the network in the middle of a transaction holds
+    row locks (its jobs, an account's wallet); without this the server keeps them for the
+    hours TCP takes to notice, and every other worker's lease reaper waits on them. The
+    server ends a transaction left idle that long (``idle_in_transaction_session_timeout``)
+    and a connection whose peer stops acknowledging (``tcp_user_timeout``, keepalives);
+    the client does the same for its side. vramq's transactions are all short, so half a
+    lease (``Services`` passes it) is far beyond any of them."""
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
@@ -45,7 +54,13 @@ def make_engine(url: str) -> Engine:
         return engine
     url = url.replace("postgresql://", "postgresql+psycopg://", 1) if url.startswith("postgresql://") else url
     url = url.replace("postgres://", "postgresql+psycopg://", 1) if url.startswith("postgres://") else url
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    ms, whole_s = int(dead_peer_s * 1000), max(int(dead_peer_s // 3), 1)
+    server = (f"-c idle_in_transaction_session_timeout={ms} -c tcp_user_timeout={ms} "
+              f"-c tcp_keepalives_idle={whole_s} -c tcp_keepalives_interval={whole_s} -c tcp_keepalives_count=3")
+    client = {"keepalives": 1, "keepalives_idle": whole_s, "keepalives_interval": whole_s, "keepalives_count": 3,
+              "tcp_user_timeout": ms}
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20,
+                         connect_args={"options": server, **client})
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

@@ -49,7 +49,7 @@ class Services:
 
     @cached_property
     def engine(self):
-        return make_engine(self.settings.database_url)
+        return make_engine(self.settings.database_url, dead_peer_s=max(self.settings.lease_s / 2, 2.0))
 
     @cached_property
     def sessions(self):

@@ -5,16 +5,21 @@ submit for private targets. A real HTTP receiver on loopback plays the customer.
 from __future__ import annotations
 
 import json
+import socket
+import ssl
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
 
 import pytest
 from standardwebhooks import Webhook
 
 from api.client import verify_webhook
 from jobs.services import Services
-from jobs.webhooks import Deliverer
+from jobs.errors import InputError
+from jobs.schema import WebhookAttempt
+from jobs.webhooks import Deliverer, _outbox, check_url
 from tests.conftest import settings_env
 from tests.test_accounts import IMAGE, Harness
 
@@ -23,9 +28,10 @@ class Receiver:
     """An HTTP server on loopback. Paths: /ok (204), /flaky (500 twice, then 200),
     /hang (answers after 5 s), /redirect (302 to /ok)."""
 
-    def __init__(self):
+    def __init__(self, tls: ssl.SSLContext | None = None):
         self.seen: list[dict] = []
         self.flaky_failures = 2
+        self.sni: list[str | None] = []
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -59,6 +65,9 @@ class Receiver:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
+        if tls is not None:  # https: remember the server name each client asked for (SNI)
+            tls.sni_callback = lambda sock, name, ctx: receiver.sni.append(name)
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def url(self, path: str) -> str:
@@ -213,3 +222,277 @@ def test_a_real_worker_announces_success_through_the_deliverer_process(tmp_path,
     listed = cluster.get(f"/v1/jobs/{job['id']}/deliveries", headers=auth).json()["data"]
     assert listed[0]["status"] == "delivered" and listed[0]["attempts"][0]["status_code"] == 204
     assert json.loads(hit["body"])["data"]["id"] == job["id"]
+
+
+# --- the URL guard: one parse, pinned connections (SSRF regressions) -----------------------
+
+
+def refusal(url: str, allow: tuple[str, ...] = (), resolve=socket.getaddrinfo) -> str:
+    """The message ``check_url`` refuses ``url`` with (it must refuse it, naming webhook.url)."""
+    with pytest.raises(InputError) as caught:
+        check_url(url, allow, resolve=resolve)
+    assert caught.value.errors[0]["loc"] == ["webhook", "url"], caught.value.errors
+    return caught.value.errors[0]["msg"]
+
+
+def answers(port, *ips: str):
+    """A ``getaddrinfo`` answer holding ``ips``, in order."""
+    port = int(port or 0)
+    return [(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "",
+             (ip, port) if ":" not in ip else (ip, port, 0, 0)) for ip in ips]
+
+
+def fake_dns(names: dict[str, list[str]], calls: list | None = None):
+    """A resolver for the names in ``names`` (each a list of successive answers, the last
+    repeating); every other host goes to the real ``socket.getaddrinfo``."""
+    real = socket.getaddrinfo
+    left = {name: list(seq) for name, seq in names.items()}
+
+    def resolve(host, port, *args, **kw):
+        if calls is not None:
+            calls.append(host)
+        if host in left:
+            seq = left[host]
+            return answers(port, *(seq.pop(0) if len(seq) > 1 else seq[0]).split(","))
+        return real(host, port, *args, **kw)
+
+    return resolve
+
+
+def outbox_row(h: Harness, url: str) -> tuple[str, str]:
+    """A delivery of ``url`` written straight into the outbox (no submit check); returns its
+    id and the account's signing secret."""
+    account_id, key = h.account()
+    with h.services.sessions.begin() as session:
+        delivery_id = _outbox(session, account_id, url, "job.canceled", {"id": "job_x", "status": "canceled"}, None)
+    return delivery_id, h.call("GET", "/v1/webhooks/secret", key).get_json()["secret"]
+
+
+def attempts_of(h: Harness, delivery_id: str) -> list[WebhookAttempt]:
+    with h.services.sessions() as session:
+        return list(session.query(WebhookAttempt).filter_by(delivery_id=delivery_id).order_by(WebhookAttempt.number))
+
+
+@pytest.fixture
+def local_hooks(make_settings):
+    """An app whose allow list admits loopback (as the deliveries to ``Receiver`` need),
+    with no deliverer running: tests call ``Deliverer.send`` themselves."""
+    settings, _ = make_settings(webhook_allow_hosts="127.0.0.0/8")
+    return Harness(Services.from_settings(settings))
+
+
+def test_a_backslash_url_is_refused_at_submit_and_a_stored_one_is_never_sent(local_hooks, receiver):
+    h = local_hooks
+    url = f"http://127.0.0.1:{receiver.port}\\@1.1.1.1/ok"
+    # The differential this guards against: urlsplit reads the host as 1.1.1.1, while
+    # requests (WHATWG-like) would send to 127.0.0.1:<port>.
+    assert urlsplit(url).hostname == "1.1.1.1"
+    _, key = h.account()
+    resp = h.submit(key, {**IMAGE, "webhook": {"url": url}})
+    assert resp.status_code == 422, resp.get_json()
+    problem = resp.get_json()
+    assert problem["errors"][0]["loc"] == ["webhook", "url"] and "backslash" in problem["detail"]
+
+    delivery_id, _ = outbox_row(h, url)  # as if it had been accepted before the fix
+    Deliverer(h.services, threads=1, timeout=(1.0, 1.5)).send(delivery_id)
+    time.sleep(0.3)
+    assert receiver.seen == []
+    [attempt] = attempts_of(h, delivery_id)
+    assert attempt.status_code is None and "backslash" in attempt.error
+
+
+@pytest.mark.parametrize("url, reaches", [
+    ("http://[64:ff9b::7f00:1]/h", "127.0.0.1, a loopback"),            # NAT64 well-known prefix
+    ("http://[64:ff9b::a9fe:a9fe]/h", "169.254.169.254, a link-local"),  # NAT64 to cloud metadata
+    ("http://[64:ff9b:1::a00:1]/h", "through IPv6-to-IPv4 translation"),  # local-use NAT64 (RFC 8215)
+    ("http://[2002:a00:1::1]/h", "10.0.0.1, a private"),                # 6to4
+    ("http://[::127.0.0.1]/h", "127.0.0.1, a loopback"),                # IPv4-compatible
+    ("http://[::ffff:127.0.0.1]/h", "127.0.0.1, a loopback"),           # IPv4-mapped
+    ("http://[::ffff:a9fe:a9fe]/h", "169.254.169.254, a link-local"),   # IPv4-mapped, hex
+    ("http://[2001:0:4136:e378:8000:63bf:80ff:fffe]/h", "127.0.0.1, a loopback"),  # Teredo client
+])
+def test_ipv6_forms_that_reach_private_ipv4_space_are_refused(url, reaches):
+    msg = refusal(url)
+    assert reaches in msg and "translation" in msg, msg
+    # An allowed IPv6 network does not admit the IPv4 address behind it.
+    assert reaches in refusal(url, allow=("::/0",))
+
+
+def test_embedded_ipv4_is_what_the_allow_list_and_the_public_rule_judge(make_settings):
+    assert check_url("http://[64:ff9b::101:101]/h", ()).ips == ("64:ff9b::101:101",)  # NAT64 to 1.1.1.1
+    assert check_url("http://[2002:101:101::1]/h", ()).ips == ("2002:101:101::1",)  # 6to4 of 1.1.1.1
+    assert "10.0.0.1" in refusal("http://[64:ff9b::a00:1]/h", allow=("64:ff9b::/96",))
+    assert check_url("http://[64:ff9b::a00:1]/h", ("64:ff9b::/96", "10.0.0.0/8")).ips == ("64:ff9b::a00:1",)
+    # A local-use NAT64 prefix from the allow list fixes where the IPv4 address sits (RFC 6052).
+    assert "127.0.0.1" in refusal("http://[64:ff9b:1::7f00:1]/h", allow=("64:ff9b:1::/96",))
+    assert check_url("http://[64:ff9b:1::7f00:1]/h", ("64:ff9b:1::/96", "127.0.0.1")).ips == ("64:ff9b:1::7f00:1",)
+    # Through the API: a 422 naming the field.
+    settings, _ = make_settings()
+    h = Harness(Services.from_settings(settings))
+    _, key = h.account()
+    for url in ("http://[64:ff9b::7f00:1]/h", "http://[2002:7f00:1::]/h", "http://[::ffff:10.0.0.1]/h"):
+        resp = h.submit(key, {**IMAGE, "webhook": {"url": url}})
+        assert resp.status_code == 422 and resp.get_json()["errors"][0]["loc"] == ["webhook", "url"], url
+        assert "translation" in resp.get_json()["detail"], url
+
+
+@pytest.mark.parametrize("host", ["2130706433", "0x7f.1", "017700000001", "127.1", "0x7f000001", "0177.0.0.1",
+                                  "127.0.0.01", "127.0.1", "1.2.3.4.5", "127.0.0.0x1", "example.123"])
+def test_numeric_host_shorthands_are_refused_even_where_the_address_is_allowed(host):
+    msg = refusal(f"http://{host}:8080/h", allow=("127.0.0.0/8", "0.0.0.0/0"))
+    assert "numeric shorthand" in msg and "a.b.c.d" in msg, msg
+
+
+@pytest.mark.parametrize("url, says", [
+    ("http://1.1.1.1\\@127.0.0.1/h", "backslash"),
+    ("http://1.1.1.1/\\h", "backslash"),
+    ("http://user:pass@1.1.1.1/h", "user information"),
+    ("http://1.1.1.1@127.0.0.1/h", "user information"),
+    ("http://1.1.1.1/h\r\nX-Injected: 1", "control characters"),
+    ("http://1.1.1.1\x00.example.com/h", "control characters"),
+    ("http://1.1.1.1\t/h", "whitespace"),
+    ("http://1.1.1.1 /h", "whitespace"),
+    ("http://exam\u200bple.com/h", "control characters"),  # zero-width space (Cf)
+    ("http://%31%32%37.0.0.1/h", "percent-encoded"),
+    ("http://[::1%25lo]/h", "percent-encoded"),
+    ("http:///h", "the host is empty"),
+    ("http://:8080/h", "the host is empty"),
+    ("http://1.1.1.1:0/h", "port must be a number from 1 to 65535"),
+    ("http://1.1.1.1:65536/h", "port must be a number from 1 to 65535"),
+    ("http://1.1.1.1:/h", "port must be a number from 1 to 65535"),
+    ("http://1.1.1.1:+80/h", "port must be a number from 1 to 65535"),
+    ("http://1.1.1.1:8\u0668/h", "port must be a number from 1 to 65535"),  # an Arabic-Indic digit
+    ("http://exa\ufffdmple.com/h", "IDNA"),
+    ("http://" + "ü" * 64 + ".com/h", "IDNA"),
+    ("http://xn--a.com/h", "IDNA"),
+    ("http://example.com./h", "must not end with a dot"),
+    ("http://1.1.1.1./h", "must not end with a dot"),
+    ("http://example..com/h", "empty label"),
+    ("http://.example.com/h", "empty label"),
+    ("http://1.1.1.1:80:80/h", "in brackets"),
+    ("http://[::1/h", "closing"),
+    ("http://[1.1.1.1]/h", "not an IPv6 address"),
+    ("http:/1.1.1.1/h", "http:// or https://"),
+    ("https:1.1.1.1/h", "http:// or https://"),
+    ("file:///etc/passwd", "http:// or https://"),
+    ("gopher://1.1.1.1:25/h", "http:// or https://"),
+])
+def test_what_two_url_parsers_could_read_differently_is_refused(url, says):
+    msg = refusal(url, allow=("127.0.0.0/8", "::1", "0.0.0.0/0", "::/0"))
+    assert says in msg, msg
+
+
+def test_unicode_hosts_are_judged_after_idna_encoding():
+    # Full-width digits and ideographic full stops fold to 127.0.0.1: judged as that address.
+    assert "loopback" in refusal("http://\uff11\uff12\uff17.0.0.1/h")
+    assert "loopback" in refusal("http://127\u30020\u30020\u30021/h")
+    target = check_url("https://b\u00fccher.example:8443/a?q=\u00fc#frag", (),
+                       resolve=fake_dns({"xn--bcher-kva.example": ["1.1.1.1"]}))
+    assert (target.host, target.host_header, target.path, target.ips) == (
+        "xn--bcher-kva.example", "xn--bcher-kva.example:8443", "/a?q=%C3%BC", ("1.1.1.1",))
+
+
+def test_dns_rebinding_cannot_move_a_delivery_to_loopback(local_hooks, receiver, monkeypatch):
+    """rebind.test answers a public address to the check, then 127.0.0.1 (where the receiver
+    is, and which the allow list admits) to anyone asking again: the request still goes to
+    the checked address, and nothing reaches the receiver."""
+    h = local_hooks
+    public = "1.1.1.1"
+    calls: list[str] = []
+    resolve = fake_dns({"rebind.test": [public, "127.0.0.1"]}, calls)
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)  # any unpinned lookup would see the rebinding
+
+    connects: list = []
+    connect = socket.socket.connect
+    monkeypatch.setattr(socket.socket, "connect", lambda sock, addr: (connects.append(addr), connect(sock, addr))[1])
+
+    target = check_url(f"http://rebind.test:{receiver.port}/ok", (), resolve=resolve)
+    assert target.ips == (public,) and target.host_header == f"rebind.test:{receiver.port}"
+
+    delivery_id, _ = outbox_row(h, f"http://rebind.test:{receiver.port}/ok")
+    deliverer = Deliverer(h.services, threads=1, timeout=(0.5, 0.5), resolve=fake_dns({"rebind.test": [public]}))
+    calls.clear()
+    deliverer.send(delivery_id)  # its own check sees the public address and pins it
+    [attempt] = attempts_of(h, delivery_id)
+    time.sleep(0.2)
+    assert receiver.seen == [] and ("127.0.0.1", receiver.port) not in connects, connects
+    assert (public, receiver.port) in connects  # it went (or tried to go) to the checked address
+    assert attempt.status_code is None and public in attempt.error, attempt.error
+    assert "rebind.test" not in calls, calls  # the sender never resolved the name again
+
+    # The rebinding answer itself is refused at the next check (the allow list does not
+    # hold 127.0.0.1 here), and an answer mixing public and loopback addresses is too.
+    assert "loopback" in refusal("http://rebind.test/ok", resolve=resolve)
+    assert "127.0.0.1" in refusal("http://mixed.test/ok", resolve=fake_dns({"mixed.test": [f"{public},127.0.0.1"]}))
+
+
+def test_an_allowed_local_receiver_gets_a_signed_delivery_on_the_pinned_address(local_hooks, receiver):
+    h = local_hooks
+    url = f"http://hooks.internal.test:{receiver.port}/ok?x=1"
+    delivery_id, secret = outbox_row(h, url)
+    lookups: list[str] = []
+    # The allow list holds 127.0.0.0/8, a network: it is matched against the resolved address.
+    Deliverer(h.services, threads=1, timeout=(1.0, 1.5),
+              resolve=fake_dns({"hooks.internal.test": ["127.0.0.1"]}, lookups)).send(delivery_id)
+    [hit] = receiver.wait_for("/ok?x=1")
+    assert hit["headers"]["Host"] == f"hooks.internal.test:{receiver.port}"
+    payload = Webhook(secret).verify(hit["body"], hit["headers"])
+    assert payload["type"] == "job.canceled" and payload["data"]["id"] == "job_x"
+    assert hit["headers"]["webhook-id"] == delivery_id and lookups == ["hooks.internal.test"]
+    assert [a.status_code for a in attempts_of(h, delivery_id)] == [200]
+
+
+def _self_signed(tmp_path, name: str):
+    """A certificate for ``name`` (its own CA) and a server context holding it."""
+    import datetime as dt
+
+    x509 = pytest.importorskip("cryptography.x509")
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert_path, key_path)
+    return str(cert_path), ctx
+
+
+def test_https_to_a_pinned_address_sends_sni_and_verifies_the_certificate_for_the_name(local_hooks, tmp_path):
+    h = local_hooks
+    ca, ctx = _self_signed(tmp_path, "hooks.internal.test")
+    tls_receiver = Receiver(tls=ctx)
+    try:
+        dns = {"hooks.internal.test": ["127.0.0.1"], "other.internal.test": ["127.0.0.1"]}
+        deliverer = Deliverer(h.services, threads=1, timeout=(1.0, 1.5), resolve=fake_dns(dns), ca_certs=ca)
+        good, secret = outbox_row(h, f"https://hooks.internal.test:{tls_receiver.port}/ok")
+        deliverer.send(good)
+        [hit] = tls_receiver.wait_for("/ok")
+        assert tls_receiver.sni == ["hooks.internal.test"]  # SNI is the name, though the socket went to 127.0.0.1
+        assert hit["headers"]["Host"] == f"hooks.internal.test:{tls_receiver.port}"
+        Webhook(secret).verify(hit["body"], hit["headers"])
+
+        # Same address, another name: the certificate does not match it, nothing is sent.
+        wrong, _ = outbox_row(h, f"https://other.internal.test:{tls_receiver.port}/ok")
+        deliverer.send(wrong)
+        [attempt] = attempts_of(h, wrong)
+        assert attempt.status_code is None and "doesn't match 'hooks.internal.test'" in attempt.error, attempt.error
+        # The right name but a certificate no trusted CA signed (the default bundle): refused too.
+        untrusted, _ = outbox_row(h, f"https://hooks.internal.test:{tls_receiver.port}/ok")
+        Deliverer(h.services, threads=1, timeout=(1.0, 1.5), resolve=fake_dns(dns)).send(untrusted)
+        [attempt] = attempts_of(h, untrusted)
+        assert attempt.status_code is None and "certificate verify failed" in attempt.error, attempt.error
+        assert len(tls_receiver.wait_for("/ok")) == 1
+    finally:
+        tls_receiver.server.shutdown()
