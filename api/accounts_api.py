@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 from flask import Blueprint, current_app, request
 from sqlalchemy.exc import IntegrityError
 
@@ -13,7 +11,9 @@ from jobs.db import writing
 from jobs.errors import InputError
 from jobs.views import iso
 
-from .callers import current_caller, require_account, require_admin
+from .callers import client_address, current_caller, network_of, require_account, require_admin
+from .guards import json_body
+from .jobs_api import limit_arg
 
 bp = Blueprint("accounts", __name__)
 
@@ -23,13 +23,8 @@ def _services():
 
 
 def _body() -> dict:
-    raw = request.get_data(cache=True)
-    if not raw.strip():
-        return {}
-    try:
-        body = json.loads(raw)
-    except ValueError as exc:
-        raise InputError(f"the body is not valid JSON: {exc}", [{"loc": [], "msg": "not valid JSON"}]) from None
+    """The JSON object sent (strict, within the size limit: api.guards); {} for none."""
+    body = json_body(empty={}, syntax_status=422)
     if not isinstance(body, dict):
         raise InputError("the body must be a JSON object", [{"loc": [], "msg": "must be a JSON object"}])
     return body
@@ -49,12 +44,18 @@ def _account_json(account) -> dict:
 
 @bp.post("/v1/accounts")
 def create():
-    """A free account. The API key is in this answer only: it is stored hashed."""
+    """A free account. The API key is in this answer only: it is stored hashed.
+
+    Each account is a new daily allowance, so accounts are counted per network (an IPv4
+    address, an IPv6 /64) per day: at most ``VRAMQ_ACCOUNTS_PER_DAY`` (429 past it). The
+    admin key is not counted; ``vramq accounts create`` makes accounts without limit."""
     body = _body()
     _only(body, {"name"})
     name = body.get("name")
     if name is not None and not isinstance(name, str):
         raise InputError("name must be a string", [{"loc": ["name"], "msg": "must be a string"}])
+    if not current_caller().admin:
+        current_app.extensions["vramq.limiter"].count_account(network_of(client_address()))
     with _services().sessions.begin() as session:
         account, key = create_account(session, name=name)
     return {**_account_json(account), "api_key": key}, 201
@@ -123,7 +124,7 @@ def show(account_id: str):
     with services.sessions() as session:
         account = get_account(session, account_id)
         use = ledger.usage(session, account.id, account.tier, services.allowances, services.now())
-        rows = ledger.entries(session, account.id, limit=min(int(request.args.get("limit", 50) or 50), 500))
+        rows = ledger.entries(session, account.id, limit=limit_arg(500, 50))
     return {**_account_json(account), "usage": use.to_json(), "ledger": [entry_json(r) for r in rows]}
 
 

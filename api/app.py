@@ -19,13 +19,16 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.config["MAX_CONTENT_LENGTH"] = services.settings.max_body_bytes
     app.json.sort_keys = False
 
-    from . import accounts_api, batches_api, files_api, jobs_api, models_api, ops, problems
+    from . import accounts_api, batches_api, files_api, guards, jobs_api, models_api, ops, problems
     from .callers import current_caller
     from .metrics import REQUESTS
     from .ratelimit import RateLimiter
 
     problems.install(app)
-    limiter = RateLimiter(services.broker_url, services.settings.rate_limit_anonymous, services.settings.rate_limit_keyed)
+    settings = services.settings
+    limiter = RateLimiter(services.broker_url, settings.rate_limit_anonymous, settings.rate_limit_keyed,
+                          settings.accounts_per_day)
+    app.extensions["vramq.limiter"] = limiter
     app.register_blueprint(jobs_api.bp)
     app.register_blueprint(accounts_api.bp)
     app.register_blueprint(batches_api.bp)
@@ -35,9 +38,20 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
 
     @app.before_request
     def _start():
+        """The checks of api.guards, in order, before any view: Host (400), NUL in the
+        path or query (422), the caller (401 for a bad key) and its rate limit (429), the
+        body's type (415) and size (413, from Content-Length, before reading it)."""
         g.t0 = time.perf_counter()
-        if not request.path.startswith(("/healthz", "/readyz", "/metrics")):
-            limiter.check(current_caller())  # 401 for a bad key, 429 past the limit
+        if request.path.startswith(("/healthz", "/readyz", "/metrics")):
+            return None  # probes and scrapers reach the API by any address; no links here
+        refused = guards.check_host(settings.allowed_hosts)
+        if refused is not None:
+            return refused
+        guards.check_path_and_query()
+        caller = current_caller()
+        limiter.check(caller)
+        return (guards.check_content_type(request.endpoint)
+                or guards.apply_body_limit(request.endpoint, caller, settings))
 
     @app.after_request
     def _observe(resp):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 
 from flask import Blueprint, current_app, request
@@ -45,10 +46,17 @@ def _render(session, batch: Batch) -> dict:
 def create_batch():
     """Accept up to 10,000 jobs at once (``jobs`` or a JSONL ``input_file``): all or none."""
     services = _services()
-    request.max_content_length = services.settings.max_upload_bytes  # a batch is as big as an upload
+    caller = current_caller()
+    # The body's size limit was set for this caller before it was read (api.guards:
+    # VRAMQ_MAX_BODY_KB without a key, VRAMQ_MAX_BATCH_BODY_MB with one).
     body = _json_body()
-    batch, created = batches.create(services, body, caller=current_caller(),
-                                    idempotency_key=request.headers.get("Idempotency-Key"), base_url=base_url())
+    max_jobs, note = batches.MAX_JOBS, ""
+    if not (caller.keyed or caller.admin):
+        max_jobs = services.settings.anonymous_batch_jobs
+        note = (f" from a caller without an API key (VRAMQ_ANONYMOUS_BATCH_JOBS; with a key up to "
+                f"{batches.MAX_JOBS})")
+    batch, created = batches.create(services, body, caller=caller, idempotency_key=request.headers.get("Idempotency-Key"),
+                                    base_url=base_url(), max_jobs=max_jobs, limit_note=note)
     with services.sessions() as session:
         rendered = _render(session, batch)
     if created:
@@ -95,7 +103,7 @@ def batch_jobs(batch_id: str):
     limit = limit_arg(PAGE_MAX, 100)
     statuses = statuses_arg()
     after = request.args.get("cursor") or None
-    if after is not None and not after.startswith("job_"):
+    if after is not None and not re.fullmatch(r"job_[0-9a-z]{1,40}", after):
         raise _bad_arg("cursor", "is not a cursor this server gave out (use next_cursor as is)")
     with _services().sessions() as session:
         _load(session, batch_id)

@@ -19,13 +19,11 @@ from jobs.errors import NotFound
 from jobs.files import PURPOSES, File, get_file, store_file
 
 from .callers import current_caller
+from .guards import MULTIPART_SLACK, body_limit
 from .problems import problem
 from jobs.views import iso
 
 bp = Blueprint("files", __name__)
-
-#: Multipart boundaries, part headers and the ``purpose`` field on top of the file.
-MULTIPART_SLACK = 64 * 1024
 
 
 def _services():
@@ -73,6 +71,13 @@ def upload_file():
     data = upload.read(limit + 1)
     if len(data) > limit:
         return _too_large(limit)
+    if purpose == "batch":
+        # A batch file becomes a batch: it may be no larger than this caller's batch body.
+        _cap, batch_limit, setting, note = body_limit("batches.create_batch", current_caller(), services.settings)
+        if len(data) > batch_limit:
+            return problem(413, f"a batch file ({len(data)} bytes) exceeds the limit of {batch_limit} bytes "
+                                f"({setting}){note}", "payload_too_large",
+                           [{"loc": ["file"], "msg": f"at most {batch_limit} bytes ({setting})"}], limit_bytes=batch_limit)
     key = request.headers.get("Idempotency-Key")
     body_digest = idempotency.digest(b"\0".join([purpose.encode(), (upload.filename or "").encode(), data]))
     if key:

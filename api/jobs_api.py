@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import time
-from datetime import datetime
+from datetime import datetime, timezone
 
 from flask import Blueprint, Response, current_app, request, stream_with_context
 from sqlalchemy import and_, or_, select
-from werkzeug.exceptions import BadRequest
 
 from jobs import events, outcomes, retention, webhooks
 from jobs.db import writing
@@ -21,6 +21,7 @@ from jobs.submit import submit_job
 from jobs.views import job_json
 
 from .callers import current_caller, require_account, require_admin
+from .guards import json_body
 from .metrics import JOBS_SUBMITTED
 from .render import base_url, links, render_job
 
@@ -35,16 +36,8 @@ def _services():
 
 
 def _json_body():
-    raw = request.get_data(cache=False)
-    limit = request.max_content_length
-    if limit is not None and len(raw) >= limit:
-        # werkzeug stops a streamed (chunked) body at the limit without complaint;
-        # one more read tells a body of exactly the limit from a longer one (413).
-        request.stream.read(1)
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"the body is not valid JSON: {exc}") from None
+    """The body as strict JSON, within this request's size limit (api.guards)."""
+    return json_body()
 
 
 @bp.post("/v1/jobs")
@@ -139,14 +132,36 @@ def statuses_arg() -> list[str] | None:
 
 
 def limit_arg(maximum: int, default: int) -> int:
-    """``?limit=``: a page size from 1 to ``maximum`` (422 otherwise)."""
-    try:
-        limit = int(request.args.get("limit", default))
-    except ValueError:
-        raise _bad_arg("limit", "must be an integer") from None
+    """``?limit=``: a page size from 1 to ``maximum`` (422 otherwise), in plain digits."""
+    raw = request.args.get("limit")
+    if raw is None:
+        return default
+    if not re.fullmatch(r"[0-9]{1,18}", raw.strip()):
+        raise _bad_arg("limit", f"must be an integer from 1 to {maximum}")
+    limit = int(raw)
     if not 1 <= limit <= maximum:
         raise _bad_arg("limit", f"must be from 1 to {maximum}")
     return limit
+
+
+#: A Redis stream id, as the events stream hands them out: ``<ms>-<seq>`` (or ``<ms>``).
+_STREAM_ID = re.compile(r"([0-9]{1,20})(?:-([0-9]{1,20}))?")
+_U64_MAX = 2**64 - 1
+
+
+def last_event_id() -> str:
+    """Where an event stream resumes: ``Last-Event-ID`` (or ``?last_event_id=``), an id
+    this stream gave out; ``"0"`` (from the start) when neither is given. 422 otherwise."""
+    header = request.headers.get("Last-Event-ID")
+    raw, loc = (header, ["header", "Last-Event-ID"]) if header else (request.args.get("last_event_id"),
+                                                                   ["query", "last_event_id"])
+    if not raw:
+        return "0"
+    m = _STREAM_ID.fullmatch(raw.strip())
+    if m is None or any(int(part) > _U64_MAX for part in m.groups() if part is not None):
+        msg = "must be the id of an event this stream sent (like 1718000000000-0)"
+        raise InputError(f"{loc[1]}: {msg}", [{"loc": loc, "msg": msg}])
+    return raw.strip()
 
 
 def sse_frame(event: str, data: dict, event_id: str | None = None) -> str:
@@ -165,11 +180,19 @@ def _encode_cursor(job: Job) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+_CURSOR_ID = re.compile(r"[a-z]{1,10}_[0-9a-z]{1,40}")
+
+
 def _decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
-        created, job_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        return datetime.fromisoformat(created), str(job_id)
-    except (ValueError, TypeError):
+        created, last_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        when = datetime.fromisoformat(created)
+        if when.tzinfo is not None:
+            when = when.astimezone(timezone.utc)  # OverflowError past year 9999
+        if when.tzinfo is None or not isinstance(last_id, str) or not _CURSOR_ID.fullmatch(last_id):
+            raise ValueError("not a cursor of ours")
+        return when, last_id
+    except (ValueError, TypeError, OverflowError, RecursionError):
         raise _bad_arg("cursor", "is not a cursor this server gave out (use next_cursor as is)") from None
 
 
@@ -281,7 +304,7 @@ def job_events(job_id: str):
     with services.sessions() as session:
         job = _load(session, job_id)
         status = job.status
-    after = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or "0"
+    after = last_event_id()
 
     def done_frame(event_id: str | None) -> str:
         with services.sessions() as session:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, jsonify
+from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from jobs.errors import (Conflict, Forbidden, InputError, NotFound, QuotaExceeded, RateLimited, ServiceUnavailable,
@@ -80,9 +80,15 @@ def install(app: Flask) -> None:
     def _http(exc: HTTPException):
         detail = exc.description or exc.name
         if exc.code == 413:
-            limit = app.config.get("MAX_CONTENT_LENGTH")
-            detail = f"request body exceeds the limit of {limit} bytes (VRAMQ_MAX_BODY_KB)"
-        return problem(exc.code or 500, detail)
+            from .guards import too_large
+
+            return too_large()
+        headers = {}
+        if exc.code == 405 and getattr(exc, "valid_methods", None):
+            allowed = sorted(set(exc.valid_methods) | {"OPTIONS"})
+            headers["Allow"] = ", ".join(allowed)
+            detail = f"{request.method} is not allowed on {request.path}; allowed: {', '.join(allowed)}"
+        return problem(exc.code or 500, detail, headers=headers)
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):

@@ -75,7 +75,9 @@ def _invalid(errors: list[dict], message: str = "the batch is invalid") -> Input
     return InputError(message, errors)
 
 
-def parse_request(body: Any) -> BatchRequest:
+def parse_request(body: Any, max_jobs: int = MAX_JOBS, limit_note: str = "") -> BatchRequest:
+    """The batch request, checked; ``jobs`` longer than ``max_jobs`` is 422 (``limit_note``
+    says which setting made the limit lower than ``MAX_JOBS``)."""
     if not isinstance(body, dict):
         raise _invalid([{"loc": [], "msg": "must be a JSON object"}], "the body must be a JSON object")
     try:
@@ -88,11 +90,16 @@ def parse_request(body: Any) -> BatchRequest:
         raise _invalid(errors) from None
     if (req.jobs is None) == (req.input_file is None):
         raise _invalid([{"loc": ["jobs"], "msg": "give either jobs (a list) or input_file (a JSONL file id), not both"}])
+    if req.jobs is not None and len(req.jobs) > max_jobs:
+        raise _invalid([{"loc": ["jobs"], "msg": f"a batch holds at most {max_jobs} jobs{limit_note}"}])
     return req
 
 
-def _file_lines(services, file_id: str, caller: Caller) -> list[tuple[int, Any]]:
-    """The JSONL file's lines as ``(line number, parsed value)``, blank lines skipped."""
+def _file_lines(services, file_id: str, caller: Caller, max_jobs: int = MAX_JOBS,
+                limit_note: str = "") -> list[tuple[int, Any]]:
+    """The JSONL file's lines as ``(line number, parsed value)``, blank lines skipped;
+    counted before they are parsed, parsed strictly (jobs.strictjson)."""
+    from . import strictjson
     from .files import get_file
 
     def bad(msg: str) -> InputError:
@@ -110,10 +117,17 @@ def _file_lines(services, file_id: str, caller: Caller) -> list[tuple[int, Any]]
         text = services.store.get(row.key).decode("utf-8")
     except Exception as exc:
         raise ServiceUnavailable(f"could not read {file_id} from storage: {exc.__class__.__name__}") from exc
-    # The upload checked that every line is a JSON object (jobs.files), so this parses.
-    lines = [(number, json.loads(raw)) for number, raw in enumerate(text.splitlines(), 1) if raw.strip()]
-    if len(lines) > MAX_JOBS:
-        raise bad(f"the file has {len(lines)} jobs; a batch holds at most {MAX_JOBS}")
+    raw_lines = [(number, raw) for number, raw in enumerate(text.splitlines(), 1) if raw.strip()]
+    if len(raw_lines) > max_jobs:
+        raise bad(f"the file has {len(raw_lines)} jobs; a batch holds at most {max_jobs}{limit_note}")
+    # The upload checked every line (jobs.files); a file stored before that check was
+    # strict is checked again here.
+    lines = []
+    for number, raw in raw_lines:
+        try:
+            lines.append((number, strictjson.loads(raw, ["input_file", "line", number])))
+        except ValueError as exc:
+            raise bad(f"line {number} is not valid JSON: {exc}") from None
     return lines
 
 
@@ -157,15 +171,18 @@ def _check_lines(services, lines: list[tuple[int, Any]], caller: Caller, where: 
 
 
 def create(services, body: Any, *, caller: Caller, idempotency_key: str | None = None,
-           base_url: str | None = None) -> tuple[Batch, bool]:
+           base_url: str | None = None, max_jobs: int = MAX_JOBS, limit_note: str = "") -> tuple[Batch, bool]:
     """Check, price and enqueue a batch in one transaction. Returns ``(batch, created)``.
-    ``base_url``: the API's address as the caller reached it (for the manifest's links)."""
-    req = parse_request(body)
+    ``base_url``: the API's address as the caller reached it (for the manifest's links);
+    ``max_jobs``: this caller's limit (at most ``MAX_JOBS``; ``limit_note`` names its setting)."""
+    max_jobs = min(max_jobs, MAX_JOBS)
+    req = parse_request(body, max_jobs, limit_note)
     if req.jobs is not None:
         lines = [(i + 1, raw) for i, raw in enumerate(req.jobs)]
         checked = _check_lines(services, lines, caller, "jobs")
     else:
-        checked = _check_lines(services, _file_lines(services, req.input_file, caller), caller, "input_file")
+        file_lines = _file_lines(services, req.input_file, caller, max_jobs, limit_note)
+        checked = _check_lines(services, file_lines, caller, "input_file")
     webhook = check_webhook(services, req.webhook, caller, batch=True)
     job_events = [e for e in webhook["events"] if e in webhooks.JOB_EVENTS] if webhook else []
     job_webhook = {"url": webhook["url"], "events": job_events} if job_events else None

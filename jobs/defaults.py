@@ -51,3 +51,14 @@ SWEEP_S = 60
 #: VRAMQ_UPLOAD_RETENTION_HOURS: uploaded files are deleted this many hours after upload
 #: (never while a queued or running job, or an unfinished batch, still refers to them).
 UPLOAD_RETENTION_HOURS = 24
+#: VRAMQ_MAX_BATCH_BODY_MB: the largest ``POST /v1/batches`` body (and ``purpose=batch``
+#: upload) from a caller with an API key; callers without one get VRAMQ_MAX_BODY_KB.
+MAX_BATCH_BODY_MB = 16
+#: VRAMQ_ANONYMOUS_BATCH_JOBS: the most jobs in one batch from a caller without an API key.
+ANONYMOUS_BATCH_JOBS = 100
+#: VRAMQ_ACCOUNTS_PER_DAY: accounts ``POST /v1/accounts`` makes per network (an IPv4
+#: address, an IPv6 /64) per day; 0 turns the limit off.
+ACCOUNTS_PER_DAY = 3
+#: VRAMQ_ALLOWED_HOSTS: the Host headers the API answers to (links are built from them),
+#: besides the host of VRAMQ_PUBLIC_URL and the address ``vramq api --host`` binds.
+ALLOWED_HOSTS = ("localhost", "127.0.0.1", "::1")

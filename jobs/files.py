@@ -14,7 +14,6 @@ per line.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 from datetime import datetime
@@ -130,7 +129,11 @@ def _discard_orphan(store, file_id: str) -> None:
 
 
 def _check_jsonl(data: bytes) -> None:
-    """A batch file: UTF-8 text, one JSON object per non-blank line, at least one."""
+    """A batch file: UTF-8 text, one strict JSON object per non-blank line (jobs.strictjson:
+    no NaN, no NUL, bounded nesting), at least one and at most a batch's ``MAX_JOBS``."""
+    from . import strictjson
+    from .batches import MAX_JOBS
+
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -139,13 +142,15 @@ def _check_jsonl(data: bytes) -> None:
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
+        lines += 1
+        if lines > MAX_JOBS:
+            raise _field_error("file", f"more than {MAX_JOBS} lines: a batch holds at most {MAX_JOBS} jobs")
         try:
-            value = json.loads(line)
+            value = strictjson.loads(line, ["file", "line", number])
         except ValueError as exc:
             raise _field_error("file", f"line {number} is not valid JSON: {exc}") from None
         if not isinstance(value, dict):
             raise _field_error("file", f"line {number} must be a JSON object")
-        lines += 1
     if not lines:
         raise _field_error("file", "a batch file needs at least one line (one JSON job object per line)")
 

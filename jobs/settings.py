@@ -50,6 +50,13 @@ class Settings:
     spool_max_bytes: int = defaults.SPOOL_MAX_MB * 1024 * 1024
     upload_retention_hours: float = defaults.UPLOAD_RETENTION_HOURS
     idempotency_hours: float = defaults.IDEMPOTENCY_HOURS
+    max_batch_body_bytes: int = defaults.MAX_BATCH_BODY_MB * 1024 * 1024
+    """``POST /v1/batches`` bodies (and batch uploads) from keyed callers; anonymous ones get ``max_body_bytes``."""
+    anonymous_batch_jobs: int = defaults.ANONYMOUS_BATCH_JOBS
+    accounts_per_day: int = defaults.ACCOUNTS_PER_DAY
+    """Accounts made per network (IPv4 address, IPv6 /64) per day; 0 turns the limit off."""
+    allowed_hosts: tuple[str, ...] = defaults.ALLOWED_HOSTS
+    """Host headers answered (names, ``*.suffix``, IPs, CIDRs; ``*`` for any); else 400."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -107,6 +114,10 @@ class Settings:
             spool_max_bytes=number("SPOOL_MAX_MB", defaults.SPOOL_MAX_MB) * 1024 * 1024,
             upload_retention_hours=number("UPLOAD_RETENTION_HOURS", defaults.UPLOAD_RETENTION_HOURS, float),
             idempotency_hours=number("IDEMPOTENCY_HOURS", defaults.IDEMPOTENCY_HOURS, float),
+            max_batch_body_bytes=number("MAX_BATCH_BODY_MB", defaults.MAX_BATCH_BODY_MB) * 1024 * 1024,
+            anonymous_batch_jobs=number("ANONYMOUS_BATCH_JOBS", defaults.ANONYMOUS_BATCH_JOBS, zero_ok=True),
+            accounts_per_day=number("ACCOUNTS_PER_DAY", defaults.ACCOUNTS_PER_DAY, zero_ok=True),
+            allowed_hosts=_allowed_hosts(get("ALLOWED_HOSTS"), get("PUBLIC_URL")),
         )
 
     def with_(self, **changes) -> "Settings":
@@ -116,6 +127,26 @@ class Settings:
     @property
     def embedded_broker(self) -> bool:
         return self.broker_url is None
+
+
+def _allowed_hosts(raw: str | None, public_url: str | None) -> tuple[str, ...]:
+    """The loopback names, ``VRAMQ_ALLOWED_HOSTS`` and the host of ``VRAMQ_PUBLIC_URL``.
+
+    Loopback names are always answered: a link built on them can only point a reader at
+    their own machine, and the CLI and health checks use them."""
+    from urllib.parse import urlsplit
+
+    hosts = list(defaults.ALLOWED_HOSTS) + [h.lower() for h in _split(raw) if h.lower() not in defaults.ALLOWED_HOSTS]
+    if public_url:
+        try:
+            public_host = urlsplit(public_url).hostname
+        except ValueError:
+            raise ConfigError(f"VRAMQ_PUBLIC_URL={public_url!r} is not a URL") from None
+        if not public_host:
+            raise ConfigError(f"VRAMQ_PUBLIC_URL={public_url!r} has no host (e.g. https://gpu.example.com)")
+        if public_host.lower() not in hosts:
+            hosts.append(public_host.lower())
+    return tuple(hosts)
 
 
 def _split(raw: str | None) -> tuple[str, ...]:

@@ -27,6 +27,14 @@ from .schema import Job
 
 MAX_METADATA_BYTES = 4096
 
+#: The language codes Whisper knows, as faster-whisper checks them on the worker
+#: (``faster_whisper.tokenizer._LANGUAGE_CODES``, faster-whisper 1.2.1; ``yue`` is
+#: large-v3's). Copied, not imported: the API does not install faster-whisper.
+WHISPER_LANGUAGES = frozenset("""
+    af am ar as az ba be bg bn bo br bs ca cs cy da de el en es et eu fa fi fo fr gl gu ha haw he hi hr ht hu
+    hy id is it ja jw ka kk km kn ko la lb ln lo lt lv mg mi mk ml mn mr ms mt my ne nl nn no oc pa pl ps pt
+    ro ru sa sd si sk sl sn so sq sr su sv sw ta te tg th tk tl tr tt uk ur uz vi yi yo zh yue""".split())
+
 
 def _small(v: dict[str, Any]) -> dict[str, Any]:
     if len(json.dumps(v)) > MAX_METADATA_BYTES:
@@ -134,6 +142,7 @@ def check_job(services, model_id: str, raw_input: Any, caller: Caller):
             code="unknown_model",
         )
     inp = entry.validate_input(raw_input)
+    check_worker_accepts(entry, inp)
     prompt_tokens = audio_seconds = None
     if entry.kind == "speech":
         from .files import check_audio_input  # PyAV, imported only for speech jobs
@@ -146,6 +155,26 @@ def check_job(services, model_id: str, raw_input: Any, caller: Caller):
     if "seed" in inp and inp["seed"] is None:
         inp["seed"] = secrets.randbelow(SEED_MAX + 1)
     return entry, inp, work_units(entry.kind, inp, prompt_tokens=prompt_tokens, audio_seconds=audio_seconds)
+
+
+def check_worker_accepts(entry, inp: dict[str, Any]) -> None:
+    """Refuse (422 naming the field) input the catalog's schema lets through but the
+    model's backend would fail on, once the job had waited its turn on a GPU."""
+    errors = []
+    if entry.kind == "text":
+        for i, stop in enumerate(inp.get("stop") or ()):
+            if not stop:
+                errors.append({"loc": ["input", "stop", i], "msg": "must not be empty (an empty stop string "
+                                                                   "would end every generation at once)"})
+    if entry.kind == "speech":
+        language = inp.get("language")
+        if language is not None and language not in WHISPER_LANGUAGES:
+            errors.append({"loc": ["input", "language"],
+                           "msg": f"unknown language {language!r}: a Whisper language code in lower case "
+                                  f"(en, de, fr, ja, zh, … {len(WHISPER_LANGUAGES)} codes), or leave it out to "
+                                  "have it detected"})
+    if errors:
+        raise InputError(f"input is not valid for model {entry.id!r}", errors)
 
 
 def check_webhook(services, raw: Any, caller: Caller, *, batch: bool = False) -> dict | None:

@@ -94,6 +94,7 @@ def settings_env(tmp_path: Path, *, redis_url: str, models_dir: Path, database_u
         "VRAMQ_FREE_DAILY_TOKENS": "1000000000",
         "VRAMQ_RATE_LIMIT_ANONYMOUS": "0",
         "VRAMQ_RATE_LIMIT_KEYED": "0",
+        "VRAMQ_ACCOUNTS_PER_DAY": "0",
     }
     if database_url:
         env["VRAMQ_DATABASE_URL"] = database_url
