@@ -432,11 +432,12 @@ class WorkerRuntime:
             canceled = lifecycle.canceled_among(s, running)
             if renew:
                 lifecycle.renew(s, self.name, running, self.services.settings.lease_s)
-        for jid, p in changed.items():
-            running[jid].reported = p
-            self.events.put(jid, "progress", {"progress": round(p, 4)})
         for jid in canceled:
             running[jid].canceled = True
+        for jid, p in changed.items():
+            running[jid].reported = p
+            if not running[jid].canceled:  # a canceled job's stream ended with the cancel
+                self.events.put(jid, "progress", {"progress": round(p, 4)})
 
     def _reap(self) -> None:
         """Queue again the jobs whose worker stopped renewing their lease, or fail those

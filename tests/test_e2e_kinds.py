@@ -58,12 +58,16 @@ def test_text_stream_delivers_the_final_text(shared_cluster):
     assert len(deltas) > 1 and "".join(deltas) == done["output"]["text"]
 
 
-def wait_running(cluster, job_id: str, min_progress: float = 0.0, timeout: float = 120) -> None:
+def wait_running(cluster, job_id: str, min_progress: float = 0.0, timeout: float = 120,
+                 finished_ok: bool = False) -> bool:
+    """Until the job runs (True); with ``finished_ok``, False if it ended before it was seen running."""
     deadline = time.monotonic() + timeout
     while True:
         job = cluster.get(f"/v1/jobs/{job_id}").json()
         if job["status"] == "running" and job["progress"] >= min_progress:
-            return
+            return True
+        if finished_ok and job["status"] == "succeeded":
+            return False
         assert job["status"] in ("queued", "running") and time.monotonic() < deadline, job
         time.sleep(0.02)
 
@@ -82,7 +86,8 @@ def test_text_cancel_mid_generation(shared_cluster, models_dir):
     # cancel may lose the race against the end of the generation; try a few times.
     for _attempt in range(5):
         job = submit(shared_cluster, "tiny-qwen2", {"prompt": "Go on", "max_tokens": 2000})
-        wait_running(shared_cluster, job["id"])
+        if not wait_running(shared_cluster, job["id"], finished_ok=True):
+            continue  # it ended before the poll saw it running: try again
         resp = shared_cluster.post(f"/v1/jobs/{job['id']}/cancel")
         if resp.status_code == 200:
             break
