@@ -29,6 +29,9 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     limiter = RateLimiter(services.broker_url, settings.rate_limit_anonymous, settings.rate_limit_keyed,
                           settings.accounts_per_day)
     app.extensions["vramq.limiter"] = limiter
+    from .streams import slots_for
+
+    app.extensions["vramq.streams"] = slots_for(settings)  # api.server sizes it to its threads
     app.register_blueprint(jobs_api.bp)
     app.register_blueprint(accounts_api.bp)
     app.register_blueprint(batches_api.bp)

@@ -15,8 +15,8 @@ from jobs.schema import Batch, Job
 from jobs.views import job_json
 
 from .callers import current_caller, require_account
-from .jobs_api import (STREAM_MAX_S, _bad_arg, _decode_cursor, _encode_cursor, _json_body, limit_arg, sse_frame,
-                       sse_response, statuses_arg)
+from .jobs_api import (_bad_arg, _decode_cursor, _encode_cursor, _json_body, limit_arg, sse_frame,
+                       sse_response, statuses_arg, stream_seconds)
 from .metrics import JOBS_SUBMITTED
 from .render import base_url, links
 
@@ -141,10 +141,11 @@ def batch_events(batch_id: str):
     with services.sessions() as session:
         _load(session, batch_id)
     lk = links()
+    seconds = stream_seconds()
 
     def stream():
         last = None
-        deadline = time.monotonic() + STREAM_MAX_S
+        deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             with services.sessions() as session:
                 batch = session.get(Batch, batch_id)

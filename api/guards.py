@@ -28,7 +28,7 @@ import re
 from typing import Any
 
 from flask import current_app, g, request
-from werkzeug.exceptions import BadRequest, HTTPException
+from werkzeug.exceptions import BadRequest, HTTPException, RequestTimeout
 
 from jobs import strictjson
 from jobs.accounts import Caller
@@ -204,9 +204,15 @@ def read_body() -> bytes:
             # werkzeug stops a streamed (chunked) body at the limit without complaint;
             # one more read tells a body of exactly the limit from a longer one (413).
             request.stream.read(1)
-    except HTTPException:
+    except HTTPException as exc:
+        # werkzeug answers a read that failed as ClientDisconnected (400); when it failed
+        # because the client sent too slowly (api.server.RequestReadTimeout), that is 408.
+        if getattr(exc.__context__, "http_status", None) == 408:
+            raise RequestTimeout(f"the request body did not arrive in time: {exc.__context__}") from None
         raise
     except Exception as exc:  # gunicorn's InvalidChunkSize, NoMoreData, … : the client's fault
+        if getattr(exc, "http_status", None) == 408:
+            raise RequestTimeout(f"the request body did not arrive in time: {exc}") from None
         raise BadRequest(f"the request body could not be read: {exc.__class__.__name__}: {exc}"[:500]) from None
     return raw
 

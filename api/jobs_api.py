@@ -27,9 +27,6 @@ from .render import base_url, links, render_job
 
 bp = Blueprint("jobs", __name__)
 
-#: An event stream is closed after this long; clients reconnect with Last-Event-ID.
-STREAM_MAX_S = 3600
-
 
 def _services():
     return current_app.config["VRAMQ"]
@@ -170,9 +167,24 @@ def sse_frame(event: str, data: dict, event_id: str | None = None) -> str:
 
 
 def sse_response(stream) -> Response:
-    """A server-sent event stream; proxies are told not to buffer it."""
-    return Response(stream_with_context(stream), mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    """A server-sent event stream; proxies are told not to buffer it. It takes one of the
+    caller's stream slots (api.streams: 429 past the caps) until it is closed."""
+    from .callers import current_caller
+
+    release = current_app.extensions["vramq.streams"].acquire(current_caller().holder)
+    try:
+        resp = Response(stream_with_context(stream), mimetype="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    except BaseException:
+        release()
+        raise
+    resp.call_on_close(release)
+    return resp
+
+
+def stream_seconds() -> float:
+    """How long an event stream stays open (VRAMQ_STREAM_SECONDS); clients resume with Last-Event-ID."""
+    return _services().settings.stream_s
 
 
 def _encode_cursor(job: Job) -> str:
@@ -305,6 +317,7 @@ def job_events(job_id: str):
         job = _load(session, job_id)
         status = job.status
     after = last_event_id()
+    seconds = stream_seconds()
 
     def done_frame(event_id: str | None) -> str:
         with services.sessions() as session:
@@ -314,7 +327,7 @@ def job_events(job_id: str):
         nonlocal after
         if after == "0":
             yield sse_frame("status", {"status": status})
-        deadline = time.monotonic() + STREAM_MAX_S
+        deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             entries = events.read(services.redis, job_id, after, block_ms=1000)
             for entry_id, event, data in entries:

@@ -2,8 +2,21 @@
 
 from __future__ import annotations
 
+import copy
+import re
+
+from api.ratelimit import EXEMPT_PREFIXES
 from jobs.batches import MAX_JOBS, BatchLine, BatchRequest
-from jobs.submit import JobRequest
+from jobs.lifecycle import CANCELED, FAILED, QUEUED, RUNNING, SUCCEEDED
+from jobs.submit import WHISPER_LANGUAGES, JobRequest
+from jobs.webhooks import WebhookSpec
+
+#: The statuses of a job and of a batch, as the API shows them.
+JOB_STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED)
+BATCH_STATUSES = ("queued", "running", "completed", "canceled")
+#: Paths the before-request checks skip entirely (probes): no Host, caller or body checks.
+PROBES = ("/healthz", "/readyz", "/metrics")
+REF = "#/components/schemas/{model}"
 
 PROBLEM = {"$ref": "#/components/schemas/Problem"}
 
@@ -29,11 +42,120 @@ def _query(name: str, schema: dict, description: str = "") -> dict:
     return {"name": name, "in": "query", "schema": schema, "description": description}
 
 
+def _hoist(schema: dict, into: dict) -> dict:
+    """A pydantic schema whose ``$defs`` go to the components (so its refs resolve in the
+    document)."""
+    for name, sub in schema.pop("$defs", {}).items():
+        into[name] = sub
+    return schema
+
+
+def _csv_enum(values) -> dict:
+    """A comma-separated list of ``values`` (``?status=a,b``)."""
+    one = "|".join(re.escape(v) for v in values)
+    return {"type": "string", "pattern": f"^({one})(,({one}))*$"}
+
+
+def input_schema(entry, defs: dict) -> dict:
+    """The JSON schema of a job's ``input`` for ``entry``: pydantic's schema of the
+    entry's input model (its limits as bounds, its defaults), plus the rules pydantic
+    checks in code (prompt xor messages, the frame step, non-empty stop strings,
+    Whisper language codes, audio references)."""
+    schema = _hoist(entry.input_model.model_json_schema(ref_template=REF), defs)
+    props = schema["properties"]
+    lim = entry.limit
+    if entry.kind == "video" and lim.frame_step > 1:
+        props["num_frames"]["enum"] = list(range(1, lim.max_frames + 1, lim.frame_step))
+        props["num_frames"]["description"] = f"{lim.frame_step}k+1 (limit frame_step)"
+    if entry.kind == "text":
+        for alt in props["stop"]["anyOf"]:
+            if alt.get("type") == "array":
+                alt["items"] = {"type": "string", "minLength": 1}
+        schema["oneOf"] = [
+            {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+            {"required": ["messages"], "properties": {"messages": {"type": "array"}}},
+        ]
+        schema["description"] = "exactly one of prompt or messages"
+    if entry.kind == "speech":
+        props["audio"]["pattern"] = "^(file_|data:audio/[^;,]+;base64,)"
+        props["audio"]["description"] = "a file_… id (POST /v1/files, purpose audio) or a data:audio/…;base64 URI"
+        for alt in props["language"]["anyOf"]:
+            if alt.get("type") == "string":
+                alt["enum"] = sorted(WHISPER_LANGUAGES)
+    return schema
+
+
+def _with_webhook(schema: dict) -> dict:
+    """``schema``'s free-form ``webhook`` as the WebhookSpec it is checked against."""
+    schema["properties"]["webhook"] = {"anyOf": [{"$ref": REF.format(model="WebhookSpec")}, {"type": "null"}],
+                                       "default": None, "description": "needs an API key; the URL must be one "
+                                       "the operator allows (VRAMQ_WEBHOOK_ALLOW_HOSTS)"}
+    return schema
+
+
+def _per_model(base: dict, catalog, name: str, schemas: dict) -> dict:
+    """``base`` (a pydantic object schema with ``model`` and ``input``) as a ``oneOf`` over
+    the catalog's models, discriminated by ``model``, each with its own input schema."""
+    refs, mapping = [], {}
+    for e in catalog:
+        variant = copy.deepcopy(base)
+        variant.pop("description", None)
+        variant["title"] = f"{name}_{e.id}"
+        variant["properties"]["model"] = {"type": "string", "const": e.id}
+        variant["properties"]["input"] = {"$ref": REF.format(model=f"Input_{e.id}")}
+        schemas[f"{name}_{e.id}"] = variant
+        refs.append({"$ref": REF.format(model=f"{name}_{e.id}")})
+        mapping[e.id] = REF.format(model=f"{name}_{e.id}")
+    return {"oneOf": refs, "discriminator": {"propertyName": "model", "mapping": mapping}}
+
+
+def _complete(paths: dict) -> None:
+    """The answers every route can give, by what it passes (api.app's before-request
+    checks): 400 for a Host not answered, 401 for a wrong API key, 422 for a NUL in the
+    path, query or a checked header, 429 where the rate limiter counts, and 413/415 where
+    a body is read."""
+    problem = _problems(400, 401, 413, 415, 422, 429)
+    for path, ops in paths.items():
+        for method, op in ops.items():
+            codes = []
+            if not path.startswith(PROBES):
+                codes += ["400", "401"]
+                if op.get("parameters") or "{" in path:
+                    codes.append("422")
+                if not path.startswith(EXEMPT_PREFIXES):
+                    codes.append("429")
+                if "requestBody" in op:
+                    codes += ["413", "415", "422"]
+            for code in codes:
+                op["responses"].setdefault(code, problem[code])
+
+
 def spec(services) -> dict:
-    inputs = {f"Input_{e.id}": e.input_model.model_json_schema() for e in services.catalog}
+    defs: dict = {}
+    inputs = {f"Input_{e.id}": input_schema(e, defs) for e in services.catalog}
+    variants: dict = {}
+    model_ids = [e.id for e in services.catalog]
+    defs["WebhookSpec"] = _hoist(WebhookSpec.model_json_schema(ref_template=REF), defs)
+    job_request = _per_model(_with_webhook(_hoist(JobRequest.model_json_schema(ref_template=REF), defs)),
+                             services.catalog, "JobRequest", variants)
+    batch_line = _per_model(_hoist(BatchLine.model_json_schema(ref_template=REF), defs), services.catalog,
+                            "BatchLine", variants)
+    batch_request = _with_webhook(_hoist(BatchRequest.model_json_schema(ref_template=REF), defs))
+    for alt in batch_request["properties"]["jobs"].get("anyOf", ()):
+        if alt.get("type") == "array":
+            alt["items"] = {"$ref": REF.format(model="BatchLine")}
+    for alt in batch_request["properties"]["input_file"].get("anyOf", ()):
+        if alt.get("type") == "string":
+            alt["pattern"] = "^file_"
+    batch_request["oneOf"] = [  # jobs xor input_file (jobs.batches.parse_request)
+        {"required": ["jobs"], "properties": {"jobs": {"type": "array"}}},
+        {"required": ["input_file"], "properties": {"input_file": {"type": "string"}}},
+    ]
     job_ref = {"$ref": "#/components/schemas/Job"}
     batch_ref = {"$ref": "#/components/schemas/Batch"}
-    return {
+    model_enum = {"type": "string", "enum": model_ids}
+    statuses = _csv_enum(JOB_STATUSES)
+    doc = {
         "openapi": "3.1.0",
         "info": {"title": "vramq", "version": "1", "description": "Asynchronous batch job queue for GPU generation."},
         "paths": {
@@ -46,8 +168,8 @@ def spec(services) -> dict:
                                   **_problems(400, 401, 402, 409, 413, 415, 422, 429, 503)},
                 },
                 "get": {"summary": "The caller's jobs, newest first (needs an API key); cursor pagination stable under new jobs",
-                        "parameters": [_query("status", {"type": "string"}, "one or more statuses, comma-separated"),
-                                       _query("model", {"type": "string"}),
+                        "parameters": [_query("status", statuses, "one or more statuses, comma-separated"),
+                                       _query("model", model_enum),
                                        _query("limit", {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}),
                                        _query("cursor", {"type": "string"}, "next_cursor of the previous page")],
                         "responses": {"200": _resp("a page: {data: [job], next_cursor}"), **_problems(401, 422)}},
@@ -88,7 +210,7 @@ def spec(services) -> dict:
                                                "parameters": [BATCH_ID], "responses": {"200": _resp("the batch", batch_ref), **_problems(404)}}},
             "/v1/batches/{batch_id}/jobs": {"get": {
                 "summary": "The batch's jobs in submission order",
-                "parameters": [BATCH_ID, _query("status", {"type": "string"}, "one or more statuses, comma-separated"),
+                "parameters": [BATCH_ID, _query("status", statuses, "one or more statuses, comma-separated"),
                                _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}),
                                _query("cursor", {"type": "string"}, "next_cursor of the previous page")],
                 "responses": {"200": _resp("a page: {data: [job], next_cursor}"), **_problems(404, 422)}}},
@@ -116,10 +238,10 @@ def spec(services) -> dict:
             "/v1/admin/jobs": {"get": {
                 "summary": "Every caller's jobs, newest first (admin key); status=failed&code=worker_lost is the "
                            "dead-letter view",
-                "parameters": [_query("status", {"type": "string"}, "one or more statuses, comma-separated"),
+                "parameters": [_query("status", statuses, "one or more statuses, comma-separated"),
                                _query("code", {"type": "string"}, "error code, e.g. worker_lost, model_load_failed"),
                                _query("caller", {"type": "string"}, "the owner (acct_…, or anon:NETWORK: an IPv4 address or an IPv6 /64)"),
-                               _query("model", {"type": "string"}),
+                               _query("model", model_enum),
                                _query("limit", {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}),
                                _query("cursor", {"type": "string"}, "next_cursor of the previous page")],
                 "responses": {"200": _resp("a page: {data: [job], next_cursor}"), **_problems(401, 403, 422)}}},
@@ -169,19 +291,19 @@ def spec(services) -> dict:
         },
         "components": {
             "schemas": {
-                "JobRequest": {**JobRequest.model_json_schema(), "description": "input is validated against the model's Input_<model> schema"},
+                "JobRequest": {**job_request, "description": "one of the catalog's models, with that model's input"},
                 "Job": {"type": "object", "required": ["id", "object", "model", "status"], "properties": {
                     "id": {"type": "string"}, "object": {"const": "job"}, "model": {"type": "string"},
-                    "status": {"enum": ["queued", "running", "succeeded", "failed", "canceled"]},
+                    "status": {"enum": list(JOB_STATUSES)},
                     "progress": {"type": "number"}, "queue_position": {"type": ["integer", "null"]},
                     "eta_seconds": {"type": ["number", "null"], "description": "while queued: (position + 1) / the model's recent jobs per second"},
                     "output": {"type": ["object", "null"]}, "error": {"type": ["object", "null"]}, "usage": {"type": "object"},
                 }},
-                "BatchRequest": {**BatchRequest.model_json_schema(), "description": "each of jobs is a BatchLine"},
-                "BatchLine": BatchLine.model_json_schema(),
+                "BatchRequest": {**batch_request, "description": "each of jobs is a BatchLine"},
+                "BatchLine": {**batch_line, "description": "one job of a batch: one of the catalog's models, with its input"},
                 "Batch": {"type": "object", "required": ["id", "object", "status", "counts"], "properties": {
                     "id": {"type": "string"}, "object": {"const": "batch"},
-                    "status": {"enum": ["queued", "running", "completed", "canceled"]},
+                    "status": {"enum": list(BATCH_STATUSES)},
                     "counts": {"type": "object", "properties": {k: {"type": "integer"} for k in (
                         "total", "queued", "running", "succeeded", "failed", "canceled")}},
                     "results_url": {"type": ["string", "null"], "description": "signed link to the JSONL manifest, once finished"},
@@ -193,6 +315,13 @@ def spec(services) -> dict:
                     "errors": {"type": "array", "items": {"type": "object", "properties": {"loc": {"type": "array"}, "msg": {"type": "string"}}}},
                 }},
                 **inputs,
-            }
+                **variants,
+                **defs,
+            },
+            "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer",
+                                           "description": "an account's API key (vq_…), or the admin key"}},
         },
+        "security": [{}, {"apiKey": []}],
     }
+    _complete(doc["paths"])
+    return doc

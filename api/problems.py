@@ -21,6 +21,7 @@ TITLES = {
     403: "Forbidden",
     404: "Not found",
     405: "Method not allowed",
+    408: "Request timeout",
     409: "Conflict",
     413: "Payload too large",
     415: "Unsupported media type",
@@ -30,8 +31,8 @@ TITLES = {
     503: "Service unavailable",
 }
 HTTP_CODES = {400: "invalid_input", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-              409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type", 429: "rate_limited",
-              500: "internal_error", 503: "service_unavailable"}
+              408: "request_timeout", 409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type",
+              429: "rate_limited", 500: "internal_error", 503: "service_unavailable"}
 
 
 def problem(status: int, detail: str, code: str | None = None, errors: list | None = None, headers: dict | None = None, **extra):

@@ -11,10 +11,11 @@ from __future__ import annotations
 import tomllib
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -204,6 +205,19 @@ def _effective_defaults(entry: ModelEntry) -> dict[str, Any]:
     return {**out, **entry.defaults}
 
 
+def _integral(v: Any) -> Any:
+    """A JSON number with no fraction (``64.0``) as the integer it is: JSON has one
+    number type, and JSON Schema's ``integer`` (what /openapi.json says) includes it.
+    Strings, booleans and fractions stay refused (the fields are strict)."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+Integer = Annotated[int, BeforeValidator(_integral)]
+"""An integer input field: strict, but ``64.0`` is ``64``."""
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX, strict=True), BeforeValidator(_integral)]
+"""A seed: the bounds on the integer itself, before the validator, so that the JSON schema
+of ``Seed | None`` has them as ``minimum``/``maximum``."""
+
 _REQUIRED_SAMPLE = {"image": {"prompt": "x"}, "video": {"prompt": "x"}, "text": {"prompt": "x"}, "speech": {"audio": "file_x"}}
 
 
@@ -218,22 +232,22 @@ def _build_input_model(entry: ModelEntry) -> type[BaseModel]:
     cfg = ConfigDict(extra="forbid", validate_default=True)
     if entry.kind in ("image", "video"):
         def side(name: str, maximum: int) -> tuple:
-            return (int, Field(d[name], ge=lim.min_side, le=maximum, multiple_of=lim.size_multiple, strict=True))
+            return (Integer, Field(d[name], ge=lim.min_side, le=maximum, multiple_of=lim.size_multiple, strict=True))
 
         fields: dict[str, tuple] = {
             "prompt": (str, Field(min_length=1, max_length=lim.max_prompt_chars)),
             "negative_prompt": (str | None, Field(d.get("negative_prompt"), max_length=lim.max_prompt_chars)),
             "width": side("width", lim.max_width),
             "height": side("height", lim.max_height),
-            "steps": (int, Field(d["steps"], ge=1, le=lim.max_steps, strict=True)),
+            "steps": (Integer, Field(d["steps"], ge=1, le=lim.max_steps, strict=True)),
             "guidance": (float, Field(d["guidance"], ge=0, le=getattr(lim, "max_guidance", 20.0))),
-            "seed": (int | None, Field(d.get("seed"), ge=0, le=SEED_MAX, strict=True)),
+            "seed": (Seed | None, Field(d.get("seed"))),
         }
         if entry.kind == "image":
-            fields["num_images"] = (int, Field(d["num_images"], ge=1, le=lim.max_num_images, strict=True))
+            fields["num_images"] = (Integer, Field(d["num_images"], ge=1, le=lim.max_num_images, strict=True))
             return create_model("ImageInput", __config__=cfg, **fields)
-        fields["num_frames"] = (int, Field(d["num_frames"], ge=1, le=lim.max_frames, strict=True))
-        fields["fps"] = (int, Field(d["fps"], ge=1, le=lim.max_fps, strict=True))
+        fields["num_frames"] = (Integer, Field(d["num_frames"], ge=1, le=lim.max_frames, strict=True))
+        fields["fps"] = (Integer, Field(d["fps"], ge=1, le=lim.max_fps, strict=True))
 
         def frame_rule(v: int) -> int:
             if (v - 1) % lim.frame_step:
@@ -250,10 +264,10 @@ def _build_input_model(entry: ModelEntry) -> type[BaseModel]:
             __config__=cfg,
             prompt=(str | None, Field(None, min_length=1, max_length=lim.max_prompt_chars)),
             messages=(list[Message] | None, Field(None, min_length=1, max_length=lim.max_messages)),
-            max_tokens=(int, Field(d["max_tokens"], ge=1, le=lim.max_tokens, strict=True)),
+            max_tokens=(Integer, Field(d["max_tokens"], ge=1, le=lim.max_tokens, strict=True)),
             temperature=(float, Field(d["temperature"], ge=0, le=2)),
             top_p=(float, Field(d["top_p"], gt=0, le=1)),
-            seed=(int | None, Field(d.get("seed"), ge=0, le=SEED_MAX, strict=True)),
+            seed=(Seed | None, Field(d.get("seed"))),
             stop=(list[str] | None, Field(d.get("stop"), max_length=lim.max_stop)),
             __validators__={"one_of": model_validator(mode="after")(_prompt_xor_messages)},
         )

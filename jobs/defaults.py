@@ -62,3 +62,12 @@ ACCOUNTS_PER_DAY = 3
 #: VRAMQ_ALLOWED_HOSTS: the Host headers the API answers to (links are built from them),
 #: besides the host of VRAMQ_PUBLIC_URL and the address ``vramq api --host`` binds.
 ALLOWED_HOSTS = ("localhost", "127.0.0.1", "::1")
+#: VRAMQ_MAX_STREAMS_PER_CALLER: event streams (``…/events``) one caller (an API key, an
+#: anonymous network) may hold open at once, per API process; past it 429.
+MAX_STREAMS_PER_CALLER = 4
+#: VRAMQ_MAX_STREAMS: event streams one API process holds open at once (each holds a
+#: thread); 0: half its threads. Past it 429.
+MAX_STREAMS = 0
+#: VRAMQ_STREAM_SECONDS: an event stream is closed after this long; clients reconnect
+#: with Last-Event-ID and resume where they were.
+STREAM_S = 300

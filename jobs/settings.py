@@ -57,6 +57,12 @@ class Settings:
     """Accounts made per network (IPv4 address, IPv6 /64) per day; 0 turns the limit off."""
     allowed_hosts: tuple[str, ...] = defaults.ALLOWED_HOSTS
     """Host headers answered (names, ``*.suffix``, IPs, CIDRs; ``*`` for any); else 400."""
+    max_streams_per_caller: int = defaults.MAX_STREAMS_PER_CALLER
+    """Event streams open at once per caller, per API process (429 past it)."""
+    max_streams: int = defaults.MAX_STREAMS
+    """Event streams open at once per API process; 0: half its threads."""
+    stream_s: float = defaults.STREAM_S
+    """An event stream is closed after this long (clients resume with Last-Event-ID)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -118,6 +124,9 @@ class Settings:
             anonymous_batch_jobs=number("ANONYMOUS_BATCH_JOBS", defaults.ANONYMOUS_BATCH_JOBS, zero_ok=True),
             accounts_per_day=number("ACCOUNTS_PER_DAY", defaults.ACCOUNTS_PER_DAY, zero_ok=True),
             allowed_hosts=_allowed_hosts(get("ALLOWED_HOSTS"), get("PUBLIC_URL")),
+            max_streams_per_caller=number("MAX_STREAMS_PER_CALLER", defaults.MAX_STREAMS_PER_CALLER),
+            max_streams=number("MAX_STREAMS", defaults.MAX_STREAMS, zero_ok=True),
+            stream_s=number("STREAM_SECONDS", defaults.STREAM_S, float),
         )
 
     def with_(self, **changes) -> "Settings":

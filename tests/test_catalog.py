@@ -103,3 +103,18 @@ def test_public_view_shows_effective_defaults():
     pub = entry(defaults={"steps": 3}).public()
     assert pub["defaults"]["steps"] == 3 and pub["defaults"]["width"] == 512
     assert pub["limits"]["max_width"] == 1024
+
+
+@pytest.mark.parametrize("model, field", [("tiny-flux", "width"), ("tiny-flux", "seed"), ("tiny-video", "num_frames"),
+                                          ("tiny-qwen2", "max_tokens"), ("tiny-qwen2", "seed")])
+def test_integer_fields_take_integral_json_numbers_only(model, field):
+    """``64.0`` is the JSON number 64 (and an ``integer`` to JSON Schema, as /openapi.json
+    says): accepted as 64. Booleans, numeric strings and fractions are refused."""
+    entry = load_catalog(TINY_CATALOG).get(model)
+    value = 33 if field == "num_frames" else 64
+    assert entry.validate_input({"prompt": "x", field: float(value)})[field] == value
+    assert type(entry.validate_input({"prompt": "x", field: float(value)})[field]) is int
+    for bad in (True, str(value), value + 0.5):
+        with pytest.raises(InputError) as exc:
+            entry.validate_input({"prompt": "x", field: bad})
+        assert exc.value.errors[0]["loc"] == ["input", field]
