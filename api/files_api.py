@@ -1,8 +1,13 @@
 """``/v1/files``: upload (multipart) and read a file's metadata.
 
 Uploads are far larger than the app-wide body cap (``VRAMQ_MAX_BODY_KB``), so this
-route raises its own request's ``max_content_length`` to ``VRAMQ_MAX_UPLOAD_MB`` plus
-room for the multipart framing, before anything reads the body.
+route sets its own request's ``max_content_length`` to the caller's upload limit plus
+room for the multipart framing, before anything reads the body: ``VRAMQ_MAX_UPLOAD_MB``
+with an API key, the smaller ``VRAMQ_ANONYMOUS_MAX_UPLOAD_MB`` without one. A
+``Content-Length`` past it is 413 before a byte is read.
+
+What a caller keeps stored is bounded too: ``VRAMQ_UPLOAD_QUOTA_MB`` per account,
+``VRAMQ_ANONYMOUS_UPLOAD_QUOTA_MB`` per anonymous network (413 ``upload_quota_exceeded``).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from jobs import idempotency
 from jobs.errors import InputError
 from jobs.errors import NotFound
-from jobs.files import PURPOSES, File, get_file, store_file
+from jobs.files import PURPOSES, File, UploadQuotaExceeded, get_file, store_file
 
 from .callers import current_caller
 from .guards import MULTIPART_SLACK, body_limit
@@ -44,8 +49,32 @@ def render_file(row: File) -> dict:
     }
 
 
-def _too_large(limit: int):
-    return problem(413, f"the upload exceeds the limit of {limit} bytes (VRAMQ_MAX_UPLOAD_MB)", "payload_too_large")
+def upload_limit(caller, settings) -> tuple[int, str, str]:
+    """``(bytes, setting, note)``: the largest file this caller may upload."""
+    if caller.keyed or caller.admin or settings.anonymous_max_upload_bytes >= settings.max_upload_bytes:
+        return settings.max_upload_bytes, "VRAMQ_MAX_UPLOAD_MB", ""
+    return (settings.anonymous_max_upload_bytes, "VRAMQ_ANONYMOUS_MAX_UPLOAD_MB",
+            f"; with an API key a file may be up to {settings.max_upload_bytes} bytes (VRAMQ_MAX_UPLOAD_MB)")
+
+
+def upload_quota(caller, settings) -> tuple[int, str] | None:
+    """``(bytes, setting)``: how much this caller may keep uploaded; None: no quota."""
+    if caller.admin:
+        return None
+    if caller.keyed:
+        return settings.upload_quota_bytes, "VRAMQ_UPLOAD_QUOTA_MB"
+    return settings.anonymous_upload_quota_bytes, "VRAMQ_ANONYMOUS_UPLOAD_QUOTA_MB"
+
+
+def _too_large(limit: int, setting: str = "VRAMQ_MAX_UPLOAD_MB", note: str = "", length: int | None = None):
+    size = f" ({length} bytes)" if length is not None else ""
+    return problem(413, f"the upload{size} exceeds the limit of {limit} bytes ({setting}){note}", "payload_too_large",
+                   [{"loc": ["file"], "msg": f"at most {limit} bytes ({setting})"}], limit_bytes=limit)
+
+
+def _over_quota(exc: UploadQuotaExceeded):
+    return problem(413, str(exc), "upload_quota_exceeded", exc.errors, quota_bytes=exc.quota, used_bytes=exc.used,
+                   setting=exc.setting)
 
 
 def _missing(field: str, msg: str):
@@ -55,22 +84,25 @@ def _missing(field: str, msg: str):
 @bp.post("/v1/files")
 def upload_file():
     services = _services()
-    limit = services.settings.max_upload_bytes
+    caller = current_caller()
+    limit, setting, note = upload_limit(caller, services.settings)
     if request.mimetype != "multipart/form-data":
         return problem(415, "POST /v1/files takes multipart/form-data with fields file and purpose")
     request.max_content_length = limit + MULTIPART_SLACK
+    if request.content_length is not None and request.content_length > limit + MULTIPART_SLACK:
+        return _too_large(limit, setting, note, request.content_length)  # nothing of the body is read
     try:
         upload = request.files.get("file")
         purpose = request.form.get("purpose")
     except RequestEntityTooLarge:
-        return _too_large(limit)
+        return _too_large(limit, setting, note)
     if upload is None:
         return _missing("file", "missing: send the file as multipart field 'file'")
     if purpose is None:
         return _missing("purpose", f"missing: one of {', '.join(PURPOSES)}")
     data = upload.read(limit + 1)
     if len(data) > limit:
-        return _too_large(limit)
+        return _too_large(limit, setting, note)
     if purpose == "batch":
         # A batch file becomes a batch: it may be no larger than this caller's batch body.
         _cap, batch_limit, setting, note = body_limit("batches.create_batch", current_caller(), services.settings)
@@ -86,7 +118,10 @@ def upload_file():
         if existing is not None:
             return render_file(get_file(services, existing)), 200
     try:
-        row = store_file(services, data, upload.filename, purpose, caller=current_caller().holder)
+        row = store_file(services, data, upload.filename, purpose, caller=caller.holder,
+                         quota=upload_quota(caller, services.settings))
+    except UploadQuotaExceeded as exc:
+        return _over_quota(exc)
     except InputError as exc:
         if exc.code == "payload_too_large":
             return _too_large(limit)

@@ -1,7 +1,9 @@
 """Audio inputs: what a file really holds, and ``data:`` URIs.
 
 An upload's name and declared type are never believed: ``probe_audio`` opens the bytes
-with FFmpeg (PyAV) and decodes every frame. Decoding is what tells a truncated or
+with FFmpeg (PyAV) and decodes every frame, within bounds: a declared duration past
+the limit is refused before decoding, decoding stops past the limit, and it has a CPU
+budget. Decoding is what tells a truncated or
 corrupt file from a good one, and the duration is the decoded sample count (an MP3
 cut in half still claims its full length in its headers). FFmpeg decodes compressed
 audio several hundred times faster than real time, so an hour of MP3 takes seconds.
@@ -16,6 +18,7 @@ import base64
 import binascii
 import io
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -60,12 +63,35 @@ def _invalid(what: str, loc: Sequence[str]) -> InputError:
     return InputError(what, [{"loc": list(loc), "msg": what}], code="invalid_audio")
 
 
-def probe_audio(data: bytes, *, loc: Sequence[str] = ("file",)) -> AudioInfo:
-    """Decode ``data`` in full and describe it; ``InputError`` (``invalid_audio``) if it is
-    empty, not a format FFmpeg knows, has no audio stream, or fails to decode."""
+#: A declared (header) duration may be an estimate (an MP3 without a Xing header is
+#: judged from its bit rate): it is refused only this far past the limit. The decoded
+#: duration, which is exact, is held to the limit itself.
+HEADER_SLACK = 1.05
+
+
+def declared_seconds(container, stream) -> float | None:
+    """The duration the file's headers declare (stream, else container), or None."""
+    if stream.duration is not None and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / 1_000_000  # AV_TIME_BASE
+    return None
+
+
+def probe_audio(data: bytes, *, loc: Sequence[str] = ("file",), max_seconds: float | None = None,
+                cpu_budget_s: float | None = None, limit_name: str = "max_audio_seconds") -> AudioInfo:
+    """Decode ``data`` and describe it; ``InputError`` (``invalid_audio``) if it is
+    empty, not a format FFmpeg knows, has no audio stream, or fails to decode.
+
+    With ``max_seconds`` the work is bounded: a file whose headers declare more than
+    that (with ``HEADER_SLACK``) is refused before a frame is decoded, and decoding
+    stops as soon as more than ``max_seconds`` have been decoded (headers can lie);
+    both are ``audio_too_long``, naming ``limit_name``. With ``cpu_budget_s``, a decode
+    that takes more CPU time than that (this thread's) is refused (``invalid_audio``)."""
     if not data:
         raise _invalid("the audio file is empty", loc)
     av = _av()
+    cpu0 = time.thread_time()
     try:
         container = av.open(io.BytesIO(data), mode="r", metadata_errors="ignore")
     except av.error.FFmpegError:
@@ -76,11 +102,23 @@ def probe_audio(data: bytes, *, loc: Sequence[str] = ("file",)) -> AudioInfo:
             found = ", ".join(sorted({s.type for s in container.streams})) or "none"
             raise _invalid(f"the file ({container.format.name}) has no audio stream (streams found: {found})", loc)
         stream = streams[0]
+        if max_seconds is not None:
+            declared = declared_seconds(container, stream)
+            if declared is not None and declared > max_seconds * HEADER_SLACK:
+                raise _too_long(f"the file declares {declared:.0f} s of audio, over the limit of "
+                                f"{max_seconds:g} s ({limit_name})", loc)
         samples, rate = 0, stream.codec_context.sample_rate or 0
         try:
             for frame in container.decode(stream):
                 samples += frame.samples
                 rate = frame.sample_rate or rate
+                if max_seconds is not None and rate and samples > max_seconds * rate:
+                    raise _too_long(f"the audio decodes to more than the limit of {max_seconds:g} s "
+                                    f"({limit_name}); decoding stopped there", loc)
+                if cpu_budget_s is not None and time.thread_time() - cpu0 > cpu_budget_s:
+                    decoded = f"{samples / rate:.0f} s" if rate else "nothing"
+                    raise _invalid(f"the audio took more than {cpu_budget_s:g} s of CPU to check "
+                                   f"(VRAMQ_AUDIO_PROBE_CPU_SECONDS; {decoded} decoded by then)", loc)
         except av.error.FFmpegError as exc:
             decoded = f"{samples / rate:.2f} s" if rate else "nothing"
             why = exc.strerror or str(exc)
@@ -99,6 +137,10 @@ def probe_audio(data: bytes, *, loc: Sequence[str] = ("file",)) -> AudioInfo:
         codec=codec,
         content_type=content_type,
     )
+
+
+def _too_long(what: str, loc: Sequence[str]) -> InputError:
+    return InputError(what, [{"loc": list(loc), "msg": what}], code="audio_too_long")
 
 
 _DATA_URI = re.compile(r"^data:(?P<type>[^;,]*)(?P<params>(?:;[^;,]*)*),", re.DOTALL)

@@ -71,3 +71,20 @@ MAX_STREAMS = 0
 #: VRAMQ_STREAM_SECONDS: an event stream is closed after this long; clients reconnect
 #: with Last-Event-ID and resume where they were.
 STREAM_S = 300
+#: VRAMQ_ANONYMOUS_MAX_UPLOAD_MB: the largest file a caller without an API key may upload
+#: (callers with one get VRAMQ_MAX_UPLOAD_MB); past it 413, judged from Content-Length.
+ANONYMOUS_MAX_UPLOAD_MB = 25
+#: VRAMQ_UPLOAD_QUOTA_MB: the bytes of live uploads (not yet deleted by the retention
+#: sweeper) one account may hold; past it 413 ``upload_quota_exceeded``. 0: no quota.
+UPLOAD_QUOTA_MB = 2048
+#: VRAMQ_ANONYMOUS_UPLOAD_QUOTA_MB: the same for one anonymous network (an IPv4 address,
+#: an IPv6 /64). 0: no quota.
+ANONYMOUS_UPLOAD_QUOTA_MB = 200
+#: VRAMQ_MAX_AUDIO_SECONDS: the longest audio an upload (or a data URI) may hold; the
+#: probe refuses a longer declared duration before decoding and stops decoding past it.
+#: 0: the largest ``max_audio_seconds`` of the catalog's speech models, plus 10%.
+MAX_AUDIO_SECONDS = 0
+#: VRAMQ_AUDIO_PROBE_CPU_SECONDS: CPU seconds the API spends decoding one audio file to
+#: check it; a file that takes longer is refused (422). An hour of 44.1 kHz mono FLAC
+#: takes about 2 s, MP3 1.5 s: the default leaves room for the longest audio a model takes.
+AUDIO_PROBE_CPU_S = 5.0

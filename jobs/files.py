@@ -7,8 +7,14 @@ both ``VRAMQ_UPLOAD_RETENTION_HOURS`` after the upload, once no open job or batc
 the file: the object first, then the row.
 
 Content is checked, never trusted from the name or the declared type: audio is
-decoded in full (``jobs.audio.probe_audio``), JSONL must be UTF-8 with one JSON object
-per line.
+decoded in full (``jobs.audio.probe_audio``), within bounds (``audio_seconds_limit``,
+``VRAMQ_AUDIO_PROBE_CPU_SECONDS``); JSONL must be UTF-8 with one JSON object per line.
+
+A caller's live uploads (rows in ``files`` by ``caller``) may hold at most a quota of
+bytes (``VRAMQ_UPLOAD_QUOTA_MB`` for accounts, ``VRAMQ_ANONYMOUS_UPLOAD_QUOTA_MB`` for an
+anonymous network). It is counted in the transaction that inserts the row, under a
+per-caller lock (a PostgreSQL advisory lock; SQLite's write lock), so concurrent uploads
+by one caller cannot pass it together.
 """
 
 from __future__ import annotations
@@ -19,10 +25,11 @@ import re
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Float, Index, String
+from sqlalchemy import BigInteger, Float, Index, String, func, select, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from .audio import parse_data_uri, probe_audio
+from .db import writing
 from .errors import InputError, NotFound
 from .ids import new_id
 from .lifecycle import utcnow
@@ -77,12 +84,61 @@ def clean_filename(name: str | None) -> str:
     return base[:MAX_FILENAME_CHARS] or "upload"
 
 
-def store_file(services, data: bytes, filename: str | None, purpose: str, caller: str | None) -> File:
+class UploadQuotaExceeded(InputError):
+    """Storing a file would take its caller's live uploads past their quota."""
+
+    code = "upload_quota_exceeded"
+
+    def __init__(self, quota: int, used: int, size: int, setting: str):
+        self.quota, self.used, self.size, self.setting = quota, used, size, setting
+        msg = (f"this upload ({size} bytes) would take your stored uploads past the quota of {quota} bytes "
+               f"({setting}): {used} bytes are in use; uploads are deleted "
+               "VRAMQ_UPLOAD_RETENTION_HOURS after they were made")
+        super().__init__(msg, [{"loc": ["file"], "msg": f"at most {quota} bytes of uploads ({setting})"}])
+
+
+#: First key of the advisory lock (with the caller's hash) that serialises a caller's uploads.
+_QUOTA_LOCK = 7224108
+#: The default audio limit is the catalog's largest speech limit plus this share, so
+#: audio a little past a model's limit is still uploaded and told at submit which
+#: model limit it passed.
+AUDIO_LIMIT_MARGIN = 1.1
+
+
+def audio_seconds_limit(services) -> tuple[float, str]:
+    """``(seconds, what sets it)``: the longest audio the API probes (uploads, data URIs)."""
+    settings = services.settings
+    if settings.max_audio_seconds:
+        return settings.max_audio_seconds, "VRAMQ_MAX_AUDIO_SECONDS"
+    from .catalog import SpeechLimits
+
+    speech = [e.limit.max_audio_seconds for e in services.catalog if e.kind == "speech"]
+    largest = max(speech, default=SpeechLimits().max_audio_seconds)
+    return largest * AUDIO_LIMIT_MARGIN, "VRAMQ_MAX_AUDIO_SECONDS; by default the largest max_audio_seconds in the catalog plus 10%"
+
+
+def uploaded_bytes(session, caller: str) -> int:
+    """The bytes of ``caller``'s live uploads."""
+    return int(session.execute(select(func.coalesce(func.sum(File.bytes), 0)).where(File.caller == caller)).scalar_one())
+
+
+def _hold_quota(session, caller: str, size: int, quota: tuple[int, str]) -> None:
+    """In the inserting transaction: lock the caller's uploads, then count them."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:k, hashtext(:c))"), {"k": _QUOTA_LOCK, "c": caller})
+    used = uploaded_bytes(session, caller)
+    if used + size > quota[0]:
+        raise UploadQuotaExceeded(quota[0], used, size, quota[1])
+
+
+def store_file(services, data: bytes, filename: str | None, purpose: str, caller: str | None,
+               quota: tuple[int, str] | None = None) -> File:
     """Check ``data`` for its ``purpose``, store it, record it; return the ``File``.
 
     Raises ``InputError``: a bad purpose (loc ``purpose``), content that is not what the
     purpose needs (loc ``file``; ``invalid_audio`` for audio), or more than
-    ``VRAMQ_MAX_UPLOAD_MB`` (code ``payload_too_large``).
+    ``VRAMQ_MAX_UPLOAD_MB`` (code ``payload_too_large``); ``UploadQuotaExceeded`` when
+    ``quota`` (``(bytes, setting)``; None or 0 bytes: none) would be passed by ``caller``.
     """
     if purpose not in PURPOSES:
         raise _field_error("purpose", f"must be one of {', '.join(PURPOSES)}, got {purpose!r}")
@@ -92,7 +148,9 @@ def store_file(services, data: bytes, filename: str | None, purpose: str, caller
         raise _field_error("file", msg, "payload_too_large")
     duration = None
     if purpose == "audio":
-        info = probe_audio(data, loc=("file",))
+        seconds, setting = audio_seconds_limit(services)
+        info = probe_audio(data, loc=("file",), max_seconds=seconds, limit_name=setting,
+                           cpu_budget_s=services.settings.audio_probe_cpu_s)
         content_type, duration = info.content_type, info.duration_s
     else:
         _check_jsonl(data)
@@ -108,9 +166,17 @@ def store_file(services, data: bytes, filename: str | None, purpose: str, caller
         caller=caller,
         created_at=utcnow(),
     )
+    quota = quota if quota and quota[0] and caller is not None else None
+    if quota is not None:  # a first count without the lock: no bytes are stored for a caller already full
+        with services.sessions() as session:
+            used = uploaded_bytes(session, caller)
+        if used + len(data) > quota[0]:
+            raise UploadQuotaExceeded(quota[0], used, len(data), quota[1])
     services.store.put(row.key, data, content_type)
     try:
-        with services.sessions.begin() as session:
+        with writing(services.sessions) as session:
+            if quota is not None:
+                _hold_quota(session, caller, len(data), quota)
             session.add(row)
     except Exception:  # the database refused: no row will ever point at the bytes
         _discard_orphan(services.store, row.id)
@@ -195,7 +261,10 @@ def check_audio_input(services, entry, inp: dict[str, Any], owner=None) -> float
 
     if ref.startswith("data:"):
         data = parse_data_uri(ref, limits.max_audio_bytes, loc=loc)
-        size, duration = len(data), probe_audio(data, loc=loc).duration_s
+        info = probe_audio(data, loc=loc, max_seconds=limits.max_audio_seconds,
+                           limit_name=f"max_audio_seconds={limits.max_audio_seconds:g} of model {entry.id}",
+                           cpu_budget_s=services.settings.audio_probe_cpu_s)
+        size, duration = len(data), info.duration_s
     else:
         try:
             row = get_file(services, ref)

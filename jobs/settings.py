@@ -63,6 +63,16 @@ class Settings:
     """Event streams open at once per API process; 0: half its threads."""
     stream_s: float = defaults.STREAM_S
     """An event stream is closed after this long (clients resume with Last-Event-ID)."""
+    anonymous_max_upload_bytes: int = defaults.ANONYMOUS_MAX_UPLOAD_MB * 1024 * 1024
+    """One upload from a caller without an API key (the smaller of it and ``max_upload_bytes``)."""
+    upload_quota_bytes: int = defaults.UPLOAD_QUOTA_MB * 1024 * 1024
+    """Live uploads per account; 0: no quota."""
+    anonymous_upload_quota_bytes: int = defaults.ANONYMOUS_UPLOAD_QUOTA_MB * 1024 * 1024
+    """Live uploads per anonymous network; 0: no quota."""
+    max_audio_seconds: float = defaults.MAX_AUDIO_SECONDS
+    """Longest audio probed; 0: the catalog's largest speech ``max_audio_seconds`` plus 10%."""
+    audio_probe_cpu_s: float = defaults.AUDIO_PROBE_CPU_S
+    """CPU seconds one audio probe may take before the file is refused."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -127,6 +137,12 @@ class Settings:
             max_streams_per_caller=number("MAX_STREAMS_PER_CALLER", defaults.MAX_STREAMS_PER_CALLER),
             max_streams=number("MAX_STREAMS", defaults.MAX_STREAMS, zero_ok=True),
             stream_s=number("STREAM_SECONDS", defaults.STREAM_S, float),
+            anonymous_max_upload_bytes=number("ANONYMOUS_MAX_UPLOAD_MB", defaults.ANONYMOUS_MAX_UPLOAD_MB) * 1024 * 1024,
+            upload_quota_bytes=number("UPLOAD_QUOTA_MB", defaults.UPLOAD_QUOTA_MB, zero_ok=True) * 1024 * 1024,
+            anonymous_upload_quota_bytes=number("ANONYMOUS_UPLOAD_QUOTA_MB", defaults.ANONYMOUS_UPLOAD_QUOTA_MB,
+                                                zero_ok=True) * 1024 * 1024,
+            max_audio_seconds=number("MAX_AUDIO_SECONDS", defaults.MAX_AUDIO_SECONDS, float, zero_ok=True),
+            audio_probe_cpu_s=number("AUDIO_PROBE_CPU_SECONDS", defaults.AUDIO_PROBE_CPU_S, float),
         )
 
     def with_(self, **changes) -> "Settings":
