@@ -305,28 +305,24 @@ class WorkerRuntime:
         # The winner's outputs are the job's only ones: the winner drops what an earlier
         # attempt killed mid-upload left behind, and a losing attempt drops its own.
         try:
-            if ending.won or self._won_before(job.id, prefix):
+            row = None if ending.won else self._row(job.id)
+            if ending.won or _won_before(row, prefix):
                 store = self.services.store
                 for folder in {key[: key.index("/", len(f"jobs/{job.id}/")) + 1]
                                for key in store.list(f"jobs/{job.id}/")} - {prefix}:
                     store.delete_prefix(folder)
-            elif not self._folder_in_use(job, prefix):
+            elif not self._folder_in_use(row, job):
                 self.services.store.delete_prefix(prefix)
         except Exception as exc:
             log.warning("could not tidy the outputs of other attempts of %s: %s", job.id, exc)
 
-    def _won_before(self, job_id: str, prefix: str) -> bool:
-        """Whether the job's recorded outputs are this attempt's: a success whose COMMIT
-        went through while its answer was lost (the retry then finds nothing to move)."""
+    def _row(self, job_id: str) -> Job | None:
         with self.services.sessions() as s:
-            row = s.get(Job, job_id)
-        return row is not None and row.status == lifecycle.SUCCEEDED and prefix in json.dumps(row.output)
+            return s.get(Job, job_id)
 
-    def _folder_in_use(self, job: Job, prefix: str) -> bool:
+    def _folder_in_use(self, row: Job | None, job: Job) -> bool:
         """Whether another worker runs the job under the same attempt number (it was given
         back, so its next attempt reuses the folder): then the folder is not ours to delete."""
-        with self.services.sessions() as s:
-            row = s.get(Job, job.id)
         return row is not None and row.status == lifecycle.RUNNING and row.attempts == job.attempts \
             and row.lease_owner != self.name
 
@@ -524,3 +520,9 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _won_before(row: Job | None, prefix: str) -> bool:
+    """Whether the job's recorded outputs are this attempt's: a success whose COMMIT went
+    through while its answer was lost (the retry then finds nothing to move)."""
+    return row is not None and row.status == lifecycle.SUCCEEDED and prefix in json.dumps(row.output)
