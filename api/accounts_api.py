@@ -5,11 +5,11 @@ from __future__ import annotations
 from flask import Blueprint, current_app, request
 from sqlalchemy.exc import IntegrityError
 
-from jobs import idempotency, ledger
-from jobs.accounts import create_account, get_account
-from jobs.db import writing
-from jobs.errors import InputError
-from jobs.views import iso
+from vramq.jobs import idempotency, ledger
+from vramq.jobs.accounts import create_account, get_account
+from vramq.jobs.db import writing
+from vramq.jobs.errors import InputError
+from vramq.jobs.views import iso
 
 from .callers import client_address, current_caller, network_of, require_account, require_admin
 from .guards import json_body

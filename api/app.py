@@ -6,8 +6,8 @@ import time
 
 from flask import Flask, g, request
 
-from jobs.services import Services
-from jobs.settings import Settings
+from vramq.jobs.services import Services
+from vramq.jobs.settings import Settings
 
 
 def create_app(settings: Settings | None = None, services: Services | None = None) -> Flask:

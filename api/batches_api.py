@@ -9,10 +9,10 @@ import time
 from flask import Blueprint, current_app, request
 from sqlalchemy import and_, func, or_, select
 
-from jobs import batches, webhooks
-from jobs.errors import NotFound
-from jobs.schema import Batch, Job
-from jobs.views import job_json
+from vramq.jobs import batches, webhooks
+from vramq.jobs.errors import NotFound
+from vramq.jobs.schema import Batch, Job
+from vramq.jobs.views import job_json
 
 from .callers import current_caller, require_account
 from .jobs_api import (_bad_arg, _decode_cursor, _encode_cursor, _json_body, limit_arg, sse_frame,

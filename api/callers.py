@@ -23,8 +23,8 @@ from collections import OrderedDict
 
 from flask import current_app, g, request
 
-from jobs.accounts import Caller, by_key, caller_for, hash_key
-from jobs.errors import Forbidden, Unauthorized
+from vramq.jobs.accounts import Caller, by_key, caller_for, hash_key
+from vramq.jobs.errors import Forbidden, Unauthorized
 
 #: The prefix length an IPv6 client is known by (its subscriber's /64).
 IPV6_PREFIX = 64

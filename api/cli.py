@@ -9,8 +9,8 @@ from pathlib import Path
 
 import click
 
-from jobs import defaults, proctree
-from jobs.errors import VramqError
+from vramq.jobs import defaults, proctree
+from vramq.jobs.errors import VramqError
 
 # A process a vramq worker's library started with multiprocessing's spawn (vLLM's engine
 # core) imports this module as its main: it dies with that worker (jobs.proctree).
@@ -18,7 +18,7 @@ proctree.bind_if_asked()
 
 
 def _settings():
-    from jobs.settings import Settings
+    from vramq.jobs.settings import Settings
 
     return Settings.from_env()
 
@@ -39,7 +39,7 @@ def main(verbose: bool) -> None:
 @click.option("--cpu", is_flag=True, help="One CPU worker even where there are GPUs.")
 def up(port: int, host: str, cards: str | None, cpu: bool) -> None:
     """Everything on one machine: API, one worker per card (or a CPU worker), the embedded broker if none is configured."""
-    from jobs.proctree import StopRequested, StopSignals
+    from vramq.jobs.proctree import StopRequested, StopSignals
 
     signals = StopSignals()  # first: a SIGTERM during start-up stops what was started so far
     stack, code = None, 0
@@ -74,7 +74,7 @@ def api(port: int, host: str, workers: int, threads: int) -> None:
 def _size(value: str | None) -> int | None:
     if value is None:
         return None
-    from gpu_workers.cards import parse_size
+    from vramq.gpu_workers.cards import parse_size
 
     try:
         return parse_size(value)
@@ -95,14 +95,14 @@ def worker(card: int | None, cpu: bool, models: str | None, vram_budget: str | N
     """One worker pinned to one card (or the CPU), its models resident."""
     if (card is None) == (not cpu):
         raise click.UsageError("give exactly one of --card N or --cpu")
-    from gpu_workers.worker import run_worker
+    from vramq.gpu_workers.worker import run_worker
 
     run_worker(None if cpu else card, models.split(",") if models else None, _settings(),
                budget_bytes=_size(vram_budget), stop_grace_s=stop_grace)
 
 
 def _cards(cards: str | None, cpu: bool):
-    from gpu_workers.cards import resolve
+    from vramq.gpu_workers.cards import resolve
 
     try:
         return resolve(cards, cpu=cpu)
@@ -111,8 +111,8 @@ def _cards(cards: str | None, cpu: bool):
 
 
 def _catalog(path: Path | None):
-    from jobs.catalog import load_catalog
-    from jobs.services import load_configured_catalog
+    from vramq.jobs.catalog import load_catalog
+    from vramq.jobs.services import load_configured_catalog
 
     settings = _settings()
     return load_catalog(path, models_dir=settings.models_dir) if path else load_configured_catalog(settings)
@@ -127,7 +127,7 @@ def _catalog(path: Path | None):
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan(cards: str | None, cpu: bool, catalog_path: Path | None, as_json: bool) -> None:
     """Place the catalog's models on the cards; say what fits nowhere and why."""
-    from gpu_workers.supervisor import plan_catalog
+    from vramq.gpu_workers.supervisor import plan_catalog
 
     result = plan_catalog(_catalog(catalog_path), _cards(cards, cpu))
     if as_json:
@@ -147,7 +147,7 @@ def plan(cards: str | None, cpu: bool, catalog_path: Path | None, as_json: bool)
 @click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON.")
 def vram(path: Path, context: int | None, seqs: int | None, dtype: str | None, kv_dtype: str, as_json: bool) -> None:
     """The VRAM estimate of one model (a config.json or a model directory), with its breakdown."""
-    from gpu_workers.vram import estimate
+    from vramq.gpu_workers.vram import estimate
 
     try:
         est = estimate(path, dtype=dtype, kv_dtype=kv_dtype, context=context, seqs=seqs)
@@ -178,11 +178,11 @@ def vram(path: Path, context: int | None, seqs: int | None, dtype: str | None, k
               help="Seconds running jobs get to finish on SIGTERM.")
 def workers(cards: str | None, cpu: bool, stop_grace: int) -> None:
     """One worker per card, as `vramq plan` places the models; restarted when they die."""
-    from jobs.proctree import StopRequested, StopSignals
+    from vramq.jobs.proctree import StopRequested, StopSignals
 
     signals = StopSignals()  # first: SIGTERM while planning ends the command, nothing started
     try:
-        from gpu_workers.supervisor import Supervisor, plan_catalog, worker_specs
+        from vramq.gpu_workers.supervisor import Supervisor, plan_catalog, worker_specs
 
         result = plan_catalog(_catalog(None), _cards(cards, cpu))
         signals.running()  # from here the supervisor's loop watches the flag
@@ -205,7 +205,7 @@ def models() -> None:
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 def make_tiny_cmd(directory: Path) -> None:
     """Build small random-weight models of the real architectures into DIRECTORY."""
-    from gpu_workers.tiny import make_tiny
+    from vramq.gpu_workers.tiny import make_tiny
 
     for name, path in make_tiny(directory).items():
         click.echo(f"{name}: {path}")
@@ -322,9 +322,9 @@ def sweeper(once: bool) -> None:
     import signal
     import threading
 
-    from jobs.lifecycle import utcnow
-    from jobs.retention import sweep
-    from jobs.services import Services
+    from vramq.jobs.lifecycle import utcnow
+    from vramq.jobs.retention import sweep
+    from vramq.jobs.services import Services
 
     services = Services.from_settings(_settings())
     log = logging.getLogger("vramq.retention")
@@ -354,13 +354,13 @@ def webhooks(threads: int) -> None:
     import signal
     import threading
 
-    from jobs.services import Services
-    from jobs.webhooks import Deliverer
+    from vramq.jobs.services import Services
+    from vramq.jobs.webhooks import Deliverer
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     logging.getLogger("vramq.webhooks").info("webhook deliverer: %d threads", threads)
-    from jobs.batches import Finisher
+    from vramq.jobs.batches import Finisher
 
     services = Services.from_settings(_settings())
     Deliverer(services, threads=threads).run(stop, also=Finisher(services).tick)
@@ -375,8 +375,8 @@ def accounts() -> None:
 @click.option("--name", default=None, help="A label for the account.")
 def accounts_create(name: str | None) -> None:
     """Make a free account and print its id and API key (shown this once)."""
-    from jobs.accounts import create_account
-    from jobs.services import Services
+    from vramq.jobs.accounts import create_account
+    from vramq.jobs.services import Services
 
     services = Services.from_settings(_settings())
     with services.sessions.begin() as session:
@@ -390,11 +390,11 @@ def accounts_create(name: str | None) -> None:
 @click.option("--reason", default=None, help="Why (an order number, say); kept in the ledger.")
 def accounts_credit(account_id: str, tokens: int, reason: str | None) -> None:
     """Add a token pack to an account's balance."""
-    from jobs import ledger
-    from jobs.accounts import get_account
-    from jobs.db import writing
-    from jobs.lifecycle import utcnow
-    from jobs.services import Services
+    from vramq.jobs import ledger
+    from vramq.jobs.accounts import get_account
+    from vramq.jobs.db import writing
+    from vramq.jobs.lifecycle import utcnow
+    from vramq.jobs.services import Services
 
     services = Services.from_settings(_settings())
     with writing(services.sessions) as session:
@@ -408,16 +408,16 @@ def accounts_credit(account_id: str, tokens: int, reason: str | None) -> None:
 @click.option("--entries", default=20, show_default=True, help="How many ledger entries to list.")
 def accounts_show(account_id: str, entries: int) -> None:
     """An account: tier, today's usage, balance, latest ledger entries."""
-    from jobs.services import Services
+    from vramq.jobs.services import Services
 
     _show_account(Services.from_settings(_settings()), account_id, entries)
 
 
 def _show_account(services, account_id: str, entries: int) -> None:
-    from jobs import ledger
-    from jobs.accounts import get_account
-    from jobs.lifecycle import utcnow
-    from jobs.views import iso
+    from vramq.jobs import ledger
+    from vramq.jobs.accounts import get_account
+    from vramq.jobs.lifecycle import utcnow
+    from vramq.jobs.views import iso
 
     with services.sessions() as session:
         account = get_account(session, account_id)

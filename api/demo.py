@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from jobs.settings import Settings
+from vramq.jobs.settings import Settings
 
 from .client import TERMINAL, Client
 from .stack import Stack
@@ -52,8 +52,8 @@ def run_demo(settings: Settings, images: int, port: int, out: Path) -> int:
 
 def _operator_account(settings: Settings, name: str) -> dict:
     """A free account made on the database, as ``POST /v1/accounts`` would answer it."""
-    from jobs.accounts import create_account
-    from jobs.services import Services
+    from vramq.jobs.accounts import create_account
+    from vramq.jobs.services import Services
 
     with Services.from_settings(settings).sessions.begin() as session:
         account, key = create_account(session, name=name)

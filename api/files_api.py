@@ -18,15 +18,15 @@ from flask import Blueprint, current_app, request
 from sqlalchemy.exc import IntegrityError
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from jobs import idempotency
-from jobs.errors import InputError
-from jobs.errors import NotFound
-from jobs.files import PURPOSES, File, UploadQuotaExceeded, get_file, store_file
+from vramq.jobs import idempotency
+from vramq.jobs.errors import InputError
+from vramq.jobs.errors import NotFound
+from vramq.jobs.files import PURPOSES, File, UploadQuotaExceeded, get_file, store_file
 
 from .callers import current_caller
 from .guards import MULTIPART_SLACK, body_limit
 from .problems import problem
-from jobs.views import iso
+from vramq.jobs.views import iso
 
 bp = Blueprint("files", __name__)
 

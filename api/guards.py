@@ -30,9 +30,9 @@ from typing import Any
 from flask import current_app, g, request
 from werkzeug.exceptions import BadRequest, HTTPException, RequestTimeout
 
-from jobs import strictjson
-from jobs.accounts import Caller
-from jobs.errors import InputError
+from vramq.jobs import strictjson
+from vramq.jobs.accounts import Caller
+from vramq.jobs.errors import InputError
 
 from .problems import problem
 

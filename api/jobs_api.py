@@ -11,14 +11,14 @@ from datetime import datetime, timezone
 from flask import Blueprint, Response, current_app, request, stream_with_context
 from sqlalchemy import and_, or_, select
 
-from jobs import events, outcomes, retention, webhooks
-from jobs.db import writing
-from jobs.errors import Forbidden, InputError, NotFound
-from jobs.lifecycle import TERMINAL, raise_not_cancelable
-from jobs.outcomes import Canceled
-from jobs.schema import Job
-from jobs.submit import submit_job
-from jobs.views import job_json
+from vramq.jobs import events, outcomes, retention, webhooks
+from vramq.jobs.db import writing
+from vramq.jobs.errors import Forbidden, InputError, NotFound
+from vramq.jobs.lifecycle import TERMINAL, raise_not_cancelable
+from vramq.jobs.outcomes import Canceled
+from vramq.jobs.schema import Job
+from vramq.jobs.submit import submit_job
+from vramq.jobs.views import job_json
 
 from .callers import current_caller, require_account, require_admin
 from .guards import json_body

@@ -14,9 +14,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from sqlalchemy import func, select
 
-from jobs.heartbeat import live_workers
-from jobs.retention import deleted_totals
-from jobs.schema import Job
+from vramq.jobs.heartbeat import live_workers
+from vramq.jobs.retention import deleted_totals
+from vramq.jobs.schema import Job
 
 JOBS_SUBMITTED = Counter("vramq_jobs_submitted_total", "Jobs accepted by the API", ["model"])
 REQUESTS = Histogram(

@@ -5,11 +5,11 @@ from __future__ import annotations
 from flask import Blueprint, current_app
 from sqlalchemy import func, select
 
-from jobs.errors import NotFound
-from jobs.heartbeat import live_workers, served_by
-from jobs.lifecycle import QUEUED
-from jobs.pricing import rate_for, vram_need_bytes
-from jobs.schema import Job
+from vramq.jobs.errors import NotFound
+from vramq.jobs.heartbeat import live_workers, served_by
+from vramq.jobs.lifecycle import QUEUED
+from vramq.jobs.pricing import rate_for, vram_need_bytes
+from vramq.jobs.schema import Job
 
 bp = Blueprint("models", __name__)
 

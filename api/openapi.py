@@ -5,11 +5,11 @@ from __future__ import annotations
 import copy
 import re
 
-from api.ratelimit import EXEMPT_PREFIXES
-from jobs.batches import MAX_JOBS, BatchLine, BatchRequest
-from jobs.lifecycle import CANCELED, FAILED, QUEUED, RUNNING, SUCCEEDED
-from jobs.submit import WHISPER_LANGUAGES, JobRequest
-from jobs.webhooks import WebhookSpec
+from vramq.api.ratelimit import EXEMPT_PREFIXES
+from vramq.jobs.batches import MAX_JOBS, BatchLine, BatchRequest
+from vramq.jobs.lifecycle import CANCELED, FAILED, QUEUED, RUNNING, SUCCEEDED
+from vramq.jobs.submit import WHISPER_LANGUAGES, JobRequest
+from vramq.jobs.webhooks import WebhookSpec
 
 #: The statuses of a job and of a batch, as the API shows them.
 JOB_STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, current_app, request, send_file
 
-from jobs.db import ping as ping_db
-from jobs.errors import NotFound
+from vramq.jobs.db import ping as ping_db
+from vramq.jobs.errors import NotFound
 
 from . import metrics
 from .openapi import spec
@@ -51,7 +51,7 @@ def openapi():
 @bp.get("/v1/blobs/<path:key>")
 def blob(key: str):
     """Serve an object of the local store through its signed link (403 if tampered or expired)."""
-    from storage.local import LinkRefused, LocalStore
+    from vramq.storage.local import LinkRefused, LocalStore
 
     store = _services().store
     if not isinstance(store, LocalStore):

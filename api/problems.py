@@ -7,7 +7,7 @@ import logging
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from jobs.errors import (Conflict, Forbidden, InputError, NotFound, QuotaExceeded, RateLimited, ServiceUnavailable,
+from vramq.jobs.errors import (Conflict, Forbidden, InputError, NotFound, QuotaExceeded, RateLimited, ServiceUnavailable,
                          Unauthorized, VramqError)
 
 log = logging.getLogger("vramq.api")

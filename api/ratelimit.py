@@ -21,8 +21,8 @@ from limits import RateLimitItemPerDay, RateLimitItemPerMinute
 from limits.storage import storage_from_string
 from limits.strategies import FixedWindowRateLimiter
 
-from jobs.accounts import Caller
-from jobs.errors import RateLimited, ServiceUnavailable
+from vramq.jobs.accounts import Caller
+from vramq.jobs.errors import RateLimited, ServiceUnavailable
 
 log = logging.getLogger("vramq.api")
 

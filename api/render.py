@@ -9,10 +9,10 @@ from typing import Any
 from flask import current_app, request
 from sqlalchemy import select
 
-from jobs import fairness
-from jobs.lifecycle import FAILED, SUCCEEDED, utcnow
-from jobs.schema import Job
-from jobs.views import Links, job_json
+from vramq.jobs import fairness
+from vramq.jobs.lifecycle import FAILED, SUCCEEDED, utcnow
+from vramq.jobs.schema import Job
+from vramq.jobs.views import Links, job_json
 
 
 def base_url() -> str:

@@ -54,7 +54,7 @@ from gunicorn.http.errors import NoMoreData
 from gunicorn.http2 import negotiation
 from gunicorn.workers.gthread import ThreadWorker
 
-from jobs.settings import Settings
+from vramq.jobs.settings import Settings
 
 #: Bytes in the request line (method, path and query, version): gunicorn's default. The
 #: API's longest URLs (signed links, cursors) are a few hundred bytes.
@@ -402,7 +402,7 @@ def serve(host: str, port: int, workers: int, threads: int, settings: Settings) 
     prom.mkdir(parents=True, exist_ok=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(prom)
     # Migrate (and start the embedded broker) once, before forking request workers.
-    from jobs.services import Services
+    from vramq.jobs.services import Services
 
     Services.from_settings(settings)
     global buffer_body_bytes
@@ -417,7 +417,7 @@ def serve(host: str, port: int, workers: int, threads: int, settings: Settings) 
         {
             "bind": f"{host}:{port}",
             "workers": workers,
-            "worker_class": "api.server.ProblemWorker",
+            "worker_class": "vramq.api.server.ProblemWorker",
             "threads": threads,
             "timeout": 120,
             "graceful_timeout": 30,

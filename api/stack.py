@@ -18,9 +18,9 @@ from pathlib import Path
 
 import requests
 
-from jobs import proctree
-from jobs.errors import ServiceUnavailable
-from jobs.settings import Settings
+from vramq.jobs import proctree
+from vramq.jobs.errors import ServiceUnavailable
+from vramq.jobs.settings import Settings
 
 
 class Stack:
@@ -45,15 +45,15 @@ class Stack:
     def start(self, ready_timeout: float = 180) -> "Stack":
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         if self.settings.broker_url is None:
-            from jobs.embedded import ensure_redis
+            from vramq.jobs.embedded import ensure_redis
 
             url, self.redis_proc = ensure_redis(self.settings.data_dir)
             self.env["VRAMQ_BROKER_URL"] = url
         if self.settings.catalog is None:
-            from gpu_workers.tiny import make_tiny
+            from vramq.gpu_workers.tiny import make_tiny
 
             make_tiny(self.settings.models_dir)
-        cli = [sys.executable, "-m", "api.cli"]
+        cli = [sys.executable, "-m", "vramq.api.cli"]
         self._spawn("api", cli + ["api", "--host", self.host, "--port", str(self.port), "--workers", str(self.api_workers)])
         self.expected_workers = self._plan_workers()
         # Running jobs get most of ``stop``'s timeout to finish before the workers are killed.
@@ -66,9 +66,9 @@ class Stack:
 
     def _plan_workers(self) -> int:
         """How many workers ``vramq workers`` will start (the cards the plan gives models)."""
-        from gpu_workers.cards import resolve
-        from gpu_workers.supervisor import plan_catalog, worker_specs
-        from jobs.services import load_configured_catalog
+        from vramq.gpu_workers.cards import resolve
+        from vramq.gpu_workers.supervisor import plan_catalog, worker_specs
+        from vramq.jobs.services import load_configured_catalog
 
         catalog = load_configured_catalog(Settings.from_env(self.env))
         return len(worker_specs(plan_catalog(catalog, resolve(self.cards, cpu=self.cpu))))
@@ -89,7 +89,7 @@ class Stack:
         heartbeats in Redis, not over HTTP: start-up polling must not spend the rate limit)."""
         import redis
 
-        from jobs.heartbeat import live_workers
+        from vramq.jobs.heartbeat import live_workers
 
         broker = redis.Redis.from_url(self.env.get("VRAMQ_BROKER_URL") or self.settings.broker_url, socket_timeout=2)
         deadline = time.monotonic() + timeout
@@ -126,7 +126,7 @@ class Stack:
         proctree.terminate_all([proc for _name, proc in reversed(self.children)], timeout)
         self.children.clear()
         if self.redis_proc is not None:
-            from jobs.embedded import stop_redis
+            from vramq.jobs.embedded import stop_redis
 
             stop_redis(self.redis_proc)
             self.redis_proc = None

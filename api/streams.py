@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 
-from jobs.errors import RateLimited
+from vramq.jobs.errors import RateLimited
 
 #: Threads per API process when the app is not served by ``api.server`` (tests, ``flask run``).
 DEFAULT_THREADS = 8

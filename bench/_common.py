@@ -114,7 +114,7 @@ def announce_loading_worker(broker, models: list[str]) -> None:
     none of them, so what is measured is the API alone."""
     import threading
 
-    from jobs import heartbeat
+    from vramq.jobs import heartbeat
 
     def announce() -> None:
         while True:

@@ -67,7 +67,7 @@ def main() -> int:
     try:
         import redis
 
-        from jobs.queue import PRIORITY, queue_name
+        from vramq.jobs.queue import PRIORITY, queue_name
 
         broker = redis.Redis.from_url(args.redis)
         broker.flushdb()

@@ -37,9 +37,9 @@ def main() -> int:
 
     from sqlalchemy import delete, insert, text
 
-    from jobs import fairness
-    from jobs.db import make_engine, make_sessionmaker, migrate
-    from jobs.schema import Job
+    from vramq.jobs import fairness
+    from vramq.jobs.db import make_engine, make_sessionmaker, migrate
+    from vramq.jobs.schema import Job
 
     url = args.database_url or f"sqlite:///{tempfile.mkdtemp(prefix='vramq-pick-')}/pick.db"
     engine = make_engine(url)

@@ -175,9 +175,9 @@ def wait_no_vllm(pid: int, timeout: float = 60) -> list[int]:
 
 def run_direct(catalog_path: Path, inputs: list[dict], warmup: list[dict]) -> dict:
     """Build the offline engine, warm it up, time one ``generate`` over all inputs, shut it down."""
-    from gpu_workers.backends import vllm_text
-    from gpu_workers.backends.vllm_text import VllmTextBackend
-    from jobs.catalog import load_catalog
+    from vramq.gpu_workers.backends import vllm_text
+    from vramq.gpu_workers.backends.vllm_text import VllmTextBackend
+    from vramq.jobs.catalog import load_catalog
 
     # The settings VllmTextBackend.load() puts in the environment, the same way.
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(vllm_text.CPU_KV_CACHE_GIB))
@@ -246,7 +246,7 @@ class Procs:
 
     def spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         path = self.logdir / f"{name}.log"
-        proc = subprocess.Popen([sys.executable, "-m", "api.cli", *args], cwd=ROOT, env=self.env,
+        proc = subprocess.Popen([sys.executable, "-m", "vramq.api.cli", *args], cwd=ROOT, env=self.env,
                                 stdout=open(path, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
         self.children.append((name, proc, path))
         return proc
@@ -355,7 +355,7 @@ def run_vramq(api: Api, inputs: list[dict], threads: int, poll_s: float, paused_
 def forget_events(broker, job_ids: list[str]) -> None:
     """Delete the benchmark's job event streams (they would otherwise stay a day in a
     Redis database the benchmark does not flush)."""
-    from jobs.events import key
+    from vramq.jobs.events import key
 
     try:
         for k in range(0, len(job_ids), 500):
@@ -395,7 +395,7 @@ def main() -> int:
     procs = api = broker = None
     try:
         t0 = time.perf_counter()
-        weights = build_model("gpu_workers.tiny_text", "make_tiny_qwen2", work / "models" / "tiny-qwen2")
+        weights = build_model("vramq.gpu_workers.tiny_text", "make_tiny_qwen2", work / "models" / "tiny-qwen2")
         log(f"tiny-qwen2 ready in {time.perf_counter() - t0:.1f}s at {weights}")
         catalog = work / "bench-catalog.toml"
         write_catalog(catalog, weights, args.max_batch, args.max_tokens)

@@ -215,9 +215,9 @@ def job_inputs(n: int, size: int, steps: int, offset: int = 0) -> list[dict]:
 def run_direct(catalog_path: Path, inputs: list[dict], warmup: list[dict]) -> dict:
     import torch
 
-    from gpu_workers.backends.base import WorkItem
-    from gpu_workers.backends.diffusers_image import DiffusersImageBackend, _item_result
-    from jobs.catalog import load_catalog
+    from vramq.gpu_workers.backends.base import WorkItem
+    from vramq.gpu_workers.backends.diffusers_image import DiffusersImageBackend, _item_result
+    from vramq.jobs.catalog import load_catalog
 
     entry = load_catalog(catalog_path).get(MODEL_ID)
     backend = DiffusersImageBackend(entry, "cpu")
@@ -270,7 +270,7 @@ class Procs:
     def spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         path = self.logdir / f"{name}.log"
         with open(path, "wb") as out:  # the child keeps its own copy of the descriptor
-            proc = subprocess.Popen([sys.executable, "-m", "api.cli", *args], cwd=ROOT, env=self.env,
+            proc = subprocess.Popen([sys.executable, "-m", "vramq.api.cli", *args], cwd=ROOT, env=self.env,
                                     stdout=out, stderr=subprocess.STDOUT)
         self.children.append((name, proc, path))
         return proc
@@ -405,7 +405,7 @@ def main() -> int:
     poll_s = args.poll_ms / 1000
     procs = None
     try:
-        from gpu_workers.tiny import make_tiny
+        from vramq.gpu_workers.tiny import make_tiny
 
         t0 = time.perf_counter()
         weights = make_tiny(work / "models")["tiny-flux"]

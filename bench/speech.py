@@ -157,9 +157,9 @@ def job_input(language: str | None) -> dict:
 
 
 def run_direct(catalog_path: Path, clips: list[bytes], warmup: list[bytes], language: str | None) -> dict:
-    from gpu_workers.backends.base import WorkItem
-    from gpu_workers.backends.whisper_speech import WhisperSpeechBackend
-    from jobs.catalog import load_catalog
+    from vramq.gpu_workers.backends.base import WorkItem
+    from vramq.gpu_workers.backends.whisper_speech import WhisperSpeechBackend
+    from vramq.jobs.catalog import load_catalog
 
     entry = load_catalog(catalog_path).get(MODEL_ID)
     backend = WhisperSpeechBackend(entry, "cpu")
@@ -212,7 +212,7 @@ class Procs:
 
     def spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         path = self.logdir / f"{name}.log"
-        proc = subprocess.Popen([sys.executable, "-m", "api.cli", *args], cwd=ROOT, env=self.env,
+        proc = subprocess.Popen([sys.executable, "-m", "vramq.api.cli", *args], cwd=ROOT, env=self.env,
                                 stdout=open(path, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
         self.children.append((name, proc, path))
         return proc
@@ -313,7 +313,7 @@ def run_vramq(api: Api, inputs: list[dict], threads: int, poll_s: float) -> dict
 def forget_events(broker, job_ids: list[str]) -> None:
     """Delete the benchmark's job event streams (they would otherwise stay a day in a
     Redis database the benchmark does not flush)."""
-    from jobs.events import key
+    from vramq.jobs.events import key
 
     try:
         for k in range(0, len(job_ids), 500):
@@ -349,7 +349,7 @@ def main() -> int:
     procs = api = broker = None
     try:
         t0 = time.perf_counter()
-        weights = build_model("gpu_workers.tiny_speech", "make_tiny_whisper", work / "models" / "tiny-whisper")
+        weights = build_model("vramq.gpu_workers.tiny_speech", "make_tiny_whisper", work / "models" / "tiny-whisper")
         log(f"tiny-whisper ready in {time.perf_counter() - t0:.1f}s at {weights}")
         catalog = work / "bench-catalog.toml"
         write_catalog(catalog, weights, args.max_batch, args.max_wait_ms)

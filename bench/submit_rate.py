@@ -140,7 +140,7 @@ def start_api(env: dict[str, str], logdir: Path, workers: int, threads: int) -> 
     log_path = logdir / "api.log"
     with open(log_path, "wb") as out:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(
-            [sys.executable, "-m", "api.cli", "api", "--port", str(port), "--workers", str(workers), "--threads", str(threads)],
+            [sys.executable, "-m", "vramq.api.cli", "api", "--port", str(port), "--workers", str(workers), "--threads", str(threads)],
             cwd=ROOT, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"}, stdout=out, stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
@@ -287,7 +287,7 @@ def count_jobs(database_url: str) -> int | None:
     try:
         from sqlalchemy import text
 
-        from jobs.db import make_engine
+        from vramq.jobs.db import make_engine
 
         engine = make_engine(database_url)
         with engine.connect() as conn:

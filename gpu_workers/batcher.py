@@ -23,7 +23,7 @@ from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from jobs.errors import OutOfMemory
+from vramq.jobs.errors import OutOfMemory
 
 from .backends.base import Backend, WorkItem, is_out_of_memory
 

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from jobs.errors import ModelLoadFailed
+from vramq.jobs.errors import ModelLoadFailed
 
 log = logging.getLogger("vramq.residency")
 

@@ -24,14 +24,14 @@ from enum import Enum
 
 from sqlalchemy.exc import DBAPIError
 
-from jobs import defaults, fairness, heartbeat, lifecycle, outcomes, turns, webhooks
-from jobs.db import writing
-from jobs.errors import JobCanceled, JobError, ModelLoadFailed, OutOfMemory, VramqError
-from jobs.events import EventWriter
-from jobs.lifecycle import utcnow
-from jobs.outcomes import Failed, GivenBack, LeaseLapsed, Succeeded
-from jobs.queue import publish
-from jobs.schema import Batch, Job
+from vramq.jobs import defaults, fairness, heartbeat, lifecycle, outcomes, turns, webhooks
+from vramq.jobs.db import writing
+from vramq.jobs.errors import JobCanceled, JobError, ModelLoadFailed, OutOfMemory, VramqError
+from vramq.jobs.events import EventWriter
+from vramq.jobs.lifecycle import utcnow
+from vramq.jobs.outcomes import Failed, GivenBack, LeaseLapsed, Succeeded
+from vramq.jobs.queue import publish
+from vramq.jobs.schema import Batch, Job
 
 from .backends import backend_class
 from .backends.base import ItemResult, WorkItem, is_out_of_memory
@@ -371,7 +371,7 @@ class WorkerRuntime:
         """Fetch the binary inputs a job refers to (the audio of a speech job)."""
         if job.kind != "speech":
             return {}
-        from jobs.files import resolve_audio
+        from vramq.jobs.files import resolve_audio
 
         return {"audio": resolve_audio(self.services, job.input["audio"])}
 

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from jobs import proctree
+from vramq.jobs import proctree
 
 from .cards import Card
 from .placement import Demand, Plan, plan
@@ -57,7 +57,7 @@ class WorkerSpec:
 
     def argv(self) -> list[str]:
         where = ["--cpu"] if self.card.index is None else ["--card", str(self.card.index)]
-        return [sys.executable, "-m", "api.cli", "worker", *where, "--models", ",".join(self.models),
+        return [sys.executable, "-m", "vramq.api.cli", "worker", *where, "--models", ",".join(self.models),
                 "--vram-budget", f"{self.budget_bytes // 10**6}MB"]
 
 

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from jobs.errors import MissingExtra
+from vramq.jobs.errors import MissingExtra
 
 MARKER = "vramq-tiny.json"
 

@@ -38,7 +38,7 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from jobs.errors import MissingExtra
+from vramq.jobs.errors import MissingExtra
 
 from .tiny import MARKER, build_once
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jobs.errors import MissingExtra
+from vramq.jobs.errors import MissingExtra
 
 from .tiny import build_once
 

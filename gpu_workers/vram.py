@@ -46,7 +46,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from jobs.errors import ConfigError, MissingExtra
+from vramq.jobs.errors import ConfigError, MissingExtra
 
 DTYPE_BYTES: dict[str, float] = {
     "fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2,

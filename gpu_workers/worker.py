@@ -16,11 +16,11 @@ import socket
 import threading
 import time
 
-from jobs import defaults, proctree
-from jobs.errors import ConfigError
-from jobs.queue import RUN_JOB, queue_name
-from jobs.services import Services
-from jobs.settings import Settings
+from vramq.jobs import defaults, proctree
+from vramq.jobs.errors import ConfigError
+from vramq.jobs.queue import RUN_JOB, queue_name
+from vramq.jobs.services import Services
+from vramq.jobs.settings import Settings
 
 log = logging.getLogger("vramq.worker")
 
@@ -118,7 +118,7 @@ def run_worker(card: int | None, models: list[str] | None = None, settings: Sett
         app.worker_main(argv)
     finally:
         runtime.stop()
-        from jobs.heartbeat import withdraw
+        from vramq.jobs.heartbeat import withdraw
 
         try:
             withdraw(services.redis, name)

@@ -80,7 +80,7 @@ def vram_need_bytes(entry) -> int | None:
     an LLM's config), once per process; None when the weights are not readable here."""
     key = (entry.id, str(entry.weights))
     if key not in _needs:
-        from gpu_workers.vram import estimate_entry  # pure Python with allow_meta=False
+        from vramq.gpu_workers.vram import estimate_entry  # pure Python with allow_meta=False
 
         try:
             _needs[key] = estimate_entry(entry, allow_meta=False).total_bytes

@@ -78,7 +78,7 @@ class Services:
 
     @cached_property
     def store(self):
-        from storage import open_store
+        from vramq.storage import open_store
 
         return open_store(
             self.settings.storage_url,

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from jobs.errors import ConfigError
+from vramq.jobs.errors import ConfigError
 
 from .base import ObjectStore
 from .local import LinkRefused, LocalStore

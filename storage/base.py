@@ -18,7 +18,7 @@ import mimetypes
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from jobs.errors import ServiceUnavailable
+from vramq.jobs.errors import ServiceUnavailable
 
 #: Longest key accepted (S3 allows 1024 bytes; we count characters and stay ASCII-safe).
 MAX_KEY_CHARS = 1024

@@ -10,7 +10,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from jobs.errors import ConfigError, MissingExtra, NotFound, ServiceUnavailable, VramqError
+from vramq.jobs.errors import ConfigError, MissingExtra, NotFound, ServiceUnavailable, VramqError
 
 from .base import ObjectStore, validate_key
 

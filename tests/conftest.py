@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.settings import Settings
+from vramq.jobs.settings import Settings
 
 pytest_plugins = ["tests.fixtures.s3", "tests.fixtures.procs", "tests.fixtures.services", "tests.fixtures.pgserver",
                   "tests.fixtures.netns", "tests.fixtures.invariants"]
@@ -73,7 +73,7 @@ def pg_url():
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory) -> Path:
     """The tiny models, built once per session (``vramq models make-tiny``)."""
-    from gpu_workers.tiny import make_tiny
+    from vramq.gpu_workers.tiny import make_tiny
 
     path = tmp_path_factory.mktemp("models")
     make_tiny(path)

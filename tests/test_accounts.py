@@ -17,9 +17,9 @@ import pytest
 import requests
 from sqlalchemy import func, select
 
-from jobs import heartbeat, ledger, lifecycle
-from jobs.schema import Account, Job, LedgerEntry
-from jobs.services import Services
+from vramq.jobs import heartbeat, ledger, lifecycle
+from vramq.jobs.schema import Account, Job, LedgerEntry
+from vramq.jobs.services import Services
 from tests.conftest import settings_env
 
 IMAGE = {"model": "tiny-flux", "input": {"prompt": "a fox", "width": 64, "height": 64, "steps": 2}}
@@ -30,7 +30,7 @@ class Harness:
     """The real app in process, on real Redis and a real database, with a movable clock."""
 
     def __init__(self, services: Services):
-        from api.app import create_app
+        from vramq.api.app import create_app
 
         self.services = services
         self.now = datetime(2026, 3, 14, 12, 0, tzinfo=timezone.utc)
@@ -190,7 +190,7 @@ def test_admin_api_is_off_without_an_admin_key(harness):
 def _reserved_job(services: Services, holder: str, tokens: int, *, rate: float = 100.0, min_tokens: int = 10,
                   now: datetime) -> Job:
     """A job row with its reservation, as ``submit_job`` writes them."""
-    from jobs.ids import new_id
+    from vramq.jobs.ids import new_id
 
     job = Job(id=new_id("job"), model="tiny-flux", kind="image", status="running", priority="normal", input={},
               meta={}, progress=0.0, created_at=now, attempts=1, gpu_seconds=0.0, tokens_reserved=tokens,
@@ -259,7 +259,7 @@ def test_settlement_gives_back_to_the_balance_first(db_services):
     services = db_services(free_daily_tokens=100)
     now = datetime(2026, 5, 1, 9, tzinfo=timezone.utc)
     with services.sessions.begin() as s:
-        from jobs.accounts import create_account
+        from vramq.jobs.accounts import create_account
 
         account, _key = create_account(s)
         ledger.credit(s, account.id, 1000, "pack", now)
@@ -324,7 +324,7 @@ def test_100_concurrent_submits_against_an_allowance_for_10(db, tmp_path, redis_
     use = cluster.get("/v1/usage", headers=auth).json()
     assert use["used_today"] == 1000 and use["available"] == 0 and use["balance"] == 0
     # The ledger balances to the token: 10 reservations of 100, one per accepted job.
-    services = Services.from_settings(__import__("jobs.settings", fromlist=["Settings"]).Settings.from_env(env))
+    services = Services.from_settings(__import__("vramq.jobs.settings", fromlist=["Settings"]).Settings.from_env(env))
     with services.sessions() as s:
         rows = s.execute(select(LedgerEntry.job_id, LedgerEntry.allowance_delta, LedgerEntry.balance_delta)).all()
         job_ids = set(s.execute(select(Job.id)).scalars())
@@ -410,9 +410,9 @@ def test_rate_limits_per_address_and_per_key(harness):
 
 
 def test_estimate_is_calibrated_from_recent_runs(make_settings):
-    from jobs.catalog import ModelEntry
-    from jobs.ids import new_id
-    from jobs.pricing import PRIOR_SECONDS_PER_UNIT, Estimator, rate_for
+    from vramq.jobs.catalog import ModelEntry
+    from vramq.jobs.ids import new_id
+    from vramq.jobs.pricing import PRIOR_SECONDS_PER_UNIT, Estimator, rate_for
 
     settings, _ = make_settings()
     services = Services.from_settings(settings)
@@ -431,7 +431,7 @@ def test_estimate_is_calibrated_from_recent_runs(make_settings):
 
     # Without a price in the catalog, the rate follows the model's VRAM need.
     free = ModelEntry.model_validate({**entry.model_dump(), "id": "tiny-flux-unpriced", "price": {}})
-    from jobs.pricing import RATE_PER_GB, vram_need_bytes
+    from vramq.jobs.pricing import RATE_PER_GB, vram_need_bytes
 
     need = vram_need_bytes(free)
     assert need and rate_for(free) == max(1.0, round(RATE_PER_GB * need / 1e9, 2))
@@ -446,7 +446,7 @@ def test_accounts_cli_create_credit_show(make_settings):
     env = {**os.environ, **env}
 
     def vramq(*args: str) -> dict:
-        out = subprocess.run([sys.executable, "-m", "api.cli", "accounts", *args], env=env, capture_output=True,
+        out = subprocess.run([sys.executable, "-m", "vramq.api.cli", "accounts", *args], env=env, capture_output=True,
                              text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout)
@@ -457,6 +457,6 @@ def test_accounts_cli_create_credit_show(make_settings):
     assert credited["usage"]["balance"] == 200000 and credited["ledger"][0]["reason"] == "pack: 200,000 tokens"
     shown = vramq("show", made["account_id"])
     assert shown["usage"]["daily_allowance"] == 5000 and shown["key_prefix"] == made["api_key"][:11]
-    missing = subprocess.run([sys.executable, "-m", "api.cli", "accounts", "show", "acct_nope"], env=env,
+    missing = subprocess.run([sys.executable, "-m", "vramq.api.cli", "accounts", "show", "acct_nope"], env=env,
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "no account acct_nope" in missing.stderr

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.prompts import PromptCounter
+from vramq.jobs.prompts import PromptCounter
 from tests.test_api_http import assert_problem
 from tests.test_e2e_kinds import submit
 
@@ -66,10 +66,10 @@ def test_each_kind_refuses_past_its_limits(shared_cluster, model, inp, field, li
 def test_model_without_a_live_worker_is_503_and_nothing_is_queued(make_settings):
     from sqlalchemy import func, select
 
-    from api import create_app
-    from jobs.queue import queue_name
-    from jobs.schema import Job
-    from jobs.services import Services
+    from vramq.api import create_app
+    from vramq.jobs.queue import queue_name
+    from vramq.jobs.schema import Job
+    from vramq.jobs.services import Services
 
     settings, _ = make_settings()
     services = Services.from_settings(settings)

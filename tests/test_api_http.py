@@ -147,7 +147,7 @@ def test_signed_links_refuse_tampering_and_expiry(shared_cluster):
     for bad in (bad_sig, later, swapped, _tamper(url, sig="")):
         assert_problem(requests.get(bad, timeout=5), 403, "forbidden")
 
-    from storage.local import LocalStore
+    from vramq.storage.local import LocalStore
 
     env = shared_cluster.env
     store = LocalStore(__import__("pathlib").Path(env["VRAMQ_DATA_DIR"]) / "objects", env["VRAMQ_SECRET_KEY"])

@@ -16,10 +16,10 @@ pytest.importorskip("torch")
 
 from PIL import Image  # noqa: E402
 
-from gpu_workers.backends import WorkItem, backend_class  # noqa: E402
-from gpu_workers.tiny import MARKER, make_tiny_flux  # noqa: E402
-from jobs.catalog import ModelEntry  # noqa: E402
-from jobs.errors import ConfigError, JobCanceled  # noqa: E402
+from vramq.gpu_workers.backends import WorkItem, backend_class  # noqa: E402
+from vramq.gpu_workers.tiny import MARKER, make_tiny_flux  # noqa: E402
+from vramq.jobs.catalog import ModelEntry  # noqa: E402
+from vramq.jobs.errors import ConfigError, JobCanceled  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -189,11 +189,11 @@ def test_importing_backends_does_not_import_torch():
     code = (
         "import sys\n"
         "from pathlib import Path\n"
-        "import gpu_workers.backends as b\n"
-        "from jobs.catalog import ModelEntry\n"
+        "import vramq.gpu_workers.backends as b\n"
+        "from vramq.jobs.catalog import ModelEntry\n"
         "e = ModelEntry(id='m', kind='image', backend='diffusers', weights=Path('/nowhere'))\n"
         "assert b.backend_class(e).__name__ == 'DiffusersImageBackend'\n"
-        "import gpu_workers.tiny\n"
+        "import vramq.gpu_workers.tiny\n"
         "heavy = sorted({'torch', 'diffusers', 'transformers', 'PIL'} & set(sys.modules))\n"
         "assert not heavy, heavy\n"
     )

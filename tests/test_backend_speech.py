@@ -18,17 +18,17 @@ import pytest
 pytest.importorskip("faster_whisper")
 pytest.importorskip("transformers")
 
-from gpu_workers.backends import WorkItem, backend_class  # noqa: E402
-from gpu_workers.backends.whisper_speech import (  # noqa: E402
+from vramq.gpu_workers.backends import WorkItem, backend_class  # noqa: E402
+from vramq.gpu_workers.backends.whisper_speech import (  # noqa: E402
     format_timestamp,
     merge_regions,
     to_srt,
     to_vtt,
 )
-from gpu_workers.tiny import MARKER  # noqa: E402
-from gpu_workers.tiny_speech import make_tiny_whisper  # noqa: E402
-from jobs.catalog import ModelEntry  # noqa: E402
-from jobs.errors import JobCanceled, JobError  # noqa: E402
+from vramq.gpu_workers.tiny import MARKER  # noqa: E402
+from vramq.gpu_workers.tiny_speech import make_tiny_whisper  # noqa: E402
+from vramq.jobs.catalog import ModelEntry  # noqa: E402
+from vramq.jobs.errors import JobCanceled, JobError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 from tests.audio import SR, mp3_bytes, tone, vowels, wav_bytes  # noqa: E402
@@ -285,7 +285,7 @@ def test_canceled_item(backend):
 
 def test_importing_the_backend_imports_no_model_library():
     code = (
-        "import sys, gpu_workers.backends.whisper_speech, gpu_workers.tiny_speech, jobs.audio, jobs.files\n"
+        "import sys, vramq.gpu_workers.backends.whisper_speech, vramq.gpu_workers.tiny_speech, vramq.jobs.audio, vramq.jobs.files\n"
         "heavy = {'faster_whisper', 'ctranslate2', 'av', 'torch', 'transformers'} & set(sys.modules)\n"
         "assert not heavy, heavy\n"
     )

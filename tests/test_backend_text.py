@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from gpu_workers.backends import WorkItem, backend_class
-from gpu_workers.tiny import MARKER
-from gpu_workers.tiny_text import make_tiny_qwen2
-from jobs.catalog import ModelEntry
-from jobs.errors import JobCanceled, JobError
+from vramq.gpu_workers.backends import WorkItem, backend_class
+from vramq.gpu_workers.tiny import MARKER
+from vramq.gpu_workers.tiny_text import make_tiny_qwen2
+from vramq.jobs.catalog import ModelEntry
+from vramq.jobs.errors import JobCanceled, JobError
 from tests.conftest import require
 
 MAX_CONTEXT = 2048
@@ -235,7 +235,7 @@ def test_prompt_longer_than_the_context_room_fails_before_the_engine(backend, en
 
 def test_engine_keeps_to_its_planned_share_of_the_card(entry):
     """On a GPU, vLLM would take 90 % of the card; the planner's share for it is what it gets."""
-    from gpu_workers.backends.vllm_text import VllmTextBackend
+    from vramq.gpu_workers.backends.vllm_text import VllmTextBackend
 
     on_gpu = VllmTextBackend(entry, "cuda")
     assert "gpu_memory_utilization" not in on_gpu.engine_args()  # no plan: vLLM's own default

@@ -15,12 +15,12 @@ pytest.importorskip("diffusers")
 pytest.importorskip("torch")
 av = pytest.importorskip("av")
 
-from gpu_workers.backends import WorkItem, backend_class  # noqa: E402
-from gpu_workers.backends.diffusers_video import encode_mp4  # noqa: E402
-from gpu_workers.tiny import MARKER  # noqa: E402
-from gpu_workers.tiny_video import make_tiny_video  # noqa: E402
-from jobs.catalog import ModelEntry  # noqa: E402
-from jobs.errors import JobCanceled, JobError  # noqa: E402
+from vramq.gpu_workers.backends import WorkItem, backend_class  # noqa: E402
+from vramq.gpu_workers.backends.diffusers_video import encode_mp4  # noqa: E402
+from vramq.gpu_workers.tiny import MARKER  # noqa: E402
+from vramq.gpu_workers.tiny_video import make_tiny_video  # noqa: E402
+from vramq.jobs.catalog import ModelEntry  # noqa: E402
+from vramq.jobs.errors import JobCanceled, JobError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -140,7 +140,7 @@ def test_seed_decides_the_video(backend):
 
 
 def test_pipeline_kwargs_render_what_run_batch_renders(backend):
-    from gpu_workers.backends.diffusers_video import _to_uint8
+    from vramq.gpu_workers.backends.diffusers_video import _to_uint8
 
     items = [item(job(seed=3)), item(job("a boat", seed=9))]
     direct = backend.pipe(**backend.pipeline_kwargs(items)).frames
@@ -221,11 +221,11 @@ def test_importing_video_backend_does_not_import_torch():
     code = (
         "import sys\n"
         "from pathlib import Path\n"
-        "import gpu_workers.backends as b\n"
-        "from jobs.catalog import ModelEntry\n"
+        "import vramq.gpu_workers.backends as b\n"
+        "from vramq.jobs.catalog import ModelEntry\n"
         "e = ModelEntry(id='m', kind='video', backend='diffusers', weights=Path('/nowhere'))\n"
         "assert b.backend_class(e).__name__ == 'DiffusersVideoBackend'\n"
-        "import gpu_workers.tiny_video\n"
+        "import vramq.gpu_workers.tiny_video\n"
         "heavy = sorted({'torch', 'diffusers', 'transformers', 'av', 'numpy'} & set(sys.modules))\n"
         "assert not heavy, heavy\n"
     )

@@ -5,8 +5,8 @@ from __future__ import annotations
 import threading
 import time
 
-from gpu_workers.backends.base import Backend, ItemResult, WorkItem
-from gpu_workers.batcher import Batcher
+from vramq.gpu_workers.backends.base import Backend, ItemResult, WorkItem
+from vramq.gpu_workers.batcher import Batcher
 
 
 class Recorder(Backend):

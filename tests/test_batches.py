@@ -15,11 +15,11 @@ import pytest
 import requests
 from sqlalchemy import func, select
 
-from jobs import batches, fairness, ledger, lifecycle
-from jobs.db import writing
-from jobs.queue import PRIORITY, queue_name
-from jobs.schema import Batch, Job, LedgerEntry, WebhookDelivery
-from jobs.services import Services
+from vramq.jobs import batches, fairness, ledger, lifecycle
+from vramq.jobs.db import writing
+from vramq.jobs.queue import PRIORITY, queue_name
+from vramq.jobs.schema import Batch, Job, LedgerEntry, WebhookDelivery
+from vramq.jobs.services import Services
 from tests.conftest import settings_env
 from tests.test_accounts import Harness
 
@@ -378,7 +378,7 @@ def test_one_accounts_2000_job_batch_does_not_starve_another_account(tmp_path, r
 
 @pytest.mark.e2e
 def test_the_client_submits_follows_and_collects_a_batch(shared_cluster):
-    from api.client import Client
+    from vramq.api.client import Client
 
     if not any(p.name == "webhooks" and p.popen.poll() is None for p in shared_cluster.procs):
         shared_cluster._spawn("webhooks", ["webhooks"])  # the dispatcher finishes batches

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.catalog import TINY_CATALOG, ModelEntry, load_catalog
-from jobs.errors import ConfigError, InputError
+from vramq.jobs.catalog import TINY_CATALOG, ModelEntry, load_catalog
+from vramq.jobs.errors import ConfigError, InputError
 
 
 def write(tmp_path, text: str):

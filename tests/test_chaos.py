@@ -24,10 +24,10 @@ import pytest
 import requests
 from sqlalchemy import func, select
 
-from jobs.lifecycle import TERMINAL, utcnow
-from jobs.schema import Job
-from jobs.services import Services
-from jobs.settings import Settings
+from vramq.jobs.lifecycle import TERMINAL, utcnow
+from vramq.jobs.schema import Job
+from vramq.jobs.services import Services
+from vramq.jobs.settings import Settings
 from tests.conftest import require, settings_env
 from tests.fixtures.invariants import check_jobs_ended_once, check_ledger, jobs_of
 from tests.fixtures.pgserver import PgServer

@@ -72,7 +72,7 @@ def streamed(cluster, job_id: str) -> list[tuple[str, dict]]:
     """The job's events as the worker wrote them: (event, data)."""
     import redis
 
-    from jobs import events
+    from vramq.jobs import events
 
     return [(e, d) for _i, e, d in events.read(redis.Redis.from_url(cluster.env["VRAMQ_BROKER_URL"]), job_id)]
 

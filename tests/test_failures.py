@@ -13,7 +13,7 @@ import pytest
 import redis
 import requests
 
-from jobs import events
+from vramq.jobs import events
 from tests.conftest import settings_env
 
 pytestmark = pytest.mark.e2e
@@ -100,7 +100,7 @@ def test_cancel_running_job_stops_between_steps(env, cluster_factory):
     # near the end of the 600 steps (had it run on, it would have reached 1.0).
     import redis
 
-    from jobs import events
+    from vramq.jobs import events
 
     stream = events.read(redis.Redis.from_url(env["VRAMQ_BROKER_URL"]), job["id"])
     progress = [data["progress"] for _id, event, data in stream if event == "progress"]
@@ -155,11 +155,11 @@ def test_a_stopping_worker_gives_back_the_jobs_still_running_after_its_grace_per
 def test_readyz_follows_the_broker(tmp_path, models_dir, private_redis):
     import redis
 
-    from api import create_app
-    from jobs import heartbeat
-    from jobs.schema import Job
-    from jobs.services import Services
-    from jobs.settings import Settings
+    from vramq.api import create_app
+    from vramq.jobs import heartbeat
+    from vramq.jobs.schema import Job
+    from vramq.jobs.services import Services
+    from vramq.jobs.settings import Settings
 
     settings = Settings.from_env(settings_env(tmp_path, redis_url=private_redis.url, models_dir=models_dir))
     client = create_app(services=Services.from_settings(settings)).test_client()
@@ -278,8 +278,8 @@ def test_a_model_that_fails_to_load_fails_its_jobs_and_the_worker_goes_on(tmp_pa
                                                                           cluster_factory):
     import shutil
 
-    from gpu_workers.vram import estimate_entry
-    from jobs.catalog import load_catalog
+    from vramq.gpu_workers.vram import estimate_entry
+    from vramq.jobs.catalog import load_catalog
 
     broken = tmp_path / "broken-flux"
     shutil.copytree(models_dir / "tiny-flux", broken)

@@ -13,12 +13,12 @@ import pytest
 
 pytest.importorskip("av")
 
-from api import create_app  # noqa: E402
-from jobs.audio import parse_data_uri, probe_audio  # noqa: E402
-from jobs.catalog import ModelEntry  # noqa: E402
-from jobs.errors import InputError, NotFound  # noqa: E402
-from jobs.files import check_audio_input, resolve_audio, store_file  # noqa: E402
-from jobs.services import Services  # noqa: E402
+from vramq.api import create_app  # noqa: E402
+from vramq.jobs.audio import parse_data_uri, probe_audio  # noqa: E402
+from vramq.jobs.catalog import ModelEntry  # noqa: E402
+from vramq.jobs.errors import InputError, NotFound  # noqa: E402
+from vramq.jobs.files import check_audio_input, resolve_audio, store_file  # noqa: E402
+from vramq.jobs.services import Services  # noqa: E402
 
 from tests.audio import data_uri, encode, tone, wav_bytes  # noqa: E402
 

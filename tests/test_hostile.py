@@ -32,9 +32,9 @@ import pytest
 import requests
 from sqlalchemy import func, select
 
-from jobs.schema import Account, Batch, Job, LedgerEntry
-from jobs.services import Services
-from jobs.settings import Settings
+from vramq.jobs.schema import Account, Batch, Job, LedgerEntry
+from vramq.jobs.services import Services
+from vramq.jobs.settings import Settings
 from tests.conftest import settings_env
 from tests.test_accounts import Harness
 
@@ -477,8 +477,8 @@ def test_a_star_lets_an_operator_answer_any_host(edge):
 
 
 def test_hostname_parsing_and_the_bind_address():
-    from api.guards import host_allowed, hostname
-    from api.server import bind_host_allowed
+    from vramq.api.guards import host_allowed, hostname
+    from vramq.api.server import bind_host_allowed
 
     assert [hostname(h) for h in ("Example.COM:80", "[::1]:8000", "[::1]", "a.example.", "x:y", "[::1]x", "", ":80")] == \
         ["example.com", "::1", "::1", "a.example", None, None, None, None]
@@ -508,7 +508,7 @@ def test_405_is_a_problem_with_allow(edge, method, path, allowed):
 
 
 def test_wrong_api_keys_are_rate_limited_per_address_without_a_lookup(edge, monkeypatch):
-    import api.callers
+    import vramq.api.callers
 
     h = edge(rate_limit_anonymous=3, rate_limit_keyed=100)
     _, key = h.account()
@@ -516,8 +516,8 @@ def test_wrong_api_keys_are_rate_limited_per_address_without_a_lookup(edge, monk
     fresh = h.call("POST", "/v1/accounts", json={}, environ_base={"REMOTE_ADDR": "192.0.2.9"}).get_json()["api_key"]
     assert h.call("GET", "/v1/usage", key).status_code == 200  # this key was used from here: verified
     lookups = []
-    real = api.callers.by_key
-    monkeypatch.setattr(api.callers, "by_key", lambda s, k: lookups.append(k) or real(s, k))
+    real = vramq.api.callers.by_key
+    monkeypatch.setattr(vramq.api.callers, "by_key", lambda s, k: lookups.append(k) or real(s, k))
     codes = [h.call("GET", "/v1/usage", "vq_" + "x" * 43).status_code for _ in range(3)]
     assert codes == [401] * 3 and len(lookups) == 3
     limited = h.call("GET", "/v1/usage", "vq_" + "y" * 43)
@@ -758,7 +758,7 @@ def test_whisper_languages_pass_on_to_the_audio_check(edge, language):
 
 
 def test_the_language_list_is_faster_whispers():
-    from jobs.submit import WHISPER_LANGUAGES
+    from vramq.jobs.submit import WHISPER_LANGUAGES
 
     tokenizer = pytest.importorskip("faster_whisper.tokenizer")
     assert WHISPER_LANGUAGES == set(tokenizer._LANGUAGE_CODES)

@@ -7,11 +7,11 @@ from datetime import timedelta
 
 import pytest
 
-from jobs import lifecycle as lc
-from jobs.db import make_engine, make_sessionmaker, migrate
-from jobs.errors import Conflict, NotFound
-from jobs.ids import new_id
-from jobs.schema import Job
+from vramq.jobs import lifecycle as lc
+from vramq.jobs.db import make_engine, make_sessionmaker, migrate
+from vramq.jobs.errors import Conflict, NotFound
+from vramq.jobs.ids import new_id
+from vramq.jobs.schema import Job
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -169,14 +169,14 @@ def test_concurrent_migrations_on_a_fresh_database(request, tmp_path, backend):
     import sys
 
     url = f"sqlite:///{tmp_path / 'fresh.sqlite'}" if backend == "sqlite" else request.getfixturevalue("pg_url")
-    code = f"from jobs.db import make_engine, migrate; migrate(make_engine({url!r}))"
+    code = f"from vramq.jobs.db import make_engine, migrate; migrate(make_engine({url!r}))"
     procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True) for _ in range(4)]
     results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
     assert [rc for rc, _ in results] == [0, 0, 0, 0], [err[-500:] for _, err in results]
 
 
 def test_event_writer_coalesces_deltas_without_changing_the_text():
-    from jobs.events import _coalesce
+    from vramq.jobs.events import _coalesce
 
     batch = [("a", "delta", {"text": "He"}), ("a", "delta", {"text": "llo"}), ("b", "delta", {"text": "x"}),
              ("a", "delta", {"text": "!"}), ("a", "progress", {"progress": 1.0}), ("a", "delta", {"text": "?"})]

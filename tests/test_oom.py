@@ -15,11 +15,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from gpu_workers.backends import WorkItem, backend_class  # noqa: E402
-from gpu_workers.backends.base import ItemResult, is_out_of_memory  # noqa: E402
-from gpu_workers.batcher import Batcher  # noqa: E402
-from jobs.catalog import ModelEntry  # noqa: E402
-from jobs.errors import OutOfMemory  # noqa: E402
+from vramq.gpu_workers.backends import WorkItem, backend_class  # noqa: E402
+from vramq.gpu_workers.backends.base import ItemResult, is_out_of_memory  # noqa: E402
+from vramq.gpu_workers.batcher import Batcher  # noqa: E402
+from vramq.jobs.catalog import ModelEntry  # noqa: E402
+from vramq.jobs.errors import OutOfMemory  # noqa: E402
 
 LIMIT_IMAGES = 2
 

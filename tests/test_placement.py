@@ -11,8 +11,8 @@ import types
 import pytest
 from rich.console import Console
 
-from gpu_workers.cards import Card, cpu_card, discover, parse_cards, parse_size, resolve
-from gpu_workers.placement import CardPlan, Demand, Placed, Plan, plan
+from vramq.gpu_workers.cards import Card, cpu_card, discover, parse_cards, parse_size, resolve
+from vramq.gpu_workers.placement import CardPlan, Demand, Placed, Plan, plan
 
 G = 10**9
 

@@ -106,7 +106,7 @@ def _start_up(env, tmp_path) -> tuple[subprocess.Popen, str, Tree]:
     log = open(tmp_path / "up.log", "wb")
     # Its own session, as an operator's service manager would start it: nothing of the
     # test's process group reaches its children, only what vramq itself arranges.
-    up = subprocess.Popen([sys.executable, "-m", "api.cli", "up", "--port", str(port), "--cpu"], cwd=ROOT, env=env,
+    up = subprocess.Popen([sys.executable, "-m", "vramq.api.cli", "up", "--port", str(port), "--cpu"], cwd=ROOT, env=env,
                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     return up, f"http://127.0.0.1:{port}", Tree(up.pid)
 
@@ -171,7 +171,7 @@ def test_up_sent_sigterm_during_start_up_stops_everything(up_env, tmp_path):
 PARENT = textwrap.dedent("""
     import os, subprocess, sys, time
     sys.path.insert(0, {root!r})
-    from jobs import proctree
+    from vramq.jobs import proctree
     proctree.children_die_with_me()
     child = proctree.spawn([sys.executable, "-c", "import time; time.sleep(600)"])
     forked = os.fork()
@@ -179,7 +179,7 @@ PARENT = textwrap.dedent("""
         time.sleep(600)
         os._exit(0)
     # What multiprocessing's spawn does: a new interpreter that imports the main module.
-    interpreter = subprocess.Popen([sys.executable, "-c", "import api.cli, time; "
+    interpreter = subprocess.Popen([sys.executable, "-c", "import vramq.api.cli, time; "
                                     "open({flag!r}, 'w').close(); time.sleep(600)"], cwd={root!r})
     print(child.pid, forked, interpreter.pid, flush=True)
     time.sleep(600)

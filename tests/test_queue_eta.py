@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from jobs.ids import new_id
-from jobs.lifecycle import utcnow
-from jobs.schema import Job
-from jobs.services import Services
+from vramq.jobs.ids import new_id
+from vramq.jobs.lifecycle import utcnow
+from vramq.jobs.schema import Job
+from vramq.jobs.services import Services
 from tests.test_accounts import IMAGE, Harness
 
 
@@ -28,9 +28,9 @@ def test_queue_position_and_eta_follow_recent_throughput(make_settings):
             s.add(Job(id=new_id("job"), model="tiny-flux", kind="image", status="succeeded", priority="normal",
                       input={}, meta={}, progress=1.0, created_at=done, finished_at=done, attempts=1, gpu_seconds=0.1,
                       tokens_reserved=0, tokens_charged=0, usage_detail={}, saved=False, caller="someone"))
-    import api.render
+    import vramq.api.render
 
-    api.render._throughput.clear()
+    vramq.api.render._throughput.clear()
     jobs = [h.submit(key).get_json() for _ in range(2)]
     seen = [h.call("GET", f"/v1/jobs/{j['id']}", key).get_json() for j in [first, *jobs]]
     assert [j["queue_position"] for j in seen] == [0, 1, 2]

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from gpu_workers.residency import Residency
-from jobs.errors import ModelLoadFailed
+from vramq.gpu_workers.residency import Residency
+from vramq.jobs.errors import ModelLoadFailed
 
 
 class Models:

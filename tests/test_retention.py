@@ -15,13 +15,13 @@ from urllib.parse import urlsplit
 import pytest
 from sqlalchemy import update
 
-from api import create_app
-from jobs import batches, idempotency, retention
-from jobs.errors import Conflict, NotFound
-from jobs.files import File, get_file, store_file
-from jobs.ids import new_id
-from jobs.schema import Batch, IdempotencyKey, Job, Share
-from jobs.services import Services
+from vramq.api import create_app
+from vramq.jobs import batches, idempotency, retention
+from vramq.jobs.errors import Conflict, NotFound
+from vramq.jobs.files import File, get_file, store_file
+from vramq.jobs.ids import new_id
+from vramq.jobs.schema import Batch, IdempotencyKey, Job, Share
+from vramq.jobs.services import Services
 from tests.fixtures.procs import free_port
 from tests.test_accounts import Harness
 
@@ -200,7 +200,7 @@ def test_the_sweeper_command_runs_a_sweep(make_settings):
     services = Services.from_settings(settings)
     job = finished_job(services, "anon:1.2.3.4", expires_at=datetime.now(timezone.utc) - timedelta(seconds=5))
     upload = uploaded(services, timedelta(hours=25))
-    out = subprocess.run([sys.executable, "-m", "api.cli", "sweeper", "--once"], env={**os.environ, **env},
+    out = subprocess.run([sys.executable, "-m", "vramq.api.cli", "sweeper", "--once"], env={**os.environ, **env},
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "expired the outputs of 1 jobs; deleted 1 uploaded files" in out.stderr
@@ -327,7 +327,7 @@ def test_the_idempotency_window_is_a_setting(make_settings):
 def test_storage_down_during_a_sweep_loses_nothing_and_the_next_sweep_finishes(make_settings, s3_store):
     """The store is S3 (moto); the sweep first reaches it through an endpoint where
     nothing listens, as when the store is down."""
-    from storage.s3 import S3Store
+    from vramq.storage.s3 import S3Store
 
     settings, _ = make_settings()
     services = Services.from_settings(settings)

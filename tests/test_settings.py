@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from jobs.errors import ConfigError
-from jobs.settings import Settings
+from vramq.jobs.errors import ConfigError
+from vramq.jobs.settings import Settings
 
 
 def test_embedded_defaults(tmp_path):

@@ -92,8 +92,8 @@ def timed(call) -> tuple[float, requests.Response | None]:
 
 
 def test_stream_slots_cap_per_caller_and_in_total_and_give_back_once():
-    from api.streams import StreamSlots
-    from jobs.errors import RateLimited
+    from vramq.api.streams import StreamSlots
+    from vramq.jobs.errors import RateLimited
 
     slots = StreamSlots(per_caller=2, total=3)
     a1, a2 = slots.acquire("anon:1"), slots.acquire("anon:1")
@@ -112,7 +112,7 @@ def test_stream_slots_cap_per_caller_and_in_total_and_give_back_once():
 
 
 def test_the_event_loop_buffers_small_bodies_and_leaves_large_or_chunked_ones_to_the_thread():
-    from api.server import BUFFER_BODY_BYTES, _body_plan, _continue_here
+    from vramq.api.server import BUFFER_BODY_BYTES, _body_plan, _continue_here
 
     head = b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\ncontent-length:  12 \r\n\r\n"
     assert _body_plan(head) == (12, False)

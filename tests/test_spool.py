@@ -4,10 +4,10 @@ stores: an S3 endpoint where nothing listens (the store down) and a local one (b
 
 from __future__ import annotations
 
-from gpu_workers.backends.base import Artifact
-from gpu_workers.spool import Spool
-from storage import open_store
-from storage.s3 import S3Store
+from vramq.gpu_workers.backends.base import Artifact
+from vramq.gpu_workers.spool import Spool
+from vramq.storage import open_store
+from vramq.storage.s3 import S3Store
 from tests.fixtures.procs import free_port
 
 

@@ -19,8 +19,8 @@ from urllib.parse import parse_qs, quote, urlsplit
 import pytest
 import requests
 
-from jobs.errors import ConfigError, NotFound, ServiceUnavailable
-from storage import LinkRefused, LocalStore, ObjectStore, S3Store, open_store
+from vramq.jobs.errors import ConfigError, NotFound, ServiceUnavailable
+from vramq.storage import LinkRefused, LocalStore, ObjectStore, S3Store, open_store
 from tests.fixtures.s3 import free_port
 
 SECRET = "test-secret"
@@ -271,8 +271,8 @@ def test_s3_without_boto3_names_the_extra():
     # None in sys.modules makes "import boto3" fail, as if it were not installed.
     result = _python(
         "import sys; sys.modules['boto3'] = None\n"
-        "from storage import S3Store\n"
-        "from jobs.errors import MissingExtra\n"
+        "from vramq.storage import S3Store\n"
+        "from vramq.jobs.errors import MissingExtra\n"
         "try:\n    S3Store('b')\nexcept MissingExtra as exc:\n    print(exc)"
     )
     assert result.returncode == 0, result.stderr

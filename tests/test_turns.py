@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from jobs import turns
-from jobs.queue import queue_name
+from vramq.jobs import turns
+from vramq.jobs.queue import queue_name
 from tests.conftest import settings_env
 from tests.test_accounts import IMAGE, db_services, harness  # noqa: F401  (fixtures)
 

@@ -22,9 +22,9 @@ pytest.importorskip("av")
 
 from sqlalchemy import delete  # noqa: E402
 
-from jobs.audio import probe_audio  # noqa: E402
-from jobs.errors import InputError  # noqa: E402
-from jobs.files import File, UploadQuotaExceeded, store_file  # noqa: E402
+from vramq.jobs.audio import probe_audio  # noqa: E402
+from vramq.jobs.errors import InputError  # noqa: E402
+from vramq.jobs.files import File, UploadQuotaExceeded, store_file  # noqa: E402
 from tests.audio import encode, tone, wav_bytes  # noqa: E402
 from tests.test_hostile import CountingStream, _build, assert_problem, count  # noqa: E402
 

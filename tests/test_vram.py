@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from gpu_workers import vram
-from gpu_workers.vram import Estimate, dtype_bytes, estimate, estimate_entry
-from jobs.catalog import TINY_CATALOG, load_catalog
-from jobs.errors import ConfigError
+from vramq.gpu_workers import vram
+from vramq.gpu_workers.vram import Estimate, dtype_bytes, estimate, estimate_entry
+from vramq.jobs.catalog import TINY_CATALOG, load_catalog
+from vramq.jobs.errors import ConfigError
 
 CONFIGS = Path(__file__).parent / "data" / "model-configs"
 
@@ -294,9 +294,9 @@ def test_errors_name_the_path_or_architecture(tmp_path):
 
 def test_allow_meta_false_never_needs_torch(models_dir, tmp_path):
     code = (
-        "import sys; from pathlib import Path; from gpu_workers.vram import estimate, estimate_entry\n"
-        "from jobs.catalog import TINY_CATALOG, load_catalog\n"
-        "from jobs.errors import ConfigError\n"
+        "import sys; from pathlib import Path; from vramq.gpu_workers.vram import estimate, estimate_entry\n"
+        "from vramq.jobs.catalog import TINY_CATALOG, load_catalog\n"
+        "from vramq.jobs.errors import ConfigError\n"
         f"for e in load_catalog(TINY_CATALOG, models_dir={str(models_dir)!r}):\n"
         "    assert estimate_entry(e, allow_meta=False).total_bytes > 0\n"
         f"assert estimate({str(CONFIGS / 'llama-3-70b.json')!r}, allow_meta=False).params > 7e10\n"
@@ -312,5 +312,5 @@ def test_allow_meta_false_never_needs_torch(models_dir, tmp_path):
 
 
 def test_importing_the_estimator_does_not_import_torch():
-    code = "import gpu_workers.vram, sys; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import vramq.gpu_workers.vram, sys; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)

@@ -15,11 +15,11 @@ from urllib.parse import urlsplit
 import pytest
 from standardwebhooks import Webhook
 
-from api.client import verify_webhook
-from jobs.services import Services
-from jobs.errors import InputError
-from jobs.schema import WebhookAttempt
-from jobs.webhooks import Deliverer, _outbox, check_url
+from vramq.api.client import verify_webhook
+from vramq.jobs.services import Services
+from vramq.jobs.errors import InputError
+from vramq.jobs.schema import WebhookAttempt
+from vramq.jobs.webhooks import Deliverer, _outbox, check_url
 from tests.conftest import settings_env
 from tests.test_accounts import IMAGE, Harness
 

@@ -25,7 +25,7 @@ CONFIGS = ROOT / "tests" / "data" / "model-configs"
 
 
 def vramq(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "api.cli", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "vramq.api.cli", *args], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=120)
 
 
@@ -131,8 +131,8 @@ defaults = {{ width = 32, height = 32, num_frames = 5, steps = 2 }}
 
 def test_models_past_the_budget_load_on_demand_evicting_the_least_recently_used(tmp_path, redis_url, models_dir,
                                                                                  cluster_factory):
-    from gpu_workers.vram import estimate_entry
-    from jobs.catalog import load_catalog
+    from vramq.gpu_workers.vram import estimate_entry
+    from vramq.jobs.catalog import load_catalog
 
     catalog = tmp_path / "catalog.toml"
     catalog.write_text(TWO_MODELS.format(weights=models_dir / "tiny-flux", video=models_dir / "tiny-video"))

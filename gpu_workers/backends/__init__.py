@@ -8,17 +8,17 @@ from __future__ import annotations
 
 from importlib import import_module
 
-from jobs.errors import ConfigError
+from vramq.jobs.errors import ConfigError
 
 from .base import Artifact, Backend, ItemResult, WorkItem
 
 __all__ = ["Artifact", "Backend", "ItemResult", "WorkItem", "backend_class"]
 
 _BACKENDS: dict[tuple[str, str], str] = {
-    ("image", "diffusers"): "gpu_workers.backends.diffusers_image:DiffusersImageBackend",
-    ("video", "diffusers"): "gpu_workers.backends.diffusers_video:DiffusersVideoBackend",
-    ("text", "vllm"): "gpu_workers.backends.vllm_text:VllmTextBackend",
-    ("speech", "faster_whisper"): "gpu_workers.backends.whisper_speech:WhisperSpeechBackend",
+    ("image", "diffusers"): "vramq.gpu_workers.backends.diffusers_image:DiffusersImageBackend",
+    ("video", "diffusers"): "vramq.gpu_workers.backends.diffusers_video:DiffusersVideoBackend",
+    ("text", "vllm"): "vramq.gpu_workers.backends.vllm_text:VllmTextBackend",
+    ("speech", "faster_whisper"): "vramq.gpu_workers.backends.whisper_speech:WhisperSpeechBackend",
 }
 """``(kind, backend)`` -> ``"module:Class"``, imported lazily."""
 

@@ -121,7 +121,7 @@ class Backend(abc.ABC):
 
 def is_out_of_memory(exc: BaseException) -> bool:
     """True for a device out-of-memory error from torch, CTranslate2 or a backend's own check."""
-    from jobs.errors import OutOfMemory
+    from vramq.jobs.errors import OutOfMemory
 
     if isinstance(exc, OutOfMemory) or type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
         return True

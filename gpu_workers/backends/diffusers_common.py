@@ -18,7 +18,7 @@ import inspect
 import time
 from typing import Any
 
-from jobs.errors import JobCanceled, JobError, MissingExtra
+from vramq.jobs.errors import JobCanceled, JobError, MissingExtra
 
 from .base import Backend, ItemResult, WorkItem
 

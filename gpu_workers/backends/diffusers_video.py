@@ -19,7 +19,7 @@ import io
 from fractions import Fraction
 from typing import Any, Hashable
 
-from jobs.errors import ConfigError, JobError, MissingExtra
+from vramq.jobs.errors import ConfigError, JobError, MissingExtra
 
 from .base import Artifact, ItemResult
 from .diffusers_common import DiffusersBackend

@@ -30,7 +30,7 @@ import time
 import uuid
 from typing import Any
 
-from jobs.errors import JobCanceled, JobError, MissingExtra
+from vramq.jobs.errors import JobCanceled, JobError, MissingExtra
 
 from .base import Backend, ItemResult, WorkItem
 

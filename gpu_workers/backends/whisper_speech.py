@@ -33,7 +33,7 @@ import json
 from collections.abc import Hashable
 from typing import Any
 
-from jobs.errors import JobCanceled, JobError, MissingExtra
+from vramq.jobs.errors import JobCanceled, JobError, MissingExtra
 
 from .base import Artifact, Backend, ItemResult, WorkItem
 

@@ -3,8 +3,8 @@ or against ``VRAMQ_DATABASE_URL`` when run from the ``alembic`` command line."""
 
 from alembic import context
 
-import jobs.files  # noqa: F401  (tables outside jobs.schema)
-from jobs.schema import Base
+import vramq.jobs.files  # noqa: F401  (tables outside jobs.schema)
+from vramq.jobs.schema import Base
 
 config = context.config
 target_metadata = Base.metadata
@@ -17,8 +17,8 @@ def run() -> None:
         with context.begin_transaction():
             context.run_migrations()
         return
-    from jobs.db import make_engine
-    from jobs.settings import Settings
+    from vramq.jobs.db import make_engine
+    from vramq.jobs.settings import Settings
 
     engine = make_engine(Settings.from_env().database_url)
     with engine.connect() as conn:

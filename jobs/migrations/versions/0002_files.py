@@ -7,7 +7,7 @@ Create Date: 2026-11-21
 import sqlalchemy as sa
 from alembic import op
 
-from jobs.schema import UTCDateTime
+from vramq.jobs.schema import UTCDateTime
 
 revision = "0002"
 down_revision = "0001"
