@@ -1,7 +1,7 @@
 """Out-of-memory survival: a batch that does not fit is run again in halves; the job that
 does not fit even alone fails with ``out_of_memory``; the rest succeed and the worker goes on.
 
-The card's limit is played by the backend's ``memory_seam``, which raises the real
+The card's limit is played by a wrapper around the loaded pipeline, which raises the real
 ``torch.cuda.OutOfMemoryError`` when a call would render more images than the limit;
 everything else (the tiny FLUX pipeline, the batcher, the runtime's error codes) is real.
 """
@@ -25,15 +25,22 @@ LIMIT_IMAGES = 2
 
 
 class CardLimit:
-    """A card that holds ``LIMIT_IMAGES`` images per call; records every call's job ids."""
+    """The loaded pipeline on a card that holds ``LIMIT_IMAGES`` images per call; records
+    every call's job ids (each test job's prompt is its id)."""
 
-    def __init__(self):
+    def __init__(self, pipe):
+        self.pipe = pipe
         self.calls: list[list[str]] = []
 
-    def __call__(self, items):
-        self.calls.append([i.job_id for i in items])
-        if sum(i.input["num_images"] for i in items) > LIMIT_IMAGES:
+    def __call__(self, **kwargs):
+        prompts = kwargs["prompt"]
+        self.calls.append(list(dict.fromkeys(prompts)))
+        if len(prompts) > LIMIT_IMAGES:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.pipe(**kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
 
 
 @pytest.fixture
@@ -42,7 +49,7 @@ def flux(models_dir):
                        dtype="float32", max_batch=4)
     backend = backend_class(entry)(entry, "cpu")
     backend.load()
-    backend.memory_seam = CardLimit()
+    backend.pipe = CardLimit(backend.pipe)
     released = []
     real_release = backend.release_memory
     backend.release_memory = lambda: (released.append(1), real_release())
@@ -72,8 +79,8 @@ def test_oversized_job_fails_alone_and_the_rest_of_its_batch_succeeds(flux):
         gate.set()
         out = {j: f.result(timeout=60) for j, f in futures.items()}
         # The first call held all three (5 images); halves were tried until each fit or stood alone.
-        assert backend.memory_seam.calls[0] == ["small-a", "huge", "small-b"]
-        assert ["huge"] in backend.memory_seam.calls
+        assert backend.pipe.calls[0] == ["small-a", "huge", "small-b"]
+        assert ["huge"] in backend.pipe.calls
         assert isinstance(out["huge"].result, OutOfMemory) and out["huge"].result.code == "out_of_memory"
         for j in ("small-a", "small-b"):
             assert isinstance(out[j].result, ItemResult), out[j].result
@@ -90,9 +97,9 @@ def test_oversized_job_fails_alone_and_the_rest_of_its_batch_succeeds(flux):
 def test_outputs_after_a_split_equal_outputs_rendered_alone(flux):
     """Splitting changes only which call renders a job, never what it renders."""
     backend, _ = flux
-    backend.memory_seam = None
+    limited, backend.pipe = backend.pipe, backend.pipe.pipe  # no limit for the reference
     alone = backend.run_batch([job("a", 1)])[0].artifacts[0].data
-    backend.memory_seam = CardLimit()
+    backend.pipe = limited
     batcher = Batcher(backend, max_batch=8, max_wait_ms=200)
     try:
         futures = [batcher.submit(job("a", 1)), batcher.submit(job("b", 2))]

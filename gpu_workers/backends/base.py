@@ -67,11 +67,6 @@ class Backend(abc.ABC):
     #: (vLLM's continuous batching); every task thread calls ``run_one`` concurrently.
     batching = "batcher"
 
-    #: A seam for tests of out-of-memory handling on machines without a GPU: when set, it is
-    #: called with each batch just before the model runs and may raise the real
-    #: ``torch.cuda.OutOfMemoryError``, as a full card would. Always None in production.
-    memory_seam: Callable[[list[WorkItem]], None] | None = None
-
     def __init__(self, entry, device: str):
         self.entry = entry  # jobs.catalog.ModelEntry
         self.device = device  # "cpu" or "cuda"

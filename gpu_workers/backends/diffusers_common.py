@@ -174,8 +174,6 @@ class DiffusersBackend(Backend):
 
         try:
             with torch.inference_mode():
-                if self.memory_seam is not None:
-                    self.memory_seam(items)
                 outputs = getattr(self.pipe(**kwargs, callback_on_step_end=on_step_end), self.output_field)
         except _AllCanceled:
             return [JobCanceled("canceled") for _ in items]
