@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 
 from .schema import Job
+from .vram import estimate_entry
 
 log = logging.getLogger("vramq.pricing")
 
@@ -80,10 +81,8 @@ def vram_need_bytes(entry) -> int | None:
     an LLM's config), once per process; None when the weights are not readable here."""
     key = (entry.id, str(entry.weights))
     if key not in _needs:
-        from vramq.gpu_workers.vram import estimate_entry  # pure Python with allow_meta=False
-
         try:
-            _needs[key] = estimate_entry(entry, allow_meta=False).total_bytes
+            _needs[key] = estimate_entry(entry).total_bytes
         except Exception as exc:
             log.warning("no VRAM estimate for %s (%s); its default price is %s tokens/GPU-s", entry.id, exc,
                         FALLBACK_RATE)

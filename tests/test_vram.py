@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from vramq.gpu_workers import vram
-from vramq.gpu_workers.vram import Estimate, dtype_bytes, estimate, estimate_entry
+from vramq.gpu_workers.vram import estimate, estimate_entry
+from vramq.jobs import vram as arithmetic
+from vramq.jobs.vram import Estimate, dtype_bytes
 from vramq.jobs.catalog import TINY_CATALOG, load_catalog
 from vramq.jobs.errors import ConfigError
 
@@ -63,7 +65,7 @@ def test_llama_70b_at_200k_tokens_fp16_and_fp8_kv():
 @pytest.mark.parametrize("name", LLMS)
 def test_llm_closed_formula_matches_the_model_built_on_meta(name):
     c = cfg(name)
-    assert vram._llama_params(c, name) == vram._meta_params(c, name)
+    assert arithmetic._llama_params(c, name) == vram.meta_params(c, name)
 
 
 def test_text_activations_follow_the_documented_formula():
@@ -161,7 +163,7 @@ def test_tiny_qwen2_header_count_equals_config_count(models_dir):
     e = estimate(d)
     c = json.loads((d / "config.json").read_text())
     assert e.source == "safetensors"
-    assert e.params == vram.config_params(c) == vram._meta_params(c, d)
+    assert e.params == arithmetic.config_params(c) == vram.meta_params(c, d)
     assert e.dtype == "fp32" and e.weights_bytes == 4 * e.params
 
 
@@ -174,7 +176,7 @@ def test_tiny_pipeline_components_match_their_configs(models_dir, model, kind):
     assert e.source == "safetensors"
     for name, n in e.components.items():
         c = json.loads((d / name / "config.json").read_text())
-        assert n == vram.config_params(c, name, index[name][1]), name
+        assert n == arithmetic.config_params(c, name, index[name][1], fallback_count=vram.meta_params), name
     assert set(e.components) >= {"transformer", "vae", "text_encoder"}
     assert e.params == sum(e.components.values())
     assert e.activations_bytes > 0 and e.kv_tokens == 0
@@ -292,16 +294,16 @@ def test_errors_name_the_path_or_architecture(tmp_path):
         estimate(tmp_path / "bad.json")
 
 
-def test_allow_meta_false_never_needs_torch(models_dir, tmp_path):
+def test_the_pure_estimate_never_needs_torch(models_dir, tmp_path):
     code = (
-        "import sys; from pathlib import Path; from vramq.gpu_workers.vram import estimate, estimate_entry\n"
+        "import sys; from pathlib import Path; from vramq.jobs.vram import estimate, estimate_entry\n"
         "from vramq.jobs.catalog import TINY_CATALOG, load_catalog\n"
         "from vramq.jobs.errors import ConfigError\n"
         f"for e in load_catalog(TINY_CATALOG, models_dir={str(models_dir)!r}):\n"
-        "    assert estimate_entry(e, allow_meta=False).total_bytes > 0\n"
-        f"assert estimate({str(CONFIGS / 'llama-3-70b.json')!r}, allow_meta=False).params > 7e10\n"
+        "    assert estimate_entry(e).total_bytes > 0\n"
+        f"assert estimate({str(CONFIGS / 'llama-3-70b.json')!r}).params > 7e10\n"
         "try:\n"
-        f"    estimate({str(CONFIGS / 'flux.1-vae.json')!r}, allow_meta=False)\n"
+        f"    estimate({str(CONFIGS / 'flux.1-vae.json')!r})\n"
         "except ConfigError as exc:\n"
         "    assert 'torch' in str(exc)\n"
         "else:\n"
