@@ -9,11 +9,13 @@ from flask import Flask, g, request
 from vramq.jobs.services import Services
 from vramq.jobs.settings import Settings
 
+from .wiring import services as wired_services
+
 
 def create_app(settings: Settings | None = None, services: Services | None = None) -> Flask:
     """The application factory. ``services`` may be given by tests; else built from settings."""
     if services is None:
-        services = Services.from_settings(settings or Settings.from_env())
+        services = wired_services(settings)
     app = Flask(__name__)
     app.config["VRAMQ"] = services
     app.config["MAX_CONTENT_LENGTH"] = services.settings.max_body_bytes

@@ -324,9 +324,10 @@ def sweeper(once: bool) -> None:
 
     from vramq.jobs.lifecycle import utcnow
     from vramq.jobs.retention import sweep
-    from vramq.jobs.services import Services
 
-    services = Services.from_settings(_settings())
+    from .wiring import services as wired_services
+
+    services = wired_services(_settings())
     log = logging.getLogger("vramq.retention")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -354,15 +355,16 @@ def webhooks(threads: int) -> None:
     import signal
     import threading
 
-    from vramq.jobs.services import Services
     from vramq.jobs.webhooks import Deliverer
+
+    from .wiring import services as wired_services
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     logging.getLogger("vramq.webhooks").info("webhook deliverer: %d threads", threads)
     from vramq.jobs.batches import Finisher
 
-    services = Services.from_settings(_settings())
+    services = wired_services(_settings())
     Deliverer(services, threads=threads).run(stop, also=Finisher(services).tick)
 
 
@@ -376,9 +378,10 @@ def accounts() -> None:
 def accounts_create(name: str | None) -> None:
     """Make a free account and print its id and API key (shown this once)."""
     from vramq.jobs.accounts import create_account
-    from vramq.jobs.services import Services
 
-    services = Services.from_settings(_settings())
+    from .wiring import services as wired_services
+
+    services = wired_services(_settings())
     with services.sessions.begin() as session:
         account, key = create_account(session, name=name)
     click.echo(json.dumps({"account_id": account.id, "api_key": key, "tier": account.tier}, indent=2))
@@ -394,9 +397,10 @@ def accounts_credit(account_id: str, tokens: int, reason: str | None) -> None:
     from vramq.jobs.accounts import get_account
     from vramq.jobs.db import writing
     from vramq.jobs.lifecycle import utcnow
-    from vramq.jobs.services import Services
 
-    services = Services.from_settings(_settings())
+    from .wiring import services as wired_services
+
+    services = wired_services(_settings())
     with writing(services.sessions) as session:
         get_account(session, account_id)
         ledger.credit(session, account_id, tokens, reason, utcnow())
@@ -408,9 +412,9 @@ def accounts_credit(account_id: str, tokens: int, reason: str | None) -> None:
 @click.option("--entries", default=20, show_default=True, help="How many ledger entries to list.")
 def accounts_show(account_id: str, entries: int) -> None:
     """An account: tier, today's usage, balance, latest ledger entries."""
-    from vramq.jobs.services import Services
+    from .wiring import services as wired_services
 
-    _show_account(Services.from_settings(_settings()), account_id, entries)
+    _show_account(wired_services(_settings()), account_id, entries)
 
 
 def _show_account(services, account_id: str, entries: int) -> None:

@@ -53,9 +53,10 @@ def run_demo(settings: Settings, images: int, port: int, out: Path) -> int:
 def _operator_account(settings: Settings, name: str) -> dict:
     """A free account made on the database, as ``POST /v1/accounts`` would answer it."""
     from vramq.jobs.accounts import create_account
-    from vramq.jobs.services import Services
 
-    with Services.from_settings(settings).sessions.begin() as session:
+    from .wiring import services as wired_services
+
+    with wired_services(settings).sessions.begin() as session:
         account, key = create_account(session, name=name)
         return {"account_id": account.id, "api_key": key, "key_prefix": account.key_prefix, "tier": account.tier}
 

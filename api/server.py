@@ -402,9 +402,9 @@ def serve(host: str, port: int, workers: int, threads: int, settings: Settings) 
     prom.mkdir(parents=True, exist_ok=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(prom)
     # Migrate (and start the embedded broker) once, before forking request workers.
-    from vramq.jobs.services import Services
+    from .wiring import services as wired_services
 
-    Services.from_settings(settings)
+    wired_services(settings)
     global buffer_body_bytes
     buffer_body_bytes = min(BUFFER_BODY_BYTES, settings.max_body_bytes)
 

@@ -21,6 +21,7 @@ from vramq.jobs.errors import ConfigError
 from vramq.jobs.queue import RUN_JOB, queue_name
 from vramq.jobs.services import Services
 from vramq.jobs.settings import Settings
+from vramq.storage import store_for
 
 log = logging.getLogger("vramq.worker")
 
@@ -78,7 +79,7 @@ def run_worker(card: int | None, models: list[str] | None = None, settings: Sett
     device = pin(card)
     from .runtime import WorkerRuntime  # after pinning: backends may import torch
 
-    services = Services.from_settings(settings or Settings.from_env())
+    services = Services.from_settings(settings or Settings.from_env(), store_factory=store_for)
     model_ids = models or list(services.catalog.models)
     unknown = [m for m in model_ids if services.catalog.get(m) is None]
     if unknown:

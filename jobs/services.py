@@ -1,6 +1,8 @@
 """Wiring: from settings to the live objects a process needs (database, catalog, broker, store).
 
-Built once per process and passed down; nothing here runs at import time.
+Built once per process and passed down; nothing here runs at import time. The object
+store is an adapter from a layer above (``ports.ObjectStore``): whoever builds the
+services passes a ``store_factory`` (``vramq.api.wiring``, the worker).
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from typing import Callable
 
 from .catalog import TINY_CATALOG, Catalog, load_catalog
 from .db import make_engine, make_sessionmaker, migrate
+from .errors import ConfigError
 from .lifecycle import utcnow
+from .ports import ObjectStore, StoreFactory
 from .queue import make_celery
 from .settings import Settings
 
@@ -31,18 +35,21 @@ class Services:
     broker_url: str
     clock: Callable[[], datetime] = field(default=utcnow)
     """Where submits and usage read the time (tests move it across a day boundary)."""
+    store_factory: StoreFactory | None = None
+    """Builds ``store`` from the settings (``vramq.storage.store_for``)."""
 
     def now(self) -> datetime:
         return self.clock()
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, migrate_db: bool = True) -> "Services":
+    def from_settings(cls, settings: Settings, *, store_factory: StoreFactory | None,
+                      migrate_db: bool = True) -> "Services":
         broker_url = settings.broker_url
         if broker_url is None:
             from .embedded import ensure_redis
 
             broker_url, _ = ensure_redis(settings.data_dir)
-        services = cls(settings=settings, broker_url=broker_url)
+        services = cls(settings=settings, broker_url=broker_url, store_factory=store_factory)
         if migrate_db:
             migrate(services.engine)
         return services
@@ -77,15 +84,11 @@ class Services:
         return make_celery(self.broker_url, self.settings.visibility_timeout_s, list(self.catalog.models))
 
     @cached_property
-    def store(self):
-        from vramq.storage import open_store
-
-        return open_store(
-            self.settings.storage_url,
-            s3_endpoint_url=self.settings.s3_endpoint_url,
-            secret_key=self.settings.secret_key,
-            data_dir=self.settings.data_dir,
-        )
+    def store(self) -> ObjectStore:
+        """Where job inputs and outputs live, built by ``store_factory`` on first use."""
+        if self.store_factory is None:
+            raise ConfigError("these services were built without an object store (no store_factory)")
+        return self.store_factory(self.settings)
 
     @cached_property
     def served(self):

@@ -4,6 +4,10 @@
     file:relative/path      LocalStore under the data dir
     s3://bucket[/prefix]    S3Store, presigned links (``s3_endpoint_url`` for MinIO, moto)
 
+``store_for(settings)`` is the store factory the composition roots hand to
+``jobs.services.Services``: this package implements the domain's ``jobs.ports.ObjectStore``
+and imports nothing of vramq but ``jobs.errors``.
+
 Importing this package does not import boto3; only building an ``S3Store`` does.
 """
 
@@ -18,7 +22,7 @@ from .base import ObjectStore
 from .local import LinkRefused, LocalStore
 from .s3 import S3Store
 
-__all__ = ["LinkRefused", "LocalStore", "ObjectStore", "S3Store", "open_store"]
+__all__ = ["LinkRefused", "LocalStore", "ObjectStore", "S3Store", "open_store", "store_for"]
 
 _ACCEPTED = "file:///absolute/path, file:relative/path (under the data dir) or s3://bucket[/prefix]"
 
@@ -62,3 +66,15 @@ def open_store(
         except ValueError as exc:  # the prefix is not a valid key folder
             raise ConfigError(f"storage URL {url!r}: {exc}") from None
     raise ConfigError(f"unsupported storage URL {url!r}; use {_ACCEPTED}")
+
+
+def store_for(settings) -> ObjectStore:
+    """The store that ``settings`` name: its ``storage_url``, ``s3_endpoint_url``,
+    ``secret_key`` and ``data_dir`` (a ``jobs.settings.Settings`` or anything with those
+    attributes), as ``open_store`` reads them."""
+    return open_store(
+        settings.storage_url,
+        s3_endpoint_url=settings.s3_endpoint_url,
+        secret_key=settings.secret_key,
+        data_dir=settings.data_dir,
+    )

@@ -21,6 +21,7 @@ from vramq.jobs import heartbeat, ledger, lifecycle
 from vramq.jobs.schema import Account, Job, LedgerEntry
 from vramq.jobs.services import Services
 from tests.conftest import settings_env
+from tests.fixtures.services import services_for
 
 IMAGE = {"model": "tiny-flux", "input": {"prompt": "a fox", "width": 64, "height": 64, "steps": 2}}
 """The cheapest job: its estimate is far below the minimum, so it reserves exactly 100."""
@@ -72,7 +73,7 @@ def db_services(request, make_settings):
         if request.param == "postgresql":
             env["database_url"] = request.getfixturevalue("pg_url")
         settings, _ = make_settings(**env)
-        return Services.from_settings(settings)
+        return services_for(settings)
 
     return build
 
@@ -324,7 +325,7 @@ def test_100_concurrent_submits_against_an_allowance_for_10(db, tmp_path, redis_
     use = cluster.get("/v1/usage", headers=auth).json()
     assert use["used_today"] == 1000 and use["available"] == 0 and use["balance"] == 0
     # The ledger balances to the token: 10 reservations of 100, one per accepted job.
-    services = Services.from_settings(__import__("vramq.jobs.settings", fromlist=["Settings"]).Settings.from_env(env))
+    services = services_for(__import__("vramq.jobs.settings", fromlist=["Settings"]).Settings.from_env(env))
     with services.sessions() as s:
         rows = s.execute(select(LedgerEntry.job_id, LedgerEntry.allowance_delta, LedgerEntry.balance_delta)).all()
         job_ids = set(s.execute(select(Job.id)).scalars())
@@ -415,7 +416,7 @@ def test_estimate_is_calibrated_from_recent_runs(make_settings):
     from vramq.jobs.pricing import PRIOR_SECONDS_PER_UNIT, Estimator, rate_for
 
     settings, _ = make_settings()
-    services = Services.from_settings(settings)
+    services = services_for(settings)
     entry = services.catalog.get("tiny-flux")
     est = Estimator(services.sessions)
     assert est.calibrate(entry) == PRIOR_SECONDS_PER_UNIT["image"]  # no history yet

@@ -69,10 +69,10 @@ def test_model_without_a_live_worker_is_503_and_nothing_is_queued(make_settings)
     from vramq.api import create_app
     from vramq.jobs.queue import queue_name
     from vramq.jobs.schema import Job
-    from vramq.jobs.services import Services
+    from tests.fixtures.services import services_for
 
     settings, _ = make_settings()
-    services = Services.from_settings(settings)
+    services = services_for(settings)
     client = create_app(services=services).test_client()
     resp = client.post("/v1/jobs", json={"model": "tiny-flux", "input": {"prompt": "x"}})
     problem = resp.get_json()

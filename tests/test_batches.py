@@ -19,8 +19,8 @@ from vramq.jobs import batches, fairness, ledger, lifecycle
 from vramq.jobs.db import writing
 from vramq.jobs.queue import PRIORITY, queue_name
 from vramq.jobs.schema import Batch, Job, LedgerEntry, WebhookDelivery
-from vramq.jobs.services import Services
 from tests.conftest import settings_env
+from tests.fixtures.services import services_for
 from tests.test_accounts import Harness
 
 INPUT = {"prompt": "a fox", "width": 64, "height": 64, "steps": 2}
@@ -37,7 +37,7 @@ def h(request, make_settings):
     if request.param == "postgresql":
         env["database_url"] = request.getfixturevalue("pg_url")
     settings, _ = make_settings(**env)
-    return Harness(Services.from_settings(settings))
+    return Harness(services_for(settings))
 
 
 def messages(h: Harness, model: str = "tiny-flux", priority: str = "low") -> int:

@@ -26,14 +26,13 @@ from sqlalchemy import func, select
 
 from vramq.jobs.lifecycle import TERMINAL, utcnow
 from vramq.jobs.schema import Job
-from vramq.jobs.services import Services
 from vramq.jobs.settings import Settings
 from tests.conftest import require, settings_env
 from tests.fixtures.invariants import check_jobs_ended_once, check_ledger, jobs_of
 from tests.fixtures.pgserver import PgServer
 from tests.fixtures.pgserver import available as pg_available
 from tests.fixtures.procs import Cluster
-from tests.fixtures.services import start_redis
+from tests.fixtures.services import services_for, start_redis
 from tests.test_failures import SLOW_CATALOG
 
 pytestmark = pytest.mark.e2e
@@ -82,7 +81,7 @@ def test_a_batch_survives_killed_workers_and_restarted_broker_and_database(proce
         cluster.start_api()
         cluster._spawn("webhooks", ["webhooks"])  # the dispatcher finishes batches
         slots = [cluster.start_worker(models="tiny-flux", wait=False) for _ in range(2)]
-        services = Services.from_settings(Settings.from_env(env), migrate_db=False)
+        services = services_for(Settings.from_env(env), migrate_db=False)
         stack.callback(services.engine.dispose)
 
         def ready_pids() -> set[int]:

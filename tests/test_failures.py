@@ -158,11 +158,11 @@ def test_readyz_follows_the_broker(tmp_path, models_dir, private_redis):
     from vramq.api import create_app
     from vramq.jobs import heartbeat
     from vramq.jobs.schema import Job
-    from vramq.jobs.services import Services
     from vramq.jobs.settings import Settings
+    from tests.fixtures.services import services_for
 
     settings = Settings.from_env(settings_env(tmp_path, redis_url=private_redis.url, models_dir=models_dir))
-    client = create_app(services=Services.from_settings(settings)).test_client()
+    client = create_app(services=services_for(settings)).test_client()
     assert client.get("/readyz").status_code == 200
     private_redis.stop()
     down = client.get("/readyz")

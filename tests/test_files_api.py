@@ -18,9 +18,9 @@ from vramq.jobs.audio import parse_data_uri, probe_audio  # noqa: E402
 from vramq.jobs.catalog import ModelEntry  # noqa: E402
 from vramq.jobs.errors import InputError, NotFound  # noqa: E402
 from vramq.jobs.files import check_audio_input, resolve_audio, store_file  # noqa: E402
-from vramq.jobs.services import Services  # noqa: E402
 
 from tests.audio import data_uri, encode, tone, wav_bytes  # noqa: E402
+from tests.fixtures.services import services_for  # noqa: E402
 
 
 def encoded(codec: str, fmt: str, seconds: float = 2.0, rate: int = 44100) -> bytes:
@@ -46,7 +46,7 @@ def assert_problem(resp, status: int, code: str, loc: list | None = None) -> dic
 def make_app(make_settings):
     def build(**settings_kw):
         settings, _ = make_settings(**settings_kw)
-        services = Services.from_settings(settings)
+        services = services_for(settings)
         return create_app(services=services), services
 
     return build
@@ -262,7 +262,7 @@ def test_check_audio_input(app_services, tmp_path):
 
 def test_files_table_on_postgresql(make_settings, pg_url):
     settings, _ = make_settings(database_url=pg_url)
-    services = Services.from_settings(settings)
+    services = services_for(settings)
     data = wav_bytes(tone(1.0))
     row = store_file(services, data, "pg.wav", "audio", caller=None)
     assert resolve_audio(services, row.id) == data

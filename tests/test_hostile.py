@@ -33,9 +33,9 @@ import requests
 from sqlalchemy import func, select
 
 from vramq.jobs.schema import Account, Batch, Job, LedgerEntry
-from vramq.jobs.services import Services
 from vramq.jobs.settings import Settings
 from tests.conftest import settings_env
+from tests.fixtures.services import services_for
 from tests.test_accounts import Harness
 
 IMAGE = {"model": "tiny-flux", "input": {"prompt": "a fox", "width": 64, "height": 64, "steps": 2}}
@@ -73,7 +73,7 @@ def _build(tmp_path, redis_url, database_url=None, **extra) -> Harness:
     if database_url:
         extra["database_url"] = database_url
     env = settings_env(tmp_path, redis_url=redis_url, models_dir=tmp_path / "no-models", **extra)
-    return Harness(Services.from_settings(Settings.from_env(env)))
+    return Harness(services_for(Settings.from_env(env)))
 
 
 @pytest.fixture

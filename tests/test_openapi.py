@@ -6,12 +6,12 @@ import json
 import re
 
 from vramq.api import create_app
-from vramq.jobs.services import Services
+from tests.fixtures.services import services_for
 
 
 def test_openapi_matches_the_served_routes(make_settings):
     settings, _ = make_settings()
-    app = create_app(services=Services.from_settings(settings))
+    app = create_app(services=services_for(settings))
     served = {}
     for rule in app.url_map.iter_rules():
         if rule.endpoint == "static":

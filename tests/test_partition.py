@@ -37,7 +37,7 @@ from tests.fixtures.netns import Lan, NetCluster, in_netns, moto_argv
 from tests.fixtures.pgserver import PgServer
 from tests.fixtures.pgserver import available as pg_available
 from tests.fixtures.procs import Proc, http_answers
-from tests.fixtures.services import Restartable
+from tests.fixtures.services import Restartable, services_for
 
 pytestmark = pytest.mark.e2e
 
@@ -179,7 +179,7 @@ def hosts(process_tree, lan, tmp_path, models_dir, aws_credentials):
         worker_d = cluster.start_worker_on("d", "tiny-flux", wait=False)
         c_name = cluster.wait_worker(worker_c)["name"]
         d_name = cluster.wait_worker(worker_d)["name"]
-        services = Services.from_settings(Settings.from_env(env), migrate_db=False)
+        services = services_for(Settings.from_env(env), migrate_db=False)
         stack.callback(services.engine.dispose)
         account = cluster.post("/v1/accounts", json={"name": "partition"}).json()
         yield Hosts(lan, cluster, services, worker_c, worker_d, c_name, d_name, account["account_id"],

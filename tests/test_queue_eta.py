@@ -8,13 +8,13 @@ from datetime import timedelta
 from vramq.jobs.ids import new_id
 from vramq.jobs.lifecycle import utcnow
 from vramq.jobs.schema import Job
-from vramq.jobs.services import Services
+from tests.fixtures.services import services_for
 from tests.test_accounts import IMAGE, Harness
 
 
 def test_queue_position_and_eta_follow_recent_throughput(make_settings):
     settings, _ = make_settings()
-    h = Harness(Services.from_settings(settings))
+    h = Harness(services_for(settings))
     _, key = h.account()
     # No history yet: a position, but no ETA (nothing to base it on).
     first = h.submit(key).get_json()

@@ -23,6 +23,7 @@ from vramq.jobs.ids import new_id
 from vramq.jobs.schema import Batch, IdempotencyKey, Job, Share
 from vramq.jobs.services import Services
 from tests.fixtures.procs import free_port
+from tests.fixtures.services import services_for
 from tests.test_accounts import Harness
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 64
@@ -105,7 +106,7 @@ def services(request, make_settings):
     the local store on PostgreSQL."""
     database = {"database_url": request.getfixturevalue("pg_url")} if request.param == "postgresql" else {}
     settings, _ = make_settings(**database)
-    services = Services.from_settings(settings)
+    services = services_for(settings)
     if request.param == "s3":
         services.store = request.getfixturevalue("s3_store")
     return services
@@ -133,7 +134,7 @@ def test_sweep_removes_expired_unsaved_outputs_and_keeps_saved_ones(services):
 
 def test_a_sweep_that_cannot_reach_storage_retries_later(make_settings):
     settings, _ = make_settings()
-    services = Services.from_settings(settings)
+    services = services_for(settings)
     now = datetime.now(timezone.utc)
     job = finished_job(services, "anon:1.2.3.4", expires_at=now - timedelta(minutes=1))
 
@@ -155,7 +156,7 @@ def test_a_sweep_that_cannot_reach_storage_retries_later(make_settings):
 
 def test_save_share_and_revoke_over_http(make_settings):
     settings, _ = make_settings()
-    h = Harness(Services.from_settings(settings))
+    h = Harness(services_for(settings))
     account_id, key = h.account()
     now = datetime.now(timezone.utc)
     job = finished_job(h.services, account_id, expires_at=now + timedelta(hours=1))
@@ -197,7 +198,7 @@ def test_save_share_and_revoke_over_http(make_settings):
 
 def test_the_sweeper_command_runs_a_sweep(make_settings):
     settings, env = make_settings(retention_hours=1)
-    services = Services.from_settings(settings)
+    services = services_for(settings)
     job = finished_job(services, "anon:1.2.3.4", expires_at=datetime.now(timezone.utc) - timedelta(seconds=5))
     upload = uploaded(services, timedelta(hours=25))
     out = subprocess.run([sys.executable, "-m", "vramq.api.cli", "sweeper", "--once"], env={**os.environ, **env},
@@ -306,7 +307,7 @@ def test_idempotency_keys_past_their_window_are_deleted(services):
 def test_the_idempotency_window_is_a_setting(make_settings):
     settings, _ = make_settings(idempotency_hours=2, upload_retention_hours=0.5)
     assert (settings.idempotency_hours, settings.upload_retention_hours) == (2, 0.5)
-    services = Services.from_settings(settings)
+    services = services_for(settings)
     now = datetime.now(timezone.utc)
     with services.sessions.begin() as s:
         s.add(IdempotencyKey(scope=ANON, key="k", request_hash="h", resource_id="job_a",
@@ -330,7 +331,7 @@ def test_storage_down_during_a_sweep_loses_nothing_and_the_next_sweep_finishes(m
     from vramq.storage.s3 import S3Store
 
     settings, _ = make_settings()
-    services = Services.from_settings(settings)
+    services = services_for(settings)
     services.store = s3_store
     now = datetime.now(timezone.utc)
     job = finished_job(services, ANON, expires_at=now - timedelta(minutes=1))
@@ -354,7 +355,7 @@ def test_storage_down_during_a_sweep_loses_nothing_and_the_next_sweep_finishes(m
 
 def test_metrics_count_what_the_sweeps_deleted(make_settings):
     settings, _ = make_settings()
-    services = Services.from_settings(settings)
+    services = services_for(settings)
     http = create_app(services=services).test_client()
 
     def deleted() -> dict[str, float]:
@@ -388,7 +389,7 @@ def test_an_upload_whose_row_cannot_be_written_leaves_no_object(make_settings, p
     from sqlalchemy.exc import DBAPIError
 
     settings, _ = make_settings(database_url=pg_url)
-    services = Services.from_settings(settings)
+    services = services_for(settings)
     with pytest.raises(DBAPIError):
         store_file(services, JSONL, "lines.jsonl", "batch", "anon:" + "9" * 100)
     assert services.store.list("files") == []

@@ -16,11 +16,11 @@ import pytest
 from standardwebhooks import Webhook
 
 from vramq.api.client import verify_webhook
-from vramq.jobs.services import Services
 from vramq.jobs.errors import InputError
 from vramq.jobs.schema import WebhookAttempt
 from vramq.jobs.webhooks import Deliverer, _outbox, check_url
 from tests.conftest import settings_env
+from tests.fixtures.services import services_for
 from tests.test_accounts import IMAGE, Harness
 
 
@@ -95,7 +95,7 @@ def hooks(make_settings):
     """An in-process app that lets webhooks reach loopback, and a deliverer with a short
     retry schedule running beside it."""
     settings, _ = make_settings(webhook_allow_hosts="127.0.0.1")
-    h = Harness(Services.from_settings(settings))
+    h = Harness(services_for(settings))
     stop = threading.Event()
     deliverer = Deliverer(h.services, threads=4, schedule=(0.3, 0.3, 0.3), timeout=(1.0, 1.5))
     thread = threading.Thread(target=deliverer.run, args=(stop, 0.05), daemon=True)
@@ -182,7 +182,7 @@ def test_redirects_are_not_followed_and_the_event_filter_holds(hooks, receiver):
 ])
 def test_private_loopback_and_link_local_targets_are_refused_at_submit(make_settings, url, kind):
     settings, _ = make_settings()
-    h = Harness(Services.from_settings(settings))
+    h = Harness(services_for(settings))
     _, key = h.account()
     resp = h.submit(key, {**IMAGE, "webhook": {"url": url}})
     assert resp.status_code == 422, resp.get_json()
@@ -192,7 +192,7 @@ def test_private_loopback_and_link_local_targets_are_refused_at_submit(make_sett
 
 def test_webhook_input_errors_name_the_field(make_settings):
     settings, _ = make_settings(webhook_allow_hosts="10.0.0.0/8")
-    h = Harness(Services.from_settings(settings))
+    h = Harness(services_for(settings))
     _, key = h.account()
     anon = h.submit(None, {**IMAGE, "webhook": {"url": "https://example.com/h"}})
     assert anon.status_code == 422 and anon.get_json()["errors"][0]["loc"] == ["webhook"]
@@ -278,7 +278,7 @@ def local_hooks(make_settings):
     """An app whose allow list admits loopback (as the deliveries to ``Receiver`` need),
     with no deliverer running: tests call ``Deliverer.send`` themselves."""
     settings, _ = make_settings(webhook_allow_hosts="127.0.0.0/8")
-    return Harness(Services.from_settings(settings))
+    return Harness(services_for(settings))
 
 
 def test_a_backslash_url_is_refused_at_submit_and_a_stored_one_is_never_sent(local_hooks, receiver):
@@ -328,7 +328,7 @@ def test_embedded_ipv4_is_what_the_allow_list_and_the_public_rule_judge(make_set
     assert check_url("http://[64:ff9b:1::7f00:1]/h", ("64:ff9b:1::/96", "127.0.0.1")).ips == ("64:ff9b:1::7f00:1",)
     # Through the API: a 422 naming the field.
     settings, _ = make_settings()
-    h = Harness(Services.from_settings(settings))
+    h = Harness(services_for(settings))
     _, key = h.account()
     for url in ("http://[64:ff9b::7f00:1]/h", "http://[2002:7f00:1::]/h", "http://[::ffff:10.0.0.1]/h"):
         resp = h.submit(key, {**IMAGE, "webhook": {"url": url}})
