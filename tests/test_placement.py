@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-import subprocess
 import sys
 import types
 
@@ -265,8 +264,3 @@ def test_table_renders():
     for needle in ["card0", "card1", "llm", "sdxl", "whisper", "huge", "on demand", "free",
                    "unplaced", "needs 174.5 GB; the largest card has 80.0 GB"]:
         assert needle in text, needle
-
-
-def test_planning_imports_no_torch():
-    code = "import sys, gpu_workers.cards, gpu_workers.placement; assert 'torch' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True)

@@ -258,15 +258,6 @@ def _python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
 
 
-def test_importing_storage_does_not_import_boto3():
-    result = _python(
-        "import sys, storage\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('boto3', 'botocore')))"
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
-
-
 def test_s3_without_boto3_names_the_extra():
     # None in sys.modules makes "import boto3" fail, as if it were not installed.
     result = _python(

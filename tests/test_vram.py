@@ -311,8 +311,3 @@ def test_the_pure_estimate_never_needs_torch(models_dir, tmp_path):
         "assert 'torch' not in sys.modules, 'torch imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
-
-
-def test_importing_the_estimator_does_not_import_torch():
-    code = "import vramq.gpu_workers.vram, sys; assert 'torch' not in sys.modules, 'torch imported'"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
