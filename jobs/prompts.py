@@ -1,12 +1,16 @@
 """Admission for text jobs: does the prompt plus ``max_tokens`` fit the model's context?
+And the one chat-template renderer, which the vLLM backend uses too.
 
 The API counts the prompt with the model's own tokenizer (``tokenizer.json`` beside the
 weights, read with the ``tokenizers`` library, no torch) and renders ``messages`` with
-the model's chat template (``tokenizer_config.json``, Jinja in a sandbox, as transformers
-does), so a request the engine would refuse is refused at submit with 422, before it
-takes a place in the queue. Where the API cannot read the tokenizer (weights only on the
-GPU hosts), the check is skipped and the worker refuses the job with
-``context_length_exceeded`` instead.
+the model's chat template (``ChatTemplate``: ``chat_template.jinja`` or
+``tokenizer_config.json``, Jinja in a sandbox, with the environment and variables
+transformers' ``apply_chat_template`` gives it), so a request the engine would refuse is
+refused at submit with 422, before it takes a place in the queue. The worker's vLLM
+backend renders ``messages`` with the same ``render_chat``, so the tokens counted at
+admission are the tokens the engine sees. Where the API cannot read the tokenizer
+(weights only on the GPU hosts), the check is skipped and the worker refuses the job
+with ``context_length_exceeded`` instead.
 """
 
 from __future__ import annotations
@@ -21,32 +25,85 @@ from .errors import InputError
 log = logging.getLogger("vramq.prompts")
 
 
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+"""The named special tokens a chat template sees as variables (transformers'
+``special_tokens_map``: ``{{ bos_token }}`` and the like)."""
+
+
+class ChatTemplate:
+    """A model's chat template, rendered as transformers' ``apply_chat_template`` renders
+    it: an immutable Jinja sandbox with ``trim_blocks`` and ``lstrip_blocks``, loop
+    controls, ``{% generation %}`` blocks, a ``tojson`` that does not escape HTML,
+    ``raise_exception`` and ``strftime_now``; and as variables ``messages``, ``tools``,
+    ``documents``, ``add_generation_prompt`` and the named special tokens."""
+
+    def __init__(self, source: str, special_tokens: dict[str, str] | None = None):
+        from jinja2.ext import loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=[_generation_blocks(), loopcontrols])
+        env.filters["tojson"] = _tojson
+        env.globals["raise_exception"] = _raise
+        env.globals["strftime_now"] = _strftime_now
+        self.template = env.from_string(source)
+        self.special_tokens = dict(special_tokens or {})
+
+    @classmethod
+    def of(cls, weights: Path) -> "ChatTemplate | None":
+        """The model's template as transformers saves it beside the weights; None if it has none."""
+        source = _chat_template(weights)
+        return None if source is None else cls(source, _special_tokens(weights))
+
+    def render(self, messages: list[dict]) -> str:
+        """The prompt text for ``messages`` (each ``{"role", "content"}``), ending with
+        the assistant's turn opened. Raises ``jinja2.TemplateError`` when the template
+        refuses the turns."""
+        return self.template.render(messages=[{"role": m["role"], "content": m["content"]} for m in messages],
+                                    tools=None, documents=None, add_generation_prompt=True, **self.special_tokens)
+
+
+@lru_cache(maxsize=64)
+def chat_template(weights: Path) -> ChatTemplate | None:
+    """The model's ``ChatTemplate`` (read once per process), None without one."""
+    return ChatTemplate.of(weights)
+
+
+def render_chat(weights: Path, messages: list[dict]) -> str:
+    """``messages`` as the model's prompt text: what the API counts at admission and what
+    the vLLM backend tokenizes for the engine. Raises ValueError when the model has no
+    chat template, ``jinja2.TemplateError`` when its template refuses the turns."""
+    template = chat_template(Path(weights))
+    if template is None:
+        raise ValueError("the model has no chat template (chat_template.jinja, or chat_template in "
+                         "tokenizer_config.json)")
+    return template.render(messages)
+
+
 class PromptCounter:
     def __init__(self, weights: Path):
         from tokenizers import Tokenizer
 
         self.tokenizer = Tokenizer.from_file(str(weights / "tokenizer.json"))
-        self.template = None
-        source = _chat_template(weights)
-        if source is not None:
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
+        self.template = ChatTemplate.of(weights)
 
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            env.globals["raise_exception"] = _raise
-            self.template = env.from_string(source)
-
-    def count(self, inp: dict) -> int | None:
-        """Prompt tokens as the engine will see them; None if they cannot be known here."""
+    def token_ids(self, inp: dict) -> list[int] | None:
+        """The prompt's tokens as the engine will see them; None if they cannot be known here."""
         if inp.get("messages") is not None:
             if self.template is None:
                 return None
             try:
-                text = self.template.render(messages=[{"role": m["role"], "content": m["content"]}
-                                                      for m in inp["messages"]], add_generation_prompt=True)
+                text = self.template.render(inp["messages"])
             except Exception:  # the worker reports a template that refuses the turns
                 return None
-            return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
-        return len(self.tokenizer.encode(inp["prompt"]).ids)
+            # The template writes the special tokens itself (a BOS where the model has one).
+            return self.tokenizer.encode(text, add_special_tokens=False).ids
+        return self.tokenizer.encode(inp["prompt"]).ids
+
+    def count(self, inp: dict) -> int | None:
+        """Prompt tokens as the engine will see them; None if they cannot be known here."""
+        ids = self.token_ids(inp)
+        return None if ids is None else len(ids)
 
 
 def _chat_template(weights: Path) -> str | None:
@@ -62,8 +119,58 @@ def _chat_template(weights: Path) -> str | None:
     return source if isinstance(source, str) else None
 
 
+def _special_tokens(weights: Path) -> dict[str, str]:
+    """The named special tokens as transformers reads them: ``tokenizer_config.json``,
+    then the legacy ``special_tokens_map.json`` for those it does not name. A token is a
+    string or a serialized ``AddedToken`` (``{"content": …}``)."""
+    found: dict[str, str] = {}
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = weights / name
+        config = json.loads(path.read_text()) if path.exists() else {}
+        for key in SPECIAL_TOKENS:
+            value = config.get(key)
+            if isinstance(value, dict):
+                value = value.get("content")
+            if isinstance(value, str) and key not in found:
+                found[key] = value
+    return found
+
+
+def _generation_blocks():
+    """The ``{% generation %}…{% endgeneration %}`` tag transformers defines (it marks the
+    assistant's tokens for training masks); rendering keeps the block's text as is."""
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+
+    class GenerationBlocks(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_keep"), [], [], body).set_lineno(lineno)
+
+        def _keep(self, caller):
+            return caller()
+
+    return GenerationBlocks
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    # As transformers': Jinja's own tojson escapes HTML characters.
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(format: str) -> str:
+    from datetime import datetime
+
+    return datetime.now().strftime(format)
+
+
 def _raise(message: str):
-    raise ValueError(message)
+    from jinja2.exceptions import TemplateError
+
+    raise TemplateError(message)
 
 
 @lru_cache(maxsize=64)

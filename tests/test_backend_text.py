@@ -123,6 +123,74 @@ def test_chat_messages_go_through_the_chat_template(backend, entry, tiny_qwen2_d
     assert out["text"]
 
 
+CONVERSATIONS = [
+    [{"role": "user", "content": "hi"}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "user", "content": "Zürich, 東京 and naïve café ✓"}, {"role": "assistant", "content": "Noted."},
+     {"role": "user", "content": "  spaces, <|im_end|> in the text, and a\nnewline  "}],
+]
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+def test_admission_and_the_engine_see_the_same_chat_tokens(backend, tiny_qwen2_dir, messages):
+    """The API's counter (tokenizers, no torch) and the vLLM backend (the engine's own
+    tokenizer) render ``messages`` with the one renderer, jobs.prompts.render_chat, and
+    get the same token ids: what admission counts is what the engine runs."""
+    from vramq.jobs.prompts import PromptCounter
+
+    counted = PromptCounter(tiny_qwen2_dir).token_ids({"messages": messages})
+    assert counted is not None and counted == backend.prompt_token_ids({"messages": messages})
+    prompt = {"prompt": messages[-1]["content"]}
+    assert PromptCounter(tiny_qwen2_dir).token_ids(prompt) == backend.prompt_token_ids(prompt)
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+def test_the_chat_renderer_renders_as_transformers_does(tiny_qwen2_dir, messages):
+    from transformers import AutoTokenizer
+
+    from vramq.jobs.prompts import render_chat
+
+    tok = AutoTokenizer.from_pretrained(tiny_qwen2_dir)
+    assert render_chat(tiny_qwen2_dir, messages) == tok.apply_chat_template(messages, tokenize=False,
+                                                                            add_generation_prompt=True)
+
+
+def test_the_chat_renderer_gives_templates_what_transformers_gives_them(tiny_qwen2_dir, tmp_path):
+    """Special tokens as variables, loop controls, {% generation %} blocks, a tojson that
+    keeps HTML characters and raise_exception: a template using them renders the same."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from vramq.jobs.prompts import ChatTemplate, render_chat
+
+    weights = shutil.copytree(tiny_qwen2_dir, tmp_path / "model")
+    template = (
+        "{{ pad_token }}{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tools') }}"
+        "{% endif %}{% if loop.index > 2 %}{% break %}{% endif %}{% if m['role'] == 'assistant' %}"
+        "{% generation %}{{ m['content'] | tojson }}{% endgeneration %}{% else %}"
+        "{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}"
+    )
+    (weights / "chat_template.jinja").write_text(template)
+    messages = [{"role": "user", "content": "<b>a & b</b>"}, {"role": "assistant", "content": "<i>x</i>"},
+                {"role": "user", "content": "cut off by the loop"}]
+    tok = AutoTokenizer.from_pretrained(weights)
+    ours = ChatTemplate.of(weights).render(messages)
+    assert ours == tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert ours.startswith("<|endoftext|>user: <b>a & b</b><|im_end|>") and '"<i>x</i>"' in ours
+    from jinja2 import TemplateError
+
+    with pytest.raises(TemplateError, match="no tools"):
+        ChatTemplate.of(weights).render([{"role": "tool", "content": "x"}])
+    (weights / "chat_template.jinja").unlink()
+    config = json.loads((weights / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (weights / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="no chat template"):
+        render_chat(weights, messages)
+
+
 def test_deltas_join_to_the_text(backend, entry):
     deltas: list[str] = []
     out = backend.run_one(item(entry, {"prompt": "Once upon a time", "max_tokens": 40, "seed": 3}, deltas=deltas)).output

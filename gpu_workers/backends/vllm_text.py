@@ -7,7 +7,8 @@ hands its request to that loop and then waits on a queue for the streamed output
 all requests are in the engine together and vLLM batches them continuously: there is
 no lock around generation, only around the bookkeeping of who is running.
 
-``run_one`` tokenizes in the calling thread (the engine's tokenizer is thread-safe),
+``run_one`` tokenizes in the calling thread (the engine's tokenizer is thread-safe;
+``messages`` are rendered by the chat-template renderer the API counts with),
 refuses prompts that leave no room for ``max_tokens`` before anything reaches the
 engine, streams each new piece of text to ``item.on_delta`` and aborts the request
 inside the engine when the job is canceled. A request's ``gpu_seconds`` is its share
@@ -28,9 +29,11 @@ import queue
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from vramq.jobs.errors import JobCanceled, JobError, MissingExtra
+from vramq.jobs.prompts import render_chat
 
 from .base import Backend, ItemResult, WorkItem
 
@@ -190,18 +193,16 @@ class VllmTextBackend(Backend):
         return results
 
     def prompt_token_ids(self, inp: dict[str, Any]) -> list[int]:
-        """The prompt's tokens: ``prompt`` as given, or ``messages`` through the chat template."""
+        """The prompt's tokens: ``prompt`` as given, or ``messages`` through the chat
+        template, rendered by the API's own renderer (``jobs.prompts.render_chat``): the
+        tokens the API counted at admission are the tokens the engine gets."""
         if self.tokenizer is None:
             raise RuntimeError("load() must run before the first job")
         if inp.get("messages") is not None:
             from jinja2 import TemplateError
 
             try:
-                text = self.tokenizer.apply_chat_template(
-                    [{"role": m["role"], "content": m["content"]} for m in inp["messages"]],
-                    tokenize=False,
-                    add_generation_prompt=True,
-                )
+                text = render_chat(Path(self.entry.weights), inp["messages"])
             except (ValueError, TemplateError) as exc:  # no chat template; one that refuses the turns
                 raise JobError(f"model {self.entry.id!r} cannot format messages: {exc}", code="invalid_input") from None
             # The template writes the special tokens itself (a BOS where the model has one).
