@@ -13,6 +13,8 @@ from pathlib import Path
 
 import requests
 
+from vramq.jobs import proctree
+
 ROOT = Path(__file__).resolve().parent.parent
 #: Benchmarks measure the system, not the quota: one client address sends thousands of
 #: jobs, so the anonymous allowance and rate limit are lifted for them.
@@ -106,6 +108,45 @@ class CpuMeter:
         out["machine_busy_cores"] = round((b["machine"] - a["machine"]) / wall, 2)
         out["other_busy_cores"] = round((b["machine"] - a["machine"] - own) / wall, 2)
         return out
+
+
+class Procs:
+    """A benchmark's vramq subprocesses, each started by ``jobs.proctree.spawn``: in a
+    session of its own, so that stopping it takes down everything it started (vLLM's
+    engine core and its workers included), and bound to die with the benchmark."""
+
+    def __init__(self, env: dict[str, str], logdir: Path, log=lambda msg: None):
+        self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        self.logdir = logdir
+        self.log = log
+        self.children: list[tuple[str, subprocess.Popen, Path]] = []
+
+    def spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+        path = self.logdir / f"{name}.log"
+        with open(path, "wb") as out:  # the child keeps its own copy of the descriptor
+            proc = proctree.spawn([sys.executable, "-m", "vramq.api.cli", *args], cwd=ROOT, env=self.env,
+                                  stdout=out, stderr=subprocess.STDOUT)
+        self.children.append((name, proc, path))
+        return proc
+
+    def check_alive(self) -> None:
+        for name, proc, path in self.children:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{path.read_text(errors='replace')[-3000:]}")
+
+    def stop(self, grace_s: float = 30) -> list[int]:
+        """SIGTERM (worker first, API last), then SIGKILL to each whole process group;
+        returns the pids of the groups' processes still alive afterwards (should be none)."""
+        overdue = proctree.terminate_all([proc for _, proc, _ in reversed(self.children)], grace_s)
+        for name, proc, _ in self.children:
+            if proc in overdue:
+                self.log(f"{name} ignored SIGTERM for {grace_s:g}s")
+        deadline = time.monotonic() + 10
+        while True:
+            left = [p for _, proc, _ in self.children for p in in_session(proc.pid)]
+            if not left or time.monotonic() > deadline:
+                return left
+            time.sleep(0.2)
 
 
 def announce_loading_worker(broker, models: list[str]) -> None:

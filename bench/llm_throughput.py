@@ -76,15 +76,17 @@ import requests  # noqa: E402
 from _common import (  # noqa: E402
     UNMETERED,
     CpuMeter,
+    Procs,
     _proc_stat,
     build_model,
     descendants,
     free_port,
-    in_session,
     parse_ts,
     tree_cpu_s,
     wait_ready,
 )
+
+from vramq.jobs import proctree  # noqa: E402
 
 MODEL_ID = "bench-qwen2"
 """The catalog id the benchmark serves the tiny Qwen2 under: a queue (``model.bench-qwen2``)
@@ -235,52 +237,6 @@ def run_direct(catalog_path: Path, inputs: list[dict], warmup: list[dict]) -> di
 # --- the vramq processes ------------------------------------------------------------
 
 
-class Procs:
-    """The vramq subprocesses, each in a session of its own so that stopping it takes down
-    everything it started (vLLM's engine core and its workers included)."""
-
-    def __init__(self, env: dict[str, str], logdir: Path):
-        self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
-        self.logdir = logdir
-        self.children: list[tuple[str, subprocess.Popen, Path]] = []
-
-    def spawn(self, name: str, args: list[str]) -> subprocess.Popen:
-        path = self.logdir / f"{name}.log"
-        proc = subprocess.Popen([sys.executable, "-m", "vramq.api.cli", *args], cwd=ROOT, env=self.env,
-                                stdout=open(path, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
-        self.children.append((name, proc, path))
-        return proc
-
-    def check_alive(self) -> None:
-        for name, proc, path in self.children:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{path.read_text(errors='replace')[-3000:]}")
-
-    def stop(self) -> list[int]:
-        """SIGTERM (worker first, API last), then SIGKILL to each whole process group;
-        returns the pids of the groups' processes still alive afterwards (should be none)."""
-        for name, proc, _ in reversed(self.children):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for name, proc, _ in reversed(self.children):
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                log(f"{name} ignored SIGTERM for 30s")
-        for name, proc, _ in reversed(self.children):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            proc.wait()
-        deadline = time.monotonic() + 10
-        while True:
-            left = [p for _, proc, _ in self.children for p in in_session(proc.pid)]
-            if not left or time.monotonic() > deadline:
-                return left
-            time.sleep(0.2)
-
-
 class Api:
     def __init__(self, url: str):
         self.url = url
@@ -319,10 +275,11 @@ class Api:
             time.sleep(poll_s)
 
 
-def run_vramq(api: Api, inputs: list[dict], threads: int, poll_s: float, paused_pgid: int | None = None) -> dict:
+def run_vramq(api: Api, inputs: list[dict], threads: int, poll_s: float,
+              paused: subprocess.Popen | None = None) -> dict:
     """Submit every input, then follow the jobs to the end.
 
-    ``paused_pgid``: the worker's process group, stopped (SIGSTOP) while the jobs are
+    ``paused``: the worker, its whole process group stopped (SIGSTOP) while the jobs are
     submitted and continued (SIGCONT) once all are queued; the clock then starts at the
     SIGCONT (a diagnostic: the worker's throughput on a full queue, without the POSTs
     competing with the engine for the cores).
@@ -334,18 +291,18 @@ def run_vramq(api: Api, inputs: list[dict], threads: int, poll_s: float, paused_
         submitted[i] = (t, api.submit(inputs[i])["id"])
         api.ids.append(submitted[i][1])
 
-    if paused_pgid is not None:
-        os.killpg(paused_pgid, signal.SIGSTOP)
+    if paused is not None:
+        proctree.signal_group(paused, signal.SIGSTOP)
     try:
         t_first = time.time()
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(one, range(len(inputs))))
         t_submitted = time.time()
     finally:
-        if paused_pgid is not None:
-            os.killpg(paused_pgid, signal.SIGCONT)
+        if paused is not None:
+            proctree.signal_group(paused, signal.SIGCONT)
     submit_s = t_submitted - t_first
-    if paused_pgid is not None:
+    if paused is not None:
         t_first = time.time()
     order = sorted(range(len(inputs)), key=lambda i: submitted[i][0])
     jobs = [api.wait(submitted[i][1], poll_s) for i in order]
@@ -434,7 +391,7 @@ def main() -> int:
             env["VRAMQ_DATABASE_URL"] = args.database_url
         logs = work / "logs"
         logs.mkdir(exist_ok=True)
-        procs = Procs(env, logs)
+        procs = Procs(env, logs, log)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         t0 = time.perf_counter()
@@ -459,7 +416,7 @@ def main() -> int:
 
         a = meter.sample()
         run = run_vramq(api, inputs, args.submit_threads, args.poll_ms / 1000,
-                        paused_pgid=worker.pid if args.prequeue else None)
+                        paused=worker if args.prequeue else None)
         cpu["vramq"] = CpuMeter.delta(a, meter.sample())
         jobs = run["jobs"]
         t_first = run["t_first"]

@@ -67,9 +67,7 @@ import gc
 import json
 import os
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -83,7 +81,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import requests
-from _common import UNMETERED, free_port
+from _common import UNMETERED, Procs, free_port
 
 MODEL_ID = "bench-flux"
 
@@ -261,38 +259,6 @@ def run_direct(catalog_path: Path, inputs: list[dict], warmup: list[dict]) -> di
 # --- the vramq processes ------------------------------------------------------------
 
 
-class Procs:
-    def __init__(self, env: dict[str, str], logdir: Path):
-        self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
-        self.logdir = logdir
-        self.children: list[tuple[str, subprocess.Popen, Path]] = []
-
-    def spawn(self, name: str, args: list[str]) -> subprocess.Popen:
-        path = self.logdir / f"{name}.log"
-        with open(path, "wb") as out:  # the child keeps its own copy of the descriptor
-            proc = subprocess.Popen([sys.executable, "-m", "vramq.api.cli", *args], cwd=ROOT, env=self.env,
-                                    stdout=out, stderr=subprocess.STDOUT)
-        self.children.append((name, proc, path))
-        return proc
-
-    def check_alive(self) -> None:
-        for name, proc, path in self.children:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{path.read_text(errors='replace')[-3000:]}")
-
-    def stop(self) -> None:
-        # The worker first (it may still be writing a job), the API last.
-        for name, proc, _ in reversed(self.children):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for name, proc, _ in reversed(self.children):
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
 def wait_ready(url: str, procs: Procs, worker_pid: int | None, timeout: float = 180) -> None:
     """Until /readyz answers 200 and (unless ``worker_pid`` is None) that worker is ready."""
     deadline = time.monotonic() + timeout
@@ -449,7 +415,7 @@ def main() -> int:
             env["VRAMQ_DATABASE_URL"] = args.database_url
         logs = work / "logs"
         logs.mkdir(exist_ok=True)
-        procs = Procs(env, logs)
+        procs = Procs(env, logs, log)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         t0 = time.perf_counter()

@@ -66,9 +66,7 @@ import gc
 import json
 import os
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -84,9 +82,9 @@ import requests  # noqa: E402
 from _common import (  # noqa: E402
     UNMETERED,
     CpuMeter,
+    Procs,
     build_model,
     free_port,
-    in_session,
     parse_ts,
     tree_cpu_s,
     wait_ready,
@@ -199,52 +197,6 @@ def run_direct(catalog_path: Path, clips: list[bytes], warmup: list[bytes], lang
 
 
 # --- the vramq processes ------------------------------------------------------------
-
-
-class Procs:
-    """The vramq subprocesses, each in a session of its own so that stopping it takes down
-    everything it started."""
-
-    def __init__(self, env: dict[str, str], logdir: Path):
-        self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
-        self.logdir = logdir
-        self.children: list[tuple[str, subprocess.Popen, Path]] = []
-
-    def spawn(self, name: str, args: list[str]) -> subprocess.Popen:
-        path = self.logdir / f"{name}.log"
-        proc = subprocess.Popen([sys.executable, "-m", "vramq.api.cli", *args], cwd=ROOT, env=self.env,
-                                stdout=open(path, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
-        self.children.append((name, proc, path))
-        return proc
-
-    def check_alive(self) -> None:
-        for name, proc, path in self.children:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{path.read_text(errors='replace')[-3000:]}")
-
-    def stop(self) -> list[int]:
-        """SIGTERM (worker first, API last), then SIGKILL to each whole process group;
-        returns the pids of the groups' processes still alive afterwards (should be none)."""
-        for name, proc, _ in reversed(self.children):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for name, proc, _ in reversed(self.children):
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                log(f"{name} ignored SIGTERM for 30s")
-        for name, proc, _ in reversed(self.children):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            proc.wait()
-        deadline = time.monotonic() + 10
-        while True:
-            left = [p for _, proc, _ in self.children for p in in_session(proc.pid)]
-            if not left or time.monotonic() > deadline:
-                return left
-            time.sleep(0.2)
 
 
 class Api:
@@ -395,7 +347,7 @@ def main() -> int:
             env["VRAMQ_DATABASE_URL"] = args.database_url
         logs = work / "logs"
         logs.mkdir(exist_ok=True)
-        procs = Procs(env, logs)
+        procs = Procs(env, logs, log)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         t0 = time.perf_counter()

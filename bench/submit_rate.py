@@ -42,7 +42,6 @@ import itertools
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -56,6 +55,8 @@ sys.path.insert(0, str(ROOT))
 
 import requests
 from _common import UNMETERED, announce_loading_worker, free_port
+
+from vramq.jobs import proctree
 
 MODEL_ID = "bench-flux"
 BODY = {"model": MODEL_ID, "input": {"prompt": "a red fox in the snow", "width": 64, "height": 64, "steps": 1, "seed": 7}}
@@ -139,7 +140,8 @@ def start_api(env: dict[str, str], logdir: Path, workers: int, threads: int) -> 
     port = free_port()
     log_path = logdir / "api.log"
     with open(log_path, "wb") as out:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen(
+        # Its own process group, bound to die with this benchmark (jobs.proctree).
+        proc = proctree.spawn(
             [sys.executable, "-m", "vramq.api.cli", "api", "--port", str(port), "--workers", str(workers), "--threads", str(threads)],
             cwd=ROOT, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"}, stdout=out, stderr=subprocess.STDOUT,
         )
@@ -158,14 +160,9 @@ def start_api(env: dict[str, str], logdir: Path, workers: int, threads: int) -> 
 
 
 def stop(proc: subprocess.Popen | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    """SIGTERM, then after 30 s SIGKILL to its whole process group (gunicorn's workers too)."""
+    if proc is not None:
+        proctree.terminate_all([proc], 30)
 
 
 # --- clients ----------------------------------------------------------------------------

@@ -78,12 +78,20 @@ def bind_if_asked() -> None:
         set_parent_death_signal(signal.SIGTERM)
 
 
+def signal_group(popen: subprocess.Popen, sig: int) -> bool:
+    """Send ``sig`` to the whole process group a ``spawn``ed child leads (the child and
+    everything it started): SIGKILL, or SIGSTOP and SIGCONT to pause and resume it all.
+    False if the group is gone."""
+    try:
+        os.killpg(popen.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
 def kill_group(popen: subprocess.Popen) -> None:
     """SIGKILL the child's whole process group (the child and anything it left), then reap it."""
-    try:
-        os.killpg(popen.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+    signal_group(popen, signal.SIGKILL)
     popen.wait()
 
 
