@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from flask import Blueprint, current_app, request
-from sqlalchemy.exc import IntegrityError
 
 from vramq.jobs import idempotency, ledger
 from vramq.jobs.accounts import create_account, get_account
@@ -13,7 +12,7 @@ from vramq.jobs.views import iso
 
 from .callers import client_address, current_caller, network_of, require_account, require_admin
 from .guards import json_body
-from .jobs_api import limit_arg
+from .queries import limit_arg
 
 bp = Blueprint("accounts", __name__)
 
@@ -88,23 +87,19 @@ def credit(account_id: str):
     _only(body, {"tokens", "reason"})
     if "tokens" not in body:
         raise InputError("tokens is required", [{"loc": ["tokens"], "msg": "field required"}])
-    key = request.headers.get("Idempotency-Key")
-    scope = f"credit:{account_id}"
-    digest = idempotency.digest(body) if key else None
-    if key:
-        idempotency.check_key(key)
-        if idempotency.replay(services, scope, key, digest) is not None:
-            return _credited(services, account_id, replayed=True)
-    now = services.now()
-    try:
+
+    def credit_once(remember: idempotency.Remember) -> None:
+        now = services.now()
         with writing(services.sessions) as session:
             account = get_account(session, account_id)
             row = ledger.credit(session, account.id, body["tokens"], body.get("reason"), now)
-            if key:
-                idempotency.remember(session, scope, key, digest, str(row.id))
-    except IntegrityError:  # the same key, sent twice at once: the other one credited
-        if not key or idempotency.replay(services, scope, key, digest) is None:
-            raise
+            remember(session, str(row.id))
+
+    # A retried credit (the same key and body, or the same key sent twice at once) is
+    # answered as replayed and counted once.
+    _, credited = idempotency.once(services, f"credit:{account_id}", request.headers.get("Idempotency-Key"), body,
+                                   credit_once, lambda _entry_id: None)
+    if not credited:
         return _credited(services, account_id, replayed=True)
     return _credited(services, account_id, replayed=False), 201
 

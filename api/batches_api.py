@@ -9,16 +9,20 @@ import time
 from flask import Blueprint, current_app, request
 from sqlalchemy import and_, func, or_, select
 
-from vramq.jobs import batches, webhooks
+from vramq.jobs.batches import cancellation, creation
+from vramq.jobs.batches.parsing import MAX_JOBS
+from vramq.jobs.batches.views import batch_json, page, summary
 from vramq.jobs.errors import NotFound
 from vramq.jobs.schema import Batch, Job
 from vramq.jobs.views import job_json
+from vramq.jobs.webhooks.views import deliveries
 
 from .callers import current_caller, require_account
-from .jobs_api import (_bad_arg, _decode_cursor, _encode_cursor, _json_body, limit_arg, sse_frame,
-                       sse_response, statuses_arg, stream_seconds)
+from .guards import json_body
 from .metrics import JOBS_SUBMITTED
+from .queries import bad_arg, decode_cursor, encode_cursor, limit_arg, statuses_arg
 from .render import base_url, links
+from .sse import sse_frame, sse_response, stream_seconds
 
 bp = Blueprint("batches", __name__)
 
@@ -39,7 +43,7 @@ def _load(session, batch_id: str) -> Batch:
 
 
 def _render(session, batch: Batch) -> dict:
-    return batches.batch_json(batch, batches.summary(session, batch.id), links())
+    return batch_json(batch, summary(session, batch.id), links())
 
 
 @bp.post("/v1/batches")
@@ -49,14 +53,15 @@ def create_batch():
     caller = current_caller()
     # The body's size limit was set for this caller before it was read (api.guards:
     # VRAMQ_MAX_BODY_KB without a key, VRAMQ_MAX_BATCH_BODY_MB with one).
-    body = _json_body()
-    max_jobs, note = batches.MAX_JOBS, ""
+    body = json_body()
+    max_jobs, note = MAX_JOBS, ""
     if not (caller.keyed or caller.admin):
         max_jobs = services.settings.anonymous_batch_jobs
         note = (f" from a caller without an API key (VRAMQ_ANONYMOUS_BATCH_JOBS; with a key up to "
-                f"{batches.MAX_JOBS})")
-    batch, created = batches.create(services, body, caller=caller, idempotency_key=request.headers.get("Idempotency-Key"),
-                                    base_url=base_url(), max_jobs=max_jobs, limit_note=note)
+                f"{MAX_JOBS})")
+    batch, created = creation.create(services, body, caller=caller,
+                                     idempotency_key=request.headers.get("Idempotency-Key"),
+                                     base_url=base_url(), max_jobs=max_jobs, limit_note=note)
     with services.sessions() as session:
         rendered = _render(session, batch)
     if created:
@@ -81,13 +86,13 @@ def list_batches():
     limit = limit_arg(100, 20)
     q = select(Batch).where(Batch.caller == caller.holder)
     if request.args.get("cursor"):
-        created, last_id = _decode_cursor(request.args["cursor"])
+        created, last_id = decode_cursor(request.args["cursor"])
         q = q.where(or_(Batch.created_at < created, and_(Batch.created_at == created, Batch.id < last_id)))
     with _services().sessions() as session:
         rows = list(session.execute(q.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit + 1)).scalars())
         data = [_render(session, b) for b in rows[:limit]]
     return {"object": "list", "data": data,
-            "next_cursor": _encode_cursor(rows[limit - 1]) if len(rows) > limit else None}
+            "next_cursor": encode_cursor(rows[limit - 1]) if len(rows) > limit else None}
 
 
 @bp.get("/v1/batches/<batch_id>")
@@ -104,10 +109,10 @@ def batch_jobs(batch_id: str):
     statuses = statuses_arg()
     after = request.args.get("cursor") or None
     if after is not None and not re.fullmatch(r"job_[0-9a-z]{1,40}", after):
-        raise _bad_arg("cursor", "is not a cursor this server gave out (use next_cursor as is)")
+        raise bad_arg("cursor", "is not a cursor this server gave out (use next_cursor as is)")
     with _services().sessions() as session:
         _load(session, batch_id)
-        jobs = batches.page(session, batch_id, after, limit + 1, statuses)
+        jobs = page(session, batch_id, after, limit + 1, statuses)
         lk = links()
         data = [job_json(j, lk) for j in jobs[:limit]]
     return {"object": "list", "data": data, "next_cursor": jobs[limit - 1].id if len(jobs) > limit else None}
@@ -120,7 +125,7 @@ def cancel_batch(batch_id: str):
     with services.sessions() as session:
         _load(session, batch_id)
     lk = links()
-    canceled = batches.cancel(services, batch_id, render=lambda j: job_json(j, lk))
+    canceled = cancellation.cancel(services, batch_id, render=lambda j: job_json(j, lk))
     with services.sessions() as session:
         return {**_render(session, _load(session, batch_id)), "canceled": canceled}
 
@@ -130,7 +135,7 @@ def batch_deliveries(batch_id: str):
     """The batch's own webhook deliveries (``batch.completed``) with their attempts."""
     with _services().sessions() as session:
         _load(session, batch_id)
-        return {"object": "list", "data": webhooks.deliveries(session, batch_id=batch_id)}
+        return {"object": "list", "data": deliveries(session, batch_id=batch_id)}
 
 
 @bp.get("/v1/batches/<batch_id>/events")
@@ -149,7 +154,7 @@ def batch_events(batch_id: str):
         while time.monotonic() < deadline:
             with services.sessions() as session:
                 batch = session.get(Batch, batch_id)
-                current = batches.batch_json(batch, batches.summary(session, batch_id), lk)
+                current = batch_json(batch, summary(session, batch_id), lk)
             if batch.finished_at is not None:
                 yield sse_frame("done", current)
                 return

@@ -11,6 +11,7 @@ import click
 
 from vramq.jobs import defaults, proctree
 from vramq.jobs.errors import VramqError
+from vramq.jobs.priorities import PRIORITIES
 
 # A process a vramq worker's library started with multiprocessing's spawn (vLLM's engine
 # core) imports this module as its main: it dies with that worker (jobs.proctree).
@@ -223,7 +224,7 @@ def _parse_value(raw: str):
 @click.argument("params", nargs=-1)
 @click.option("--wait", is_flag=True, help="Wait for the result, with a progress bar.")
 @click.option("--url", default=f"http://127.0.0.1:{defaults.PORT}", envvar="VRAMQ_URL", show_default=True)
-@click.option("--priority", type=click.Choice(["high", "normal", "low"]), default="normal")
+@click.option("--priority", type=click.Choice(PRIORITIES), default="normal")
 @click.option("--api-key", envvar="VRAMQ_API_KEY", default=None, help="An account's key (default: anonymous).")
 def submit(model: str, params: tuple[str, ...], wait: bool, url: str, priority: str, api_key: str | None) -> None:
     """Submit one job: vramq submit tiny-flux prompt="a red fox" width=256 --wait"""
@@ -260,7 +261,7 @@ def submit(model: str, params: tuple[str, ...], wait: bool, url: str, priority: 
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Where --wait saves the manifest (default: <batch id>.results.jsonl).")
 @click.option("--url", default=f"http://127.0.0.1:{defaults.PORT}", envvar="VRAMQ_URL", show_default=True)
-@click.option("--priority", type=click.Choice(["high", "normal", "low"]), default="low", show_default=True)
+@click.option("--priority", type=click.Choice(PRIORITIES), default="low", show_default=True)
 @click.option("--api-key", envvar="VRAMQ_API_KEY", default=None, help="An account's key (default: anonymous).")
 def batch(jsonl: Path, wait: bool, out: Path | None, url: str, priority: str, api_key: str | None) -> None:
     """Submit a JSONL file of jobs ({"custom_id", "model", "input"} per line) as one batch."""
@@ -347,25 +348,35 @@ def sweeper(once: bool) -> None:
         stop.wait(services.settings.sweep_s)
 
 
-@main.command()
-@click.option("--threads", default=16, show_default=True, help="Deliveries in flight at once.")
-def webhooks(threads: int) -> None:
-    """Deliver webhooks from the outbox (signed, retried with backoff for over 24 h) and
-    finish batches (results manifest, then ``batch.completed``)."""
+_THREADS = click.option("--threads", default=16, show_default=True, help="Webhook deliveries in flight at once.")
+
+
+@main.command("webhooks-and-batches")
+@_THREADS
+def webhooks_and_batches(threads: int) -> None:
+    """The dispatcher: deliver webhooks from the outbox (signed, retried with backoff for
+    over 24 h) and finish batches (results manifest, then ``batch.completed``)."""
     import signal
     import threading
 
-    from vramq.jobs.webhooks import Deliverer
+    from vramq.jobs.batches.finisher import Finisher
+    from vramq.jobs.webhooks.deliverer import Deliverer
 
     from .wiring import services as wired_services
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     logging.getLogger("vramq.webhooks").info("webhook deliverer: %d threads", threads)
-    from vramq.jobs.batches import Finisher
-
     services = wired_services(_settings())
     Deliverer(services, threads=threads).run(stop, also=Finisher(services).tick)
+
+
+@main.command("webhooks", hidden=True)
+@_THREADS
+@click.pass_context
+def webhooks_alias(ctx: click.Context, threads: int) -> None:
+    """The old name of ``vramq webhooks-and-batches`` (kept for existing deployments)."""
+    ctx.invoke(webhooks_and_batches, threads=threads)
 
 
 @main.group()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 
 from flask import Blueprint, current_app, request
-from sqlalchemy.exc import IntegrityError
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from vramq.jobs import idempotency
@@ -110,29 +109,27 @@ def upload_file():
             return problem(413, f"a batch file ({len(data)} bytes) exceeds the limit of {batch_limit} bytes "
                                 f"({setting}){note}", "payload_too_large",
                            [{"loc": ["file"], "msg": f"at most {batch_limit} bytes ({setting})"}], limit_bytes=batch_limit)
-    key = request.headers.get("Idempotency-Key")
-    body_digest = idempotency.digest(b"\0".join([purpose.encode(), (upload.filename or "").encode(), data]))
-    if key:
-        idempotency.check_key(key)
-        existing = idempotency.replay(services, current_caller().holder, key, body_digest)
-        if existing is not None:
-            return render_file(get_file(services, existing)), 200
-    try:
+
+    def create(remember: idempotency.Remember) -> File:
         row = store_file(services, data, upload.filename, purpose, caller=caller.holder,
                          quota=upload_quota(caller, services.settings))
+        with services.sessions.begin() as session:
+            remember(session, row.id)
+        return row
+
+    try:
+        row, created = idempotency.once(
+            services, caller.holder, request.headers.get("Idempotency-Key"),
+            b"\0".join([purpose.encode(), (upload.filename or "").encode(), data]),
+            create, lambda file_id: get_file(services, file_id))
     except UploadQuotaExceeded as exc:
         return _over_quota(exc)
     except InputError as exc:
         if exc.code == "payload_too_large":
             return _too_large(limit)
         raise
-    if key:
-        try:
-            with services.sessions.begin() as session:
-                idempotency.remember(session, current_caller().holder, key, body_digest, row.id)
-        except IntegrityError:  # a concurrent request with the same key won: answer with its file
-            existing = idempotency.replay(services, current_caller().holder, key, body_digest)
-            return render_file(get_file(services, existing)), 200
+    if not created:  # an earlier upload with this Idempotency-Key (or a concurrent one that won)
+        return render_file(row), 200
     resp = current_app.response_class(json.dumps(render_file(row)), status=201, mimetype="application/json")
     resp.headers["Location"] = f"/v1/files/{row.id}"
     return resp

@@ -2,28 +2,29 @@
 
 from __future__ import annotations
 
-import base64
 import json
-import re
 import time
-from datetime import datetime, timezone
 
-from flask import Blueprint, Response, current_app, request, stream_with_context
+from flask import Blueprint, current_app, request
 from sqlalchemy import and_, or_, select
 
-from vramq.jobs import events, outcomes, retention, webhooks
+from vramq.jobs import events, outcomes, retention
 from vramq.jobs.db import writing
-from vramq.jobs.errors import Forbidden, InputError, NotFound
+from vramq.jobs.errors import Forbidden, NotFound
 from vramq.jobs.lifecycle import TERMINAL, raise_not_cancelable
 from vramq.jobs.outcomes import Canceled
 from vramq.jobs.schema import Job
 from vramq.jobs.submit import submit_job
 from vramq.jobs.views import job_json
+from vramq.jobs.webhooks import signing
+from vramq.jobs.webhooks.views import deliveries
 
 from .callers import current_caller, require_account, require_admin
 from .guards import json_body
 from .metrics import JOBS_SUBMITTED
+from .queries import decode_cursor, encode_cursor, limit_arg, statuses_arg
 from .render import base_url, links, render_job
+from .sse import last_event_id, sse_frame, sse_response, stream_seconds
 
 bp = Blueprint("jobs", __name__)
 
@@ -32,15 +33,10 @@ def _services():
     return current_app.config["VRAMQ"]
 
 
-def _json_body():
-    """The body as strict JSON, within this request's size limit (api.guards)."""
-    return json_body()
-
-
 @bp.post("/v1/jobs")
 def create_job():
     services = _services()
-    body = _json_body()
+    body = json_body()  # strict JSON, within this request's size limit (api.guards)
     key = request.headers.get("Idempotency-Key")
     job, created = submit_job(services, body, caller=current_caller(), idempotency_key=key)
     if created:
@@ -67,7 +63,6 @@ def get_job(job_id: str):
 
 
 HISTORY_MAX = 100
-STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
 
 
 @bp.get("/v1/jobs")
@@ -102,7 +97,7 @@ def _history(q):
         q = q.where(Job.model == args["model"])
     limit = limit_arg(HISTORY_MAX, 20)
     if args.get("cursor"):
-        created, last_id = _decode_cursor(args["cursor"])
+        created, last_id = decode_cursor(args["cursor"])
         q = q.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < last_id)))
     q = q.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
     with _services().sessions() as session:
@@ -110,102 +105,7 @@ def _history(q):
         page = rows[:limit]
         data = [render_job(j, session) for j in page]
     more = len(rows) > limit
-    return {"object": "list", "data": data, "next_cursor": _encode_cursor(page[-1]) if more else None}
-
-
-def _bad_arg(name: str, msg: str) -> InputError:
-    return InputError(f"query parameter {name}: {msg}", [{"loc": ["query", name], "msg": msg}])
-
-
-def statuses_arg() -> list[str] | None:
-    """``?status=a,b``: the statuses asked for (422 for an unknown one), or None."""
-    if not request.args.get("status"):
-        return None
-    wanted = request.args["status"].split(",")
-    bad = [w for w in wanted if w not in STATUSES]
-    if bad:
-        raise _bad_arg("status", f"unknown status {bad[0]!r}; one or more of {', '.join(STATUSES)}")
-    return wanted
-
-
-def limit_arg(maximum: int, default: int) -> int:
-    """``?limit=``: a page size from 1 to ``maximum`` (422 otherwise), in plain digits."""
-    raw = request.args.get("limit")
-    if raw is None:
-        return default
-    if not re.fullmatch(r"[0-9]{1,18}", raw.strip()):
-        raise _bad_arg("limit", f"must be an integer from 1 to {maximum}")
-    limit = int(raw)
-    if not 1 <= limit <= maximum:
-        raise _bad_arg("limit", f"must be from 1 to {maximum}")
-    return limit
-
-
-#: A Redis stream id, as the events stream hands them out: ``<ms>-<seq>`` (or ``<ms>``).
-_STREAM_ID = re.compile(r"([0-9]{1,20})(?:-([0-9]{1,20}))?")
-_U64_MAX = 2**64 - 1
-
-
-def last_event_id() -> str:
-    """Where an event stream resumes: ``Last-Event-ID`` (or ``?last_event_id=``), an id
-    this stream gave out; ``"0"`` (from the start) when neither is given. 422 otherwise."""
-    header = request.headers.get("Last-Event-ID")
-    raw, loc = (header, ["header", "Last-Event-ID"]) if header else (request.args.get("last_event_id"),
-                                                                   ["query", "last_event_id"])
-    if not raw:
-        return "0"
-    m = _STREAM_ID.fullmatch(raw.strip())
-    if m is None or any(int(part) > _U64_MAX for part in m.groups() if part is not None):
-        msg = "must be the id of an event this stream sent (like 1718000000000-0)"
-        raise InputError(f"{loc[1]}: {msg}", [{"loc": loc, "msg": msg}])
-    return raw.strip()
-
-
-def sse_frame(event: str, data: dict, event_id: str | None = None) -> str:
-    head = f"id: {event_id}\n" if event_id else ""
-    return f"{head}event: {event}\ndata: {json.dumps(data)}\n\n"
-
-
-def sse_response(stream) -> Response:
-    """A server-sent event stream; proxies are told not to buffer it. It takes one of the
-    caller's stream slots (api.streams: 429 past the caps) until it is closed."""
-    from .callers import current_caller
-
-    release = current_app.extensions["vramq.streams"].acquire(current_caller().holder)
-    try:
-        resp = Response(stream_with_context(stream), mimetype="text/event-stream",
-                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    except BaseException:
-        release()
-        raise
-    resp.call_on_close(release)
-    return resp
-
-
-def stream_seconds() -> float:
-    """How long an event stream stays open (VRAMQ_STREAM_SECONDS); clients resume with Last-Event-ID."""
-    return _services().settings.stream_s
-
-
-def _encode_cursor(job: Job) -> str:
-    raw = json.dumps([job.created_at.isoformat(), job.id]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-_CURSOR_ID = re.compile(r"[a-z]{1,10}_[0-9a-z]{1,40}")
-
-
-def _decode_cursor(cursor: str) -> tuple[datetime, str]:
-    try:
-        created, last_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        when = datetime.fromisoformat(created)
-        if when.tzinfo is not None:
-            when = when.astimezone(timezone.utc)  # OverflowError past year 9999
-        if when.tzinfo is None or not isinstance(last_id, str) or not _CURSOR_ID.fullmatch(last_id):
-            raise ValueError("not a cursor of ours")
-        return when, last_id
-    except (ValueError, TypeError, OverflowError, RecursionError):
-        raise _bad_arg("cursor", "is not a cursor this server gave out (use next_cursor as is)") from None
+    return {"object": "list", "data": data, "next_cursor": encode_cursor(page[-1]) if more else None}
 
 
 @bp.post("/v1/jobs/<job_id>/cancel")
@@ -232,7 +132,7 @@ def job_deliveries(job_id: str):
     """The job's webhook deliveries, each with every attempt and what the receiver answered."""
     with _services().sessions() as session:
         _load(session, job_id)
-        return {"object": "list", "data": webhooks.deliveries(session, job_id)}
+        return {"object": "list", "data": deliveries(session, job_id)}
 
 
 @bp.get("/v1/webhooks/secret")
@@ -242,7 +142,7 @@ def webhook_secret():
     if not caller.keyed:
         raise Forbidden("the admin key has no webhook secret; webhooks belong to accounts")
     with _services().sessions.begin() as session:
-        return {"secret": webhooks.secret_for(session, caller.account_id)}
+        return {"secret": signing.secret_for(session, caller.account_id)}
 
 
 @bp.post("/v1/jobs/<job_id>/save")

@@ -6,10 +6,10 @@ import copy
 import re
 
 from vramq.api.ratelimit import EXEMPT_PREFIXES
-from vramq.jobs.batches import MAX_JOBS, BatchLine, BatchRequest
+from vramq.jobs.batches.parsing import MAX_JOBS, BatchLine, BatchRequest
 from vramq.jobs.lifecycle import CANCELED, FAILED, QUEUED, RUNNING, SUCCEEDED
 from vramq.jobs.submit import WHISPER_LANGUAGES, JobRequest
-from vramq.jobs.webhooks import WebhookSpec
+from vramq.jobs.webhooks.spec import WebhookSpec
 
 #: The statuses of a job and of a batch, as the API shows them.
 JOB_STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED)
@@ -147,7 +147,7 @@ def spec(services) -> dict:
     for alt in batch_request["properties"]["input_file"].get("anyOf", ()):
         if alt.get("type") == "string":
             alt["pattern"] = "^file_"
-    batch_request["oneOf"] = [  # jobs xor input_file (jobs.batches.parse_request)
+    batch_request["oneOf"] = [  # jobs xor input_file (jobs.batches.parsing.parse_request)
         {"required": ["jobs"], "properties": {"jobs": {"type": "array"}}},
         {"required": ["input_file"], "properties": {"input_file": {"type": "string"}}},
     ]

@@ -24,7 +24,7 @@ from enum import Enum
 
 from sqlalchemy.exc import DBAPIError
 
-from vramq.jobs import defaults, fairness, heartbeat, lifecycle, outcomes, turns, webhooks
+from vramq.jobs import defaults, fairness, heartbeat, lifecycle, outcomes, turns
 from vramq.jobs.db import writing
 from vramq.jobs.errors import JobCanceled, JobError, ModelLoadFailed, OutOfMemory, VramqError
 from vramq.jobs.events import EventWriter
@@ -32,6 +32,7 @@ from vramq.jobs.lifecycle import utcnow
 from vramq.jobs.outcomes import Failed, GivenBack, LeaseLapsed, Succeeded
 from vramq.jobs.queue import publish
 from vramq.jobs.schema import Batch, Job
+from vramq.jobs.webhooks import outbox
 
 from .backends import backend_class
 from .backends.base import ItemResult, WorkItem, is_out_of_memory
@@ -74,7 +75,7 @@ class WorkerRuntime:
     _running: dict = field(default_factory=dict)
     events: EventWriter | None = None
     render: object = None
-    """Renders a job for its webhook payload (``webhooks.renderer``), set by ``load``."""
+    """Renders a job for its webhook payload (``webhooks.outbox.renderer``), set by ``load``."""
     _missing: set = field(default_factory=set)
     """Hints whose rows never appeared (see ``_hint_committed``)."""
     spool: Spool | None = None
@@ -87,7 +88,7 @@ class WorkerRuntime:
     def load(self) -> None:
         """Load the models that fit together, then start the reporter."""
         self.events = EventWriter(self.services.redis)
-        self.render = webhooks.renderer(self.services)
+        self.render = outbox.renderer(self.services)
         settings = self.services.settings
         self.spool = Spool(_spool_folder(settings.data_dir), self.services.store, max_seconds=settings.spool_s,
                            max_bytes=settings.spool_max_bytes).start()

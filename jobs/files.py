@@ -198,7 +198,7 @@ def _check_jsonl(data: bytes) -> None:
     """A batch file: UTF-8 text, one strict JSON object per non-blank line (jobs.strictjson:
     no NaN, no NUL, bounded nesting), at least one and at most a batch's ``MAX_JOBS``."""
     from . import strictjson
-    from .batches import MAX_JOBS
+    from .batches.parsing import MAX_JOBS
 
     try:
         text = data.decode("utf-8")

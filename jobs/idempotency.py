@@ -6,9 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from sqlalchemy import delete
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from .errors import Conflict, InputError
@@ -16,6 +17,10 @@ from .lifecycle import utcnow
 from .schema import IdempotencyKey
 
 MAX_KEY_CHARS = 255
+
+T = TypeVar("T")
+Remember = Callable[[Session, str], None]
+"""``remember(session, resource_id)``: record the key in the transaction that commits the resource."""
 
 
 def digest(body: Any) -> str:
@@ -63,19 +68,6 @@ def _forget(services, scope: str, key: str, cutoff: datetime) -> None:
             IdempotencyKey.scope == scope, IdempotencyKey.key == key, IdempotencyKey.created_at < cutoff))
 
 
-def replayed(services, scope: str, key: str | None, body_digest: str | None, table):
-    """The row of ``table`` an earlier request with this key made, or None (no key, or
-    not seen). Raises InputError for a key too long, and Conflict like ``replay``."""
-    if not key:
-        return None
-    check_key(key)
-    resource_id = replay(services, scope, key, body_digest)
-    if resource_id is None:
-        return None
-    with services.sessions() as session:
-        return session.get(table, resource_id)
-
-
 def remember(session: Session, scope: str, key: str, body_digest: str, resource_id: str) -> None:
     """Record the key in ``session``'s transaction (a concurrent duplicate fails its commit).
 
@@ -83,3 +75,45 @@ def remember(session: Session, scope: str, key: str, body_digest: str, resource_
     is free unless a concurrent request just took it."""
     session.add(IdempotencyKey(scope=scope, key=key, request_hash=body_digest, resource_id=resource_id,
                                created_at=utcnow()))
+
+
+def once(services, scope: str, key: str | None, body: Any, create: Callable[[Remember], T],
+         earlier: Callable[[str], T]) -> tuple[T, bool]:
+    """A request with an ``Idempotency-Key``, made once: ``(create(remember), True)``, or
+    ``(earlier(resource_id), False)`` when a request with this key and the same ``body``
+    made the resource within the window, or made it concurrently and won the commit.
+
+    ``body`` is what the digest covers (JSON-able, or bytes). ``create`` makes the
+    resource and calls ``remember(session, resource_id)`` in the transaction that commits
+    it: a concurrent request with the same key then fails its commit (IntegrityError)
+    and is answered with the winner's resource. Without a key ``create`` runs and
+    ``remember`` records nothing. Raises InputError for a key too long, Conflict for a
+    key used with another body (``replay``)."""
+    if not key:
+        return create(lambda session, resource_id: None), True
+    check_key(key)
+    body_digest = digest(body)
+    resource_id = replay(services, scope, key, body_digest)
+    if resource_id is not None:
+        return earlier(resource_id), False
+
+    def remember_key(session: Session, resource_id: str) -> None:
+        remember(session, scope, key, body_digest, resource_id)
+
+    try:
+        return create(remember_key), True
+    except IntegrityError:
+        resource_id = replay(services, scope, key, body_digest)
+        if resource_id is None:
+            raise
+        return earlier(resource_id), False
+
+
+def row_of(services, table) -> Callable[[str], Any]:
+    """``earlier`` for ``once`` when the resource is a row of ``table``."""
+
+    def load(resource_id: str):
+        with services.sessions() as session:
+            return session.get(table, resource_id)
+
+    return load

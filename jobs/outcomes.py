@@ -35,9 +35,10 @@ from typing import Any, Callable
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from . import ledger, lifecycle, webhooks
+from . import ledger, lifecycle
 from .lifecycle import CANCELED, FAILED, QUEUED, RUNNING, SUCCEEDED
 from .schema import Job
+from .webhooks import outbox
 
 log = logging.getLogger("vramq.outcomes")
 
@@ -178,7 +179,7 @@ def _ended(session: Session, ending: Ending, job_ids: list[str], status: str, ev
     ending.moved.setdefault(status, []).extend(job_ids)
     for jid in job_ids:
         if render is not None:
-            webhooks.enqueue(session, jid, event, render, now)
+            outbox.enqueue(session, jid, event, render, now)
         ending.events.append((jid, "status", {"status": status}))
         ending.events.append((jid, "done", {"status": status}))
 

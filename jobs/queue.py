@@ -23,9 +23,12 @@ import uuid
 from celery import Celery
 from kombu import Queue
 
+from .priorities import PRIORITIES, Priority
+
 RUN_JOB = "vramq.run_job"
-#: Redis serves lower numbers first. Within a level messages are FIFO.
-PRIORITY = {"high": 0, "normal": 3, "low": 6}
+#: Each priority's step in Redis: high 0, normal 3, low 6. Redis serves lower numbers
+#: first; within a step messages are FIFO.
+PRIORITY: dict[Priority, int] = {p: 3 * rank for rank, p in enumerate(PRIORITIES)}
 
 
 def queue_name(model_id: str) -> str:
@@ -63,7 +66,7 @@ def make_celery(broker_url: str, visibility_timeout_s: int, model_ids: list[str]
     return app
 
 
-def publish(app: Celery, hint: str, model_id: str, priority: str = "normal", count: int = 1) -> None:
+def publish(app: Celery, hint: str, model_id: str, priority: Priority = "normal", count: int = 1) -> None:
     """Send ``count`` turns for ``model_id`` at ``priority``; raises on broker failure.
 
     ``hint`` is the job or batch whose arrival they announce. A batch sends thousands at

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import json
 import secrets
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
-from sqlalchemy.exc import IntegrityError
 
 from . import idempotency, ledger
 from .accounts import Caller
@@ -22,6 +21,7 @@ from .errors import InputError, ModelUnavailable, ServiceUnavailable, validation
 from .ids import new_id
 from .lifecycle import QUEUED
 from .pricing import work_units
+from .priorities import Priority
 from .queue import publish
 from .schema import Job
 
@@ -51,7 +51,7 @@ class JobRequest(BaseModel):
 
     model: str = Field(min_length=1, max_length=64)
     input: dict[str, Any]
-    priority: Literal["high", "normal", "low"] = "normal"
+    priority: Priority = "normal"
     metadata: Metadata = Field(default_factory=dict)
     webhook: dict[str, Any] | None = None
     """``{"url", "events"?}``: checked by ``check_webhook``."""
@@ -73,61 +73,46 @@ def submit_job(services, body: Any, *, caller: Caller, idempotency_key: str | No
     The job's estimated cost is reserved from the caller's tokens in the transaction
     that writes the job (402 ``quota_exceeded`` when they do not cover it); the worker
     settles it to the actual cost when the job ends (jobs.ledger)."""
-    scope = caller.holder
     req = parse_request(body)
     entry, inp, units = check_job(services, req.model, req.input, caller)
     webhook = check_webhook(services, req.webhook, caller)
-    body_digest = idempotency.digest(body) if idempotency_key else None
-    existing = idempotency.replayed(services, scope, idempotency_key, body_digest, Job)
-    if existing is not None:
-        return existing, False
-    check_available(services, entry.id)
 
-    quote = services.estimator.quote(entry, units)
-    metered = not caller.admin  # the operator's own key is not metered
-    now = services.now()
-    job = Job(
-        id=new_id("job"),
-        model=entry.id,
-        kind=entry.kind,
-        status=QUEUED,
-        priority=req.priority,
-        input=inp,
-        meta=req.metadata,
-        progress=0.0,
-        created_at=now,
-        attempts=0,
-        gpu_seconds=0.0,
-        tokens_reserved=quote.tokens if metered else 0,
-        tokens_charged=0,
-        work_units=units,
-        price_rate=quote.rate,
-        min_tokens=quote.min_tokens,
-        usage_detail={},
-        caller=caller.holder,
-        saved=False,
-        webhook=webhook,
-    )
-    try:
+    def create(remember: idempotency.Remember) -> Job:
+        check_available(services, entry.id)
+        quote = services.estimator.quote(entry, units)
+        now = services.now()
+        job = Job(**job_row(entry, inp, units, quote, caller=caller, priority=req.priority, metadata=req.metadata,
+                            webhook=webhook, now=now))
         with services.sessions.begin() as session:
-            if metered:  # first: the wallet lock is this transaction's first write
+            if not caller.admin:  # metered; first: the wallet lock is this transaction's first write
                 ledger.reserve(session, caller.holder, services.allowances.for_tier(caller.tier), job.id,
                                quote.tokens, now)
             session.add(job)
-            if idempotency_key:
-                idempotency.remember(session, scope, idempotency_key, body_digest, job.id)
+            remember(session, job.id)
             session.flush()
             try:
                 publish(services.celery, job.id, entry.id, req.priority)
             except Exception as exc:  # kombu raises many types; all mean "not enqueued"
                 raise ServiceUnavailable(f"broker unreachable, job not accepted: {exc.__class__.__name__}") from exc
-    except IntegrityError:
-        # A concurrent request with the same key won the insert; answer with its job.
-        existing = idempotency.replayed(services, scope, idempotency_key, body_digest, Job)
-        if existing is None:
-            raise
-        return existing, False
-    return job, True
+        return job
+
+    return idempotency.once(services, caller.holder, idempotency_key, body, create,
+                            idempotency.row_of(services, Job))
+
+
+def job_row(entry, inp: dict[str, Any], units: float, quote, *, caller: Caller, priority: Priority,
+            metadata: dict[str, Any], webhook: dict | None, now, batch_id: str | None = None,
+            custom_id: str | None = None) -> dict[str, Any]:
+    """A new queued job's row (``Job(**row)``, or one of many rows of a bulk insert): its
+    checked input, its price, and the tokens it reserves (none for the operator's own
+    key, which is not metered)."""
+    return {
+        "id": new_id("job"), "model": entry.id, "kind": entry.kind, "status": QUEUED, "priority": priority,
+        "input": inp, "meta": metadata, "progress": 0.0, "created_at": now, "attempts": 0, "gpu_seconds": 0.0,
+        "tokens_reserved": 0 if caller.admin else quote.tokens, "tokens_charged": 0, "work_units": units,
+        "price_rate": quote.rate, "min_tokens": quote.min_tokens, "usage_detail": {}, "caller": caller.holder,
+        "saved": False, "webhook": webhook, "batch_id": batch_id, "custom_id": custom_id,
+    }
 
 
 def check_job(services, model_id: str, raw_input: Any, caller: Caller):
@@ -178,14 +163,14 @@ def check_worker_accepts(entry, inp: dict[str, Any]) -> None:
 
 
 def check_webhook(services, raw: Any, caller: Caller, *, batch: bool = False) -> dict | None:
-    """A job's (or batch's) ``webhook``, checked (jobs.webhooks.parse_spec); None when
+    """A job's (or batch's) ``webhook``, checked (jobs.webhooks.spec.parse_spec); None when
     not given. Webhooks need an account: they are signed with its secret."""
     if raw is None:
         return None
     if not caller.keyed:
         raise InputError("webhooks need an API key: they are signed with the account's secret",
                          [{"loc": ["webhook"], "msg": "needs an API key (Authorization: Bearer …)"}])
-    from .webhooks import parse_spec
+    from .webhooks.spec import parse_spec
 
     return parse_spec(raw, services.settings.webhook_allow_hosts, batch=batch)
 

@@ -15,7 +15,10 @@ import pytest
 import requests
 from sqlalchemy import func, select
 
-from vramq.jobs import batches, fairness, ledger, lifecycle
+from vramq.jobs import fairness, ledger, lifecycle
+from vramq.jobs.batches import creation
+from vramq.jobs.batches.finisher import Finisher
+from vramq.jobs.batches.parsing import MAX_JOBS
 from vramq.jobs.db import writing
 from vramq.jobs.queue import PRIORITY, queue_name
 from vramq.jobs.schema import Batch, Job, LedgerEntry, WebhookDelivery
@@ -52,7 +55,7 @@ def count(h: Harness, table) -> int:
 
 def finish(h: Harness) -> int:
     """One round of the dispatcher's batch finisher."""
-    return batches.Finisher(h.services, every_s=0).tick()
+    return Finisher(h.services, every_s=0).tick()
 
 
 # --- accepting ------------------------------------------------------------------------
@@ -121,7 +124,7 @@ def test_bad_lines_reject_the_whole_batch_with_their_line_numbers(h):
     assert count(h, Job) == 0 and count(h, Batch) == 0 and messages(h) == 0
     assert h.usage(key)["used_today"] == 0
 
-    too_many = h.call("POST", "/v1/batches", key, json={"jobs": [{}] * (batches.MAX_JOBS + 1)})
+    too_many = h.call("POST", "/v1/batches", key, json={"jobs": [{}] * (MAX_JOBS + 1)})
     assert too_many.status_code == 422
     assert too_many.get_json()["errors"][0]["loc"] == ["jobs"] and "10000" in too_many.get_json()["errors"][0]["msg"]
     both = h.call("POST", "/v1/batches", key, json={"jobs": lines(1), "input_file": "file_x"})
@@ -164,7 +167,7 @@ def test_a_batch_is_all_or_nothing(h, monkeypatch):
     assert short.status_code == 402 and short.get_json()["shortfall"] == 100
     # The broker fails on the second model's messages: 503, and the first model's
     # messages name a batch that never committed.
-    real = batches.publish
+    real = creation.publish
     calls = []
 
     def flaky(app, hint, model, priority, count=1):
@@ -173,7 +176,7 @@ def test_a_batch_is_all_or_nothing(h, monkeypatch):
             raise ConnectionError("broker went away")
         return real(app, hint, model, priority, count=count)
 
-    monkeypatch.setattr(batches, "publish", flaky)
+    monkeypatch.setattr(creation, "publish", flaky)
     mixed = lines(3) + [{"custom_id": f"text-{i}", "model": "tiny-qwen2", "input": {"prompt": "hi", "max_tokens": 4}}
                         for i in range(2)]
     resp = h.call("POST", "/v1/batches", key, json={"jobs": mixed})
@@ -181,7 +184,7 @@ def test_a_batch_is_all_or_nothing(h, monkeypatch):
     assert count(h, Job) == 0 and count(h, Batch) == 0 and count(h, LedgerEntry) == 0
     assert h.usage(key)["used_today"] == 0
 
-    monkeypatch.setattr(batches, "publish", real)
+    monkeypatch.setattr(creation, "publish", real)
     replay = {"Idempotency-Key": "render-42"}
     first = h.call("POST", "/v1/batches", key, json={"jobs": lines(4)}, headers=dict(replay))
     again = h.call("POST", "/v1/batches", key, json={"jobs": lines(4)}, headers=dict(replay))
@@ -329,7 +332,7 @@ def test_one_accounts_2000_job_batch_does_not_starve_another_account(tmp_path, r
     cluster = cluster_factory(settings_env(tmp_path, redis_url=redis_url, models_dir=models_dir))
     cluster.start_api()
     cluster.start_worker(models="tiny-flux")
-    cluster._spawn("webhooks", ["webhooks"])
+    cluster._spawn("dispatcher", ["webhooks-and-batches"])
     key_a = cluster.post("/v1/accounts", json={}).json()["api_key"]
     key_b = cluster.post("/v1/accounts", json={}).json()["api_key"]
     auth_a, auth_b = {"Authorization": f"Bearer {key_a}"}, {"Authorization": f"Bearer {key_b}"}
@@ -380,8 +383,8 @@ def test_one_accounts_2000_job_batch_does_not_starve_another_account(tmp_path, r
 def test_the_client_submits_follows_and_collects_a_batch(shared_cluster):
     from vramq.api.client import Client
 
-    if not any(p.name == "webhooks" and p.popen.poll() is None for p in shared_cluster.procs):
-        shared_cluster._spawn("webhooks", ["webhooks"])  # the dispatcher finishes batches
+    if not any(p.name == "dispatcher" and p.popen.poll() is None for p in shared_cluster.procs):
+        shared_cluster._spawn("dispatcher", ["webhooks-and-batches"])  # the dispatcher finishes batches
     key = Client(shared_cluster.url).create_account("client")["api_key"]
     client = Client(shared_cluster.url, api_key=key)
     b = client.submit_batch(lines(4), priority="normal", metadata={"shot": 7})

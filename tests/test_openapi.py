@@ -131,8 +131,8 @@ def test_valid_input_by_the_document_is_accepted_by_submit():
     import schemathesis
     from hypothesis import HealthCheck, Phase, assume, given, settings
 
-    from vramq.jobs.batches import BatchLine
-    from vramq.jobs.batches import parse_request as parse_batch
+    from vramq.jobs.batches.parsing import BatchLine
+    from vramq.jobs.batches.parsing import parse_request as parse_batch
     from vramq.jobs.submit import check_worker_accepts, parse_request
 
     schema = schemathesis.openapi.from_dict(DOC)

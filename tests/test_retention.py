@@ -16,7 +16,8 @@ import pytest
 from sqlalchemy import update
 
 from vramq.api import create_app
-from vramq.jobs import batches, idempotency, retention
+from vramq.jobs import idempotency, retention
+from vramq.jobs.batches.finisher import finalize
 from vramq.jobs.errors import Conflict, NotFound
 from vramq.jobs.files import File, get_file, store_file
 from vramq.jobs.ids import new_id
@@ -77,10 +78,10 @@ def open_batch(services: Services, input_file: str | None = None) -> Batch:
 
 
 def finished_batch(services: Services, age: timedelta) -> Batch:
-    """A batch of one succeeded job whose manifest ``batches.finalize`` wrote ``age`` ago."""
+    """A batch of one succeeded job whose manifest ``finalize`` wrote ``age`` ago."""
     batch = open_batch(services)
     finished_job(services, ANON, expires_at=datetime.now(timezone.utc) + timedelta(days=30), batch_id=batch.id)
-    assert batches.finalize(services, batch.id)
+    assert finalize(services, batch.id)
     with services.sessions.begin() as s:
         done = s.get(Batch, batch.id)
         done.finished_at -= age

@@ -18,7 +18,9 @@ from standardwebhooks import Webhook
 from vramq.api.client import verify_webhook
 from vramq.jobs.errors import InputError
 from vramq.jobs.schema import WebhookAttempt
-from vramq.jobs.webhooks import Deliverer, _outbox, check_url
+from vramq.jobs.webhooks.deliverer import Deliverer
+from vramq.jobs.webhooks.outbox import write as write_delivery
+from vramq.jobs.webhooks.urls import check_url
 from tests.conftest import settings_env
 from tests.fixtures.services import services_for
 from tests.test_accounts import IMAGE, Harness
@@ -209,7 +211,7 @@ def test_a_real_worker_announces_success_through_the_deliverer_process(tmp_path,
                                            webhook_allow_hosts="127.0.0.1"))
     cluster.start_api()
     cluster.start_worker(models="tiny-flux")
-    cluster._spawn("webhooks", ["webhooks"])
+    cluster._spawn("dispatcher", ["webhooks-and-batches"])
     key = cluster.post("/v1/accounts", json={}).json()["api_key"]
     auth = {"Authorization": f"Bearer {key}"}
     secret = cluster.get("/v1/webhooks/secret", headers=auth).json()["secret"]
@@ -222,6 +224,25 @@ def test_a_real_worker_announces_success_through_the_deliverer_process(tmp_path,
     listed = cluster.get(f"/v1/jobs/{job['id']}/deliveries", headers=auth).json()["data"]
     assert listed[0]["status"] == "delivered" and listed[0]["attempts"][0]["status_code"] == 204
     assert json.loads(hit["body"])["data"]["id"] == job["id"]
+
+
+def test_the_dispatcher_command_keeps_its_old_name_as_a_hidden_alias(monkeypatch):
+    """``vramq webhooks-and-batches`` delivers webhooks and finishes batches; ``vramq
+    webhooks``, its old name, still runs it but is no longer listed."""
+    from click.testing import CliRunner
+
+    from vramq.api import cli
+
+    runner = CliRunner()
+    listing = runner.invoke(cli.main, ["--help"]).output
+    commands = [line.split()[0] for line in listing.split("Commands:")[1].splitlines() if line.strip()]
+    assert "webhooks-and-batches" in commands and "webhooks" not in commands
+    ran = []
+    monkeypatch.setattr(cli.webhooks_and_batches, "callback", lambda threads: ran.append(threads))
+    for name in ("webhooks-and-batches", "webhooks"):
+        result = runner.invoke(cli.main, [name, "--threads", "3"])
+        assert result.exit_code == 0, result.output
+    assert ran == [3, 3]
 
 
 # --- the URL guard: one parse, pinned connections (SSRF regressions) -----------------------
@@ -264,7 +285,7 @@ def outbox_row(h: Harness, url: str) -> tuple[str, str]:
     id and the account's signing secret."""
     account_id, key = h.account()
     with h.services.sessions.begin() as session:
-        delivery_id = _outbox(session, account_id, url, "job.canceled", {"id": "job_x", "status": "canceled"}, None)
+        delivery_id = write_delivery(session, account_id, url, "job.canceled", {"id": "job_x", "status": "canceled"}, None)
     return delivery_id, h.call("GET", "/v1/webhooks/secret", key).get_json()["secret"]
 
 

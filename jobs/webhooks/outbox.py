@@ -1,0 +1,53 @@
+"""The outbox: a delivery row written in the transaction that records the event, so a
+crash between the two cannot lose it and nothing a worker does waits on a receiver."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+from sqlalchemy.orm import Session
+
+from ..ids import new_id
+from ..lifecycle import utcnow
+from ..schema import Job, WebhookDelivery
+from ..views import iso
+from .signing import secret_for
+from .spec import BATCH_EVENTS, JOB_EVENTS
+
+
+def enqueue(session: Session, job_id: str, event: str, render, now: datetime | None = None) -> str | None:
+    """Write the delivery of ``event`` for a job that asked for it, in the caller's
+    transaction. ``render(job)`` gives the job's JSON. Returns the delivery id."""
+    job = session.get(Job, job_id, populate_existing=True)  # as this transaction left it
+    if job is None or not job.webhook or event not in job.webhook.get("events", JOB_EVENTS):
+        return None
+    return write(session, job.caller or "", job.webhook["url"], event, render(job), now, job_id=job.id)
+
+
+def enqueue_batch(session: Session, batch, event: str, data: dict, now: datetime | None = None) -> str | None:
+    """Write the delivery of a batch ``event`` (``data``: the batch's JSON), if it asked."""
+    if not batch.webhook or event not in batch.webhook.get("events", BATCH_EVENTS):
+        return None
+    return write(session, batch.caller, batch.webhook["url"], event, data, now, batch_id=batch.id)
+
+
+def write(session: Session, holder: str, url: str, event: str, data: dict, now: datetime | None,
+          *, job_id: str | None = None, batch_id: str | None = None) -> str:
+    """Write one delivery row: the signed body is fixed now. Returns its id."""
+    now = now or utcnow()
+    secret_for(session, holder)  # exists before the first attempt signs with it
+    delivery_id = new_id("msg")
+    payload = json.dumps({"type": event, "timestamp": iso(now), "data": data}, separators=(",", ":"))
+    session.add(WebhookDelivery(id=delivery_id, holder=holder, job_id=job_id, batch_id=batch_id, event=event,
+                                url=url, payload=payload, status="pending", attempts=0, next_at=now, created_at=now))
+    return delivery_id
+
+
+def renderer(services):
+    """``render`` for ``enqueue`` outside a request: links point at ``VRAMQ_PUBLIC_URL``
+    (relative without it, for the local store; S3 links are absolute anyway)."""
+    from ..views import Links, job_json
+
+    links = Links(services.store, services.settings.link_ttl, services.settings.public_url or "")
+    return lambda job: job_json(job, links)
