@@ -1,4 +1,4 @@
-"""``vramq up``: the whole system on one machine — broker, API, workers, the retention sweeper and the webhook deliverer — as child processes.
+"""``vramq up``: the whole system on one machine — broker, API, workers, the retention sweeper and the dispatcher (webhooks and batches) — as child processes.
 
 The workers run under ``vramq workers``: one per card as the planner places the
 catalog's models (one CPU worker when there is no GPU), restarted when they die.
@@ -60,7 +60,7 @@ class Stack:
         args = (["--cards", self.cards] if self.cards else []) + (["--cpu"] if self.cpu else []) + ["--stop-grace", "45"]
         self._spawn("workers", cli + ["workers", *args])
         self._spawn("sweeper", cli + ["sweeper"])  # retention: deletes unsaved outputs past their time
-        self._spawn("webhooks", cli + ["webhooks"])  # delivers webhooks, finishes batches
+        self._spawn("webhooks-and-batches", cli + ["webhooks-and-batches"])  # delivers webhooks, finishes batches
         self._wait_ready(ready_timeout)
         return self
 

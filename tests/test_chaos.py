@@ -3,8 +3,8 @@ SIGKILLed (with every child) every few seconds and started again, Redis is resta
 and PostgreSQL is restarted once.
 
 Own PostgreSQL (initdb in a temp dir, its own port), own Redis (append-only, so queues
-survive its restart), local object store; ``vramq api``, ``vramq webhooks`` (it finishes
-batches) and two ``vramq worker --cpu --models tiny-flux`` that the test manages.
+survive its restart), local object store; ``vramq api``, ``vramq webhooks-and-batches``
+(it finishes batches) and two ``vramq worker --cpu --models tiny-flux`` that the test manages.
 
 At the end: every job in exactly one terminal state, none queued or running; each
 succeeded job with exactly one set of outputs; the ledger balanced to the token; the
@@ -79,7 +79,7 @@ def test_a_batch_survives_killed_workers_and_restarted_broker_and_database(proce
         pg, broker, cluster = installation(stack, tmp_path, models_dir, lease_seconds=LEASE_S, max_attempts=20)
         env = cluster.env
         cluster.start_api()
-        cluster._spawn("webhooks", ["webhooks"])  # the dispatcher finishes batches
+        cluster._spawn("dispatcher", ["webhooks-and-batches"])  # the dispatcher finishes batches
         slots = [cluster.start_worker(models="tiny-flux", wait=False) for _ in range(2)]
         services = services_for(Settings.from_env(env), migrate_db=False)
         stack.callback(services.engine.dispose)

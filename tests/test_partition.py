@@ -1,6 +1,6 @@
 """A worker cut off from the network, across hosts: network namespaces on one bridge.
 
-    host a: Redis, PostgreSQL, S3 (moto)      host b: vramq api, vramq webhooks
+    host a: Redis, PostgreSQL, S3 (moto)      host b: vramq api, vramq webhooks-and-batches
     host c: vramq worker --cpu                host d: vramq worker --cpu
 
 C is cut off (its cable unplugged: what it sends is lost, nothing is refused) mid-batch
@@ -174,7 +174,7 @@ def hosts(process_tree, lan, tmp_path, models_dir, aws_credentials):
         stack.callback(cluster.stop)
         stack.callback(lan.heal, "c")  # runs first: a worker cut off could not stop cleanly
         cluster.start_api_on("b")
-        cluster.spawn_on("b", "webhooks", ["webhooks"])
+        cluster.spawn_on("b", "dispatcher", ["webhooks-and-batches"])
         worker_c = cluster.start_worker_on("c", "tiny-flux", wait=False)
         worker_d = cluster.start_worker_on("d", "tiny-flux", wait=False)
         c_name = cluster.wait_worker(worker_c)["name"]
