@@ -18,7 +18,7 @@ import pytest
 from vramq.jobs.settings import Settings
 
 pytest_plugins = ["tests.fixtures.s3", "tests.fixtures.procs", "tests.fixtures.services", "tests.fixtures.pgserver",
-                  "tests.fixtures.netns", "tests.fixtures.invariants"]
+                  "tests.fixtures.netns", "tests.fixtures.invariants", "tests.fixtures.http"]
 
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 PG_ADMIN_URL = os.environ.get("VRAMQ_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")

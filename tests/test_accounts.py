@@ -17,71 +17,12 @@ import pytest
 import requests
 from sqlalchemy import func, select
 
-from vramq.jobs import heartbeat, ledger, lifecycle
+from vramq.jobs import ledger, lifecycle
 from vramq.jobs.schema import Account, Job, LedgerEntry
 from vramq.jobs.services import Services
 from tests.conftest import settings_env
 from tests.fixtures.services import services_for
-
-IMAGE = {"model": "tiny-flux", "input": {"prompt": "a fox", "width": 64, "height": 64, "steps": 2}}
-"""The cheapest job: its estimate is far below the minimum, so it reserves exactly 100."""
-
-
-class Harness:
-    """The real app in process, on real Redis and a real database, with a movable clock."""
-
-    def __init__(self, services: Services):
-        from vramq.api.app import create_app
-
-        self.services = services
-        self.now = datetime(2026, 3, 14, 12, 0, tzinfo=timezone.utc)
-        services.clock = lambda: self.now
-        self.app = create_app(services=services)
-        self.http = self.app.test_client()
-        heartbeat.announce(services.redis, "loading-worker", {
-            "name": "loading-worker", "card": "cpu", "models": list(services.catalog.models), "pid": 0,
-            "host": "test", "state": "loading", "running": 0})
-
-    def call(self, method: str, path: str, key: str | None = None, **kw):
-        headers = kw.pop("headers", {})
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        return self.http.open(path, method=method, headers=headers, **kw)
-
-    def account(self, name: str = "a") -> tuple[str, str]:
-        resp = self.call("POST", "/v1/accounts", json={"name": name})
-        assert resp.status_code == 201, resp.get_json()
-        body = resp.get_json()
-        return body["account_id"], body["api_key"]
-
-    def submit(self, key: str | None = None, body: dict = IMAGE):
-        return self.call("POST", "/v1/jobs", key, json=body)
-
-    def usage(self, key: str | None = None) -> dict:
-        return self.call("GET", "/v1/usage", key).get_json()
-
-    def ledger_rows(self, holder: str) -> list[LedgerEntry]:
-        with self.services.sessions() as s:
-            return list(s.execute(select(LedgerEntry).where(LedgerEntry.holder == holder).order_by(LedgerEntry.id)).scalars())
-
-
-@pytest.fixture(params=["postgresql", "sqlite"])
-def db_services(request, make_settings):
-    """Build ``Services`` on PostgreSQL and, in a second run, on SQLite."""
-
-    def build(**env) -> Services:
-        if request.param == "postgresql":
-            env["database_url"] = request.getfixturevalue("pg_url")
-        settings, _ = make_settings(**env)
-        return services_for(settings)
-
-    return build
-
-
-@pytest.fixture
-def harness(db_services):
-    return lambda **env: Harness(db_services(**env))
-
+from tests.fixtures.http import IMAGE
 
 # --- accounts and keys --------------------------------------------------------------
 

@@ -13,8 +13,7 @@ from __future__ import annotations
 import pytest
 
 from vramq.jobs.prompts import PromptCounter
-from tests.test_api_http import assert_problem
-from tests.test_e2e_kinds import submit
+from tests.fixtures.http import assert_problem, submit
 
 pytestmark = pytest.mark.e2e
 

@@ -9,20 +9,11 @@ from urllib.parse import parse_qs, urlencode, urlparse, urlunparse
 import pytest
 import requests
 
+from tests.fixtures.http import assert_problem, read_sse
+
 pytestmark = pytest.mark.e2e
 
 GOOD = {"model": "tiny-flux", "input": {"prompt": "a lighthouse", "width": 64, "height": 64, "steps": 2}}
-
-
-def assert_problem(resp: requests.Response, status: int, code: str, loc: list | None = None) -> dict:
-    assert resp.status_code == status, resp.text
-    assert resp.headers["Content-Type"].startswith("application/problem+json")
-    body = resp.json()
-    assert {"type", "title", "status", "detail", "code"} <= set(body)
-    assert body["status"] == status and body["code"] == code, body
-    if loc is not None:
-        assert loc in [e["loc"] for e in body["errors"]], body
-    return body
 
 
 def with_input(**changes):
@@ -197,22 +188,6 @@ def test_events_stream_ends_with_done(shared_cluster):
             if events and events[-1] == "done":
                 break
     assert events[0] == "status" and events[-1] == "done" and "progress" in events
-
-
-def read_sse(resp) -> list[tuple[str | None, str, dict]]:
-    """Parse a server-sent event stream into (id, event, data) until ``done``."""
-    out, ev_id, ev = [], None, None
-    for line in resp.iter_lines(decode_unicode=True):
-        if line.startswith("id: "):
-            ev_id = line[4:]
-        elif line.startswith("event: "):
-            ev = line[7:]
-        elif line.startswith("data: "):
-            out.append((ev_id, ev, __import__("json").loads(line[6:])))
-            if ev == "done":
-                return out
-            ev_id = ev = None
-    return out
 
 
 def test_events_resume_after_last_event_id(shared_cluster):

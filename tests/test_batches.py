@@ -24,7 +24,7 @@ from vramq.jobs.queue import PRIORITY, queue_name
 from vramq.jobs.schema import Batch, Job, LedgerEntry, WebhookDelivery
 from tests.conftest import settings_env
 from tests.fixtures.services import services_for
-from tests.test_accounts import Harness
+from tests.fixtures.http import Harness
 
 INPUT = {"prompt": "a fox", "width": 64, "height": 64, "steps": 2}
 

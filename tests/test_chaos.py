@@ -33,7 +33,7 @@ from tests.fixtures.pgserver import PgServer
 from tests.fixtures.pgserver import available as pg_available
 from tests.fixtures.procs import Cluster
 from tests.fixtures.services import services_for, start_redis
-from tests.test_failures import SLOW_CATALOG
+from tests.fixtures.slow_image import SLOW_CATALOG
 
 pytestmark = pytest.mark.e2e
 

@@ -12,15 +12,9 @@ import pytest
 import requests
 
 from tests.audio import data_uri, tone, vowels, wav_bytes
-from tests.test_api_http import assert_problem, read_sse
+from tests.fixtures.http import assert_problem, read_sse, submit
 
 pytestmark = pytest.mark.e2e
-
-
-def submit(cluster, model: str, inp: dict) -> dict:
-    resp = cluster.post("/v1/jobs", json={"model": model, "input": inp})
-    assert resp.status_code == 202, resp.text
-    return resp.json()
 
 
 def test_one_worker_serves_every_kind(shared_cluster):

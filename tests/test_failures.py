@@ -13,47 +13,13 @@ import requests
 
 from vramq.jobs import events
 from tests.conftest import settings_env
+from tests.fixtures.slow_image import SLOW, SLOW_CATALOG, env, wait_running  # noqa: F401 (env: a fixture)
 
 pytestmark = pytest.mark.e2e
-
-SLOW_CATALOG = """
-[[models]]
-id = "tiny-flux"
-kind = "image"
-backend = "diffusers"
-weights = "{weights}"
-dtype = "float32"
-max_batch = 4
-max_wait_ms = 5
-price = {{ tokens_per_gpu_second = 200 }}
-limits = {{ max_width = 512, max_height = 512, min_side = 32, max_steps = 5000 }}
-"""
-#: About 13 ms a step on this CPU: long enough to kill or cancel the job mid-run.
-SLOW = {"prompt": "slow", "width": 512, "height": 512, "steps": 600}
-
-
-@pytest.fixture
-def env(tmp_path, redis_url, models_dir):
-    catalog = tmp_path / "catalog.toml"
-    catalog.write_text(SLOW_CATALOG.format(weights=models_dir / "tiny-flux"))
-    return settings_env(tmp_path, redis_url=redis_url, models_dir=models_dir, catalog=catalog,
-                        lease_seconds=2, visibility_timeout=8)
-
 
 def objects(env, job_id: str) -> list[Path]:
     root = Path(env["VRAMQ_DATA_DIR"]) / "objects" / "jobs" / job_id
     return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
-
-
-def wait_running(cluster, job_id: str, min_progress: float = 0.05, timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = cluster.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] == "running" and job["progress"] >= min_progress:
-            return job
-        assert job["status"] in ("queued", "running"), job
-        time.sleep(0.05)
-    raise AssertionError(f"{job_id} never ran: {job}")
 
 
 def test_cancel_queued_job_never_runs(env, cluster_factory):

@@ -30,13 +30,13 @@ from urllib.parse import urlsplit
 
 import pytest
 import requests
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from vramq.jobs.schema import Account, Batch, Job, LedgerEntry
 from vramq.jobs.settings import Settings
 from tests.conftest import settings_env
 from tests.fixtures.services import services_for
-from tests.test_accounts import Harness
+from tests.fixtures.http import CountingStream, Harness, assert_problem, build_harness, count
 
 IMAGE = {"model": "tiny-flux", "input": {"prompt": "a fox", "width": 64, "height": 64, "steps": 2}}
 JSON = {"Content-Type": "application/json"}
@@ -46,40 +46,10 @@ def line(i: int, **inp) -> dict:
     return {"custom_id": f"c{i}", "model": "tiny-flux", "input": {**IMAGE["input"], **inp}}
 
 
-def assert_problem(resp, status: int, code: str | None = None, loc: list | None = None) -> dict:
-    """A problem+json answer with this status (and code, and an error at ``loc``); its
-    body must be strict JSON."""
-    text = resp.get_data(as_text=True) if hasattr(resp, "get_data") else resp.text
-    assert resp.status_code == status, text[:2000]
-    content_type = resp.headers["Content-Type"]
-    assert content_type.startswith("application/problem+json"), content_type
-    body = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in a response"))
-    assert {"type", "title", "status", "detail", "code"} <= set(body), body
-    assert body["status"] == status, body
-    if code is not None:
-        assert body["code"] == code, body
-    if loc is not None:
-        assert loc in [e["loc"] for e in body.get("errors", [])], body
-    return body
-
-
-def count(h: Harness, table) -> int:
-    with h.services.sessions() as s:
-        return s.execute(select(func.count()).select_from(table)).scalar_one()
-
-
-def _build(tmp_path, redis_url, database_url=None, **extra) -> Harness:
-    """The app in process; no model weights (nothing here runs a job)."""
-    if database_url:
-        extra["database_url"] = database_url
-    env = settings_env(tmp_path, redis_url=redis_url, models_dir=tmp_path / "no-models", **extra)
-    return Harness(services_for(Settings.from_env(env)))
-
-
 @pytest.fixture
 def edge(tmp_path, redis_url):
     """Build a harness on SQLite with settings ``edge(max_body_kb=8, …)``."""
-    return lambda **extra: _build(tmp_path, redis_url, **extra)
+    return lambda **extra: build_harness(tmp_path, redis_url, **extra)
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])
@@ -88,36 +58,9 @@ def edge_db(request, tmp_path, redis_url):
 
     def build(**extra) -> Harness:
         url = request.getfixturevalue("pg_url") if request.param == "postgresql" else None
-        return _build(tmp_path, redis_url, url, **extra)
+        return build_harness(tmp_path, redis_url, url, **extra)
 
     return build
-
-
-class CountingStream(io.RawIOBase):
-    """A request body of ``size`` bytes of JSON-ish filler that counts what was read."""
-
-    def __init__(self, size: int):
-        self.size, self.read_bytes = size, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        n = min(len(b), self.size - self.read_bytes)
-        b[:n] = b" " * n
-        self.read_bytes += n
-        return n
-
-    # The test client measures a stream by seeking to its end and back, reading nothing.
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.read_bytes if not getattr(self, "_at_end", False) else self.size
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        self._at_end = whence == 2
-        return self.tell()
 
 
 # --- 1. body size limits, by endpoint and caller, before parsing ---------------------------

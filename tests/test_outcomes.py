@@ -14,7 +14,7 @@ from vramq.jobs.db import writing
 from vramq.jobs.lifecycle import utcnow
 from vramq.jobs.schema import Job, LedgerEntry, WebhookDelivery
 from vramq.jobs.webhooks.outbox import renderer
-from tests.test_accounts import IMAGE, db_services, harness  # noqa: F401  (fixtures)
+from tests.fixtures.http import IMAGE
 
 ADMIN = "admin-key-for-tests"
 

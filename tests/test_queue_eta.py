@@ -9,7 +9,7 @@ from vramq.jobs.ids import new_id
 from vramq.jobs.lifecycle import utcnow
 from vramq.jobs.schema import Job
 from tests.fixtures.services import services_for
-from tests.test_accounts import IMAGE, Harness
+from tests.fixtures.http import IMAGE, Harness
 
 
 def test_queue_position_and_eta_follow_recent_throughput(make_settings):

@@ -25,7 +25,7 @@ from vramq.jobs.schema import Batch, IdempotencyKey, Job, Share
 from vramq.jobs.services import Services
 from tests.fixtures.procs import free_port
 from tests.fixtures.services import services_for
-from tests.test_accounts import Harness
+from tests.fixtures.http import Harness
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 64
 ANON = "anon:127.0.0.1"

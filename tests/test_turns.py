@@ -8,7 +8,7 @@ import pytest
 from vramq.jobs import turns
 from vramq.jobs.queue import queue_name
 from tests.conftest import settings_env
-from tests.test_accounts import IMAGE, db_services, harness  # noqa: F401  (fixtures)
+from tests.fixtures.http import IMAGE
 
 
 def test_a_deficit_seen_twice_is_published_again_and_only_once(harness):

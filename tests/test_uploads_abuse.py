@@ -26,7 +26,7 @@ from vramq.jobs.audio import probe_audio  # noqa: E402
 from vramq.jobs.errors import InputError  # noqa: E402
 from vramq.jobs.files import File, UploadQuotaExceeded, store_file  # noqa: E402
 from tests.audio import encode, tone, wav_bytes  # noqa: E402
-from tests.test_hostile import CountingStream, _build, assert_problem, count  # noqa: E402
+from tests.fixtures.http import CountingStream, assert_problem, build_harness, count  # noqa: E402
 
 MB = 1024 * 1024
 HOURS_3 = 3 * 3600
@@ -34,8 +34,8 @@ HOURS_3 = 3 * 3600
 
 @pytest.fixture
 def edge(tmp_path, redis_url):
-    """The app in process on SQLite, with settings ``edge(max_upload_mb=4, …)`` (tests.test_hostile)."""
-    return lambda **extra: _build(tmp_path, redis_url, **extra)
+    """The app in process on SQLite, with settings ``edge(max_upload_mb=4, …)`` (as in tests/test_hostile.py)."""
+    return lambda **extra: build_harness(tmp_path, redis_url, **extra)
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])
@@ -44,7 +44,7 @@ def edge_db(request, tmp_path, redis_url):
 
     def build(**extra):
         url = request.getfixturevalue("pg_url") if request.param == "postgresql" else None
-        return _build(tmp_path, redis_url, url, **extra)
+        return build_harness(tmp_path, redis_url, url, **extra)
 
     return build
 

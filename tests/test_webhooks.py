@@ -23,7 +23,7 @@ from vramq.jobs.webhooks.outbox import write as write_delivery
 from vramq.jobs.webhooks.urls import check_url
 from tests.conftest import settings_env
 from tests.fixtures.services import services_for
-from tests.test_accounts import IMAGE, Harness
+from tests.fixtures.http import IMAGE, Harness
 
 
 class Receiver:
