@@ -3,14 +3,25 @@
 Missing services skip locally and fail in CI (``CI`` set), so a CI run can never pass by
 skipping. Each test gets its own Redis database (flushed), its own PostgreSQL database
 and its own bucket.
+
+Two layers. A test that starts a process (a vramq cluster, gunicorn, a Celery worker, a
+moto, Redis or PostgreSQL server of its own, a vLLM engine, a network namespace, any
+subprocess) is marked ``e2e``: explicitly, or here when it uses one of
+``PROCESS_FIXTURES``; so is a test that loads a model's weights (the backends' tests).
+``pytest -m "not e2e"`` is the fast layer, in process only (the machine's Redis and
+PostgreSQL, SQLite, the local store); a test outside ``e2e`` that starts a process
+fails, so a missing mark cannot slip into it.
 """
 
 from __future__ import annotations
 
 import itertools
+import multiprocessing.process
 import os
 import socket
+import subprocess
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -19,6 +30,73 @@ from vramq.jobs.settings import Settings
 
 pytest_plugins = ["tests.fixtures.s3", "tests.fixtures.procs", "tests.fixtures.services", "tests.fixtures.pgserver",
                   "tests.fixtures.netns", "tests.fixtures.invariants", "tests.fixtures.http"]
+
+#: Fixtures that start processes: a test that uses one (directly or through another
+#: fixture) is ``e2e``. Fixtures chosen at run time (``request.getfixturevalue``) are not
+#: seen here: their parameters carry the mark (see tests/test_storage.py).
+PROCESS_FIXTURES = frozenset({
+    "shared_cluster",  # vramq api + worker (gunicorn, Celery, a vLLM engine), its own Redis
+    "cluster_factory",  # vramq api / worker / webhooks processes
+    "moto_s3_endpoint", "s3_store", "private_s3",  # moto_server
+    "private_redis",  # redis-server
+    "private_pg",  # initdb + postgres
+    "lan",  # network namespaces
+    "process_tree",  # the chaos and partition tests' process accounting
+})
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if PROCESS_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
+
+
+_refused = pytest.StashKey[list]()
+
+
+@contextmanager
+def _no_processes(nodeid: str, refused: list[str]):
+    """Refuse every way of starting a process (subprocess, multiprocessing, fork) while a
+    test outside ``e2e`` runs, its fixtures' set-up and tear-down included."""
+
+    def refuse(what: str):
+        message = f"{nodeid} is not marked e2e but starts a process ({what}); mark it e2e or keep it in process"
+        refused.append(message)  # failed after the call too, should a thread of the test's have tried
+        pytest.fail(message)  # a BaseException: no ``except Exception`` hides it
+
+    def popen_init(self, args, *a, **kw):
+        refuse(f"subprocess {args!r:.200}")
+
+    def process_start(self):
+        refuse(f"multiprocessing {self!r}")
+
+    saved = (subprocess.Popen.__init__, multiprocessing.process.BaseProcess.start, os.fork)
+    subprocess.Popen.__init__ = popen_init
+    multiprocessing.process.BaseProcess.start = process_start
+    os.fork = lambda: refuse("os.fork")
+    try:
+        yield
+    finally:
+        subprocess.Popen.__init__, multiprocessing.process.BaseProcess.start, os.fork = saved
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    if item.get_closest_marker("e2e") is not None:
+        return (yield)
+    item.stash[_refused] = []
+    with _no_processes(item.nodeid, item.stash[_refused]):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    result = yield
+    if item.stash.get(_refused, None):
+        pytest.fail(item.stash[_refused][0])
+    return result
+
 
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 PG_ADMIN_URL = os.environ.get("VRAMQ_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")

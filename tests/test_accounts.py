@@ -379,6 +379,7 @@ def test_estimate_is_calibrated_from_recent_runs(make_settings):
     assert need and rate_for(free) == max(1.0, round(RATE_PER_GB * need / 1e9, 2))
 
 
+@pytest.mark.e2e
 def test_accounts_cli_create_credit_show(make_settings):
     import os
     import subprocess

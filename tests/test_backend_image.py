@@ -68,6 +68,7 @@ def pixels(data: bytes) -> np.ndarray:
     return np.asarray(decode(data), dtype=np.int16)
 
 
+@pytest.mark.e2e
 def test_make_tiny_is_idempotent_and_reloads(tiny_flux_dir):
     from diffusers import FluxPipeline
 
@@ -90,6 +91,7 @@ def test_make_tiny_is_idempotent_and_reloads(tiny_flux_dir):
     assert len(t5("hi", padding="max_length", max_length=32, truncation=True).input_ids) == 32
 
 
+@pytest.mark.e2e
 def test_batch_gives_each_item_its_images(backend):
     # Not square, so a swapped width and height shows.
     a = job("a red fox", seed=1, width=96, height=64)
@@ -110,6 +112,7 @@ def test_batch_gives_each_item_its_images(backend):
             assert image.format == "PNG" and image.size == (96, 64)
 
 
+@pytest.mark.e2e
 def test_seed_decides_the_image(backend):
     def png(seed):
         return backend.run_batch([item(job(seed=seed))])[0].artifacts[0].data
@@ -125,6 +128,7 @@ def test_seed_decides_the_image(backend):
     assert np.abs(pixels(two[0].data) - pixels(two[1].data)).mean() > 10
 
 
+@pytest.mark.e2e
 def test_pipeline_kwargs_render_what_run_batch_renders(backend):
     items = [item(job(seed=3, num_images=2)), item(job("a boat", seed=9))]
     direct = backend.pipe(**backend.pipeline_kwargs(items)).images
@@ -132,12 +136,14 @@ def test_pipeline_kwargs_render_what_run_batch_renders(backend):
     assert [decode(d).tobytes() for d in batched] == [im.tobytes() for im in direct]
 
 
+@pytest.mark.e2e
 def test_progress_is_reported_every_step(backend):
     progress = []
     backend.run_batch([item(job(steps=5), progress)])
     assert progress == [0.2, 0.4, 0.6, 0.8, 1.0]
 
 
+@pytest.mark.e2e
 def test_cancel_stops_the_pipeline_between_steps(backend):
     progress = []
     [result] = backend.run_batch([item(job(steps=8), progress, is_canceled=lambda: len(progress) >= 1)])
@@ -145,6 +151,7 @@ def test_cancel_stops_the_pipeline_between_steps(backend):
     assert 1 <= len(progress) < 8
 
 
+@pytest.mark.e2e
 def test_partial_cancel_finishes_the_others(backend):
     gone, kept = [], []
     results = backend.run_batch(
@@ -155,6 +162,7 @@ def test_partial_cancel_finishes_the_others(backend):
     assert kept == [0.25, 0.5, 0.75, 1.0]
 
 
+@pytest.mark.e2e
 def test_negative_prompt_runs_true_cfg(backend):
     inp = job(negative_prompt="blurry", guidance=2.0, num_images=2)
     kwargs = backend.pipeline_kwargs([item(inp)])
@@ -163,6 +171,7 @@ def test_negative_prompt_runs_true_cfg(backend):
     assert len(result.artifacts) == 2
 
 
+@pytest.mark.e2e
 def test_batch_key_groups_compatible_jobs(backend):
     key = backend.batch_key
     assert key(job("x", seed=1)) == key(job("y", seed=2, num_images=3))

@@ -154,6 +154,7 @@ def test_local_vocabulary_builds_the_same_layout(tmp_path):
 # --- transcription -------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_batch_of_two_gives_durations_segments_and_subtitles(backend):
     progress_a, progress_b = [], []
     results = backend.run_batch(
@@ -171,6 +172,7 @@ def test_batch_of_two_gives_durations_segments_and_subtitles(backend):
         assert progress == sorted(progress) and progress[-1] == 1.0
 
 
+@pytest.mark.e2e
 def test_long_audio_is_cut_into_30_second_segments(backend):
     [result] = backend.run_batch([item(wav_bytes(tone(65.0)))])
     spans = [(s["start"], s["end"]) for s in result.output["segments"]]
@@ -178,6 +180,7 @@ def test_long_audio_is_cut_into_30_second_segments(backend):
     check_subtitles(result)
 
 
+@pytest.mark.e2e
 def test_items_share_forward_passes(backend):
     """Chunks of different jobs go through the model together, not one job after another."""
     batches = []
@@ -196,11 +199,13 @@ def test_items_share_forward_passes(backend):
     assert [len(r.output["segments"]) for r in results] == [1, 1, 2]
 
 
+@pytest.mark.e2e
 def test_language_is_detected_when_not_given(backend):
     [result] = backend.run_batch([item(wav_bytes(tone(2.0)), language=None)])
     assert result.output["language"] in backend.model.supported_languages
 
 
+@pytest.mark.e2e
 def test_translate_task(backend):
     assert backend.batch_key({"task": "translate", "language": "de"}) != backend.batch_key(
         {"task": "transcribe", "language": "de"}
@@ -211,11 +216,13 @@ def test_translate_task(backend):
     check_subtitles(result)
 
 
+@pytest.mark.e2e
 def test_unknown_language_fails_the_item(backend):
     [result] = backend.run_batch([item(wav_bytes(tone(1.0)), language="xx")])
     assert isinstance(result, JobError) and result.code == "invalid_input"
 
 
+@pytest.mark.e2e
 def test_vad_skips_a_tone_and_finds_voiced_sound(vad_backend):
     def silence(seconds):
         return np.zeros(int(seconds * SR), dtype=np.float32)
@@ -242,6 +249,7 @@ def test_vad_skips_a_tone_and_finds_voiced_sound(vad_backend):
 # --- bad input -----------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_not_audio_and_empty_fail_only_their_own_item(backend):
     bad, empty, good = backend.run_batch(
         [item(b"this is a text file, not audio\n" * 20), item(b""), item(wav_bytes(tone(1.0)))]
@@ -251,6 +259,7 @@ def test_not_audio_and_empty_fail_only_their_own_item(backend):
     assert good.output["duration"] == pytest.approx(1.0, abs=0.1)
 
 
+@pytest.mark.e2e
 def test_truncated_files(backend):
     wav, mp3 = wav_bytes(tone(4.0)), mp3_bytes(tone(4.0))
     # Cut in half: FFmpeg decodes the part that is there (no error), so the job
@@ -264,6 +273,7 @@ def test_truncated_files(backend):
     assert isinstance(head_mp3, JobError) and head_mp3.code == "invalid_audio"
 
 
+@pytest.mark.e2e
 def test_audio_longer_than_the_limit_fails(tiny_whisper_dir, backend):
     entry = entry_for(tiny_whisper_dir, max_audio_seconds=3)
     short_limit = backend_class(entry)(entry, "cpu", vad_filter=False)
@@ -274,6 +284,7 @@ def test_audio_longer_than_the_limit_fails(tiny_whisper_dir, backend):
     assert ok.output["duration"] == pytest.approx(2.0, abs=0.1)
 
 
+@pytest.mark.e2e
 def test_canceled_item(backend):
     canceled, ok = backend.run_batch([item(wav_bytes(tone(1.0)), canceled=True), item(wav_bytes(tone(1.0)))])
     assert isinstance(canceled, JobCanceled)

@@ -20,6 +20,8 @@ from vramq.jobs.catalog import ModelEntry
 from vramq.jobs.errors import JobCanceled, JobError
 from tests.conftest import require
 
+pytestmark = pytest.mark.e2e  # a vLLM engine (its engine-core process)
+
 MAX_CONTEXT = 2048
 
 

@@ -73,6 +73,7 @@ def first_frame(result) -> np.ndarray:
     return decode(result.artifacts[0].data)[1][0]
 
 
+@pytest.mark.e2e
 def test_make_tiny_video_is_idempotent_and_reloads(tiny_wan_dir):
     from diffusers import DiffusionPipeline, WanPipeline
 
@@ -94,6 +95,7 @@ def test_make_tiny_video_is_idempotent_and_reloads(tiny_wan_dir):
     assert len(tok(prompt, padding="max_length", max_length=32, truncation=True).input_ids) == 32
 
 
+@pytest.mark.e2e
 def test_batch_gives_each_item_its_video(backend):
     # Not square, so a swapped width and height shows; fps is the encoder's alone.
     a = job("a red fox", seed=1, width=96, height=64, fps=8)
@@ -120,6 +122,7 @@ def test_batch_gives_each_item_its_video(backend):
         assert frames[0].shape == (64, 96, 3)
 
 
+@pytest.mark.e2e
 def test_seed_decides_the_video(backend):
     def frame(seed):
         return first_frame(backend.run_batch([item(job(seed=seed))])[0])
@@ -135,6 +138,7 @@ def test_seed_decides_the_video(backend):
     assert np.abs(frame(5) - frame(6)).mean() > 3
 
 
+@pytest.mark.e2e
 def test_pipeline_kwargs_render_what_run_batch_renders(backend):
     from vramq.gpu_workers.backends.diffusers_video import _to_uint8
 
@@ -147,12 +151,14 @@ def test_pipeline_kwargs_render_what_run_batch_renders(backend):
         assert np.abs(ours - theirs).mean() < 1.0  # x264's leeway, see above
 
 
+@pytest.mark.e2e
 def test_progress_is_reported_every_step(backend):
     progress = []
     backend.run_batch([item(job(steps=5), progress)])
     assert progress == [0.2, 0.4, 0.6, 0.8, 1.0]
 
 
+@pytest.mark.e2e
 def test_cancel_stops_the_pipeline_between_steps(backend):
     progress = []
     [result] = backend.run_batch([item(job(steps=8), progress, is_canceled=lambda: len(progress) >= 1)])
@@ -160,6 +166,7 @@ def test_cancel_stops_the_pipeline_between_steps(backend):
     assert 1 <= len(progress) < 8
 
 
+@pytest.mark.e2e
 def test_partial_cancel_finishes_the_others(backend):
     gone, kept = [], []
     results = backend.run_batch(
@@ -170,6 +177,7 @@ def test_partial_cancel_finishes_the_others(backend):
     assert kept == [0.25, 0.5, 0.75, 1.0]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "change, rule",
     [({"num_frames": 8}, "num_frames must be 4k+1"), ({"width": 72}, "multiples of 16")],
@@ -183,6 +191,7 @@ def test_shapes_the_model_cannot_render_are_invalid_input(backend, change, rule)
     assert progress == []  # refused before the pipeline ran
 
 
+@pytest.mark.e2e
 def test_negative_prompt_runs_guidance(backend):
     inp = job(negative_prompt="blurry", guidance=3.0)
     kwargs = backend.pipeline_kwargs([item(inp), item({**inp, "seed": 1})])
@@ -191,6 +200,7 @@ def test_negative_prompt_runs_guidance(backend):
     assert result.output["video"]["frames"] == 9
 
 
+@pytest.mark.e2e
 def test_batch_key_groups_compatible_jobs(backend):
     key = backend.batch_key
     assert key(job("x", seed=1, fps=8)) == key(job("y", seed=2, fps=24))

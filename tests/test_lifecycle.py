@@ -162,6 +162,7 @@ def test_ids_sort_by_creation():
     assert all(i.startswith("job_") and len(i) == 30 for i in ids)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 def test_concurrent_migrations_on_a_fresh_database(request, tmp_path, backend):
     """API and workers start together and each migrates; none may fail on the race."""

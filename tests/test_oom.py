@@ -63,6 +63,7 @@ def job(job_id: str, num_images: int) -> WorkItem:
     return WorkItem(job_id=job_id, input=inp)
 
 
+@pytest.mark.e2e
 def test_oversized_job_fails_alone_and_the_rest_of_its_batch_succeeds(flux):
     backend, released = flux
     gate = threading.Event()
@@ -94,6 +95,7 @@ def test_oversized_job_fails_alone_and_the_rest_of_its_batch_succeeds(flux):
         batcher.stop()
 
 
+@pytest.mark.e2e
 def test_outputs_after_a_split_equal_outputs_rendered_alone(flux):
     """Splitting changes only which call renders a job, never what it renders."""
     backend, _ = flux

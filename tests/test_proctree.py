@@ -18,6 +18,8 @@ import requests
 
 from tests.fixtures.procs import free_port, kill_pids
 
+pytestmark = pytest.mark.e2e
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

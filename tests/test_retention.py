@@ -101,7 +101,7 @@ def row(services: Services, table, ident):
         return s.get(table, ident)
 
 
-@pytest.fixture(params=["local", "s3", "postgresql"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.e2e), "postgresql"])  # s3: the moto server
 def services(request, make_settings):
     """The local store on SQLite, S3 (a fresh bucket on the moto server) on SQLite, and
     the local store on PostgreSQL."""
@@ -197,6 +197,7 @@ def test_save_share_and_revoke_over_http(make_settings):
     assert h.call("GET", f"/s/{again['token']}").status_code == 404
 
 
+@pytest.mark.e2e
 def test_the_sweeper_command_runs_a_sweep(make_settings):
     settings, env = make_settings(retention_hours=1)
     services = services_for(settings)

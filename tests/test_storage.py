@@ -32,7 +32,7 @@ def local_store(tmp_path) -> LocalStore:
     return LocalStore(tmp_path / "objects", SECRET)
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.e2e)])  # s3: the moto server
 def store(request) -> ObjectStore:
     return request.getfixturevalue(f"{request.param}_store")
 
@@ -258,6 +258,7 @@ def _python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.e2e
 def test_s3_without_boto3_names_the_extra():
     # None in sys.modules makes "import boto3" fail, as if it were not installed.
     result = _python(

@@ -294,6 +294,7 @@ def test_errors_name_the_path_or_architecture(tmp_path):
         estimate(tmp_path / "bad.json")
 
 
+@pytest.mark.e2e
 def test_the_pure_estimate_never_needs_torch(models_dir, tmp_path):
     code = (
         "import sys; from pathlib import Path; from vramq.jobs.vram import estimate, estimate_entry\n"
