@@ -36,6 +36,7 @@ from vramq.jobs.settings import Settings
 from vramq.jobs.submit import submit_job
 from vramq.storage.local import LocalStore
 from tests.conftest import settings_env
+from tests.fixtures.services import services_for
 
 RATE = 200
 """The fake models' price: tokens per GPU-second."""
@@ -138,7 +139,7 @@ class Installation:
             for m in (self.good, self.broken)))
         env = settings_env(tmp_path, redis_url=redis_url, models_dir=tmp_path / "no-models", catalog=catalog,
                            database_url=database_url, **settings)
-        self.services = Services.from_settings(Settings.from_env(env))
+        self.services = services_for(Settings.from_env(env))
         # Admission asks which models live workers serve; here they are these two, whatever
         # Redis holds (no test depends on heartbeats surviving another test's flush).
         self.services.served = _Served({self.good, self.broken})
