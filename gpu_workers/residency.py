@@ -38,7 +38,7 @@ class ModelStats:
 
 
 @dataclass
-class Lease:
+class Hold:
     """A model held for one job: its handle and the cold-start seconds the job waited."""
 
     handle: object
@@ -96,11 +96,11 @@ class Residency:
     # --- using a model ------------------------------------------------------------
 
     @contextmanager
-    def use(self, model_id: str) -> Iterator[Lease]:
+    def use(self, model_id: str) -> Iterator[Hold]:
         """Hold ``model_id`` loaded for the duration of the block (loading it if needed)."""
-        lease = self.acquire(model_id)
+        hold = self.acquire(model_id)
         try:
-            yield lease
+            yield hold
         finally:
             self.release(model_id)
 
@@ -112,7 +112,7 @@ class Residency:
         with self._cond:
             return {m: s.failed for m, s in self._slots.items() if s.failed and now < s.retry_at}
 
-    def acquire(self, model_id: str) -> Lease:
+    def acquire(self, model_id: str) -> Hold:
         """Hold ``model_id``, loading it first if needed. Raises ``ModelLoadFailed`` when it
         cannot be loaded, and at once for a model whose load failed within its cool-down
         (``retry_load_after_s``, doubling on each failure up to an hour): broken weights
@@ -126,7 +126,7 @@ class Residency:
                 if slot.handle is not None and not slot.loading and model_id not in self._draining:
                     slot.in_use += 1
                     self._lru.move_to_end(model_id)
-                    return Lease(slot.handle, slot.last_load_s if waited_for_load else 0.0)
+                    return Hold(slot.handle, slot.last_load_s if waited_for_load else 0.0)
                 if slot.loading or self._someone_loading():
                     waited_for_load = waited_for_load or slot.loading
                     self._cond.wait()
@@ -176,7 +176,7 @@ class Residency:
             st.load_seconds += elapsed
             self._cond.notify_all()
         log.info("loaded %s in %.2fs (resident: %s)", model_id, elapsed, list(self._lru))
-        return Lease(handle, elapsed)
+        return Hold(handle, elapsed)
 
     def release(self, model_id: str) -> None:
         with self._cond:
@@ -185,9 +185,9 @@ class Residency:
 
     def load_now(self, model_id: str) -> float:
         """Load a model ahead of any job (a worker's resident set at start); its load seconds."""
-        lease = self.acquire(model_id)
+        hold = self.acquire(model_id)
         self.release(model_id)
-        return lease.cold_start_s
+        return hold.cold_start_s
 
     def unload_all(self) -> None:
         with self._cond:

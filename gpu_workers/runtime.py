@@ -260,8 +260,8 @@ class WorkerRuntime:
             attachments=attachments,
         )
         try:
-            with self.residency.use(job.model) as lease:
-                outcome = self._compute(lease.handle, item)
+            with self.residency.use(job.model) as hold:
+                outcome = self._compute(hold.handle, item)
         except ModelLoadFailed as exc:  # the job fails; the worker goes on with its other models
             self._heartbeat()  # announce the failed model now: admission stops sending jobs for it
             self._end(job, Failed(exc.code, str(exc)))
@@ -278,7 +278,7 @@ class WorkerRuntime:
             return False
         prefix = f"jobs/{job.id}/{job.attempts}/"
         usage = {"batch_size": outcome.batch_size, "queue_seconds": round(queued_s, 4),
-                 "cold_start_seconds": round(lease.cold_start_s, 4)}
+                 "cold_start_seconds": round(hold.cold_start_s, 4)}
 
         def stored(keys: dict[str, str]) -> None:
             self._succeeded(job, prefix, _link_artifacts(result.output, keys), outcome.gpu_seconds, usage)

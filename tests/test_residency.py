@@ -44,8 +44,8 @@ def test_least_recently_used_is_evicted_first():
     r.load_now("b")
     with r.use("a"):  # a is now more recent than b
         pass
-    with r.use("c") as lease:  # needs room: b goes, not a
-        assert lease.handle == "handle-c" and lease.cold_start_s > 0
+    with r.use("c") as hold:  # needs room: b goes, not a
+        assert hold.handle == "handle-c" and hold.cold_start_s > 0
     assert models.log == ["+a", "+b", "-b", "+c"]
     assert r.resident == ["a", "c"]
     with r.use("b"):  # a is least recently used now
@@ -72,26 +72,26 @@ def test_a_model_in_use_is_never_evicted():
     got = {}
 
     def want_b():
-        got["lease"] = r.acquire("b")
+        got["hold"] = r.acquire("b")
 
     t = threading.Thread(target=want_b)
     t.start()
     time.sleep(0.3)
-    assert "lease" not in got and models.log == ["+a"]  # b waits: a is running a job
+    assert "hold" not in got and models.log == ["+a"]  # b waits: a is running a job
     r.release("a")
     t.join(5)
-    assert got["lease"].handle == "handle-b" and models.log == ["+a", "-a", "+b"]
+    assert got["hold"].handle == "handle-b" and models.log == ["+a", "-a", "+b"]
     assert held.handle == "handle-a"
     r.release("b")
 
 
 def test_concurrent_jobs_for_a_cold_model_load_it_once_and_both_wait_for_it():
     r, models = make(10, delay=0.3, a=5)
-    leases = []
+    holds = []
 
     def job():
-        with r.use("a") as lease:
-            leases.append(lease)
+        with r.use("a") as hold:
+            holds.append(hold)
 
     threads = [threading.Thread(target=job) for _ in range(4)]
     for t in threads:
@@ -99,7 +99,7 @@ def test_concurrent_jobs_for_a_cold_model_load_it_once_and_both_wait_for_it():
     for t in threads:
         t.join(5)
     assert models.log == ["+a"]
-    assert len(leases) == 4 and all(lease.cold_start_s >= 0.3 for lease in leases)
+    assert len(holds) == 4 and all(hold.cold_start_s >= 0.3 for hold in holds)
 
 
 def test_no_budget_keeps_everything():
