@@ -21,8 +21,14 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 from .errors import InputError, MissingExtra
+
+if TYPE_CHECKING:
+    from av.audio.stream import AudioStream
+    from av.container import InputContainer
 
 #: Content types by FFmpeg demuxer (``container.format.name`` is a comma-separated list).
 CONTENT_TYPES = {
@@ -51,7 +57,8 @@ class AudioInfo:
     content_type: str
 
 
-def _av():
+def _av() -> ModuleType:
+    """PyAV, or ``MissingExtra`` naming the ``speech`` extra."""
     try:
         import av
     except ImportError:
@@ -69,7 +76,7 @@ def _invalid(what: str, loc: Sequence[str]) -> InputError:
 HEADER_SLACK = 1.05
 
 
-def declared_seconds(container, stream) -> float | None:
+def declared_seconds(container: InputContainer, stream: AudioStream) -> float | None:
     """The duration the file's headers declare (stream, else container), or None."""
     if stream.duration is not None and stream.time_base:
         return float(stream.duration * stream.time_base)
@@ -90,14 +97,16 @@ def probe_audio(data: bytes, *, loc: Sequence[str] = ("file",), max_seconds: flo
     that takes more CPU time than that (this thread's) is refused (``invalid_audio``)."""
     if not data:
         raise _invalid("the audio file is empty", loc)
-    av = _av()
+    _av()
+    import av
+
     cpu0 = time.thread_time()
     try:
         container = av.open(io.BytesIO(data), mode="r", metadata_errors="ignore")
     except av.error.FFmpegError:
         raise _invalid("not an audio file: no audio format recognised in its content", loc) from None
     with container:
-        streams = [s for s in container.streams if s.type == "audio"]
+        streams = container.streams.audio
         if not streams:
             found = ", ".join(sorted({s.type for s in container.streams})) or "none"
             raise _invalid(f"the file ({container.format.name}) has no audio stream (streams found: {found})", loc)

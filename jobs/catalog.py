@@ -11,7 +11,7 @@ from __future__ import annotations
 import tomllib
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Iterator, Literal
 
 from pydantic import (
     BaseModel,
@@ -23,6 +23,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 
 from .errors import ConfigError, InputError
 
@@ -71,7 +72,10 @@ class SpeechLimits(_Strict):
     max_audio_bytes: int = Field(100 * 1024 * 1024, ge=1)
 
 
-LIMITS = {"image": ImageLimits, "video": VideoLimits, "text": TextLimits, "speech": SpeechLimits}
+Limits = ImageLimits | VideoLimits | TextLimits | SpeechLimits
+"""An entry's limits: the class that its kind names in ``LIMITS``."""
+LIMITS: dict[str, type[Limits]] = {"image": ImageLimits, "video": VideoLimits, "text": TextLimits,
+                                   "speech": SpeechLimits}
 
 
 class Price(_Strict):
@@ -116,7 +120,7 @@ class ModelEntry(_Strict):
         return self
 
     @property
-    def limit(self) -> BaseModel:
+    def limit(self) -> Limits:
         """The entry's limits as a typed object (unset limits take their defaults)."""
         return LIMITS[self.kind].model_validate(self.limits)
 
@@ -140,10 +144,10 @@ class ModelEntry(_Strict):
             ) from None
         return parsed.model_dump()
 
-    def _explain(self, err: dict) -> str:
+    def _explain(self, err: ErrorDetails) -> str:
         """Pydantic's message, plus the name of the catalog limit that was passed."""
         field = err["loc"][0] if err["loc"] else None
-        limit = LIMIT_OF.get(field)
+        limit = LIMIT_OF.get(field) if isinstance(field, str) else None
         if err["type"] in ("less_than_equal", "string_too_long", "too_long") and limit:
             return f"{err['msg']} (limit {limit} of model {self.id})"
         if err["type"] == "greater_than_equal" and field in ("width", "height"):
@@ -170,14 +174,14 @@ def _loc(part: Any) -> Any:
 
 # --- input schemas per kind ---------------------------------------------------------
 
-INPUT_FIELDS = {
+INPUT_FIELDS: dict[str, tuple[str, ...]] = {
     "image": ("prompt", "negative_prompt", "width", "height", "steps", "guidance", "seed", "num_images"),
     "video": ("prompt", "negative_prompt", "width", "height", "num_frames", "fps", "steps", "guidance", "seed"),
     "text": ("prompt", "messages", "max_tokens", "temperature", "top_p", "seed", "stop"),
     "speech": ("audio", "language", "task"),
 }
 
-_BUILTIN_DEFAULTS = {
+_BUILTIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "image": {"width": 512, "height": 512, "steps": 4, "guidance": 0.0, "num_images": 1},
     "video": {"width": 256, "height": 256, "num_frames": 17, "fps": 8, "steps": 10, "guidance": 5.0},
     "text": {"max_tokens": 256, "temperature": 1.0, "top_p": 1.0},
@@ -187,7 +191,7 @@ _BUILTIN_DEFAULTS = {
 SEED_MAX = 2**32 - 1
 
 #: Which catalog limit bounds which input field (named in error messages).
-LIMIT_OF = {
+LIMIT_OF: dict[str, str] = {
     "width": "max_width", "height": "max_height", "steps": "max_steps", "num_images": "max_num_images",
     "prompt": "max_prompt_chars", "negative_prompt": "max_prompt_chars", "num_frames": "max_frames",
     "fps": "max_fps", "max_tokens": "max_tokens", "messages": "max_messages", "stop": "max_stop",
@@ -198,7 +202,7 @@ LIMIT_OF = {
 def _effective_defaults(entry: ModelEntry) -> dict[str, Any]:
     """Built-in defaults lowered to the entry's limits, then the entry's own defaults."""
     limits = entry.limit.model_dump()
-    out = {}
+    out: dict[str, Any] = {}
     for name, value in _BUILTIN_DEFAULTS[entry.kind].items():
         cap = limits.get(LIMIT_OF.get(name, ""))
         out[name] = min(value, cap) if isinstance(value, (int, float)) and cap is not None else value
@@ -218,7 +222,11 @@ Seed = Annotated[int, Field(ge=0, le=SEED_MAX, strict=True), BeforeValidator(_in
 """A seed: the bounds on the integer itself, before the validator, so that the JSON schema
 of ``Seed | None`` has them as ``minimum``/``maximum``."""
 
-_REQUIRED_SAMPLE = {"image": {"prompt": "x"}, "video": {"prompt": "x"}, "text": {"prompt": "x"}, "speech": {"audio": "file_x"}}
+_REQUIRED_SAMPLE: dict[str, dict[str, str]] = {"image": {"prompt": "x"}, "video": {"prompt": "x"}, "text": {"prompt": "x"},
+                                               "speech": {"audio": "file_x"}}
+
+
+SpeechTask = Literal["transcribe", "translate"]
 
 
 class Message(_Strict):
@@ -227,14 +235,16 @@ class Message(_Strict):
 
 
 def _build_input_model(entry: ModelEntry) -> type[BaseModel]:
-    lim = entry.limit
+    lim = entry.limit  # the class its kind names in LIMITS
     d = _effective_defaults(entry)
     cfg = ConfigDict(extra="forbid", validate_default=True)
-    if entry.kind in ("image", "video"):
-        def side(name: str, maximum: int) -> tuple:
+    if isinstance(lim, (ImageLimits, VideoLimits)):
+        def side(name: str, maximum: int) -> tuple[Any, Any]:
             return (Integer, Field(d[name], ge=lim.min_side, le=maximum, multiple_of=lim.size_multiple, strict=True))
 
-        fields: dict[str, tuple] = {
+        # ``(type, Field)`` each; typed Any, as ``**fields`` also meets create_model's
+        # other keyword parameters.
+        fields: dict[str, Any] = {
             "prompt": (str, Field(min_length=1, max_length=lim.max_prompt_chars)),
             "negative_prompt": (str | None, Field(d.get("negative_prompt"), max_length=lim.max_prompt_chars)),
             "width": side("width", lim.max_width),
@@ -243,22 +253,27 @@ def _build_input_model(entry: ModelEntry) -> type[BaseModel]:
             "guidance": (float, Field(d["guidance"], ge=0, le=getattr(lim, "max_guidance", 20.0))),
             "seed": (Seed | None, Field(d.get("seed"))),
         }
-        if entry.kind == "image":
+        if isinstance(lim, ImageLimits):
             fields["num_images"] = (Integer, Field(d["num_images"], ge=1, le=lim.max_num_images, strict=True))
             return create_model("ImageInput", __config__=cfg, **fields)
         fields["num_frames"] = (Integer, Field(d["num_frames"], ge=1, le=lim.max_frames, strict=True))
         fields["fps"] = (Integer, Field(d["fps"], ge=1, le=lim.max_fps, strict=True))
 
+        video = lim
+
         def frame_rule(v: int) -> int:
-            if (v - 1) % lim.frame_step:
-                k = (v - 1) // lim.frame_step
-                raise ValueError(f"must be {lim.frame_step}k+1, e.g. {k * lim.frame_step + 1} or "
-                                 f"{(k + 1) * lim.frame_step + 1} (limit frame_step of model {entry.id})")
+            if (v - 1) % video.frame_step:
+                k = (v - 1) // video.frame_step
+                raise ValueError(f"must be {video.frame_step}k+1, e.g. {k * video.frame_step + 1} or "
+                                 f"{(k + 1) * video.frame_step + 1} (limit frame_step of model {entry.id})")
             return v
 
-        return create_model("VideoInput", __config__=cfg, **fields,
-                            __validators__={"frames": field_validator("num_frames")(frame_rule)})
-    if entry.kind == "text":
+        # Values typed Any: pydantic annotates ``__validators__`` as plain functions, but
+        # takes (and documents) decorated ones like these.
+        validators: dict[str, Any] = {"frames": field_validator("num_frames")(frame_rule)}
+        return create_model("VideoInput", __config__=cfg, **fields, __validators__=validators)
+    if isinstance(lim, TextLimits):
+        validators = {"one_of": model_validator(mode="after")(_prompt_xor_messages)}
         model = create_model(
             "TextInput",
             __config__=cfg,
@@ -269,7 +284,7 @@ def _build_input_model(entry: ModelEntry) -> type[BaseModel]:
             top_p=(float, Field(d["top_p"], gt=0, le=1)),
             seed=(Seed | None, Field(d.get("seed"))),
             stop=(list[str] | None, Field(d.get("stop"), max_length=lim.max_stop)),
-            __validators__={"one_of": model_validator(mode="after")(_prompt_xor_messages)},
+            __validators__=validators,
         )
         return model
     return create_model(
@@ -277,12 +292,13 @@ def _build_input_model(entry: ModelEntry) -> type[BaseModel]:
         __config__=cfg,
         audio=(str, Field(min_length=1)),
         language=(str | None, Field(d.get("language"), min_length=2, max_length=8)),
-        task=(Literal["transcribe", "translate"], Field(d["task"])),
+        task=(SpeechTask, Field(d["task"])),
         __validators__={"audio_ref": field_validator("audio")(_audio_ref)},
     )
 
 
-def _prompt_xor_messages(m):
+def _prompt_xor_messages(m: Any) -> Any:
+    """``m``: a ``TextInput`` (a model made at run time, so typed Any here)."""
     if (m.prompt is None) == (m.messages is None):
         raise ValueError("give exactly one of prompt or messages")
     return m
@@ -308,7 +324,7 @@ class Catalog:
                 raise ConfigError(f"{source}: model id {e.id!r} appears twice")
             self.models[e.id] = e
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[ModelEntry]:
         return iter(self.models.values())
 
     def __len__(self) -> int:
@@ -335,7 +351,7 @@ def load_catalog(path: str | Path, models_dir: str | Path | None = None) -> Cata
     raw_models = doc.get("models")
     if not isinstance(raw_models, list) or not raw_models:
         raise ConfigError(f"{path}: needs at least one [[models]] table")
-    entries = []
+    entries: list[ModelEntry] = []
     for i, raw in enumerate(raw_models):
         name = raw.get("id", f"#{i + 1}") if isinstance(raw, dict) else f"#{i + 1}"
         try:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, cast
 
 from sqlalchemy import create_engine, event, text
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, CursorResult, Engine, Result
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -34,7 +34,7 @@ def make_engine(url: str, *, dead_peer_s: float = 15.0) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
-        def _pragmas(dbapi_conn, _record):
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
             # pysqlite's own transaction handling defers BEGIN past SELECTs; take it over
             # so a transaction starts where SQLAlchemy says it does.
             dbapi_conn.isolation_level = None
@@ -45,7 +45,7 @@ def make_engine(url: str, *, dead_peer_s: float = 15.0) -> Engine:
             cur.close()
 
         @event.listens_for(engine, "begin")
-        def _begin(conn):
+        def _begin(conn: Connection) -> None:
             # Deferred by default: a read-only transaction takes no lock, and every write
             # path starts with its write (conditional UPDATEs, INSERTs), so none upgrades
             # a read lock. ``sqlite_begin="IMMEDIATE"`` takes the write lock up front.
@@ -75,6 +75,12 @@ def writing(sessions: sessionmaker[Session]) -> Iterator[Session]:
     with sessions.begin() as session:
         session.connection(execution_options={"sqlite_begin": "IMMEDIATE"})
         yield session
+
+
+def rowcount(result: Result[Any]) -> int:
+    """The rows an UPDATE or DELETE that ``Session.execute`` ran matched. Such a statement's
+    result is a ``CursorResult``; ``Session.execute`` is annotated as returning ``Result``."""
+    return cast("CursorResult[Any]", result).rowcount
 
 
 def migrate(engine: Engine) -> None:

@@ -32,10 +32,11 @@ def _ping(port: int, timeout: float = 0.5) -> bool:
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
-def ensure_redis(data_dir: Path) -> tuple[str, subprocess.Popen | None]:
+def ensure_redis(data_dir: Path) -> tuple[str, subprocess.Popen[bytes] | None]:
     """Return the embedded broker's URL, starting the server if none answers.
 
     The second item is the server process when this call started it (the caller owns
@@ -79,7 +80,7 @@ def ensure_redis(data_dir: Path) -> tuple[str, subprocess.Popen | None]:
     return f"redis://127.0.0.1:{port}/0", proc
 
 
-def stop_redis(proc: subprocess.Popen) -> None:
+def stop_redis(proc: subprocess.Popen[bytes]) -> None:
     """Stop a server ``ensure_redis`` started (it writes its append-only file first)."""
     proc.terminate()
     try:

@@ -20,8 +20,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
-def validation_errors(exc, prefix: tuple | list = ()) -> list[dict]:
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
+
+def validation_errors(exc: ValidationError, prefix: Sequence[str | int] = ()) -> list[dict[str, Any]]:
     """A pydantic ``ValidationError`` as the ``errors`` of an ``InputError``:
     ``{"loc": [*prefix, field…], "msg"}`` each."""
     return [{"loc": [*prefix, *map(str, e["loc"])], "msg": e["msg"]} for e in exc.errors()]
@@ -44,7 +50,7 @@ class InputError(VramqError):
 
     code = "invalid_input"
 
-    def __init__(self, message: str, errors: list[dict] | None = None, code: str | None = None):
+    def __init__(self, message: str, errors: list[dict[str, Any]] | None = None, code: str | None = None):
         super().__init__(message)
         self.errors = errors or []
         if code:

@@ -12,7 +12,10 @@ import json
 import logging
 import queue
 import threading
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, cast
+
+if TYPE_CHECKING:
+    from redis import Redis
 
 log = logging.getLogger("vramq.events")
 
@@ -20,12 +23,15 @@ PREFIX = "vramq:events:"
 TTL_S = 24 * 3600
 MAXLEN = 50_000  # a very long generation keeps its newest events
 
+Event = tuple[str, str, dict[str, Any]]
+"""``(job id or stream entry id, event, data)``."""
+
 
 def key(job_id: str) -> str:
     return PREFIX + job_id
 
 
-def emit(redis, job_id: str, event: str, data: dict[str, Any]) -> None:
+def emit(redis: Redis, job_id: str, event: str, data: dict[str, Any]) -> None:
     """Append one event (a round trip; use ``EventWriter`` on hot paths)."""
     pipe = redis.pipeline(transaction=False)
     pipe.xadd(key(job_id), {"event": event, "data": json.dumps(data)}, maxlen=MAXLEN, approximate=True)
@@ -33,10 +39,12 @@ def emit(redis, job_id: str, event: str, data: dict[str, Any]) -> None:
     pipe.execute()
 
 
-def read(redis, job_id: str, after: str = "0", block_ms: int | None = None) -> list[tuple[str, str, dict]]:
+def read(redis: Redis, job_id: str, after: str = "0", block_ms: int | None = None) -> list[Event]:
     """Events after the stream id ``after``: ``[(id, event, data), …]``."""
-    answer = redis.xread({key(job_id): after}, count=500, block=block_ms)
-    out = []
+    # ``[[stream, [(entry id, fields), …]], …]``: the RESP2 answer (vramq's clients speak
+    # RESP2; the annotation also allows RESP3's mapping).
+    answer = cast("list[list[Any]]", redis.xread({key(job_id): after}, count=500, block=block_ms))
+    out: list[Event] = []
     for _stream, entries in answer or []:
         for entry_id, fields in entries:
             entry_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
@@ -53,9 +61,9 @@ class EventWriter:
     events are dropped with a warning: they are a live view, the job row is the record.
     """
 
-    def __init__(self, redis):
+    def __init__(self, redis: Redis):
         self.redis = redis
-        self._q: queue.Queue[tuple[str, str, dict] | None] = queue.Queue()
+        self._q: queue.Queue[Event | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="event-writer", daemon=True)
         self._thread.start()
 
@@ -66,7 +74,7 @@ class EventWriter:
         self._q.put(None)
         self._thread.join(timeout)
 
-    def _drain(self) -> Iterator[tuple[str, str, dict] | None]:
+    def _drain(self) -> Iterator[Event | None]:
         yield self._q.get()
         while True:
             try:
@@ -76,9 +84,9 @@ class EventWriter:
 
     def _run(self) -> None:
         while True:
-            batch = list(self._drain())
-            stop = None in batch
-            batch = _coalesce([b for b in batch if b is not None])
+            drained = list(self._drain())
+            stop = None in drained
+            batch = _coalesce([b for b in drained if b is not None])
             if batch:
                 try:
                     pipe = self.redis.pipeline(transaction=False)
@@ -93,12 +101,12 @@ class EventWriter:
                 return
 
 
-def _coalesce(batch: list[tuple[str, str, dict]]) -> list[tuple[str, str, dict]]:
+def _coalesce(batch: list[Event]) -> list[Event]:
     """Merge a job's consecutive ``delta`` events into one (same text, far fewer writes).
 
     Under load tokens arrive faster than one write each; joined, the deltas are unchanged.
     """
-    out: list[tuple[str, str, dict]] = []
+    out: list[Event] = []
     for job_id, event, data in batch:
         if event == "delta" and out and out[-1][0] == job_id and out[-1][1] == "delta":
             out[-1] = (job_id, "delta", {"text": out[-1][2]["text"] + data["text"]})

@@ -5,18 +5,22 @@ from __future__ import annotations
 import json
 import threading
 import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from redis import Redis
 
 PREFIX = "vramq:workers:"
 TTL_S = 15
 
 
-def announce(redis, name: str, info: dict) -> None:
+def announce(redis: Redis, name: str, info: dict[str, Any]) -> None:
     redis.set(PREFIX + name, json.dumps(info), ex=TTL_S)
 
 
-def live_workers(redis) -> list[dict]:
+def live_workers(redis: Redis) -> list[dict[str, Any]]:
     """Workers that announced themselves within the last ``TTL_S`` seconds."""
-    out = []
+    out: list[dict[str, Any]] = []
     for key in redis.scan_iter(PREFIX + "*"):
         raw = redis.get(key)
         if raw:
@@ -24,18 +28,18 @@ def live_workers(redis) -> list[dict]:
     return out
 
 
-def withdraw(redis, name: str) -> None:
+def withdraw(redis: Redis, name: str) -> None:
     redis.delete(PREFIX + name)
 
 
-def served_by(workers: list[dict]) -> set[str]:
+def served_by(workers: list[dict[str, Any]]) -> set[str]:
     """Models at least one of ``workers`` serves (loading or ready, resident or on demand),
     leaving out those a worker tried and failed to load (``failed_models``)."""
     return {m for w in workers if w.get("state") in ("loading", "ready")
             for m in w.get("models", []) if m not in w.get("failed_models", {})}
 
 
-def served_models(redis) -> set[str]:
+def served_models(redis: Redis) -> set[str]:
     """Models at least one live worker serves."""
     return served_by(live_workers(redis))
 
@@ -44,7 +48,7 @@ class ServedModels:
     """``served_models`` read at most once per ``ttl_s`` per process (the submit path asks
     on every request; a worker that just died still counts until its key expires)."""
 
-    def __init__(self, redis, ttl_s: float = 1.0):
+    def __init__(self, redis: Redis, ttl_s: float = 1.0):
         self.redis, self.ttl_s = redis, ttl_s
         self._value: set[str] = set()
         self._at = float("-inf")

@@ -33,16 +33,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, time, timedelta, timezone
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import Insert, Row, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from .errors import InputError, QuotaExceeded
 from .pricing import charge
-from .schema import Account, Job, LedgerEntry, Wallet
+from .schema import Account, Base, Job, LedgerEntry, Wallet
 from .views import iso
 
+if TYPE_CHECKING:
+    from .settings import Settings
+
 MAX_CREDIT = 1_000_000_000
+
+
+def _iso(when: datetime) -> str:
+    """``views.iso`` for a time that is there (its annotation allows None in and out)."""
+    text = iso(when)
+    assert text is not None
+    return text
 
 
 def day_of(now: datetime) -> str:
@@ -58,8 +69,9 @@ def resets_at(now: datetime) -> datetime:
 class Allowances:
     """Daily allowance by tier (``VRAMQ_ANONYMOUS_DAILY_TOKENS``, ``VRAMQ_FREE_DAILY_TOKENS``)."""
 
-    def __init__(self, settings):
-        self.by_tier = {"anonymous": settings.anonymous_daily_tokens, "free": settings.free_daily_tokens}
+    def __init__(self, settings: Settings):
+        self.by_tier: dict[str, int] = {"anonymous": settings.anonymous_daily_tokens,
+                                        "free": settings.free_daily_tokens}
 
     def for_tier(self, tier: str) -> int:
         return self.by_tier.get(tier, self.by_tier["free"])
@@ -98,15 +110,18 @@ def lock(session: Session, holder: str) -> _Totals:
         session.execute(_insert_ignore(session, Wallet, {"holder": holder, "version": 0, "day": "", "used": 0,
                                                          "balance": 0}))
         row = session.execute(bump).first()
+        assert row is not None  # inserted just now, or by a concurrent transaction
     return _Totals(holder, row.day, int(row.used), int(row.balance))
 
 
-def _insert_ignore(session: Session, table, values: dict):
+def _insert_ignore(session: Session, table: type[Base], values: dict[str, Any]) -> Insert:
     if session.get_bind().dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    return insert(table).values(**values).on_conflict_do_nothing()
+        from sqlalchemy.dialects import postgresql
+
+        return postgresql.insert(table).values(**values).on_conflict_do_nothing()
+    from sqlalchemy.dialects import sqlite
+
+    return sqlite.insert(table).values(**values).on_conflict_do_nothing()
 
 
 def ledger_used(session: Session, holder: str, day: str) -> int:
@@ -136,7 +151,7 @@ class Usage:
     def available(self) -> int:
         return max(0, self.daily_allowance - self.used_today) + self.balance
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {"tier": self.tier, "daily_allowance": self.daily_allowance, "used_today": self.used_today,
                 "balance": self.balance, "available": self.available, "resets_at": iso(self.resets_at)}
 
@@ -191,9 +206,10 @@ def reserve_many(session: Session, holder: str, daily: int, items: list[tuple[st
         raise QuotaExceeded(
             f"{what} {tokens} tokens and {available} are left (daily allowance {daily}, "
             f"{used} used today, balance {balance}); the allowance resets at {iso(resets_at(now))}",
-            needed=tokens, available=available, resets_at=iso(resets_at(now)),
+            needed=tokens, available=available, resets_at=_iso(resets_at(now)),
         )
-    rows, spent_allowance = [], 0
+    rows: list[dict[str, Any]] = []
+    spent_allowance = 0
     for job_id, t in items:
         a = min(t, allowance_left - spent_allowance)
         spent_allowance += a
@@ -280,7 +296,7 @@ def refund_many(session: Session, job_ids: list[str], now: datetime, reason: str
             .where(LedgerEntry.job_id.in_(ids), LedgerEntry.entry == "reserve")
             .order_by(LedgerEntry.holder)
         ).all()
-        by_holder: dict[str, list] = {}
+        by_holder: dict[str, list[Row[str, str | None, str, int, int]]] = {}
         for r in open_rows:
             by_holder.setdefault(r.holder, []).append(r)
         for holder, reservations in by_holder.items():
@@ -288,7 +304,8 @@ def refund_many(session: Session, job_ids: list[str], now: datetime, reason: str
             closed = set(session.execute(select(LedgerEntry.job_id).where(
                 LedgerEntry.job_id.in_([r.job_id for r in reservations]),
                 LedgerEntry.entry.in_(("settle", "refund")))).scalars())
-            rows, per_day = [], {}
+            rows: list[dict[str, Any]] = []
+            per_day: dict[str, tuple[int, int]] = {}
             for r in reservations:
                 if r.job_id in closed:
                     continue

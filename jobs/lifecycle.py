@@ -20,11 +20,12 @@ the events; nothing else ends a job.
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
-from typing import Any, Iterable
+from typing import Any, Iterable, NoReturn
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import ColumnElement, and_, or_, select, update
 from sqlalchemy.orm import Session
 
+from .db import rowcount
 from .errors import Conflict, NotFound
 from .schema import Job
 
@@ -54,7 +55,7 @@ def take(session: Session, job_id: str, worker: str, lease_s: float, now: dateti
             attempts=Job.attempts + 1,
         )
     )
-    return result.rowcount == 1
+    return rowcount(result) == 1
 
 
 def renew(session: Session, worker: str, job_ids: Iterable[str], lease_s: float, now: datetime | None = None) -> set[str]:
@@ -112,7 +113,7 @@ def succeed(
             expires_at=expires_at,
         )
     )
-    return result.rowcount == 1
+    return rowcount(result) == 1
 
 
 def fail(
@@ -141,7 +142,7 @@ def fail(
             lease_expires_at=None,
         )
     )
-    return result.rowcount == 1
+    return rowcount(result) == 1
 
 
 def release(session: Session, job_id: str, worker: str) -> bool:
@@ -155,7 +156,7 @@ def release(session: Session, job_id: str, worker: str) -> bool:
         .values(status=QUEUED, lease_owner=None, lease_expires_at=None, progress=0.0, started_at=None,
                 attempts=Job.attempts - 1)
     )
-    return result.rowcount == 1
+    return rowcount(result) == 1
 
 
 def cancel(session: Session, job_id: str, now: datetime | None = None) -> str:
@@ -171,7 +172,7 @@ def cancel(session: Session, job_id: str, now: datetime | None = None) -> str:
     raise_not_cancelable(session, job_id)
 
 
-def raise_not_cancelable(session: Session, job_id: str):
+def raise_not_cancelable(session: Session, job_id: str) -> NoReturn:
     """NotFound for a job that does not exist, Conflict for one already finished."""
     status = session.execute(select(Job.status).where(Job.id == job_id)).scalar()
     if status is None:
@@ -179,7 +180,7 @@ def raise_not_cancelable(session: Session, job_id: str):
     raise Conflict(f"job {job_id} already {status}")
 
 
-def cancel_where(session: Session, condition, now: datetime | None = None) -> dict[str, list[str]]:
+def cancel_where(session: Session, condition: ColumnElement[bool], now: datetime | None = None) -> dict[str, list[str]]:
     """Cancel every queued or running job matching ``condition`` (one UPDATE per state);
     return the ids canceled by the state they had: ``{"queued": […], "running": […]}``."""
     now = now or utcnow()
@@ -212,7 +213,7 @@ def requeue_expired(session: Session, job_ids: list[str], now: datetime | None =
         .values(status=QUEUED, lease_owner=None, lease_expires_at=None, progress=0.0)
         .returning(Job.id, Job.model, Job.priority)
     )
-    return [tuple(r) for r in rows]
+    return [(job_id, model, priority) for job_id, model, priority in rows]
 
 
 def fail_lapsed(session: Session, job_id: str, code: str, message: str, now: datetime | None = None) -> bool:
@@ -224,4 +225,4 @@ def fail_lapsed(session: Session, job_id: str, code: str, message: str, now: dat
         .values(status=FAILED, error_code=code, error_message=message[:2000], finished_at=now,
                 lease_owner=None, lease_expires_at=None)
     )
-    return result.rowcount == 1
+    return rowcount(result) == 1

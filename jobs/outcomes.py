@@ -30,15 +30,20 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, select
 from sqlalchemy.orm import Session
 
 from . import ledger, lifecycle
+from .events import Event, EventWriter, emit
 from .lifecycle import CANCELED, FAILED, QUEUED, RUNNING, SUCCEEDED
 from .schema import Job
 from .webhooks import outbox
+
+if TYPE_CHECKING:
+    from celery import Celery
+    from redis import Redis
 
 log = logging.getLogger("vramq.outcomes")
 
@@ -92,7 +97,7 @@ class Ending:
     """Of the canceled jobs, those that were running (their workers stop between steps)."""
     turns: list[tuple[str, str, str]] = field(default_factory=list)
     """``(job id, model, priority)`` of each job queued again: one message each."""
-    events: list[tuple[str, str, dict]] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
 
     @property
     def won(self) -> bool:
@@ -101,7 +106,7 @@ class Ending:
     def ids(self, status: str) -> list[str]:
         return self.moved.get(status, [])
 
-    def publish(self, celery) -> None:
+    def publish(self, celery: Celery) -> None:
         """Send a turn for each job queued again (after the commit; raises if the broker is
         down: the jobs stay queued, and ``jobs.turns`` tops up what is missing)."""
         from .queue import publish
@@ -109,27 +114,26 @@ class Ending:
         for job_id, model, priority in self.turns:
             publish(celery, job_id, model, priority)
 
-    def announce(self, sink) -> None:
+    def announce(self, sink: EventWriter | Redis) -> None:
         """Append the events: ``sink`` is an ``EventWriter`` (``put``) or a Redis client.
         Best effort: the job row is the record, the stream only a live view of it."""
-        from . import events
-
         for job_id, event, data in self.events:
             try:
-                if hasattr(sink, "put"):
+                if isinstance(sink, EventWriter):
                     sink.put(job_id, event, data)
                 else:
-                    events.emit(sink, job_id, event, data)
+                    emit(sink, job_id, event, data)
             except Exception as exc:  # Redis down: readers fall back on the row
                 log.warning("event %s of %s not appended: %s", event, job_id, exc)
                 return
 
 
-Render = Callable[[Job], dict]
+Render = Callable[[Job], dict[str, Any]]
 
 
-def end(session: Session, outcome: Outcome, *, job_id: str | None = None, where=None, worker: str | None = None,
-        allowances=None, render: Render | None = None, now: datetime | None = None) -> Ending:
+def end(session: Session, outcome: Outcome, *, job_id: str | None = None, where: ColumnElement[bool] | None = None,
+        worker: str | None = None, allowances: ledger.Allowances | None = None, render: Render | None = None,
+        now: datetime | None = None) -> Ending:
     """End the run of one job (``job_id``), or of every job matching ``where`` (cancel
     and lease expiry), with ``outcome``; in the caller's transaction.
 
@@ -140,34 +144,64 @@ def end(session: Session, outcome: Outcome, *, job_id: str | None = None, where=
     now = now or lifecycle.utcnow()
     ending = Ending()
     if isinstance(outcome, Succeeded):
+        job_id, worker, allowances = _one(job_id), _owner(worker), _settling(allowances)
         if lifecycle.succeed(session, job_id, worker, outcome.output, outcome.gpu_seconds, outcome.usage,
                              outcome.expires_at, now):
-            job = session.get(Job, job_id, populate_existing=True)
+            job = _reloaded(session, job_id)
             ledger.settle(session, job, outcome.gpu_seconds, allowances, now)
             _ended(session, ending, [job_id], SUCCEEDED, "job.succeeded", render, now)
             ending.events.insert(0, (job_id, "progress", {"progress": 1.0}))
     elif isinstance(outcome, Failed):
+        job_id = _one(job_id)
         if lifecycle.fail(session, job_id, worker, outcome.code, outcome.message, outcome.gpu_seconds, now):
             ledger.refund(session, job_id, now, f"refund: job failed ({outcome.code})")
             _ended(session, ending, [job_id], FAILED, "job.failed", render, now)
     elif isinstance(outcome, Canceled):
         condition = Job.id == job_id if job_id is not None else where
+        if condition is None:
+            raise TypeError("a cancel names its jobs: pass job_id or where")
         moved = lifecycle.cancel_where(session, condition, now)
         ledger.refund_many(session, moved[QUEUED], now, "refund: canceled before it started")
         for jid in moved[RUNNING]:  # it held a GPU slot: charged its minimum
-            job = session.get(Job, jid, populate_existing=True)
-            ledger.settle(session, job, 0.0, allowances, now, cost=job.min_tokens)
+            job = _reloaded(session, jid)
+            ledger.settle(session, job, 0.0, _settling(allowances), now, cost=job.min_tokens)
         ending.canceled_running = moved[RUNNING]
         _ended(session, ending, moved[QUEUED] + moved[RUNNING], CANCELED, "job.canceled", render, now)
     elif isinstance(outcome, LeaseLapsed):
         _lease_lapsed(session, ending, outcome, render, now)
     elif isinstance(outcome, GivenBack):
-        if lifecycle.release(session, job_id, worker):
-            job = session.get(Job, job_id, populate_existing=True)
+        job_id = _one(job_id)
+        if lifecycle.release(session, job_id, _owner(worker)):
+            job = _reloaded(session, job_id)
             _requeued(ending, [(job.id, job.model, job.priority)])
     else:
         raise TypeError(f"not an outcome: {outcome!r}")
     return ending
+
+
+def _one(job_id: str | None) -> str:
+    if job_id is None:
+        raise TypeError("this outcome ends one job: pass job_id")
+    return job_id
+
+
+def _owner(worker: str | None) -> str:
+    if worker is None:
+        raise TypeError("only the worker that owns the job's lease records this outcome: pass worker")
+    return worker
+
+
+def _settling(allowances: ledger.Allowances | None) -> ledger.Allowances:
+    if allowances is None:
+        raise TypeError("this outcome settles the job's tokens: pass allowances")
+    return allowances
+
+
+def _reloaded(session: Session, job_id: str) -> Job:
+    """The job's row as the transition just left it (it exists: the transition matched it)."""
+    job = session.get(Job, job_id, populate_existing=True)
+    assert job is not None
+    return job
 
 
 def _ended(session: Session, ending: Ending, job_ids: list[str], status: str, event: str,
@@ -198,7 +232,7 @@ def _lease_lapsed(session: Session, ending: Ending, outcome: LeaseLapsed, render
         select(Job.id, Job.attempts).where(Job.status == RUNNING, Job.lease_expires_at < now)
         .order_by(Job.lease_expires_at).limit(outcome.limit)).all())
     poisoned = [jid for jid, attempts in lapsed if attempts >= outcome.max_attempts]
-    lost = []
+    lost: list[str] = []
     for jid in poisoned:
         message = (f"its worker stopped (died, hung or lost its connection) while running it, "
                    f"{outcome.max_attempts} times; not tried again (VRAMQ_MAX_ATTEMPTS)")

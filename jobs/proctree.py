@@ -28,6 +28,8 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import FrameType
+from typing import IO, Any
 
 _PR_SET_PDEATHSIG = 1
 # Loaded before any fork: the child side of ``spawn`` must not load libraries.
@@ -38,11 +40,12 @@ def set_parent_death_signal(sig: int = signal.SIGTERM) -> bool:
     """Ask the kernel to send ``sig`` to this process when its parent dies (Linux only)."""
     if _libc is None:
         return False
-    return _libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    status: int = _libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    return status == 0
 
 
 def spawn(argv: list[str], *, env: dict[str, str] | None = None, cwd: str | Path | None = None,
-          stdout=None, stderr=None) -> subprocess.Popen:
+          stdout: int | IO[Any] | None = None, stderr: int | IO[Any] | None = None) -> subprocess.Popen[bytes]:
     """Start ``argv`` in its own session, bound to die (SIGTERM) when this process dies."""
     parent = os.getpid()
 
@@ -78,7 +81,7 @@ def bind_if_asked() -> None:
         set_parent_death_signal(signal.SIGTERM)
 
 
-def signal_group(popen: subprocess.Popen, sig: int) -> bool:
+def signal_group(popen: subprocess.Popen[Any], sig: int) -> bool:
     """Send ``sig`` to the whole process group a ``spawn``ed child leads (the child and
     everything it started): SIGKILL, or SIGSTOP and SIGCONT to pause and resume it all.
     False if the group is gone."""
@@ -89,13 +92,13 @@ def signal_group(popen: subprocess.Popen, sig: int) -> bool:
     return True
 
 
-def kill_group(popen: subprocess.Popen) -> None:
+def kill_group(popen: subprocess.Popen[Any]) -> None:
     """SIGKILL the child's whole process group (the child and anything it left), then reap it."""
     signal_group(popen, signal.SIGKILL)
     popen.wait()
 
 
-def terminate_all(children: list[subprocess.Popen], grace_s: float) -> list[subprocess.Popen]:
+def terminate_all(children: list[subprocess.Popen[Any]], grace_s: float) -> list[subprocess.Popen[Any]]:
     """SIGTERM every live child, wait up to ``grace_s`` for all of them, then SIGKILL the
     process group of each (whatever is left of it). Returns the children that had to be
     killed because they outlived the grace period."""
@@ -108,7 +111,7 @@ def terminate_all(children: list[subprocess.Popen], grace_s: float) -> list[subp
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + grace_s
-    overdue = []
+    overdue: list[subprocess.Popen[Any]] = []
     for p in live:
         try:
             p.wait(timeout=max(deadline - time.monotonic(), 0.1))
@@ -140,7 +143,7 @@ class StopSignals:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
 
-    def _on_signal(self, signum, _frame) -> None:
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         first = self.requested is None
         self.requested = self.requested or signum
         if first and self.raising:

@@ -29,15 +29,21 @@ import logging
 import secrets
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import ClassVar
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 from sqlalchemy import delete, exists, null, select, update
 from sqlalchemy.orm import Session
 
+from .db import rowcount
 from .errors import Conflict
 from .files import File, delete_object
 from .lifecycle import QUEUED, RUNNING, SUCCEEDED
 from .schema import Batch, IdempotencyKey, Job, Share
+
+if TYPE_CHECKING:
+    from redis import Redis
+
+    from .services import Services
 
 log = logging.getLogger("vramq.retention")
 
@@ -50,7 +56,7 @@ def save(session: Session, job: Job, keep: bool = True) -> None:
     result = session.execute(
         update(Job).where(Job.id == job.id, Job.outputs_expired_at.is_(None)).values(saved=keep)
     )
-    if result.rowcount != 1:
+    if rowcount(result) != 1:
         raise Conflict(f"the outputs of job {job.id} have expired and were deleted; there is nothing to save")
 
 
@@ -69,9 +75,9 @@ def share(session: Session, job: Job, now: datetime) -> Share:
 
 def unshare(session: Session, job: Job, now: datetime) -> int:
     """Revoke every live share of the job; return how many were revoked."""
-    return session.execute(
+    return rowcount(session.execute(
         update(Share).where(Share.job_id == job.id, Share.revoked_at.is_(None)).values(revoked_at=now)
-    ).rowcount
+    ))
 
 
 def shared_job(session: Session, token: str) -> Job | None:
@@ -102,7 +108,7 @@ class SweepReport:
 
     def counts(self) -> dict[str, int]:
         """How many of each class were deleted, for the metrics."""
-        out = {}
+        out: dict[str, int] = {}
         for what in self.CLASSES:
             value = getattr(self, what)
             out[what] = value if isinstance(value, int) else len(value)
@@ -118,7 +124,7 @@ class SweepReport:
                 f"{c['idempotency_keys']} idempotency keys; revoked {self.shares_revoked} shares of expired jobs")
 
 
-def sweep(services, now: datetime, limit: int = 500) -> SweepReport:
+def sweep(services: Services, now: datetime, limit: int = 500) -> SweepReport:
     """Delete everything past its time (see the module's docstring); return what went.
 
     Each class is swept on its own, objects before rows, so one that cannot be reached
@@ -137,7 +143,7 @@ def sweep(services, now: datetime, limit: int = 500) -> SweepReport:
     return report
 
 
-def _sweep_outputs(services, now: datetime, limit: int) -> list[str]:
+def _sweep_outputs(services: Services, now: datetime, limit: int) -> list[str]:
     """Delete the outputs of unsaved jobs past ``expires_at``; return the job ids swept.
 
     Two steps, so storage being down loses nothing: a job is first *marked*
@@ -173,7 +179,7 @@ def _sweep_outputs(services, now: datetime, limit: int) -> list[str]:
     return swept
 
 
-def _deleted(delete_objects, what: str, ident: str) -> bool:
+def _deleted(delete_objects: Callable[[], object], what: str, ident: str) -> bool:
     """Run ``delete_objects``; False (and a warning) if the store failed: the row that
     names the objects is kept, so the next sweep tries again and nothing is lost."""
     try:
@@ -184,21 +190,21 @@ def _deleted(delete_objects, what: str, ident: str) -> bool:
     return True
 
 
-def _revoke_expired_shares(services, now: datetime) -> int:
+def _revoke_expired_shares(services: Services, now: datetime) -> int:
     """Revoke the live shares of jobs whose outputs have expired: a public link must not
     outlive what it shows. Covers every expired job, so shares of jobs expired before
     this rule existed are revoked too."""
     expired = select(Job.id).where(Job.outputs_expired_at.is_not(None))
     with services.sessions.begin() as session:
-        return session.execute(
+        return rowcount(session.execute(
             update(Share).where(Share.revoked_at.is_(None), Share.job_id.in_(expired)).values(revoked_at=now)
-        ).rowcount
+        ))
 
 
-def _delete_revoked_shares(services, cutoff: datetime) -> int:
+def _delete_revoked_shares(services: Services, cutoff: datetime) -> int:
     """Delete share rows revoked before ``cutoff`` (a revoked token answers 404 either way)."""
     with services.sessions.begin() as session:
-        return session.execute(delete(Share).where(Share.revoked_at <= cutoff)).rowcount
+        return rowcount(session.execute(delete(Share).where(Share.revoked_at <= cutoff)))
 
 
 def _files_due(session: Session, cutoff: datetime, limit: int) -> list[str]:
@@ -212,7 +218,7 @@ def _files_due(session: Session, cutoff: datetime, limit: int) -> list[str]:
     ).scalars())
 
 
-def _sweep_files(services, cutoff: datetime, limit: int) -> list[str]:
+def _sweep_files(services: Services, cutoff: datetime, limit: int) -> list[str]:
     """Delete uploaded files past their time, the object first, then the row: a row
     whose object could not be deleted stays and is retried by the next sweep. Once the
     row is gone the file id is 404 like any unknown id (a job submitted with it in the
@@ -229,7 +235,7 @@ def _sweep_files(services, cutoff: datetime, limit: int) -> list[str]:
     return swept
 
 
-def _sweep_manifests(services, cutoff: datetime, limit: int) -> list[str]:
+def _sweep_manifests(services: Services, cutoff: datetime, limit: int) -> list[str]:
     """Delete the results manifests of batches finished before ``cutoff``, then clear
     ``results_key`` (the batch then shows ``results_url: null``). A manifest that could
     not be deleted keeps its key, so its link still works and the next sweep retries."""
@@ -248,14 +254,14 @@ def _sweep_manifests(services, cutoff: datetime, limit: int) -> list[str]:
     return swept
 
 
-def _delete_idempotency_keys(services, cutoff: datetime) -> int:
+def _delete_idempotency_keys(services: Services, cutoff: datetime) -> int:
     """Delete ``Idempotency-Key`` records made before ``cutoff``: past the window they
     no longer replay anything (jobs.idempotency), so they are dead weight."""
     with services.sessions.begin() as session:
-        return session.execute(delete(IdempotencyKey).where(IdempotencyKey.created_at < cutoff)).rowcount
+        return rowcount(session.execute(delete(IdempotencyKey).where(IdempotencyKey.created_at < cutoff)))
 
 
-def _add_to_totals(services, report: SweepReport) -> None:
+def _add_to_totals(services: Services, report: SweepReport) -> None:
     """Add the sweep's counts to ``DELETED_KEY`` in Redis. The sweeper is a process of
     its own; the API's /metrics reads the totals there. Redis being down costs these
     counts (logged), never the sweep."""
@@ -273,7 +279,7 @@ def _add_to_totals(services, report: SweepReport) -> None:
         log.warning("could not add the sweep's counts %s to the metrics in Redis (%s)", counts, exc)
 
 
-def deleted_totals(redis_client) -> dict[str, int]:
+def deleted_totals(redis_client: Redis) -> dict[str, int]:
     """Everything every sweep deleted so far, per class (0 for a class never swept)."""
     raw = redis_client.hgetall(DELETED_KEY)
     totals = {k.decode() if isinstance(k, bytes) else k: int(v) for k, v in raw.items()}

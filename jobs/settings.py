@@ -11,10 +11,12 @@ import os
 import secrets
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 from . import defaults
 from .errors import ConfigError
+
+_Number = TypeVar("_Number", int, float)
 
 
 @dataclass(frozen=True)
@@ -82,10 +84,10 @@ class Settings:
             value = env.get(f"VRAMQ_{name}")
             return value if value not in (None, "") else None
 
-        def number(name: str, default, kind=int, zero_ok: bool = False):
+        def parsed(name: str, kind: Callable[[str], _Number], zero_ok: bool) -> _Number | None:
             raw = get(name)
             if raw is None:
-                return default
+                return None
             try:
                 value = kind(raw)
             except ValueError:
@@ -94,10 +96,18 @@ class Settings:
                 raise ConfigError(f"VRAMQ_{name} must be {'zero or more' if zero_ok else 'positive'}, got {raw!r}")
             return value
 
+        def integer(name: str, default: int, zero_ok: bool = False) -> int:
+            value = parsed(name, int, zero_ok)
+            return default if value is None else value
+
+        def number(name: str, default: float, zero_ok: bool = False) -> float:
+            value = parsed(name, float, zero_ok)
+            return default if value is None else value
+
         data_dir = Path(get("DATA_DIR") or defaults.DATA_DIR).expanduser().resolve()
         secret = get("SECRET_KEY") or _embedded_secret(data_dir)
-        lease_s = number("LEASE_SECONDS", defaults.LEASE_S, float)
-        visibility = number("VISIBILITY_TIMEOUT", defaults.VISIBILITY_TIMEOUT_S)
+        lease_s = number("LEASE_SECONDS", defaults.LEASE_S)
+        visibility = integer("VISIBILITY_TIMEOUT", defaults.VISIBILITY_TIMEOUT_S)
         if visibility <= lease_s:
             raise ConfigError("VRAMQ_VISIBILITY_TIMEOUT must exceed VRAMQ_LEASE_SECONDS")
         catalog = get("CATALOG")
@@ -109,43 +119,43 @@ class Settings:
             s3_endpoint_url=get("S3_ENDPOINT_URL"),
             catalog=Path(catalog).expanduser().resolve() if catalog else None,
             models_dir=Path(get("MODELS_DIR") or data_dir / "models").expanduser().resolve(),
-            link_ttl=number("LINK_TTL", defaults.LINK_TTL_S),
-            retention_hours=number("RETENTION_HOURS", defaults.RETENTION_HOURS, float),
+            link_ttl=integer("LINK_TTL", defaults.LINK_TTL_S),
+            retention_hours=number("RETENTION_HOURS", defaults.RETENTION_HOURS),
             secret_key=secret,
             admin_key=get("ADMIN_KEY"),
             webhook_allow_hosts=tuple(h.lower() for h in _split(get("WEBHOOK_ALLOW_HOSTS"))),
             public_url=(get("PUBLIC_URL") or "").rstrip("/") or None,
-            max_body_bytes=number("MAX_BODY_KB", defaults.MAX_BODY_KB) * 1024,
-            max_upload_bytes=number("MAX_UPLOAD_MB", defaults.MAX_UPLOAD_MB) * 1024 * 1024,
+            max_body_bytes=integer("MAX_BODY_KB", defaults.MAX_BODY_KB) * 1024,
+            max_upload_bytes=integer("MAX_UPLOAD_MB", defaults.MAX_UPLOAD_MB) * 1024 * 1024,
             lease_s=lease_s,
             visibility_timeout_s=visibility,
             trusted_proxies=_split(get("TRUSTED_PROXIES")),
-            anonymous_daily_tokens=number("ANONYMOUS_DAILY_TOKENS", defaults.ANONYMOUS_DAILY_TOKENS, zero_ok=True),
-            free_daily_tokens=number("FREE_DAILY_TOKENS", defaults.FREE_DAILY_TOKENS, zero_ok=True),
-            rate_limit_anonymous=number("RATE_LIMIT_ANONYMOUS", defaults.RATE_LIMIT_ANONYMOUS, zero_ok=True),
-            rate_limit_keyed=number("RATE_LIMIT_KEYED", defaults.RATE_LIMIT_KEYED, zero_ok=True),
-            sweep_s=number("SWEEP_SECONDS", defaults.SWEEP_S, float),
-            max_attempts=number("MAX_ATTEMPTS", defaults.MAX_ATTEMPTS),
-            spool_s=number("SPOOL_SECONDS", defaults.SPOOL_S, float),
-            spool_max_bytes=number("SPOOL_MAX_MB", defaults.SPOOL_MAX_MB) * 1024 * 1024,
-            upload_retention_hours=number("UPLOAD_RETENTION_HOURS", defaults.UPLOAD_RETENTION_HOURS, float),
-            idempotency_hours=number("IDEMPOTENCY_HOURS", defaults.IDEMPOTENCY_HOURS, float),
-            max_batch_body_bytes=number("MAX_BATCH_BODY_MB", defaults.MAX_BATCH_BODY_MB) * 1024 * 1024,
-            anonymous_batch_jobs=number("ANONYMOUS_BATCH_JOBS", defaults.ANONYMOUS_BATCH_JOBS, zero_ok=True),
-            accounts_per_day=number("ACCOUNTS_PER_DAY", defaults.ACCOUNTS_PER_DAY, zero_ok=True),
+            anonymous_daily_tokens=integer("ANONYMOUS_DAILY_TOKENS", defaults.ANONYMOUS_DAILY_TOKENS, zero_ok=True),
+            free_daily_tokens=integer("FREE_DAILY_TOKENS", defaults.FREE_DAILY_TOKENS, zero_ok=True),
+            rate_limit_anonymous=integer("RATE_LIMIT_ANONYMOUS", defaults.RATE_LIMIT_ANONYMOUS, zero_ok=True),
+            rate_limit_keyed=integer("RATE_LIMIT_KEYED", defaults.RATE_LIMIT_KEYED, zero_ok=True),
+            sweep_s=number("SWEEP_SECONDS", defaults.SWEEP_S),
+            max_attempts=integer("MAX_ATTEMPTS", defaults.MAX_ATTEMPTS),
+            spool_s=number("SPOOL_SECONDS", defaults.SPOOL_S),
+            spool_max_bytes=integer("SPOOL_MAX_MB", defaults.SPOOL_MAX_MB) * 1024 * 1024,
+            upload_retention_hours=number("UPLOAD_RETENTION_HOURS", defaults.UPLOAD_RETENTION_HOURS),
+            idempotency_hours=number("IDEMPOTENCY_HOURS", defaults.IDEMPOTENCY_HOURS),
+            max_batch_body_bytes=integer("MAX_BATCH_BODY_MB", defaults.MAX_BATCH_BODY_MB) * 1024 * 1024,
+            anonymous_batch_jobs=integer("ANONYMOUS_BATCH_JOBS", defaults.ANONYMOUS_BATCH_JOBS, zero_ok=True),
+            accounts_per_day=integer("ACCOUNTS_PER_DAY", defaults.ACCOUNTS_PER_DAY, zero_ok=True),
             allowed_hosts=_allowed_hosts(get("ALLOWED_HOSTS"), get("PUBLIC_URL")),
-            max_streams_per_caller=number("MAX_STREAMS_PER_CALLER", defaults.MAX_STREAMS_PER_CALLER),
-            max_streams=number("MAX_STREAMS", defaults.MAX_STREAMS, zero_ok=True),
-            stream_s=number("STREAM_SECONDS", defaults.STREAM_S, float),
-            anonymous_max_upload_bytes=number("ANONYMOUS_MAX_UPLOAD_MB", defaults.ANONYMOUS_MAX_UPLOAD_MB) * 1024 * 1024,
-            upload_quota_bytes=number("UPLOAD_QUOTA_MB", defaults.UPLOAD_QUOTA_MB, zero_ok=True) * 1024 * 1024,
-            anonymous_upload_quota_bytes=number("ANONYMOUS_UPLOAD_QUOTA_MB", defaults.ANONYMOUS_UPLOAD_QUOTA_MB,
+            max_streams_per_caller=integer("MAX_STREAMS_PER_CALLER", defaults.MAX_STREAMS_PER_CALLER),
+            max_streams=integer("MAX_STREAMS", defaults.MAX_STREAMS, zero_ok=True),
+            stream_s=number("STREAM_SECONDS", defaults.STREAM_S),
+            anonymous_max_upload_bytes=integer("ANONYMOUS_MAX_UPLOAD_MB", defaults.ANONYMOUS_MAX_UPLOAD_MB) * 1024 * 1024,
+            upload_quota_bytes=integer("UPLOAD_QUOTA_MB", defaults.UPLOAD_QUOTA_MB, zero_ok=True) * 1024 * 1024,
+            anonymous_upload_quota_bytes=integer("ANONYMOUS_UPLOAD_QUOTA_MB", defaults.ANONYMOUS_UPLOAD_QUOTA_MB,
                                                 zero_ok=True) * 1024 * 1024,
-            max_audio_seconds=number("MAX_AUDIO_SECONDS", defaults.MAX_AUDIO_SECONDS, float, zero_ok=True),
-            audio_probe_cpu_s=number("AUDIO_PROBE_CPU_SECONDS", defaults.AUDIO_PROBE_CPU_S, float),
+            max_audio_seconds=number("MAX_AUDIO_SECONDS", defaults.MAX_AUDIO_SECONDS, zero_ok=True),
+            audio_probe_cpu_s=number("AUDIO_PROBE_CPU_SECONDS", defaults.AUDIO_PROBE_CPU_S),
         )
 
-    def with_(self, **changes) -> "Settings":
+    def with_(self, **changes: Any) -> "Settings":
         """A copy with some fields changed (tests and ``vramq up`` use it)."""
         return replace(self, **changes)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from .errors import InputError
@@ -29,6 +30,9 @@ MAX_DEPTH = 32
 """Objects and arrays nested deeper than this are refused (a job body is 4-6 deep)."""
 
 _BAD_CHAR = re.compile("[\x00\ud800-\udfff]")
+
+Loc = tuple[str | int, ...]
+"""Where a value sits: object keys and array indexes from the outside in."""
 
 
 class _NonFinite:
@@ -40,7 +44,7 @@ class _NonFinite:
         self.text = text
 
 
-def loads(data: str | bytes, loc: tuple | list = (), *, max_depth: int = MAX_DEPTH) -> Any:
+def loads(data: str | bytes, loc: Sequence[str | int] = (), *, max_depth: int = MAX_DEPTH) -> Any:
     """Parse ``data`` (UTF-8 bytes or text) as strict JSON.
 
     Raises ``ValueError`` (``json.JSONDecodeError``, ``UnicodeDecodeError``) for input
@@ -57,11 +61,11 @@ def loads(data: str | bytes, loc: tuple | list = (), *, max_depth: int = MAX_DEP
     return value
 
 
-def check(value: Any, loc: tuple | list = (), *, max_depth: int = MAX_DEPTH) -> None:
+def check(value: Any, loc: Sequence[str | int] = (), *, max_depth: int = MAX_DEPTH) -> None:
     """Refuse (``InputError``) what ``loads`` refuses, in an already parsed value.
 
     Iterative, so a deep value cannot exhaust the stack while being checked."""
-    stack: list[tuple[Any, tuple, int]] = [(value, tuple(loc), 1)]
+    stack: list[tuple[Any, Loc, int]] = [(value, tuple(loc), 1)]
     while stack:
         v, where, depth = stack.pop()
         if isinstance(v, str):
@@ -83,7 +87,7 @@ def check(value: Any, loc: tuple | list = (), *, max_depth: int = MAX_DEPTH) -> 
             raise _refuse(list(where), "number out of range: numbers must be finite (at most about 1.8e308)")
 
 
-def _check_str(s: str, where: tuple, key: bool = False) -> None:
+def _check_str(s: str, where: Loc, key: bool = False) -> None:
     bad = _BAD_CHAR.search(s)
     if bad is None:
         return
@@ -99,6 +103,6 @@ def _printable(s: str) -> str:
     return _BAD_CHAR.sub(lambda m: f"\\u{ord(m.group()):04x}", s)
 
 
-def _refuse(loc: list, msg: str) -> InputError:
+def _refuse(loc: list[str | int], msg: str) -> InputError:
     place = ".".join(str(p) for p in loc) or "body"
     return InputError(f"{place}: {msg}", [{"loc": loc, "msg": msg}])

@@ -18,12 +18,19 @@ Workers run the check (one at a time, through a Redis lock) every ``CHECK_S`` se
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from .lifecycle import QUEUED
 from .queue import PRIORITY, publish, queue_name
 from .schema import Job
+
+if TYPE_CHECKING:
+    from redis import Redis
+
+    from .services import Services
 
 log = logging.getLogger("vramq.turns")
 
@@ -33,14 +40,14 @@ LOCK = "vramq:turns:lock"
 _SEP = "\x06\x16"
 
 
-def waiting(redis, model: str, priority: str) -> int:
+def waiting(redis: Redis, model: str, priority: str) -> int:
     """Turns for ``model``/``priority`` waiting in Redis (not yet delivered to a worker)."""
     step = PRIORITY[priority]
     key = queue_name(model) + (f"{_SEP}{step}" if step else "")
     return int(redis.llen(key))
 
 
-def queued(session) -> dict[tuple[str, str], tuple[int, str]]:
+def queued(session: Session) -> dict[tuple[str, str], tuple[int, str]]:
     """``(model, priority) -> (queued jobs, the oldest one's id)``."""
     rows = session.execute(select(Job.model, Job.priority, func.count(), func.min(Job.id))
                            .where(Job.status == QUEUED).group_by(Job.model, Job.priority))
@@ -50,7 +57,7 @@ def queued(session) -> dict[tuple[str, str], tuple[int, str]]:
 class Reconciler:
     """Tops up the turns of each model and priority (see the module docstring)."""
 
-    def __init__(self, services):
+    def __init__(self, services: Services):
         self.services = services
         self._previous: dict[tuple[str, str], int] = {}
 

@@ -14,6 +14,7 @@ folder: ``list("jobs/abc")`` and ``list("jobs/abc/")`` both mean the keys under
 from __future__ import annotations
 
 import abc
+import builtins
 import mimetypes
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -157,11 +158,12 @@ class ObjectStore(abc.ABC):
         """Read ``key``; raise ``jobs.errors.NotFound`` if it does not exist."""
 
     @abc.abstractmethod
-    def _list(self, prefix: str) -> list[str]:
+    # ``builtins.list``: inside this class body, ``list`` is the method above.
+    def _list(self, prefix: str) -> builtins.list[str]:
         """Keys starting with ``prefix`` (``""`` or a folder ending in ``/``), any order."""
 
     @abc.abstractmethod
-    def _delete_many(self, keys: list[str]) -> None:
+    def _delete_many(self, keys: builtins.list[str]) -> None:
         """Delete these keys (at most ``DELETE_BATCH``); a missing key is not an error."""
 
     @abc.abstractmethod

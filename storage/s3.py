@@ -123,10 +123,11 @@ class S3Store(ObjectStore):
 
     def _get(self, key: str) -> bytes:
         with self._translated(key):
-            return self.client.get_object(Bucket=self.bucket, Key=self.prefix + key)["Body"].read()
+            body: bytes = self.client.get_object(Bucket=self.bucket, Key=self.prefix + key)["Body"].read()
+            return body
 
     def _list(self, prefix: str) -> list[str]:
-        keys = []
+        keys: list[str] = []
         with self._translated(prefix):
             paginator = self.client.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
@@ -148,9 +149,10 @@ class S3Store(ObjectStore):
 
     def _signed_url(self, key: str, expires_in: int) -> str:
         with self._translated(key):
-            return self.client.generate_presigned_url(
+            url: str = self.client.generate_presigned_url(
                 "get_object", Params={"Bucket": self.bucket, "Key": self.prefix + key}, ExpiresIn=expires_in
             )
+            return url
 
     # -- helpers --------------------------------------------------------------------
 
