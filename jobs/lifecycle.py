@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 
 from .db import rowcount
 from .errors import Conflict, NotFound
+from .priorities import Priority
 from .schema import Job
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED = "queued", "running", "succeeded", "failed", "canceled"
@@ -198,7 +199,7 @@ def canceled_among(session: Session, job_ids: Iterable[str]) -> set[str]:
     return {r[0] for r in rows}
 
 
-def requeue_expired(session: Session, job_ids: list[str], now: datetime | None = None) -> list[tuple[str, str, str]]:
+def requeue_expired(session: Session, job_ids: list[str], now: datetime | None = None) -> list[tuple[str, str, Priority]]:
     """Queue again those of ``job_ids`` still running with a lapsed lease; return
     ``(id, model, priority)`` of each moved (the caller publishes a turn for each).
 

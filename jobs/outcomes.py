@@ -38,6 +38,7 @@ from sqlalchemy.orm import Session
 from . import ledger, lifecycle
 from .events import Event, EventWriter, emit
 from .lifecycle import CANCELED, FAILED, QUEUED, RUNNING, SUCCEEDED
+from .priorities import Priority
 from .schema import Job
 from .webhooks import outbox
 
@@ -95,7 +96,7 @@ class Ending:
     """Job ids by the status they now have (``succeeded``, ``queued``, …)."""
     canceled_running: list[str] = field(default_factory=list)
     """Of the canceled jobs, those that were running (their workers stop between steps)."""
-    turns: list[tuple[str, str, str]] = field(default_factory=list)
+    turns: list[tuple[str, str, Priority]] = field(default_factory=list)
     """``(job id, model, priority)`` of each job queued again: one message each."""
     events: list[Event] = field(default_factory=list)
 
@@ -218,7 +219,7 @@ def _ended(session: Session, ending: Ending, job_ids: list[str], status: str, ev
         ending.events.append((jid, "done", {"status": status}))
 
 
-def _requeued(ending: Ending, rows: list[tuple[str, str, str]]) -> None:
+def _requeued(ending: Ending, rows: list[tuple[str, str, Priority]]) -> None:
     ending.moved.setdefault(QUEUED, []).extend(r[0] for r in rows)
     ending.turns.extend(rows)
     ending.events.extend((r[0], "status", {"status": QUEUED}) for r in rows)

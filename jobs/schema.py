@@ -9,6 +9,8 @@ from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, Index, Intege
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from .priorities import Priority
+
 
 class UTCDateTime(TypeDecorator[datetime]):
     """Timezone-aware UTC datetimes on every database (SQLite stores them naive)."""
@@ -38,7 +40,7 @@ class Job(Base):
     model: Mapped[str] = mapped_column(String(64))
     kind: Mapped[str] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(16))
-    priority: Mapped[str] = mapped_column(String(8), default="normal")
+    priority: Mapped[Priority] = mapped_column(String(8), default="normal")
     input: Mapped[dict[str, Any]] = mapped_column(JSON)
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
     output: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
@@ -95,7 +97,7 @@ class Batch(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     caller: Mapped[str] = mapped_column(String(80))
     status: Mapped[str] = mapped_column(String(16))
-    priority: Mapped[str] = mapped_column(String(8))
+    priority: Mapped[Priority] = mapped_column(String(8))
     total: Mapped[int] = mapped_column(Integer)
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
     webhook: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)

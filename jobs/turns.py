@@ -24,6 +24,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from .lifecycle import QUEUED
+from .priorities import Priority
 from .queue import PRIORITY, publish, queue_name
 from .schema import Job
 
@@ -40,14 +41,14 @@ LOCK = "vramq:turns:lock"
 _SEP = "\x06\x16"
 
 
-def waiting(redis: Redis, model: str, priority: str) -> int:
+def waiting(redis: Redis, model: str, priority: Priority) -> int:
     """Turns for ``model``/``priority`` waiting in Redis (not yet delivered to a worker)."""
     step = PRIORITY[priority]
     key = queue_name(model) + (f"{_SEP}{step}" if step else "")
     return int(redis.llen(key))
 
 
-def queued(session: Session) -> dict[tuple[str, str], tuple[int, str]]:
+def queued(session: Session) -> dict[tuple[str, Priority], tuple[int, str]]:
     """``(model, priority) -> (queued jobs, the oldest one's id)``."""
     rows = session.execute(select(Job.model, Job.priority, func.count(), func.min(Job.id))
                            .where(Job.status == QUEUED).group_by(Job.model, Job.priority))
@@ -59,9 +60,9 @@ class Reconciler:
 
     def __init__(self, services: Services):
         self.services = services
-        self._previous: dict[tuple[str, str], int] = {}
+        self._previous: dict[tuple[str, Priority], int] = {}
 
-    def deficits(self) -> dict[tuple[str, str], tuple[int, str]]:
+    def deficits(self) -> dict[tuple[str, Priority], tuple[int, str]]:
         redis = self.services.redis
         with self.services.sessions() as session:
             counts = queued(session)
@@ -70,7 +71,7 @@ class Reconciler:
     def tick(self) -> int:
         """Compare, and publish what was missing on this check and the one before; return
         how many turns were published."""
-        previous: dict[tuple[str, str], int] = {}
+        previous: dict[tuple[str, Priority], int] = {}
         published = 0
         for key, (missing, oldest) in self.deficits().items():
             confirmed = min(missing, self._previous.get(key, 0))

@@ -14,6 +14,7 @@ Importing this package does not import boto3; only building an ``S3Store`` does.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import urlsplit
 
 from vramq.jobs.errors import ConfigError
@@ -68,7 +69,21 @@ def open_store(
     raise ConfigError(f"unsupported storage URL {url!r}; use {_ACCEPTED}")
 
 
-def store_for(settings) -> ObjectStore:
+class StoreSettings(Protocol):
+    """What ``store_for`` reads of the settings (``jobs.settings.Settings`` has it all;
+    this package imports nothing of vramq but ``jobs.errors``)."""
+
+    @property
+    def storage_url(self) -> str: ...
+    @property
+    def s3_endpoint_url(self) -> str | None: ...
+    @property
+    def secret_key(self) -> bytes | str | None: ...
+    @property
+    def data_dir(self) -> Path | str | None: ...
+
+
+def store_for(settings: StoreSettings) -> ObjectStore:
     """The store that ``settings`` name: its ``storage_url``, ``s3_endpoint_url``,
     ``secret_key`` and ``data_dir`` (a ``jobs.settings.Settings`` or anything with those
     attributes), as ``open_store`` reads them."""
