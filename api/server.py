@@ -374,12 +374,13 @@ class _Gunicorn(BaseApplication):
 
     def load(self):
         from .app import create_app
+        from .streams import slots_for
+        from .wiring import services
 
         settings = Settings.from_env()
         hosts = settings.allowed_hosts + tuple(h for h in self.extra_hosts if h not in settings.allowed_hosts)
-        from .streams import slots_for
-
-        app = create_app(settings.with_(allowed_hosts=hosts))
+        # ``serve`` migrated before forking this worker: no second migration per worker.
+        app = create_app(services=services(settings.with_(allowed_hosts=hosts), migrate_db=False))
         app.extensions["vramq.streams"] = slots_for(settings, int(self.options.get("threads", 1)))
         return app
 

