@@ -189,7 +189,7 @@ def workers(cards: str | None, cpu: bool, stop_grace: int) -> None:
         signals.running()  # from here the supervisor's loop watches the flag
     except StopRequested:
         sys.exit(0)
-    for model_id, need, reason in result.unplaced:
+    for model_id, _need, reason in result.unplaced:
         click.echo(f"vramq: {model_id} is not served: {reason}", err=True)
     specs = worker_specs(result)
     if not specs:

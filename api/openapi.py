@@ -116,7 +116,7 @@ def _complete(paths: dict) -> None:
     a body is read."""
     problem = _problems(400, 401, 413, 415, 422, 429)
     for path, ops in paths.items():
-        for method, op in ops.items():
+        for op in ops.values():
             codes = []
             if not path.startswith(PROBES):
                 codes += ["400", "401"]

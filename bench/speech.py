@@ -359,8 +359,8 @@ def main() -> int:
         api = Api(url)
 
         t0 = time.perf_counter()
-        file_ids = [api.upload(c, p.name) for c, p in zip(clips, paths)]
-        warm_ids = [api.upload(c, p.name) for c, p in zip(warmup, warm_paths)]
+        file_ids = [api.upload(c, p.name) for c, p in zip(clips, paths, strict=True)]
+        warm_ids = [api.upload(c, p.name) for c, p in zip(warmup, warm_paths, strict=True)]
         upload_s = time.perf_counter() - t0
         log(f"vramq: {len(file_ids) + len(warm_ids)} clips uploaded in {upload_s:.2f}s")
         parts = {"bench": time.process_time, "api": lambda: tree_cpu_s(api_proc.pid),

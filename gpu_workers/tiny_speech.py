@@ -265,7 +265,7 @@ def _bytes_to_unicode() -> dict[int, str]:
             keep.append(b)
             chars.append(256 + n)
             n += 1
-    return dict(zip(keep, map(chr, chars)))
+    return dict(zip(keep, map(chr, chars), strict=True))
 
 
 def _tiktoken_bpe(text: str) -> tuple[dict[str, int], list[tuple[str, str]]]:

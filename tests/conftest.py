@@ -29,7 +29,8 @@ import pytest
 from vramq.jobs.settings import Settings
 
 pytest_plugins = ["tests.fixtures.s3", "tests.fixtures.procs", "tests.fixtures.services", "tests.fixtures.pgserver",
-                  "tests.fixtures.netns", "tests.fixtures.invariants", "tests.fixtures.http"]
+                  "tests.fixtures.netns", "tests.fixtures.invariants", "tests.fixtures.http",
+                  "tests.fixtures.slow_image"]
 
 #: Fixtures that start processes: a test that uses one (directly or through another
 #: fixture) is ``e2e``. Fixtures chosen at run time (``request.getfixturevalue``) are not

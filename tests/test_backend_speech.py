@@ -87,7 +87,7 @@ def check_subtitles(result) -> None:
     srt = arts["transcript.srt"].data.decode()
     blocks = [b for b in srt.split("\n\n") if b.strip()]
     assert len(blocks) == len(cued)
-    for n, (block, seg) in enumerate(zip(blocks, cued), 1):
+    for n, (block, seg) in enumerate(zip(blocks, cued, strict=True), 1):
         m = SRT_CUE.match(block.strip("\n"))
         assert m, block
         assert int(m[1]) == n
@@ -160,7 +160,7 @@ def test_batch_of_two_gives_durations_segments_and_subtitles(backend):
     results = backend.run_batch(
         [item(wav_bytes(tone(2.0)), progress=progress_a), item(wav_bytes(tone(5.0)), progress=progress_b)]
     )
-    for result, seconds, progress in zip(results, (2.0, 5.0), (progress_a, progress_b)):
+    for result, seconds, progress in zip(results, (2.0, 5.0), (progress_a, progress_b), strict=True):
         out = result.output
         assert out["duration"] == pytest.approx(seconds, abs=0.1)
         assert out["language"] == "en"

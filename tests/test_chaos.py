@@ -177,7 +177,7 @@ def test_a_batch_survives_killed_workers_and_restarted_broker_and_database(proce
                 pytest.fail(f"batch not finished {DRAIN_S}s after the chaos: {batch.get('counts')}; not ended: "
                             f"{stuck[:10]}\n" + "\n".join(log) + "\n" +
                             "\n".join(f"--- {p.name} ---\n{p.tail(2500)}" for p in cluster.procs[-4:]))
-            for i, proc in enumerate(slots):  # a worker that died by itself is a finding, not chaos
+            for proc in slots:  # a worker that died by itself is a finding, not chaos
                 assert proc.popen.poll() is None, f"worker {proc.popen.pid} exited by itself:\n{proc.tail()}"
             sample_overdue()
             time.sleep(0.5)

@@ -13,7 +13,7 @@ import requests
 
 from vramq.jobs import events
 from tests.conftest import settings_env
-from tests.fixtures.slow_image import SLOW, SLOW_CATALOG, env, wait_running  # noqa: F401 (env: a fixture)
+from tests.fixtures.slow_image import SLOW, SLOW_CATALOG, wait_running
 
 pytestmark = pytest.mark.e2e
 

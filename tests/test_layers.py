@@ -45,7 +45,7 @@ def test_services_without_a_store_factory_say_so(tmp_path):
 
     services = Services(settings=None, broker_url="redis://127.0.0.1:1/0")
     with pytest.raises(ConfigError, match="store_factory"):
-        services.store
+        _ = services.store
 
 
 IMAGE_LIBS = ("torch", "diffusers", "transformers", "PIL")

@@ -72,7 +72,7 @@ def test_job_input_is_described_per_model_with_the_catalogs_limits():
         variants = schemas[name]["oneOf"]
         assert schemas[name]["discriminator"]["propertyName"] == "model"
         assert len(variants) == len(CATALOG)
-        for entry, ref in zip(CATALOG, variants):
+        for entry, ref in zip(CATALOG, variants, strict=True):
             variant = schemas[ref["$ref"].rsplit("/", 1)[1]]
             assert variant["properties"]["model"]["const"] == entry.id
             assert variant["properties"]["input"] == {"$ref": f"#/components/schemas/Input_{entry.id}"}

@@ -84,7 +84,7 @@ def test_the_cap_is_a_setting_and_a_job_below_it_is_queued_again(harness):
     h = harness()
     job_id = h.submit().get_json()["id"]
     now = utcnow()
-    for attempt in range(1, 6):
+    for _ in range(5):
         assert take(h, "w", now) == job_id
         now += timedelta(seconds=31)
         lapse(h, now, max_attempts=6)

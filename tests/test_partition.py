@@ -224,8 +224,8 @@ def cut_mid_transaction(h: Hosts, tries: int = 10) -> tuple[list[str], list]:
                 tx.rollback()
                 continue
             try:
-                waiting = wait_for("C waits on the rows", lambda: [s for s in h.sessions_of("c")
-                                                                   if me in (s.blocked_by or [])], 3, every=0.01)
+                waiting = wait_for("C waits on the rows", lambda me=me: [s for s in h.sessions_of("c")
+                                                                         if me in (s.blocked_by or [])], 3, every=0.01)
             except AssertionError:
                 waiting = []
             if waiting:

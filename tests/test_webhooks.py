@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from standardwebhooks import Webhook
+from standardwebhooks.webhooks import WebhookVerificationError
 
 from vramq.api.client import verify_webhook
 from vramq.jobs.errors import InputError
@@ -137,7 +138,7 @@ def test_failing_receiver_gets_the_event_later_with_the_same_id_and_a_valid_sign
     payload = Webhook(secret).verify(last["body"], last["headers"])  # raises unless the signature is valid
     assert payload["type"] == "job.canceled" and payload["data"]["id"] == job["id"]
     assert payload["data"]["status"] == "canceled" and payload["data"]["usage"]["tokens_charged"] == 0
-    with pytest.raises(Exception):
+    with pytest.raises(WebhookVerificationError):
         Webhook(secret).verify(last["body"].replace(b"canceled", b"succeeded"), last["headers"])
 
     listed = deliveries(h, key, job["id"], until=lambda d: d["status"] == "delivered")

@@ -103,7 +103,7 @@ class Backend(abc.ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} batches through run_batch")
 
-    def unload(self) -> None:
+    def unload(self) -> None:  # noqa: B027 (optional: backends that hold nothing need not override it)
         """Release the model's memory."""
 
     def release_memory(self) -> None:

@@ -48,7 +48,7 @@ def parse_request(body: Any, max_jobs: int = MAX_JOBS, limit_note: str = "") -> 
         req = BatchRequest.model_validate(body)
     except ValidationError as exc:
         errors = validation_errors(exc)
-        for error, e in zip(errors, exc.errors()):
+        for error, e in zip(errors, exc.errors(), strict=True):
             if e["type"] == "too_long" and error["loc"] == ["jobs"]:
                 error["msg"] = f"a batch holds at most {MAX_JOBS} jobs"
         raise _invalid(errors) from None
