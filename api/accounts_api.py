@@ -74,7 +74,7 @@ def usage():
     services = _services()
     caller = current_caller()
     with services.sessions() as session:
-        return ledger.usage(session, caller.holder, caller.tier, services.allowances, services.now()).to_json()
+        return ledger.usage(session, caller.id, caller.tier, services.allowances, services.now()).to_json()
 
 
 @bp.post("/v1/admin/accounts/<account_id>/credit")
@@ -96,7 +96,9 @@ def credit(account_id: str):
             remember(session, str(row.id))
 
     # A retried credit (the same key and body, or the same key sent twice at once) is
-    # answered as replayed and counted once.
+    # answered as replayed and counted once. Its key is stored under the caller
+    # ``credit:<account id>``, a namespace of its own: never the admin's own keys, nor the
+    # account's (the account's keys are under its id).
     _, credited = idempotency.once(services, f"credit:{account_id}", request.headers.get("Idempotency-Key"), body,
                                    credit_once, lambda _entry_id: None)
     if not credited:

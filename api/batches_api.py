@@ -84,7 +84,7 @@ def list_batches():
     """The caller's batches, newest first (``limit``, ``cursor`` as for job history)."""
     caller = require_account("batch history")
     limit = limit_arg(100, 20)
-    q = select(Batch).where(Batch.caller == caller.holder)
+    q = select(Batch).where(Batch.caller == caller.id)
     if request.args.get("cursor"):
         created, last_id = decode_cursor(request.args["cursor"])
         q = q.where(or_(Batch.created_at < created, and_(Batch.created_at == created, Batch.id < last_id)))

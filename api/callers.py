@@ -29,7 +29,7 @@ from vramq.jobs.errors import Forbidden, Unauthorized
 #: The prefix length an IPv6 client is known by (its subscriber's /64).
 IPV6_PREFIX = 64
 
-ADMIN = Caller(holder="admin", tier="admin", admin=True)
+ADMIN = Caller(id="admin", tier="admin", admin=True)
 
 
 def client_address() -> str:

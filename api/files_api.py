@@ -111,7 +111,7 @@ def upload_file():
                            [{"loc": ["file"], "msg": f"at most {batch_limit} bytes ({setting})"}], limit_bytes=batch_limit)
 
     def create(remember: idempotency.Remember) -> File:
-        row = store_file(services, data, upload.filename, purpose, caller=caller.holder,
+        row = store_file(services, data, upload.filename, purpose, caller=caller.id,
                          quota=upload_quota(caller, services.settings))
         with services.sessions.begin() as session:
             remember(session, row.id)
@@ -119,7 +119,7 @@ def upload_file():
 
     try:
         row, created = idempotency.once(
-            services, caller.holder, request.headers.get("Idempotency-Key"),
+            services, caller.id, request.headers.get("Idempotency-Key"),
             b"\0".join([purpose.encode(), (upload.filename or "").encode(), data]),
             create, lambda file_id: get_file(services, file_id))
     except UploadQuotaExceeded as exc:

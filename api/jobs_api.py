@@ -70,7 +70,7 @@ def list_jobs():
     """The caller's jobs, newest first. The cursor is the last job of a page (its
     ``created_at`` and id), so pages stay stable while new jobs arrive."""
     caller = require_account("job history")
-    return _history(select(Job).where(Job.caller == caller.holder))
+    return _history(select(Job).where(Job.caller == caller.id))
 
 
 @bp.get("/v1/admin/jobs")

@@ -43,10 +43,10 @@ class RateLimiter:
         if item is None:
             return
         try:
-            allowed = self.limiter.hit(item, "vramq", caller.holder)
+            allowed = self.limiter.hit(item, "vramq", caller.id)
             if allowed:
                 return
-            reset = self.limiter.get_window_stats(item, "vramq", caller.holder).reset_time
+            reset = self.limiter.get_window_stats(item, "vramq", caller.id).reset_time
         except Exception as exc:  # Redis unreachable: fail open, say so
             log.warning("rate limit not checked (%s: %s)", exc.__class__.__name__, exc)
             return

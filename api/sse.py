@@ -40,7 +40,7 @@ def sse_frame(event: str, data: dict, event_id: str | None = None) -> str:
 def sse_response(stream) -> Response:
     """A server-sent event stream; proxies are told not to buffer it. It takes one of the
     caller's stream slots (api.streams: 429 past the caps) until it is closed."""
-    release = current_app.extensions["vramq.streams"].acquire(current_caller().holder)
+    release = current_app.extensions["vramq.streams"].acquire(current_caller().id)
     try:
         resp = Response(stream_with_context(stream), mimetype="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -30,17 +30,17 @@ class StreamSlots:
         self._open: dict[str, int] = {}
         self._count = 0
 
-    def acquire(self, holder: str):
-        """Take a slot for ``holder`` (429 past a cap); returns the function that gives it back."""
+    def acquire(self, caller: str):
+        """Take a slot for ``caller`` (429 past a cap); returns the function that gives it back."""
         with self._lock:
-            if self._open.get(holder, 0) >= self.per_caller:
+            if self._open.get(caller, 0) >= self.per_caller:
                 raise RateLimited(f"at most {self.per_caller} event streams open at once per caller on this API "
                                   "process (VRAMQ_MAX_STREAMS_PER_CALLER); close one, or poll the job",
                                   retry_after=RETRY_AFTER_S)
             if self._count >= self.total:
                 raise RateLimited(f"this API process has {self.total} event streams open, its most "
                                   "(VRAMQ_MAX_STREAMS); try again shortly, or poll the job", retry_after=RETRY_AFTER_S)
-            self._open[holder] = self._open.get(holder, 0) + 1
+            self._open[caller] = self._open.get(caller, 0) + 1
             self._count += 1
         released = threading.Event()
 
@@ -49,11 +49,11 @@ class StreamSlots:
                 return
             released.set()
             with self._lock:
-                left = self._open.get(holder, 0) - 1
+                left = self._open.get(caller, 0) - 1
                 if left > 0:
-                    self._open[holder] = left
+                    self._open[caller] = left
                 else:
-                    self._open.pop(holder, None)
+                    self._open.pop(caller, None)
                 self._count -= 1
 
         return release

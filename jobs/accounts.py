@@ -1,12 +1,13 @@
-"""Accounts and API keys, and the token holder a caller is.
+"""Accounts and API keys, and the caller a request is.
 
 A key is ``vq_`` + 43 URL-safe characters (256 random bits). It is shown once, when the
 account is made; the database keeps only its SHA-256 (a fast hash is right here: the
 key is random, not a password, so there is nothing to brute-force) and the first 11
 characters, for people to tell their keys apart.
 
-Every caller is a *holder* of tokens and the owner of its jobs: an account is its id
-(``acct_…``), a caller without a key is ``anon:<client address>``.
+Every caller pays with its own tokens and owns its jobs; its id (``Caller.id``) is what
+the tables store as ``caller``: an account is its id (``acct_…``), a caller without a key
+is ``anon:<client address>``.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ def hash_key(key: str) -> str:
 class Caller:
     """Who is making a request: an account, an anonymous address, or the admin."""
 
-    holder: str
-    """``acct_…`` or ``anon:<address>``: owner of jobs and holder of tokens."""
+    id: str
+    """``acct_…`` or ``anon:<address>``: owner of jobs and payer of their tokens."""
     tier: str
     """``anonymous``, ``free``, … (the daily allowance follows it)."""
     account_id: str | None = None
@@ -44,7 +45,7 @@ class Caller:
 
     @classmethod
     def anonymous(cls, address: str) -> "Caller":
-        return cls(holder=f"anon:{address}", tier="anonymous")
+        return cls(id=f"anon:{address}", tier="anonymous")
 
     @property
     def keyed(self) -> bool:
@@ -52,7 +53,7 @@ class Caller:
 
     def owns(self, owner: str | None) -> bool:
         """May this caller see a resource owned by ``owner``? (The admin sees all.)"""
-        return self.admin or (owner is not None and owner == self.holder)
+        return self.admin or (owner is not None and owner == self.id)
 
 
 def create_account(session: Session, name: str | None = None, tier: str = "free") -> tuple[Account, str]:
@@ -83,4 +84,4 @@ def get_account(session: Session, account_id: str) -> Account:
 
 
 def caller_for(account: Account) -> Caller:
-    return Caller(holder=account.id, tier=account.tier, account_id=account.id)
+    return Caller(id=account.id, tier=account.tier, account_id=account.id)

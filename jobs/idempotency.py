@@ -41,47 +41,51 @@ def window(services) -> timedelta:
     return timedelta(hours=services.settings.idempotency_hours)
 
 
-def replay(services, scope: str, key: str, body_digest: str) -> str | None:
+def replay(services, caller: str, key: str, body_digest: str) -> str | None:
     """The id of the resource an earlier request with this key made, or None.
 
     Raises Conflict when the key was used with a different body within the window. A
-    use older than the window is forgotten here, so the caller's ``remember`` can record
+    use older than the window is forgotten here, so a later ``remember`` can record
     the key again (the sweeper may not have deleted it yet).
     """
     cutoff = utcnow() - window(services)
     with services.sessions() as session:
-        row = session.get(IdempotencyKey, (scope, key))
+        row = session.get(IdempotencyKey, (caller, key))
         if row is None:
             return None
         if row.created_at >= cutoff:
             if row.request_hash != body_digest:
                 raise Conflict("Idempotency-Key was used with a different request body")
             return row.resource_id
-    _forget(services, scope, key, cutoff)
+    _forget(services, caller, key, cutoff)
     return None
 
 
-def _forget(services, scope: str, key: str, cutoff: datetime) -> None:
+def _forget(services, caller: str, key: str, cutoff: datetime) -> None:
     """Delete the key's use if it is older than ``cutoff`` (a fresh concurrent use stays)."""
     with services.sessions.begin() as session:
         session.execute(delete(IdempotencyKey).where(
-            IdempotencyKey.scope == scope, IdempotencyKey.key == key, IdempotencyKey.created_at < cutoff))
+            IdempotencyKey.caller == caller, IdempotencyKey.key == key, IdempotencyKey.created_at < cutoff))
 
 
-def remember(session: Session, scope: str, key: str, body_digest: str, resource_id: str) -> None:
+def remember(session: Session, caller: str, key: str, body_digest: str, resource_id: str) -> None:
     """Record the key in ``session``'s transaction (a concurrent duplicate fails its commit).
 
     Callers ask ``replay`` first, which forgets a use older than the window, so the key
     is free unless a concurrent request just took it."""
-    session.add(IdempotencyKey(scope=scope, key=key, request_hash=body_digest, resource_id=resource_id,
+    session.add(IdempotencyKey(caller=caller, key=key, request_hash=body_digest, resource_id=resource_id,
                                created_at=utcnow()))
 
 
-def once(services, scope: str, key: str | None, body: Any, create: Callable[[Remember], T],
+def once(services, caller: str, key: str | None, body: Any, create: Callable[[Remember], T],
          earlier: Callable[[str], T]) -> tuple[T, bool]:
     """A request with an ``Idempotency-Key``, made once: ``(create(remember), True)``, or
     ``(earlier(resource_id), False)`` when a request with this key and the same ``body``
     made the resource within the window, or made it concurrently and won the commit.
+
+    ``caller`` is whose keys these are (``Caller.id``): keys of different callers never
+    meet. A request that is not the caller's own may name a namespace of its own here
+    instead (an admin's credits: ``credit:<account id>``).
 
     ``body`` is what the digest covers (JSON-able, or bytes). ``create`` makes the
     resource and calls ``remember(session, resource_id)`` in the transaction that commits
@@ -93,17 +97,17 @@ def once(services, scope: str, key: str | None, body: Any, create: Callable[[Rem
         return create(lambda session, resource_id: None), True
     check_key(key)
     body_digest = digest(body)
-    resource_id = replay(services, scope, key, body_digest)
+    resource_id = replay(services, caller, key, body_digest)
     if resource_id is not None:
         return earlier(resource_id), False
 
     def remember_key(session: Session, resource_id: str) -> None:
-        remember(session, scope, key, body_digest, resource_id)
+        remember(session, caller, key, body_digest, resource_id)
 
     try:
         return create(remember_key), True
     except IntegrityError:
-        resource_id = replay(services, scope, key, body_digest)
+        resource_id = replay(services, caller, key, body_digest)
         if resource_id is None:
             raise
         return earlier(resource_id), False

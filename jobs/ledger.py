@@ -1,15 +1,15 @@
 """The token ledger: every reservation, settlement, refund and credit is a row.
 
-A holder's *used today* is minus the sum of its ``allowance_delta`` for today, its
-*balance* (purchased tokens) the sum of its ``balance_delta``. The holder's ``wallets``
+A caller's *used today* is minus the sum of its ``allowance_delta`` for today, its
+*balance* (purchased tokens) the sum of its ``balance_delta``. The caller's ``wallets``
 row keeps both as running totals, updated in the same transaction as each ledger row,
-so a submit reads one row instead of summing the holder's history; ``audit`` recomputes
+so a submit reads one row instead of summing the caller's history; ``audit`` recomputes
 them from the ledger and the tests hold the two equal.
 
 Every change first locks the wallet row (``UPDATE … RETURNING``: a row lock on
 PostgreSQL, the database write lock on SQLite), then decides, then writes its ledger row
-and the new totals, all in the caller's transaction: concurrent submits for one holder
-queue on that lock and can never spend the same token twice.
+and the new totals, all in the transaction it is called in: concurrent submits for one
+caller queue on that lock and can never spend the same token twice.
 
 Rules (also in docs/tokens.md):
 
@@ -22,7 +22,7 @@ Rules (also in docs/tokens.md):
   (up to what the reservation took from it), then to the allowance of the day the
   reservation was made.
 * **Settlement above the reservation** (the job ran longer than estimated) charges the
-  excess from what the holder has left now (today's allowance, then balance). A holder
+  excess from what the caller has left now (today's allowance, then balance). A caller
   never goes below zero: what is not covered is written off, and the settle row's
   ``reason`` says how much. The estimate is calibrated from recent runs so this is rare.
 * **Refunds.** A job that fails, or is canceled before it starts, gets its whole
@@ -76,18 +76,18 @@ class Allowances:
     def for_tier(self, tier: str) -> int:
         return self.by_tier.get(tier, self.by_tier["free"])
 
-    def for_holder(self, session: Session, holder: str) -> int:
-        if holder.startswith("anon:"):
+    def for_caller(self, session: Session, caller: str) -> int:
+        if caller.startswith("anon:"):
             return self.by_tier["anonymous"]
-        tier = session.execute(select(Account.tier).where(Account.id == holder)).scalar()
+        tier = session.execute(select(Account.tier).where(Account.id == caller)).scalar()
         return self.for_tier(tier or "free")
 
 
 @dataclass
 class _Totals:
-    """The holder's wallet row as locked: allowance used on ``day``, and the balance."""
+    """The caller's wallet row as locked: allowance used on ``day``, and the balance."""
 
-    holder: str
+    caller: str
     day: str
     used: int
     balance: int
@@ -97,21 +97,21 @@ class _Totals:
             return self.used
         if day > self.day:
             return 0  # no entry yet on a later day
-        return ledger_used(session, self.holder, day)  # an earlier day (clocks around midnight)
+        return ledger_used(session, self.caller, day)  # an earlier day (clocks around midnight)
 
 
-def lock(session: Session, holder: str) -> _Totals:
-    """Take the holder's wallet lock for the rest of the transaction (creating the row
+def lock(session: Session, caller: str) -> _Totals:
+    """Take the caller's wallet lock for the rest of the transaction (creating the row
     once) and return its totals."""
-    bump = (update(Wallet).where(Wallet.holder == holder).values(version=Wallet.version + 1)
+    bump = (update(Wallet).where(Wallet.caller == caller).values(version=Wallet.version + 1)
             .returning(Wallet.day, Wallet.used, Wallet.balance))
     row = session.execute(bump).first()
     if row is None:
-        session.execute(_insert_ignore(session, Wallet, {"holder": holder, "version": 0, "day": "", "used": 0,
+        session.execute(_insert_ignore(session, Wallet, {"caller": caller, "version": 0, "day": "", "used": 0,
                                                          "balance": 0}))
         row = session.execute(bump).first()
         assert row is not None  # inserted just now, or by a concurrent transaction
-    return _Totals(holder, row.day, int(row.used), int(row.balance))
+    return _Totals(caller, row.day, int(row.used), int(row.balance))
 
 
 def _insert_ignore(session: Session, table: type[Base], values: dict[str, Any]) -> Insert:
@@ -124,19 +124,19 @@ def _insert_ignore(session: Session, table: type[Base], values: dict[str, Any]) 
     return sqlite.insert(table).values(**values).on_conflict_do_nothing()
 
 
-def ledger_used(session: Session, holder: str, day: str) -> int:
+def ledger_used(session: Session, caller: str, day: str) -> int:
     return -int(session.execute(
         select(func.coalesce(func.sum(LedgerEntry.allowance_delta), 0))
-        .where(LedgerEntry.holder == holder, LedgerEntry.day == day)
+        .where(LedgerEntry.caller == caller, LedgerEntry.day == day)
     ).scalar_one())
 
 
-def audit(session: Session, holder: str, day: str) -> tuple[int, int]:
+def audit(session: Session, caller: str, day: str) -> tuple[int, int]:
     """``(used on day, balance)`` recomputed from the ledger rows alone."""
     balance = session.execute(
-        select(func.coalesce(func.sum(LedgerEntry.balance_delta), 0)).where(LedgerEntry.holder == holder)
+        select(func.coalesce(func.sum(LedgerEntry.balance_delta), 0)).where(LedgerEntry.caller == caller)
     ).scalar_one()
-    return ledger_used(session, holder, day), int(balance)
+    return ledger_used(session, caller, day), int(balance)
 
 
 @dataclass(frozen=True)
@@ -156,9 +156,9 @@ class Usage:
                 "balance": self.balance, "available": self.available, "resets_at": iso(self.resets_at)}
 
 
-def usage(session: Session, holder: str, tier: str, allowances: Allowances, now: datetime) -> Usage:
-    row = session.get(Wallet, holder)
-    totals = _Totals(holder, row.day, row.used, row.balance) if row else _Totals(holder, "", 0, 0)
+def usage(session: Session, caller: str, tier: str, allowances: Allowances, now: datetime) -> Usage:
+    row = session.get(Wallet, caller)
+    totals = _Totals(caller, row.day, row.used, row.balance) if row else _Totals(caller, "", 0, 0)
     return Usage(tier=tier, daily_allowance=allowances.for_tier(tier), used_today=totals.used_on(session, day_of(now)),
                  balance=totals.balance, resets_at=resets_at(now))
 
@@ -166,7 +166,7 @@ def usage(session: Session, holder: str, tier: str, allowances: Allowances, now:
 def _entry(session: Session, totals: _Totals, entry: str, now: datetime, *, day: str | None = None,
            job_id: str | None = None, allowance: int = 0, balance: int = 0, reason: str | None = None) -> LedgerEntry:
     """Write one ledger row and move the locked wallet's totals by the same amounts."""
-    row = LedgerEntry(holder=totals.holder, entry=entry, job_id=job_id, day=day or day_of(now),
+    row = LedgerEntry(caller=totals.caller, entry=entry, job_id=job_id, day=day or day_of(now),
                       allowance_delta=allowance, balance_delta=balance, reason=reason, created_at=now)
     session.add(row)
     _move(session, totals, row.day, allowance, balance)
@@ -181,21 +181,21 @@ def _move(session: Session, totals: _Totals, day: str, allowance: int, balance: 
         totals.used -= allowance
     elif day > totals.day:  # the first entry of a new day: yesterday's use is history
         totals.day, totals.used = day, -allowance
-    session.execute(update(Wallet).where(Wallet.holder == totals.holder)
+    session.execute(update(Wallet).where(Wallet.caller == totals.caller)
                     .values(day=totals.day, used=totals.used, balance=totals.balance))
 
 
-def reserve(session: Session, holder: str, daily: int, job_id: str, tokens: int, now: datetime) -> None:
+def reserve(session: Session, caller: str, daily: int, job_id: str, tokens: int, now: datetime) -> None:
     """Hold ``tokens`` for a job, or raise 402 ``quota_exceeded`` (nothing is written then)."""
-    reserve_many(session, holder, daily, [(job_id, tokens)], now)
+    reserve_many(session, caller, daily, [(job_id, tokens)], now)
 
 
-def reserve_many(session: Session, holder: str, daily: int, items: list[tuple[str, int]], now: datetime) -> None:
+def reserve_many(session: Session, caller: str, daily: int, items: list[tuple[str, int]], now: datetime) -> None:
     """Hold tokens for many jobs (``(job_id, tokens)``) under one lock: all or none (402).
 
     Each job gets its own ``reserve`` row, taken from today's allowance first and then
     the balance, in the order given, so each can be settled or refunded on its own."""
-    totals = lock(session, holder)
+    totals = lock(session, caller)
     day = day_of(now)
     used, balance = totals.used_on(session, day), totals.balance
     allowance_left = max(0, daily - used)
@@ -213,7 +213,7 @@ def reserve_many(session: Session, holder: str, daily: int, items: list[tuple[st
     for job_id, t in items:
         a = min(t, allowance_left - spent_allowance)
         spent_allowance += a
-        rows.append({"holder": holder, "entry": "reserve", "job_id": job_id, "day": day, "allowance_delta": -a,
+        rows.append({"caller": caller, "entry": "reserve", "job_id": job_id, "day": day, "allowance_delta": -a,
                      "balance_delta": -(t - a), "reason": None, "created_at": now})
     session.execute(insert(LedgerEntry), rows)
     _move(session, totals, day, -spent_allowance, -(tokens - spent_allowance))
@@ -250,7 +250,7 @@ def settle(session: Session, job: Job, gpu_seconds: float, allowances: Allowance
     res = _reservation(session, job.id)
     if res is None:
         return None
-    totals = lock(session, res.holder)
+    totals = lock(session, res.caller)
     if _closed(session, job.id):
         return None
     took_allowance, took_balance = -res.allowance_delta, -res.balance_delta
@@ -267,7 +267,7 @@ def settle(session: Session, job: Job, gpu_seconds: float, allowances: Allowance
         extra = cost - reserved
         day = day_of(now)
         used, balance = totals.used_on(session, day), totals.balance
-        from_allowance = min(extra, max(0, allowances.for_holder(session, res.holder) - used))
+        from_allowance = min(extra, max(0, allowances.for_caller(session, res.caller) - used))
         from_balance = min(extra - from_allowance, balance)
         written_off = extra - from_allowance - from_balance
         reason = f"cost {cost} over reservation {reserved}" + (f"; {written_off} written off" if written_off else "")
@@ -284,23 +284,23 @@ def refund(session: Session, job_id: str, now: datetime, reason: str) -> int:
 
 
 def refund_many(session: Session, job_ids: list[str], now: datetime, reason: str, chunk: int = 2000) -> int:
-    """``refund`` for many jobs (a canceled batch): bulk rows, one lock per holder.
+    """``refund`` for many jobs (a canceled batch): bulk rows, one lock per caller.
 
     Jobs without a reservation, or already closed, are skipped. Returns the tokens returned."""
     returned = 0
     for start in range(0, len(job_ids), chunk):
         ids = job_ids[start:start + chunk]
         open_rows = session.execute(
-            select(LedgerEntry.holder, LedgerEntry.job_id, LedgerEntry.day, LedgerEntry.allowance_delta,
+            select(LedgerEntry.caller, LedgerEntry.job_id, LedgerEntry.day, LedgerEntry.allowance_delta,
                    LedgerEntry.balance_delta)
             .where(LedgerEntry.job_id.in_(ids), LedgerEntry.entry == "reserve")
-            .order_by(LedgerEntry.holder)
+            .order_by(LedgerEntry.caller)
         ).all()
-        by_holder: dict[str, list[Row[str, str | None, str, int, int]]] = {}
+        by_caller: dict[str, list[Row[str, str | None, str, int, int]]] = {}
         for r in open_rows:
-            by_holder.setdefault(r.holder, []).append(r)
-        for holder, reservations in by_holder.items():
-            totals = lock(session, holder)  # then look for closings: they cannot appear meanwhile
+            by_caller.setdefault(r.caller, []).append(r)
+        for caller, reservations in by_caller.items():
+            totals = lock(session, caller)  # then look for closings: they cannot appear meanwhile
             closed = set(session.execute(select(LedgerEntry.job_id).where(
                 LedgerEntry.job_id.in_([r.job_id for r in reservations]),
                 LedgerEntry.entry.in_(("settle", "refund")))).scalars())
@@ -309,7 +309,7 @@ def refund_many(session: Session, job_ids: list[str], now: datetime, reason: str
             for r in reservations:
                 if r.job_id in closed:
                     continue
-                rows.append({"holder": holder, "entry": "refund", "job_id": r.job_id, "day": r.day,
+                rows.append({"caller": caller, "entry": "refund", "job_id": r.job_id, "day": r.day,
                              "allowance_delta": -r.allowance_delta, "balance_delta": -r.balance_delta,
                              "reason": reason[:200], "created_at": now})
                 a, b = per_day.get(r.day, (0, 0))
@@ -324,18 +324,18 @@ def refund_many(session: Session, job_ids: list[str], now: datetime, reason: str
     return returned
 
 
-def credit(session: Session, holder: str, tokens: int, reason: str | None, now: datetime) -> LedgerEntry:
-    """Add purchased tokens (a pack) to the holder's balance."""
+def credit(session: Session, caller: str, tokens: int, reason: str | None, now: datetime) -> LedgerEntry:
+    """Add purchased tokens (a pack) to the caller's balance."""
     if isinstance(tokens, bool) or not isinstance(tokens, int) or not 1 <= tokens <= MAX_CREDIT:
         raise InputError(f"tokens must be an integer from 1 to {MAX_CREDIT}",
                          [{"loc": ["tokens"], "msg": f"must be an integer from 1 to {MAX_CREDIT}"}])
     if reason is not None and (not isinstance(reason, str) or len(reason) > 200):
         raise InputError("reason must be a string of at most 200 characters",
                          [{"loc": ["reason"], "msg": "must be a string of at most 200 characters"}])
-    return _entry(session, lock(session, holder), "credit", now, balance=tokens, reason=reason)
+    return _entry(session, lock(session, caller), "credit", now, balance=tokens, reason=reason)
 
 
-def entries(session: Session, holder: str, limit: int = 50) -> list[LedgerEntry]:
+def entries(session: Session, caller: str, limit: int = 50) -> list[LedgerEntry]:
     return list(session.execute(
-        select(LedgerEntry).where(LedgerEntry.holder == holder).order_by(LedgerEntry.id.desc()).limit(limit)
+        select(LedgerEntry).where(LedgerEntry.caller == caller).order_by(LedgerEntry.id.desc()).limit(limit)
     ).scalars())

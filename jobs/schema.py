@@ -133,15 +133,15 @@ class Account(Base):
 
 
 class Wallet(Base):
-    """One row per token holder (account or anonymous address): the row a change to the
-    holder's tokens locks first, so concurrent changes queue, and the running totals of
+    """One row per caller (account or anonymous address): the row a change to the
+    caller's tokens locks first, so concurrent changes queue, and the running totals of
     the ledger (``day``'s allowance used, purchased balance), kept in the transaction that
     writes each ledger row so a submit reads one row instead of summing the history.
     ``jobs.ledger.audit`` recomputes them from the ledger."""
 
     __tablename__ = "wallets"
 
-    holder: Mapped[str] = mapped_column(String(80), primary_key=True)
+    caller: Mapped[str] = mapped_column(String(80), primary_key=True)
     version: Mapped[int] = mapped_column(BigInteger, default=0)
     day: Mapped[str] = mapped_column(String(10), default="")
     used: Mapped[int] = mapped_column(BigInteger, default=0)
@@ -160,7 +160,7 @@ class LedgerEntry(Base):
     __tablename__ = "ledger"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    holder: Mapped[str] = mapped_column(String(80))
+    caller: Mapped[str] = mapped_column(String(80))
     entry: Mapped[str] = mapped_column(String(16))
     job_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
     day: Mapped[str] = mapped_column(String(10))
@@ -171,7 +171,7 @@ class LedgerEntry(Base):
 
     __table_args__ = (
         UniqueConstraint("job_id", "entry", name="uq_ledger_job_entry"),
-        Index("ix_ledger_holder_day", "holder", "day"),
+        Index("ix_ledger_caller_day", "caller", "day"),
     )
 
 
@@ -191,7 +191,9 @@ class IdempotencyKey(Base):
 
     __tablename__ = "idempotency_keys"
 
-    scope: Mapped[str] = mapped_column(String(80), primary_key=True)
+    caller: Mapped[str] = mapped_column(String(80), primary_key=True)
+    """The caller's id (``Caller.id``), or a namespace of its own: an admin's credits to an
+    account use ``credit:<account id>``, apart from the account's own keys (api.accounts_api)."""
     key: Mapped[str] = mapped_column(String(255), primary_key=True)
     request_hash: Mapped[str] = mapped_column(String(64))
     resource_id: Mapped[str] = mapped_column(String(40))
@@ -205,7 +207,8 @@ class WebhookDelivery(Base):
     __tablename__ = "webhook_deliveries"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
-    holder: Mapped[str] = mapped_column(String(80))
+    caller: Mapped[str] = mapped_column(String(80))
+    """Whose webhook it is: the job's or batch's caller (its account signs the delivery)."""
     job_id: Mapped[str | None] = mapped_column(String(40), nullable=True, index=True)
     batch_id: Mapped[str | None] = mapped_column(String(40), nullable=True, index=True)
     event: Mapped[str] = mapped_column(String(32))

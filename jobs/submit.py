@@ -85,7 +85,7 @@ def submit_job(services, body: Any, *, caller: Caller, idempotency_key: str | No
                             webhook=webhook, now=now))
         with services.sessions.begin() as session:
             if not caller.admin:  # metered; first: the wallet lock is this transaction's first write
-                ledger.reserve(session, caller.holder, services.allowances.for_tier(caller.tier), job.id,
+                ledger.reserve(session, caller.id, services.allowances.for_tier(caller.tier), job.id,
                                quote.tokens, now)
             session.add(job)
             remember(session, job.id)
@@ -96,7 +96,7 @@ def submit_job(services, body: Any, *, caller: Caller, idempotency_key: str | No
                 raise ServiceUnavailable(f"broker unreachable, job not accepted: {exc.__class__.__name__}") from exc
         return job
 
-    return idempotency.once(services, caller.holder, idempotency_key, body, create,
+    return idempotency.once(services, caller.id, idempotency_key, body, create,
                             idempotency.row_of(services, Job))
 
 
@@ -110,7 +110,7 @@ def job_row(entry, inp: dict[str, Any], units: float, quote, *, caller: Caller, 
         "id": new_id("job"), "model": entry.id, "kind": entry.kind, "status": QUEUED, "priority": priority,
         "input": inp, "meta": metadata, "progress": 0.0, "created_at": now, "attempts": 0, "gpu_seconds": 0.0,
         "tokens_reserved": 0 if caller.admin else quote.tokens, "tokens_charged": 0, "work_units": units,
-        "price_rate": quote.rate, "min_tokens": quote.min_tokens, "usage_detail": {}, "caller": caller.holder,
+        "price_rate": quote.rate, "min_tokens": quote.min_tokens, "usage_detail": {}, "caller": caller.id,
         "saved": False, "webhook": webhook, "batch_id": batch_id, "custom_id": custom_id,
     }
 

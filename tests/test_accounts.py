@@ -129,60 +129,60 @@ def test_admin_api_is_off_without_an_admin_key(harness):
 # --- settlement and refunds (ledger level: exact amounts) ---------------------------
 
 
-def _reserved_job(services: Services, holder: str, tokens: int, *, rate: float = 100.0, min_tokens: int = 10,
+def _reserved_job(services: Services, caller: str, tokens: int, *, rate: float = 100.0, min_tokens: int = 10,
                   now: datetime) -> Job:
     """A job row with its reservation, as ``submit_job`` writes them."""
     from vramq.jobs.ids import new_id
 
     job = Job(id=new_id("job"), model="tiny-flux", kind="image", status="running", priority="normal", input={},
               meta={}, progress=0.0, created_at=now, attempts=1, gpu_seconds=0.0, tokens_reserved=tokens,
-              tokens_charged=0, usage_detail={}, caller=holder, saved=False, work_units=1.0, price_rate=rate,
+              tokens_charged=0, usage_detail={}, caller=caller, saved=False, work_units=1.0, price_rate=rate,
               min_tokens=min_tokens)
     with services.sessions.begin() as s:
-        ledger.reserve(s, holder, services.allowances.for_holder(s, holder), job.id, tokens, now)
+        ledger.reserve(s, caller, services.allowances.for_caller(s, caller), job.id, tokens, now)
         s.add(job)
     return job
 
 
-def _totals(services: Services, holder: str, now: datetime) -> tuple[int, int]:
+def _totals(services: Services, caller: str, now: datetime) -> tuple[int, int]:
     """``(used today, balance)``: the wallet's running totals, checked against the ledger's sums."""
     with services.sessions() as s:
-        use = ledger.usage(s, holder, "anonymous", services.allowances, now)
-        assert ledger.audit(s, holder, ledger.day_of(now)) == (use.used_today, use.balance)
+        use = ledger.usage(s, caller, "anonymous", services.allowances, now)
+        assert ledger.audit(s, caller, ledger.day_of(now)) == (use.used_today, use.balance)
         return use.used_today, use.balance
 
 
 def test_settlement_below_and_above_the_reservation(db_services):
     services = db_services(anonymous_daily_tokens=1000)
     now = datetime(2026, 5, 1, 9, tzinfo=timezone.utc)
-    holder = "anon:10.0.0.1"
+    caller = "anon:10.0.0.1"
 
     # Below: 500 reserved, 2.0 GPU-s at 100 tokens/s costs 200: 300 come back.
-    below = _reserved_job(services, holder, 500, now=now)
-    assert _totals(services, holder, now) == (500, 0)
+    below = _reserved_job(services, caller, 500, now=now)
+    assert _totals(services, caller, now) == (500, 0)
     with services.sessions.begin() as s:
         result = ledger.settle(s, below, 2.0, services.allowances, now)
     assert (result.reserved, result.cost, result.charged, result.written_off) == (500, 200, 200, 0)
-    assert _totals(services, holder, now) == (200, 0)
+    assert _totals(services, caller, now) == (200, 0)
     with services.sessions.begin() as s:
         assert ledger.settle(s, below, 9.0, services.allowances, now) is None  # settled once only
         assert s.get(Job, below.id).tokens_charged == 200
-    assert _totals(services, holder, now) == (200, 0)
+    assert _totals(services, caller, now) == (200, 0)
 
     # Above: 100 reserved, 4.001 GPU-s costs ceil(400.1) = 401: the 301 over come from what is left.
-    above = _reserved_job(services, holder, 100, now=now)
+    above = _reserved_job(services, caller, 100, now=now)
     with services.sessions.begin() as s:
         result = ledger.settle(s, above, 4.001, services.allowances, now)
     assert (result.cost, result.charged, result.written_off) == (401, 401, 0)
-    assert _totals(services, holder, now) == (601, 0)
+    assert _totals(services, caller, now) == (601, 0)
 
-    # Above, past everything left (399 of the allowance): the holder ends at zero, never
+    # Above, past everything left (399 of the allowance): the caller ends at zero, never
     # below; what could not be covered is written off and said so.
-    third = _reserved_job(services, holder, 100, now=now)
+    third = _reserved_job(services, caller, 100, now=now)
     with services.sessions.begin() as s:
         result = ledger.settle(s, third, 10.0, services.allowances, now)
     assert (result.cost, result.charged, result.written_off) == (1000, 100 + 299, 601)
-    assert _totals(services, holder, now) == (1000, 0)
+    assert _totals(services, caller, now) == (1000, 0)
     with services.sessions() as s:
         reason = s.execute(select(LedgerEntry.reason).where(LedgerEntry.job_id == third.id,
                                                             LedgerEntry.entry == "settle")).scalar_one()
@@ -194,7 +194,7 @@ def test_settlement_below_and_above_the_reservation(db_services):
     tiny = _reserved_job(services, "anon:10.0.0.2", 50, min_tokens=30, now=now)
     with services.sessions.begin() as s:
         assert ledger.settle(s, tiny, 0.001, services.allowances, now).charged == 30
-    assert _totals(services, holder, now) == (1000, 0)
+    assert _totals(services, caller, now) == (1000, 0)
 
 
 def test_settlement_gives_back_to_the_balance_first(db_services):
@@ -270,8 +270,8 @@ def test_100_concurrent_submits_against_an_allowance_for_10(db, tmp_path, redis_
     with services.sessions() as s:
         rows = s.execute(select(LedgerEntry.job_id, LedgerEntry.allowance_delta, LedgerEntry.balance_delta)).all()
         job_ids = set(s.execute(select(Job.id)).scalars())
-        holder = s.execute(select(LedgerEntry.holder).distinct()).scalar_one()
-        assert ledger.audit(s, holder, ledger.day_of(datetime.now(timezone.utc))) == (1000, 0)
+        caller = s.execute(select(LedgerEntry.caller).distinct()).scalar_one()
+        assert ledger.audit(s, caller, ledger.day_of(datetime.now(timezone.utc))) == (1000, 0)
     assert len(rows) == 10 and all(a == -100 and b == 0 for _j, a, b in rows)
     assert {j for j, _a, _b in rows} == job_ids == {r.json()["id"] for r in answers if r.status_code == 202}
 

@@ -72,7 +72,7 @@ def test_a_batch_is_accepted_whole_reserved_per_job_and_listed_in_order(h):
     assert b["usage"]["tokens_reserved"] == 25 * 100 and b["results_url"] is None
     assert messages(h) == 25  # one turn per job, on the low-priority list
     with h.services.sessions() as s:
-        rows = s.execute(select(LedgerEntry).where(LedgerEntry.holder == acct)).scalars().all()
+        rows = s.execute(select(LedgerEntry).where(LedgerEntry.caller == acct)).scalars().all()
         assert sorted(r.entry for r in rows) == ["reserve"] * 25 and len({r.job_id for r in rows}) == 25
         assert ledger.audit(s, acct, ledger.day_of(h.now)) == (2500, 0)
     assert h.usage(key)["used_today"] == 2500
@@ -211,7 +211,7 @@ def test_cancel_refunds_queued_jobs_stops_running_ones_and_the_manifest_lists_ea
     assert body["counts"]["canceled"] == 20 and body["counts"]["queued"] == 0
     assert h.call("POST", f"/v1/batches/{b['id']}/cancel", key).status_code == 409
     with h.services.sessions() as s:
-        entries = s.execute(select(LedgerEntry.entry, func.count()).where(LedgerEntry.holder == acct)
+        entries = s.execute(select(LedgerEntry.entry, func.count()).where(LedgerEntry.caller == acct)
                             .group_by(LedgerEntry.entry)).all()
         assert dict(entries) == {"reserve": 20, "refund": 18, "settle": 2}
         assert ledger.audit(s, acct, ledger.day_of(h.now)) == (200, 0)  # two minimum charges

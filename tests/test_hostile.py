@@ -648,8 +648,8 @@ def test_anonymous_allowance_and_rate_limit_are_per_ipv6_64(edge):
     assert submit("2001:db8:aa:bc::1") == 202  # the next /64 is another caller
     assert submit("::ffff:192.0.2.1") == 202
     with h.services.sessions() as s:
-        holders = set(s.execute(select(LedgerEntry.holder)).scalars())
-    assert holders == {"anon:2001:db8:aa:bb::/64", "anon:2001:db8:aa:bc::/64", "anon:192.0.2.1"}
+        callers = set(s.execute(select(LedgerEntry.caller)).scalars())
+    assert callers == {"anon:2001:db8:aa:bb::/64", "anon:2001:db8:aa:bc::/64", "anon:192.0.2.1"}
     # The rate limit is the /64's too: 3 requests made, 3 left.
     codes = [h.call("GET", "/v1/usage", environ_base={"REMOTE_ADDR": f"2001:db8:aa:bb::{i:x}"}).status_code
              for i in range(10, 14)]

@@ -299,7 +299,7 @@ def test_idempotency_keys_past_their_window_are_deleted(services):
     now = datetime.now(timezone.utc)
     with services.sessions.begin() as s:
         for key, age in (("old", 25), ("fresh", 23)):
-            s.add(IdempotencyKey(scope=ANON, key=key, request_hash="h", resource_id=f"job_{key}",
+            s.add(IdempotencyKey(caller=ANON, key=key, request_hash="h", resource_id=f"job_{key}",
                                  created_at=now - timedelta(hours=age)))
     assert retention.sweep(services, now).idempotency_keys == 1
     assert row(services, IdempotencyKey, (ANON, "old")) is None
@@ -312,9 +312,9 @@ def test_the_idempotency_window_is_a_setting(make_settings):
     services = services_for(settings)
     now = datetime.now(timezone.utc)
     with services.sessions.begin() as s:
-        s.add(IdempotencyKey(scope=ANON, key="k", request_hash="h", resource_id="job_a",
+        s.add(IdempotencyKey(caller=ANON, key="k", request_hash="h", resource_id="job_a",
                              created_at=now - timedelta(hours=1)))
-        s.add(IdempotencyKey(scope=ANON, key="stale", request_hash="h", resource_id="job_b",
+        s.add(IdempotencyKey(caller=ANON, key="stale", request_hash="h", resource_id="job_b",
                              created_at=now - timedelta(hours=3)))
     assert idempotency.replay(services, ANON, "k", "h") == "job_a"
     with pytest.raises(Conflict):
@@ -375,7 +375,7 @@ def test_metrics_count_what_the_sweeps_deleted(make_settings):
     with services.sessions.begin() as s:
         s.add(Share(token="t", job_id="job_x", created_at=now - timedelta(hours=30),
                     revoked_at=now - timedelta(hours=25)))
-        s.add(IdempotencyKey(scope=ANON, key="k", request_hash="h", resource_id="job_x",
+        s.add(IdempotencyKey(caller=ANON, key="k", request_hash="h", resource_id="job_x",
                              created_at=now - timedelta(hours=25)))
     retention.sweep(services, now)
     assert deleted() == {"outputs": 1, "files": 1, "manifests": 1, "shares": 1, "idempotency_keys": 1}

@@ -173,7 +173,7 @@ class Installation:
 
     def used_today(self) -> int:
         with self.services.sessions() as s:
-            return ledger.usage(s, CALLER.holder, CALLER.tier, self.services.allowances, datetime.now(timezone.utc)).used_today
+            return ledger.usage(s, CALLER.id, CALLER.tier, self.services.allowances, datetime.now(timezone.utc)).used_today
 
     def objects(self, job_id: str) -> list[str]:
         return self.services.store.list(f"jobs/{job_id}/")

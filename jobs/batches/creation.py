@@ -41,7 +41,7 @@ def create(services, body: Any, *, caller: Caller, idempotency_key: str | None =
             check_available(services, model_id)
         metered = not caller.admin
         now = services.now()
-        batch = Batch(id=new_id("batch"), caller=caller.holder, status=OPEN, priority=req.priority,
+        batch = Batch(id=new_id("batch"), caller=caller.id, status=OPEN, priority=req.priority,
                       total=len(checked), meta=req.metadata, webhook=webhook, input_file=req.input_file,
                       base_url=base_url, created_at=now)
         rows, reservations, per_model = [], [], {}
@@ -57,7 +57,7 @@ def create(services, body: Any, *, caller: Caller, idempotency_key: str | None =
             per_model[entry.id] = per_model.get(entry.id, 0) + 1
         with services.sessions.begin() as session:
             if metered:  # first: the wallet lock is this transaction's first write
-                ledger.reserve_many(session, caller.holder, services.allowances.for_tier(caller.tier),
+                ledger.reserve_many(session, caller.id, services.allowances.for_tier(caller.tier),
                                     reservations, now)
             session.add(batch)
             session.flush()
@@ -71,5 +71,5 @@ def create(services, body: Any, *, caller: Caller, idempotency_key: str | None =
                 raise ServiceUnavailable(f"broker unreachable, batch not accepted: {exc.__class__.__name__}") from exc
         return batch
 
-    return idempotency.once(services, caller.holder, idempotency_key, body, make,
+    return idempotency.once(services, caller.id, idempotency_key, body, make,
                             idempotency.row_of(services, Batch))

@@ -93,7 +93,7 @@ class Deliverer:
         services = self.services
         with services.sessions() as session:
             d = session.get(WebhookDelivery, delivery_id)
-            secret = session.execute(select(Account.webhook_secret).where(Account.id == d.holder)).scalar_one()
+            secret = session.execute(select(Account.webhook_secret).where(Account.id == d.caller)).scalar_one()
         status_code, error = None, None
         t0 = time.perf_counter()
         try:

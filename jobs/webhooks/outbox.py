@@ -32,14 +32,14 @@ def enqueue_batch(session: Session, batch, event: str, data: dict, now: datetime
     return write(session, batch.caller, batch.webhook["url"], event, data, now, batch_id=batch.id)
 
 
-def write(session: Session, holder: str, url: str, event: str, data: dict, now: datetime | None,
+def write(session: Session, caller: str, url: str, event: str, data: dict, now: datetime | None,
           *, job_id: str | None = None, batch_id: str | None = None) -> str:
     """Write one delivery row: the signed body is fixed now. Returns its id."""
     now = now or utcnow()
-    secret_for(session, holder)  # exists before the first attempt signs with it
+    secret_for(session, caller)  # exists before the first attempt signs with it
     delivery_id = new_id("msg")
     payload = json.dumps({"type": event, "timestamp": iso(now), "data": data}, separators=(",", ":"))
-    session.add(WebhookDelivery(id=delivery_id, holder=holder, job_id=job_id, batch_id=batch_id, event=event,
+    session.add(WebhookDelivery(id=delivery_id, caller=caller, job_id=job_id, batch_id=batch_id, event=event,
                                 url=url, payload=payload, status="pending", attempts=0, next_at=now, created_at=now))
     return delivery_id
 
