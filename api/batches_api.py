@@ -21,7 +21,7 @@ from .callers import current_caller, require_account
 from .guards import json_body
 from .metrics import JOBS_SUBMITTED
 from .queries import bad_arg, decode_cursor, encode_cursor, limit_arg, statuses_arg
-from .render import base_url, links
+from .views import base_url, links
 from .sse import sse_frame, sse_response, stream_seconds
 
 bp = Blueprint("batches", __name__)
@@ -42,7 +42,7 @@ def _load(session, batch_id: str) -> Batch:
     return batch
 
 
-def _render(session, batch: Batch) -> dict:
+def _batch_json(session, batch: Batch) -> dict:
     return batch_json(batch, summary(session, batch.id), links())
 
 
@@ -63,13 +63,13 @@ def create_batch():
                                      idempotency_key=request.headers.get("Idempotency-Key"),
                                      base_url=base_url(), max_jobs=max_jobs, limit_note=note)
     with services.sessions() as session:
-        rendered = _render(session, batch)
+        data = _batch_json(session, batch)
     if created:
         for model, n in _per_model(services, batch.id).items():
             JOBS_SUBMITTED.labels(model=model).inc(n)
-    resp = current_app.response_class(json.dumps(rendered), status=202 if created else 200,
+    resp = current_app.response_class(json.dumps(data), status=202 if created else 200,
                                       mimetype="application/json")
-    resp.headers["Location"] = rendered["links"]["self"]
+    resp.headers["Location"] = data["links"]["self"]
     return resp
 
 
@@ -90,7 +90,7 @@ def list_batches():
         q = q.where(or_(Batch.created_at < created, and_(Batch.created_at == created, Batch.id < last_id)))
     with _services().sessions() as session:
         rows = list(session.execute(q.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit + 1)).scalars())
-        data = [_render(session, b) for b in rows[:limit]]
+        data = [_batch_json(session, b) for b in rows[:limit]]
     return {"object": "list", "data": data,
             "next_cursor": encode_cursor(rows[limit - 1]) if len(rows) > limit else None}
 
@@ -98,7 +98,7 @@ def list_batches():
 @bp.get("/v1/batches/<batch_id>")
 def get_batch(batch_id: str):
     with _services().sessions() as session:
-        return _render(session, _load(session, batch_id))
+        return _batch_json(session, _load(session, batch_id))
 
 
 @bp.get("/v1/batches/<batch_id>/jobs")
@@ -125,9 +125,9 @@ def cancel_batch(batch_id: str):
     with services.sessions() as session:
         _load(session, batch_id)
     lk = links()
-    canceled = cancellation.cancel(services, batch_id, render=lambda j: job_json(j, lk))
+    canceled = cancellation.cancel(services, batch_id, job_json=lambda j: job_json(j, lk))
     with services.sessions() as session:
-        return {**_render(session, _load(session, batch_id)), "canceled": canceled}
+        return {**_batch_json(session, _load(session, batch_id)), "canceled": canceled}
 
 
 @bp.get("/v1/batches/<batch_id>/deliveries")

@@ -44,7 +44,7 @@ def run_demo(settings: Settings, images: int, port: int, out: Path) -> int:
         # account each run keeps repeated demos inside the daily allowance.
         account = _operator_account(stack.settings, "vramq demo")
         console.print(f"account {account['account_id']} (key {account['key_prefix']}…, tier {account['tier']})")
-        return _render(console, Client(stack.url, api_key=account["api_key"]), images, out)
+        return _show(console, Client(stack.url, api_key=account["api_key"]), images, out)
     finally:
         with console.status("stopping…"):
             stack.stop()
@@ -130,7 +130,7 @@ def _files(job: dict) -> list[tuple[str, str]]:
     return []
 
 
-def _render(console: Console, client: Client, images: int, out: Path) -> int:
+def _show(console: Console, client: Client, images: int, out: Path) -> int:
     jobs, batch = _submit_all(client, images)
     console.print(f"submitted {len(jobs)} jobs" + (f" (the images as batch {batch['id']})" if batch else "") + ": " + ", ".join(
         f"{sum(j['kind'] == k for j in jobs)} {k}" for k in ("image", "video", "speech", "text") if any(j["kind"] == k for j in jobs)))

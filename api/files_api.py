@@ -34,7 +34,7 @@ def _services():
     return current_app.config["VRAMQ"]
 
 
-def render_file(row: File) -> dict:
+def file_json(row: File) -> dict:
     """A file as the API shows it."""
     return {
         "id": row.id,
@@ -129,8 +129,8 @@ def upload_file():
             return _too_large(limit)
         raise
     if not created:  # an earlier upload with this Idempotency-Key (or a concurrent one that won)
-        return render_file(row), 200
-    resp = current_app.response_class(json.dumps(render_file(row)), status=201, mimetype="application/json")
+        return file_json(row), 200
+    resp = current_app.response_class(json.dumps(file_json(row)), status=201, mimetype="application/json")
     resp.headers["Location"] = f"/v1/files/{row.id}"
     return resp
 
@@ -140,4 +140,4 @@ def read_file(file_id: str):
     row = get_file(_services(), file_id)
     if not current_caller().owns(row.caller):
         raise NotFound(f"no file {file_id}")
-    return render_file(row)
+    return file_json(row)

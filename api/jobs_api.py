@@ -15,7 +15,6 @@ from vramq.jobs.lifecycle import TERMINAL, raise_not_cancelable
 from vramq.jobs.outcomes import Canceled
 from vramq.jobs.schema import Job
 from vramq.jobs.submit import submit_job
-from vramq.jobs.views import job_json
 from vramq.jobs.webhooks import signing
 from vramq.jobs.webhooks.views import deliveries
 
@@ -23,7 +22,7 @@ from .callers import current_caller, require_account, require_admin
 from .guards import json_body
 from .metrics import JOBS_SUBMITTED
 from .queries import decode_cursor, encode_cursor, limit_arg, statuses_arg
-from .render import base_url, links, render_job
+from .views import base_url, job_json
 from .sse import last_event_id, sse_frame, sse_response, stream_seconds
 
 bp = Blueprint("jobs", __name__)
@@ -42,9 +41,9 @@ def create_job():
     if created:
         JOBS_SUBMITTED.labels(model=job.model).inc()
     with services.sessions() as session:
-        rendered = render_job(job, session)
-    resp = current_app.response_class(json.dumps(rendered), status=202 if created else 200, mimetype="application/json")
-    resp.headers["Location"] = rendered["links"]["self"]
+        data = job_json(job, session)
+    resp = current_app.response_class(json.dumps(data), status=202 if created else 200, mimetype="application/json")
+    resp.headers["Location"] = data["links"]["self"]
     return resp
 
 
@@ -59,7 +58,7 @@ def _load(session, job_id: str) -> Job:
 @bp.get("/v1/jobs/<job_id>")
 def get_job(job_id: str):
     with _services().sessions() as session:
-        return render_job(_load(session, job_id), session)
+        return job_json(_load(session, job_id), session)
 
 
 HISTORY_MAX = 100
@@ -103,7 +102,7 @@ def _history(q):
     with _services().sessions() as session:
         rows = list(session.execute(q).scalars())
         page = rows[:limit]
-        data = [render_job(j, session) for j in page]
+        data = [job_json(j, session) for j in page]
     more = len(rows) > limit
     return {"object": "list", "data": data, "next_cursor": encode_cursor(page[-1]) if more else None}
 
@@ -119,12 +118,12 @@ def cancel_job(job_id: str):
     with services.sessions.begin() as session:
         # Its first statement is a write (see jobs.db.writing).
         ending = outcomes.end(session, Canceled(), job_id=job_id, allowances=services.allowances,
-                              render=lambda j: job_json(j, links()), now=now)
+                              job_json=job_json, now=now)
         if not ending.won:
             raise_not_cancelable(session, job_id)
     ending.announce(services.redis)
     with services.sessions() as session:
-        return render_job(_load(session, job_id), session)
+        return job_json(_load(session, job_id), session)
 
 
 @bp.get("/v1/jobs/<job_id>/deliveries")
@@ -165,7 +164,7 @@ def _set_saved(job_id: str, keep: bool):
     with services.sessions.begin() as session:
         retention.save(session, job, keep)
     with services.sessions() as session:
-        return render_job(_load(session, job_id), session)
+        return job_json(_load(session, job_id), session)
 
 
 @bp.post("/v1/jobs/<job_id>/share")
@@ -197,7 +196,7 @@ def shared(token: str):
         job = retention.shared_job(session, token)
         if job is None:
             raise NotFound("no such share link (it may have been revoked)")
-        full = render_job(job, None)
+        full = job_json(job, None)
     keep = ("id", "object", "model", "kind", "status", "created_at", "finished_at", "input", "output", "error",
             "expires_at", "outputs_expired")
     return {k: full[k] for k in keep}
@@ -221,7 +220,7 @@ def job_events(job_id: str):
 
     def done_frame(event_id: str | None) -> str:
         with services.sessions() as session:
-            return sse_frame("done", render_job(session.get(Job, job_id), session), event_id)
+            return sse_frame("done", job_json(session.get(Job, job_id), session), event_id)
 
     def stream():
         nonlocal after

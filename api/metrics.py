@@ -104,7 +104,7 @@ class RetentionCollector:
         yield deleted
 
 
-def render(services) -> bytes:
+def exposition(services) -> bytes:
     """This process's metrics (or every gunicorn process's, summed), then the job gauges."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()

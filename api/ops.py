@@ -40,7 +40,7 @@ def readyz():
 
 @bp.get("/metrics")
 def prometheus():
-    return Response(metrics.render(_services()), mimetype="text/plain; version=0.0.4")
+    return Response(metrics.exposition(_services()), mimetype="text/plain; version=0.0.4")
 
 
 @bp.get("/openapi.json")

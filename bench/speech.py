@@ -21,7 +21,7 @@ CTranslate2, float32 on the CPU):
    the vramq job gets (``task`` transcribe; no ``language`` unless ``--language``, so the
    language is detected per clip in both runs). That is exactly the worker's
    computation: decoding, VAD, language detection, the batched encoder/decoder passes
-   and the SRT/WebVTT rendering. ``direct_s`` is the wall time of those calls. The model
+   and the SRT/WebVTT writing. ``direct_s`` is the wall time of those calls. The model
    is then freed so it does not compete with vramq for the (few) cores. The tiny model is
    built in a child process: building imports torch and transformers, and their objects
    would make every ``gc.collect()`` here slower (faster-whisper's ``decode_audio`` runs

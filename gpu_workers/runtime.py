@@ -74,8 +74,8 @@ class WorkerRuntime:
     residency: Residency | None = None
     _running: dict = field(default_factory=dict)
     events: EventWriter | None = None
-    render: object = None
-    """Renders a job for its webhook payload (``webhooks.outbox.renderer``), set by ``load``."""
+    job_json: object = None
+    """A job's JSON for its webhook payload (``webhooks.outbox.job_json_for``), set by ``load``."""
     _missing: set = field(default_factory=set)
     """Hints whose rows never appeared (see ``_hint_committed``)."""
     spool: Spool | None = None
@@ -88,7 +88,7 @@ class WorkerRuntime:
     def load(self) -> None:
         """Load the models that fit together, then start the reporter."""
         self.events = EventWriter(self.services.redis)
-        self.render = outbox.renderer(self.services)
+        self.job_json = outbox.job_json_for(self.services)
         settings = self.services.settings
         self.spool = Spool(_spool_folder(settings.data_dir), self.services.store, max_seconds=settings.spool_s,
                            max_bytes=settings.spool_max_bytes).start()
@@ -340,7 +340,7 @@ class WorkerRuntime:
             try:
                 with self.services.sessions.begin() as s:
                     ending = outcomes.end(s, outcome, job_id=job.id, worker=self.name,
-                                          allowances=self.services.allowances, render=self.render)
+                                          allowances=self.services.allowances, job_json=self.job_json)
                 break
             except DBAPIError as exc:
                 if time.monotonic() + pause > deadline:
@@ -441,7 +441,7 @@ class WorkerRuntime:
         that have lost their worker ``VRAMQ_MAX_ATTEMPTS`` times (``worker_lost``)."""
         lapsed = LeaseLapsed(self.services.settings.max_attempts)
         with self.services.sessions.begin() as s:
-            ending = outcomes.end(s, lapsed, allowances=self.services.allowances, render=self.render)
+            ending = outcomes.end(s, lapsed, allowances=self.services.allowances, job_json=self.job_json)
         ending.announce(self.events)
         for job_id, model, _ in ending.turns:
             log.warning("job %s (%s) lost its worker; queued again", job_id, model)

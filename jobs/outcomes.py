@@ -129,18 +129,19 @@ class Ending:
                 return
 
 
-Render = Callable[[Job], dict[str, Any]]
+JobJson = Callable[[Job], dict[str, Any]]
+"""``job_json(job)``: the job's JSON (``jobs.views.job_json`` with the links to use)."""
 
 
 def end(session: Session, outcome: Outcome, *, job_id: str | None = None, where: ColumnElement[bool] | None = None,
-        worker: str | None = None, allowances: ledger.Allowances | None = None, render: Render | None = None,
+        worker: str | None = None, allowances: ledger.Allowances | None = None, job_json: JobJson | None = None,
         now: datetime | None = None) -> Ending:
     """End the run of one job (``job_id``), or of every job matching ``where`` (cancel
     and lease expiry), with ``outcome``; in the caller's transaction.
 
     ``worker``: the lease owner recording the outcome (None: a job that never ran).
     ``allowances``: needed to settle a success or a running cancel (``ledger.settle``).
-    ``render(job)``: the job's JSON for webhook payloads (None: no webhooks written).
+    ``job_json(job)``: the job's JSON for webhook payloads (None: no webhooks written).
     """
     now = now or lifecycle.utcnow()
     ending = Ending()
@@ -150,13 +151,13 @@ def end(session: Session, outcome: Outcome, *, job_id: str | None = None, where:
                              outcome.expires_at, now):
             job = _reloaded(session, job_id)
             ledger.settle(session, job, outcome.gpu_seconds, allowances, now)
-            _ended(session, ending, [job_id], SUCCEEDED, "job.succeeded", render, now)
+            _ended(session, ending, [job_id], SUCCEEDED, "job.succeeded", job_json, now)
             ending.events.insert(0, (job_id, "progress", {"progress": 1.0}))
     elif isinstance(outcome, Failed):
         job_id = _one(job_id)
         if lifecycle.fail(session, job_id, worker, outcome.code, outcome.message, outcome.gpu_seconds, now):
             ledger.refund(session, job_id, now, f"refund: job failed ({outcome.code})")
-            _ended(session, ending, [job_id], FAILED, "job.failed", render, now)
+            _ended(session, ending, [job_id], FAILED, "job.failed", job_json, now)
     elif isinstance(outcome, Canceled):
         condition = Job.id == job_id if job_id is not None else where
         if condition is None:
@@ -167,9 +168,9 @@ def end(session: Session, outcome: Outcome, *, job_id: str | None = None, where:
             job = _reloaded(session, jid)
             ledger.settle(session, job, 0.0, _settling(allowances), now, cost=job.min_tokens)
         ending.canceled_running = moved[RUNNING]
-        _ended(session, ending, moved[QUEUED] + moved[RUNNING], CANCELED, "job.canceled", render, now)
+        _ended(session, ending, moved[QUEUED] + moved[RUNNING], CANCELED, "job.canceled", job_json, now)
     elif isinstance(outcome, LeaseLapsed):
-        _lease_lapsed(session, ending, outcome, render, now)
+        _lease_lapsed(session, ending, outcome, job_json, now)
     elif isinstance(outcome, GivenBack):
         job_id = _one(job_id)
         if lifecycle.release(session, job_id, _owner(worker)):
@@ -206,15 +207,15 @@ def _reloaded(session: Session, job_id: str) -> Job:
 
 
 def _ended(session: Session, ending: Ending, job_ids: list[str], status: str, event: str,
-           render: Render | None, now: datetime) -> None:
+           job_json: JobJson | None, now: datetime) -> None:
     """The part every terminal transition shares: the webhook outbox row (in this
     transaction, so a job's end and its announcement commit together) and the events."""
     if not job_ids:
         return
     ending.moved.setdefault(status, []).extend(job_ids)
     for jid in job_ids:
-        if render is not None:
-            outbox.enqueue(session, jid, event, render, now)
+        if job_json is not None:
+            outbox.enqueue(session, jid, event, job_json, now)
         ending.events.append((jid, "status", {"status": status}))
         ending.events.append((jid, "done", {"status": status}))
 
@@ -225,7 +226,7 @@ def _requeued(ending: Ending, rows: list[tuple[str, str, Priority]]) -> None:
     ending.events.extend((r[0], "status", {"status": QUEUED}) for r in rows)
 
 
-def _lease_lapsed(session: Session, ending: Ending, outcome: LeaseLapsed, render: Render | None,
+def _lease_lapsed(session: Session, ending: Ending, outcome: LeaseLapsed, job_json: JobJson | None,
                   now: datetime) -> None:
     """Jobs whose lease lapsed: failed ``worker_lost`` once their workers died with them
     ``max_attempts`` times (a poison job: a native crash, a CUDA fault), else queued again."""
@@ -240,6 +241,6 @@ def _lease_lapsed(session: Session, ending: Ending, outcome: LeaseLapsed, render
         if lifecycle.fail_lapsed(session, jid, WORKER_LOST, message, now):
             ledger.refund(session, jid, now, f"refund: job failed ({WORKER_LOST})")
             lost.append(jid)
-    _ended(session, ending, lost, FAILED, "job.failed", render, now)
+    _ended(session, ending, lost, FAILED, "job.failed", job_json, now)
     retry = [jid for jid, attempts in lapsed if attempts < outcome.max_attempts]
     _requeued(ending, lifecycle.requeue_expired(session, retry, now))

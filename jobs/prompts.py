@@ -1,13 +1,13 @@
 """Admission for text jobs: does the prompt plus ``max_tokens`` fit the model's context?
-And the one chat-template renderer, which the vLLM backend uses too.
+And the one chat-template formatter, which the vLLM backend uses too.
 
 The API counts the prompt with the model's own tokenizer (``tokenizer.json`` beside the
-weights, read with the ``tokenizers`` library, no torch) and renders ``messages`` with
+weights, read with the ``tokenizers`` library, no torch) and formats ``messages`` with
 the model's chat template (``ChatTemplate``: ``chat_template.jinja`` or
 ``tokenizer_config.json``, Jinja in a sandbox, with the environment and variables
 transformers' ``apply_chat_template`` gives it), so a request the engine would refuse is
 refused at submit with 422, before it takes a place in the queue. The worker's vLLM
-backend renders ``messages`` with the same ``render_chat``, so the tokens counted at
+backend formats ``messages`` with the same ``format_chat``, so the tokens counted at
 admission are the tokens the engine sees. Where the API cannot read the tokenizer
 (weights only on the GPU hosts), the check is skipped and the worker refuses the job
 with ``context_length_exceeded`` instead.
@@ -31,7 +31,7 @@ SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token
 
 
 class ChatTemplate:
-    """A model's chat template, rendered as transformers' ``apply_chat_template`` renders
+    """A model's chat template, applied as transformers' ``apply_chat_template`` applies
     it: an immutable Jinja sandbox with ``trim_blocks`` and ``lstrip_blocks``, loop
     controls, ``{% generation %}`` blocks, a ``tojson`` that does not escape HTML,
     ``raise_exception`` and ``strftime_now``; and as variables ``messages``, ``tools``,
@@ -55,7 +55,7 @@ class ChatTemplate:
         source = _chat_template(weights)
         return None if source is None else cls(source, _special_tokens(weights))
 
-    def render(self, messages: list[dict]) -> str:
+    def format(self, messages: list[dict]) -> str:
         """The prompt text for ``messages`` (each ``{"role", "content"}``), ending with
         the assistant's turn opened. Raises ``jinja2.TemplateError`` when the template
         refuses the turns."""
@@ -69,7 +69,7 @@ def chat_template(weights: Path) -> ChatTemplate | None:
     return ChatTemplate.of(weights)
 
 
-def render_chat(weights: Path, messages: list[dict]) -> str:
+def format_chat(weights: Path, messages: list[dict]) -> str:
     """``messages`` as the model's prompt text: what the API counts at admission and what
     the vLLM backend tokenizes for the engine. Raises ValueError when the model has no
     chat template, ``jinja2.TemplateError`` when its template refuses the turns."""
@@ -77,7 +77,7 @@ def render_chat(weights: Path, messages: list[dict]) -> str:
     if template is None:
         raise ValueError("the model has no chat template (chat_template.jinja, or chat_template in "
                          "tokenizer_config.json)")
-    return template.render(messages)
+    return template.format(messages)
 
 
 class PromptCounter:
@@ -93,7 +93,7 @@ class PromptCounter:
             if self.template is None:
                 return None
             try:
-                text = self.template.render(inp["messages"])
+                text = self.template.format(inp["messages"])
             except Exception:  # the worker reports a template that refuses the turns
                 return None
             # The template writes the special tokens itself (a BOS where the model has one).
@@ -138,7 +138,7 @@ def _special_tokens(weights: Path) -> dict[str, str]:
 
 def _generation_blocks():
     """The ``{% generation %}…{% endgeneration %}`` tag transformers defines (it marks the
-    assistant's tokens for training masks); rendering keeps the block's text as is."""
+    assistant's tokens for training masks); formatting keeps the block's text as is."""
     from jinja2 import nodes
     from jinja2.ext import Extension
 

@@ -1,5 +1,5 @@
 """Jobs as JSON, the same for the HTTP API and webhook payloads: signed links minted at
-render time, times in ISO 8601 UTC. No Flask here: the caller says where links point."""
+read time, times in ISO 8601 UTC. No Flask here: the caller says where links point."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def iso(dt: datetime | None) -> str | None:
 
 
 class Links:
-    """Mints the URLs in a rendered job: signed object links, and the API's own."""
+    """Mints the URLs in a job's JSON: signed object links, and the API's own."""
 
     def __init__(self, store, link_ttl: int, base: str):
         self.store, self.link_ttl, self.base = store, link_ttl, base.rstrip("/") + "/"

@@ -136,7 +136,7 @@ CONVERSATIONS = [
 @pytest.mark.parametrize("messages", CONVERSATIONS)
 def test_admission_and_the_engine_see_the_same_chat_tokens(backend, tiny_qwen2_dir, messages):
     """The API's counter (tokenizers, no torch) and the vLLM backend (the engine's own
-    tokenizer) render ``messages`` with the one renderer, jobs.prompts.render_chat, and
+    tokenizer) format ``messages`` with the one formatter, jobs.prompts.format_chat, and
     get the same token ids: what admission counts is what the engine runs."""
     from vramq.jobs.prompts import PromptCounter
 
@@ -147,24 +147,24 @@ def test_admission_and_the_engine_see_the_same_chat_tokens(backend, tiny_qwen2_d
 
 
 @pytest.mark.parametrize("messages", CONVERSATIONS)
-def test_the_chat_renderer_renders_as_transformers_does(tiny_qwen2_dir, messages):
+def test_the_chat_formatter_formats_as_transformers_does(tiny_qwen2_dir, messages):
     from transformers import AutoTokenizer
 
-    from vramq.jobs.prompts import render_chat
+    from vramq.jobs.prompts import format_chat
 
     tok = AutoTokenizer.from_pretrained(tiny_qwen2_dir)
-    assert render_chat(tiny_qwen2_dir, messages) == tok.apply_chat_template(messages, tokenize=False,
+    assert format_chat(tiny_qwen2_dir, messages) == tok.apply_chat_template(messages, tokenize=False,
                                                                             add_generation_prompt=True)
 
 
-def test_the_chat_renderer_gives_templates_what_transformers_gives_them(tiny_qwen2_dir, tmp_path):
+def test_the_chat_formatter_gives_templates_what_transformers_gives_them(tiny_qwen2_dir, tmp_path):
     """Special tokens as variables, loop controls, {% generation %} blocks, a tojson that
-    keeps HTML characters and raise_exception: a template using them renders the same."""
+    keeps HTML characters and raise_exception: a template using them formats the same."""
     import shutil
 
     from transformers import AutoTokenizer
 
-    from vramq.jobs.prompts import ChatTemplate, render_chat
+    from vramq.jobs.prompts import ChatTemplate, format_chat
 
     weights = shutil.copytree(tiny_qwen2_dir, tmp_path / "model")
     template = (
@@ -178,19 +178,19 @@ def test_the_chat_renderer_gives_templates_what_transformers_gives_them(tiny_qwe
     messages = [{"role": "user", "content": "<b>a & b</b>"}, {"role": "assistant", "content": "<i>x</i>"},
                 {"role": "user", "content": "cut off by the loop"}]
     tok = AutoTokenizer.from_pretrained(weights)
-    ours = ChatTemplate.of(weights).render(messages)
+    ours = ChatTemplate.of(weights).format(messages)
     assert ours == tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert ours.startswith("<|endoftext|>user: <b>a & b</b><|im_end|>") and '"<i>x</i>"' in ours
     from jinja2 import TemplateError
 
     with pytest.raises(TemplateError, match="no tools"):
-        ChatTemplate.of(weights).render([{"role": "tool", "content": "x"}])
+        ChatTemplate.of(weights).format([{"role": "tool", "content": "x"}])
     (weights / "chat_template.jinja").unlink()
     config = json.loads((weights / "tokenizer_config.json").read_text())
     config.pop("chat_template", None)
     (weights / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="no chat template"):
-        render_chat(weights, messages)
+        format_chat(weights, messages)
 
 
 def test_deltas_join_to_the_text(backend, entry):

@@ -13,7 +13,7 @@ from vramq.jobs import events, fairness, ledger, outcomes
 from vramq.jobs.db import writing
 from vramq.jobs.lifecycle import utcnow
 from vramq.jobs.schema import Job, LedgerEntry, WebhookDelivery
-from vramq.jobs.webhooks.outbox import renderer
+from vramq.jobs.webhooks.outbox import job_json_for
 from tests.fixtures.http import IMAGE
 
 ADMIN = "admin-key-for-tests"
@@ -27,7 +27,7 @@ def take(h, worker: str, now) -> str | None:
 def lapse(h, now, max_attempts: int = 3) -> outcomes.Ending:
     with h.services.sessions.begin() as s:
         ending = outcomes.end(s, outcomes.LeaseLapsed(max_attempts), allowances=h.services.allowances,
-                              render=renderer(h.services), now=now)
+                              job_json=job_json_for(h.services), now=now)
     ending.announce(h.services.redis)
     return ending
 
@@ -116,9 +116,9 @@ def test_a_late_outcome_changes_nothing_and_writes_nothing(harness):
     take(h, "new", now + timedelta(seconds=31))
     with h.services.sessions.begin() as s:
         late = outcomes.end(s, outcomes.Succeeded({"x": 1}, 9.0, {}, None), job_id=job_id, worker="old",
-                            allowances=h.services.allowances, render=renderer(h.services))
+                            allowances=h.services.allowances, job_json=job_json_for(h.services))
         failed = outcomes.end(s, outcomes.Failed("boom", "late"), job_id=job_id, worker="old",
-                              render=renderer(h.services))
+                              job_json=job_json_for(h.services))
     assert not late.won and not failed.won and late.events == [] and failed.events == []
     with h.services.sessions() as s:
         assert [e.entry for e in s.execute(select(LedgerEntry).where(LedgerEntry.job_id == job_id).order_by(LedgerEntry.id)).scalars()] == ["reserve"]
@@ -135,7 +135,7 @@ def test_every_end_settles_announces_and_writes_its_webhook_together(harness, ou
     take(h, "w", utcnow())
     with h.services.sessions.begin() as s:
         ending = outcomes.end(s, outcome, job_id=job_id, worker="w", allowances=h.services.allowances,
-                              render=renderer(h.services))
+                              job_json=job_json_for(h.services))
     ending.announce(h.services.redis)
     status = "succeeded" if isinstance(outcome, outcomes.Succeeded) else "failed"
     assert ending.ids(status) == [job_id]

@@ -256,7 +256,7 @@ def test_to_json_shape():
     }
 
 
-def test_table_renders():
+def test_table_prints():
     p = plan(demands(llm=60, sdxl=30, whisper=8, huge=174.5), cards(80, 24))
     console = Console(record=True, width=120)
     console.print(p.table())

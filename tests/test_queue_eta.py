@@ -28,9 +28,9 @@ def test_queue_position_and_eta_follow_recent_throughput(make_settings):
             s.add(Job(id=new_id("job"), model="tiny-flux", kind="image", status="succeeded", priority="normal",
                       input={}, meta={}, progress=1.0, created_at=done, finished_at=done, attempts=1, gpu_seconds=0.1,
                       tokens_reserved=0, tokens_charged=0, usage_detail={}, saved=False, caller="someone"))
-    import vramq.api.render
+    import vramq.api.views
 
-    vramq.api.render._throughput.clear()
+    vramq.api.views._throughput.clear()
     jobs = [h.submit(key).get_json() for _ in range(2)]
     seen = [h.call("GET", f"/v1/jobs/{j['id']}", key).get_json() for j in [first, *jobs]]
     assert [j["queue_position"] for j in seen] == [0, 1, 2]

@@ -250,7 +250,7 @@ def test_uploads_are_deleted_after_their_time_unless_an_open_job_or_batch_needs_
     assert not retention.sweep(services, now)  # nothing left to do
 
 
-def test_batch_manifests_are_deleted_after_their_time_and_render_as_null(services):
+def test_batch_manifests_are_deleted_after_their_time_and_read_as_null(services):
     expired = finished_batch(services, timedelta(hours=25))
     fresh = finished_batch(services, timedelta(hours=23))
     http = create_app(services=services).test_client()

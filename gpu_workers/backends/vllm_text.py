@@ -8,7 +8,7 @@ all requests are in the engine together and vLLM batches them continuously: ther
 no lock around generation, only around the bookkeeping of who is running.
 
 ``run_one`` tokenizes in the calling thread (the engine's tokenizer is thread-safe;
-``messages`` are rendered by the chat-template renderer the API counts with),
+``messages`` are formatted by the chat-template formatter the API counts with),
 refuses prompts that leave no room for ``max_tokens`` before anything reaches the
 engine, streams each new piece of text to ``item.on_delta`` and aborts the request
 inside the engine when the job is canceled. A request's ``gpu_seconds`` is its share
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from vramq.jobs.errors import JobCanceled, JobError, MissingExtra
-from vramq.jobs.prompts import render_chat
+from vramq.jobs.prompts import format_chat
 
 from .base import Backend, ItemResult, WorkItem
 
@@ -194,7 +194,7 @@ class VllmTextBackend(Backend):
 
     def prompt_token_ids(self, inp: dict[str, Any]) -> list[int]:
         """The prompt's tokens: ``prompt`` as given, or ``messages`` through the chat
-        template, rendered by the API's own renderer (``jobs.prompts.render_chat``): the
+        template, formatted by the API's own formatter (``jobs.prompts.format_chat``): the
         tokens the API counted at admission are the tokens the engine gets."""
         if self.tokenizer is None:
             raise RuntimeError("load() must run before the first job")
@@ -202,7 +202,7 @@ class VllmTextBackend(Backend):
             from jinja2 import TemplateError
 
             try:
-                text = render_chat(Path(self.entry.weights), inp["messages"])
+                text = format_chat(Path(self.entry.weights), inp["messages"])
             except (ValueError, TemplateError) as exc:  # no chat template; one that refuses the turns
                 raise JobError(f"model {self.entry.id!r} cannot format messages: {exc}", code="invalid_input") from None
             # The template writes the special tokens itself (a BOS where the model has one).

@@ -17,7 +17,7 @@ batch key already holds the task).
 
 Segments are Whisper's chunk-level segments (``without_timestamps``, the batched
 pipeline's default), so their boundaries come from the VAD, never from a model's
-guessed timestamps. ``SRT`` and ``WebVTT`` files are rendered from them by the pure
+guessed timestamps. ``SRT`` and ``WebVTT`` files are written from them by the pure
 functions at the bottom.
 
 faster-whisper (and with it ctranslate2 and av) is imported when a method needs it,

@@ -14,7 +14,7 @@ from ..schema import Batch, Job
 from .views import OPEN
 
 
-def cancel(services, batch_id: str, now: datetime | None = None, render=None) -> dict:
+def cancel(services, batch_id: str, now: datetime | None = None, job_json=None) -> dict:
     """Cancel the batch: queued jobs canceled and refunded, running ones canceled (their
     workers stop between steps) and charged their minimum. Conflict if it had finished.
     Returns ``{"queued": n, "running": n}``, the jobs canceled from each state."""
@@ -28,7 +28,7 @@ def cancel(services, batch_id: str, now: datetime | None = None, render=None) ->
                 raise NotFound(f"no batch {batch_id}")
             raise Conflict(f"batch {batch_id} already {status}")
         ending = outcomes.end(session, outcomes.Canceled(), where=Job.batch_id == batch_id,
-                              allowances=services.allowances, render=render, now=now)
+                              allowances=services.allowances, job_json=job_json, now=now)
     canceled = ending.ids(CANCELED)
     running = ending.canceled_running
     # Event streams: the running jobs' followers hear it now (their workers stop between

@@ -24,9 +24,9 @@ def manifest(session: Session, batch: Batch, links: Links) -> bytes:
         if not jobs:
             break
         for job in jobs:
-            rendered = job_json(job, links)
+            data = job_json(job, links)
             out.append(json.dumps({"custom_id": job.custom_id, "job_id": job.id, "status": job.status,
-                                   "output": rendered["output"], "error": rendered["error"]},
+                                   "output": data["output"], "error": data["error"]},
                                   separators=(",", ":")))
         after = jobs[-1].id
     return ("\n".join(out) + "\n").encode()

@@ -27,5 +27,5 @@ ends, delivered by a CPU process (``vramq webhooks-and-batches``), retried with 
   same ``webhook-id`` after ``deliverer.RETRY_SCHEDULE_S`` (5 s, 30 s, 2 min, 10 min,
   30 min, 1 h, 2 h, 4 h, then 8 h three times: 31.7 h in all), then the delivery is
   ``failed``. Every attempt is a ``webhook_attempts`` row (``GET
-  /v1/jobs/{id}/deliveries``, rendered by ``views``).
+  /v1/jobs/{id}/deliveries``, as JSON by ``views``).
 """

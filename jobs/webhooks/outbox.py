@@ -16,13 +16,13 @@ from .signing import secret_for
 from .spec import BATCH_EVENTS, JOB_EVENTS
 
 
-def enqueue(session: Session, job_id: str, event: str, render, now: datetime | None = None) -> str | None:
+def enqueue(session: Session, job_id: str, event: str, job_json, now: datetime | None = None) -> str | None:
     """Write the delivery of ``event`` for a job that asked for it, in the caller's
-    transaction. ``render(job)`` gives the job's JSON. Returns the delivery id."""
+    transaction. ``job_json(job)`` gives the job's JSON. Returns the delivery id."""
     job = session.get(Job, job_id, populate_existing=True)  # as this transaction left it
     if job is None or not job.webhook or event not in job.webhook.get("events", JOB_EVENTS):
         return None
-    return write(session, job.caller or "", job.webhook["url"], event, render(job), now, job_id=job.id)
+    return write(session, job.caller or "", job.webhook["url"], event, job_json(job), now, job_id=job.id)
 
 
 def enqueue_batch(session: Session, batch, event: str, data: dict, now: datetime | None = None) -> str | None:
@@ -44,8 +44,8 @@ def write(session: Session, caller: str, url: str, event: str, data: dict, now: 
     return delivery_id
 
 
-def renderer(services):
-    """``render`` for ``enqueue`` outside a request: links point at ``VRAMQ_PUBLIC_URL``
+def job_json_for(services):
+    """``job_json`` for ``enqueue`` outside a request: links point at ``VRAMQ_PUBLIC_URL``
     (relative without it, for the local store; S3 links are absolute anyway)."""
     from ..views import Links, job_json
 

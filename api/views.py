@@ -1,4 +1,6 @@
-"""Jobs as the API shows them: signed links minted at read time, times in ISO 8601 UTC."""
+"""The API's JSON of its resources, in a request: where links point (``base_url``,
+``links``), a queued job's position and ETA, and ``job_json``. Signed links are minted at
+read time, times are ISO 8601 UTC."""
 
 from __future__ import annotations
 
@@ -10,9 +12,10 @@ from flask import current_app, request
 from sqlalchemy import select
 
 from vramq.jobs import fairness
+from vramq.jobs import views as domain_views
 from vramq.jobs.lifecycle import FAILED, SUCCEEDED, utcnow
 from vramq.jobs.schema import Job
-from vramq.jobs.views import Links, job_json
+from vramq.jobs.views import Links
 
 
 def base_url() -> str:
@@ -61,6 +64,7 @@ def queue_info(session, job: Job) -> tuple[int | None, float | None]:
     return position, None if rate is None else round((position + 1) / rate, 1)
 
 
-def render_job(job: Job, session=None) -> dict[str, Any]:
-    """The job as the API shows it (the queue fields need a session)."""
-    return job_json(job, links(), (lambda j: queue_info(session, j)) if session is not None else (lambda j: (None, None)))
+def job_json(job: Job, session=None) -> dict[str, Any]:
+    """The job's JSON as the API shows it, links pointing where this request came in
+    (the queue fields need a session); ``vramq.jobs.views.job_json`` with this request's links."""
+    return domain_views.job_json(job, links(), (lambda j: queue_info(session, j)) if session is not None else (lambda j: (None, None)))
