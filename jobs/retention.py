@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import secrets
 from dataclasses import dataclass, field
+from functools import partial
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Callable, ClassVar
 
@@ -171,7 +172,7 @@ def _sweep_outputs(services: Services, now: datetime, limit: int) -> list[str]:
             select(Job.id).where(Job.outputs_expired_at.is_not(None), Job.output.is_not(None)).limit(10 * limit)
         ).scalars())
     for job_id in pending:
-        if not _deleted(lambda job_id=job_id: services.store.delete_prefix(f"jobs/{job_id}/"), "the outputs of job", job_id):
+        if not _deleted(partial(services.store.delete_prefix, f"jobs/{job_id}/"), "the outputs of job", job_id):
             continue
         with services.sessions.begin() as session:
             session.execute(update(Job).where(Job.id == job_id).values(output=null()))  # SQL NULL, not JSON null
@@ -227,7 +228,7 @@ def _sweep_files(services: Services, cutoff: datetime, limit: int) -> list[str]:
         due = _files_due(session, cutoff, 10 * limit)
     swept: list[str] = []
     for file_id in due:
-        if not _deleted(lambda file_id=file_id: delete_object(services.store, file_id), "uploaded file", file_id):
+        if not _deleted(partial(delete_object, services.store, file_id), "uploaded file", file_id):
             continue
         with services.sessions.begin() as session:
             session.execute(delete(File).where(File.id == file_id))
@@ -246,7 +247,7 @@ def _sweep_manifests(services: Services, cutoff: datetime, limit: int) -> list[s
     swept: list[str] = []
     for batch_id in due:
         folder = f"batches/{batch_id}/"
-        if not _deleted(lambda folder=folder: services.store.delete_prefix(folder), "the manifest of batch", batch_id):
+        if not _deleted(partial(services.store.delete_prefix, folder), "the manifest of batch", batch_id):
             continue
         with services.sessions.begin() as session:
             session.execute(update(Batch).where(Batch.id == batch_id).values(results_key=None))

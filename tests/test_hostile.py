@@ -35,7 +35,6 @@ from sqlalchemy import select
 from vramq.jobs.schema import Account, Batch, Job, LedgerEntry
 from vramq.jobs.settings import Settings
 from tests.conftest import settings_env
-from tests.fixtures.services import services_for
 from tests.fixtures.http import CountingStream, Harness, assert_problem, build_harness, count
 
 IMAGE = {"model": "tiny-flux", "input": {"prompt": "a fox", "width": 64, "height": 64, "steps": 2}}

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -31,7 +31,6 @@ from vramq.jobs import ledger, outcomes
 from vramq.jobs.accounts import Caller
 from vramq.jobs.errors import JobCanceled, JobError, OutOfMemory
 from vramq.jobs.schema import Job, LedgerEntry
-from vramq.jobs.services import Services
 from vramq.jobs.settings import Settings
 from vramq.jobs.submit import submit_job
 from vramq.storage.local import LocalStore
