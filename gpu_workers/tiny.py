@@ -62,7 +62,8 @@ def make_tiny(dir: str | Path) -> dict[str, Path]:
     """Build every tiny model under ``dir``; return ``{model_id: directory}``.
 
     Models already built are kept as they are, so this is cheap to call at start-up.
-    The ids match the embedded catalog (``jobs/catalogs/tiny.toml``).
+    The ids match the embedded catalog (``jobs/catalogs/tiny.toml``), whose ``echo``
+    model has no weights to build.
     """
     from .tiny_speech import make_tiny_whisper
     from .tiny_text import make_tiny_qwen2

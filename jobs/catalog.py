@@ -28,7 +28,9 @@ from pydantic_core import ErrorDetails
 from .errors import ConfigError, InputError
 
 KINDS = ("text", "image", "video", "speech")
-BACKENDS = {"text": ("vllm",), "image": ("diffusers",), "video": ("diffusers",), "speech": ("faster_whisper",)}
+BACKENDS = {"text": ("vllm", "echo"), "image": ("diffusers",), "video": ("diffusers",), "speech": ("faster_whisper",)}
+NO_WEIGHTS = ("echo",)
+"""Backends that load no weights: ``echo`` does no work (it exists to measure the queue)."""
 
 
 class _Strict(BaseModel):
@@ -94,8 +96,9 @@ class ModelEntry(_Strict):
 
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
     kind: Literal["text", "image", "video", "speech"]
-    backend: Literal["vllm", "diffusers", "faster_whisper"]
-    weights: Path
+    backend: Literal["vllm", "diffusers", "faster_whisper", "echo"]
+    weights: Path | None = None
+    """The model's folder (or file); None only for a backend in ``NO_WEIGHTS``."""
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     limits: dict[str, Any] = Field(default_factory=dict)
     defaults: dict[str, Any] = Field(default_factory=dict)
@@ -108,6 +111,9 @@ class ModelEntry(_Strict):
     def _check(self) -> "ModelEntry":
         if self.backend not in BACKENDS[self.kind]:
             raise ValueError(f"backend {self.backend!r} cannot serve kind {self.kind!r}")
+        if (self.weights is None) != (self.backend in NO_WEIGHTS):
+            raise ValueError(f"backend {self.backend!r} " + ("loads no weights: leave weights out"
+                                                               if self.weights is not None else "needs weights"))
         LIMITS[self.kind].model_validate(self.limits)  # raises with the field named
         unknown = set(self.defaults) - set(INPUT_FIELDS[self.kind])
         if unknown:
@@ -359,7 +365,7 @@ def load_catalog(path: str | Path, models_dir: str | Path | None = None) -> Cata
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(entry)'}: {e['msg']}" for e in exc.errors())
             raise ConfigError(f"{path}: model {name}: {problems}") from None
-        if not entry.weights.is_absolute():
+        if entry.weights is not None and not entry.weights.is_absolute():
             entry = entry.model_copy(update={"weights": (base / entry.weights).resolve()})
         entries.append(entry)
     return Catalog(entries, source=str(path))

@@ -19,6 +19,7 @@ import json
 import logging
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from .errors import InputError
 
@@ -185,9 +186,14 @@ def counter_for(weights: Path) -> PromptCounter | None:
 def check_context(entry, inp: dict) -> int | None:
     """Raise 422 when prompt tokens + ``max_tokens`` exceed the model's ``max_context``.
 
-    Returns the prompt's token count (None when the tokenizer is not readable here)."""
-    counter = counter_for(Path(entry.weights))
-    tokens = counter.count(inp) if counter is not None else None
+    Returns the prompt's token count (None when the tokenizer is not readable here). A
+    model without weights (``echo``) has no tokenizer: its prompt is counted with
+    ``echo_prompt_tokens``."""
+    if entry.weights is None:
+        tokens: int | None = echo_prompt_tokens(inp)
+    else:
+        counter = counter_for(Path(entry.weights))
+        tokens = counter.count(inp) if counter is not None else None
     if tokens is None:
         return None
     limit = entry.limit.max_context
@@ -197,3 +203,17 @@ def check_context(entry, inp: dict) -> int | None:
                f"{tokens + inp['max_tokens']}, past the limit max_context {limit} of model {entry.id}")
         raise InputError(msg, [{"loc": ["input", field], "msg": msg}], code="context_length_exceeded")
     return tokens
+
+
+def echo_tokens(text: str) -> int:
+    """Tokens as the ``echo`` model counts them, having no tokenizer: one per word (a run of
+    characters between whitespace, ``str.split``). Cheap, and the same rule at admission
+    and in the echo backend's ``usage``; not any real model's count."""
+    return len(text.split())
+
+
+def echo_prompt_tokens(inp: dict[str, Any]) -> int:
+    """An echo job's prompt tokens: the words of ``prompt``, or of every message's content."""
+    if inp.get("messages") is not None:
+        return sum(echo_tokens(m["content"]) for m in inp["messages"])
+    return echo_tokens(inp["prompt"])

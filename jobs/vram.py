@@ -403,7 +403,10 @@ def _finish(params, nbytes, kv, act, dtype, kv_dtype, kv_tokens, source, compone
 def estimate_entry(entry, models_dir: Path | None = None, *, fallback_count: FallbackCount | None = None) -> Estimate:
     """Estimate a catalog entry at its limits (max context x max_batch sequences, largest
     images or videos at max_batch, max_batch audio chunks); ``fallback_count`` as in
-    ``estimate``."""
+    ``estimate``. A backend that loads no weights (``echo``) needs nothing: all zeros."""
+    if entry.weights is None:
+        return Estimate(params=0, weights_bytes=0, kv_cache_bytes=0, activations_bytes=0, headroom_bytes=0,
+                        dtype=_short(entry.dtype), kv_dtype=None, kv_tokens=0, source="no weights")
     weights = Path(entry.weights)
     if not weights.is_absolute() and models_dir is not None:
         weights = Path(models_dir) / weights

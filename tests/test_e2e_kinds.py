@@ -20,13 +20,31 @@ pytestmark = pytest.mark.e2e
 def test_one_worker_serves_every_kind(shared_cluster):
     workers = shared_cluster.workers()
     assert len(workers) == 1
-    assert sorted(workers[0]["models"]) == ["tiny-flux", "tiny-qwen2", "tiny-video", "tiny-whisper"]
+    assert sorted(workers[0]["models"]) == ["echo", "tiny-flux", "tiny-qwen2", "tiny-video", "tiny-whisper"]
     kinds = {m["id"]: (m["kind"], m["available"]) for m in shared_cluster.get("/v1/models").json()["data"]}
-    assert kinds == {"tiny-flux": ("image", True), "tiny-qwen2": ("text", True),
+    assert kinds == {"tiny-flux": ("image", True), "tiny-qwen2": ("text", True), "echo": ("text", True),
                      "tiny-video": ("video", True), "tiny-whisper": ("speech", True)}
 
 
 # --- text ------------------------------------------------------------------------------
+
+
+def test_echo_answers_with_its_prompt_through_the_api_and_a_worker(shared_cluster):
+    """The model that does no work (bench/queue_floor.py): a text job's output, streamed as a text job's."""
+    a = submit(shared_cluster, "echo", {"prompt": "the queue alone", "max_tokens": 2})
+    b = submit(shared_cluster, "echo", {"messages": [{"role": "system", "content": "Be brief."},
+                                                     {"role": "user", "content": "echo me"}]})
+    done = shared_cluster.wait_job(a["id"])
+    assert done["status"] == "succeeded", done
+    assert done["output"] == {"text": "the queue", "finish_reason": "length",
+                              "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
+    assert done["usage"]["batch_size"] == 1 and done["usage"]["gpu_seconds"] < 0.05
+    done = shared_cluster.wait_job(b["id"])
+    assert done["status"] == "succeeded", done
+    assert done["output"]["text"] == "echo me" and done["output"]["usage"] == {"prompt_tokens": 4, "completion_tokens": 2}
+    with requests.get(shared_cluster.url + f"/v1/jobs/{b['id']}/events", stream=True, timeout=60) as resp:
+        events = read_sse(resp)
+    assert [d["text"] for _i, e, d in events if e == "delta"] == ["echo me"]
 
 
 def test_text_prompt_and_chat(shared_cluster):

@@ -228,7 +228,8 @@ def test_sharded_safetensors_follow_the_index(tmp_path):
 def test_estimate_entry_on_the_tiny_catalog(models_dir):
     catalog = load_catalog(TINY_CATALOG, models_dir=models_dir)
     estimates = {entry.id: estimate_entry(entry) for entry in catalog}
-    assert set(estimates) == {"tiny-flux", "tiny-qwen2", "tiny-whisper", "tiny-video"}
+    assert set(estimates) == {"tiny-flux", "tiny-qwen2", "tiny-whisper", "tiny-video", "echo"}
+    assert estimates.pop("echo").total_bytes == 0  # no weights, no work
     for model_id, e in estimates.items():
         assert e.total_bytes > e.weights_bytes > 0, model_id
         assert e.dtype == "fp32", model_id
@@ -301,7 +302,7 @@ def test_the_pure_estimate_never_needs_torch(models_dir, tmp_path):
         "from vramq.jobs.catalog import TINY_CATALOG, load_catalog\n"
         "from vramq.jobs.errors import ConfigError\n"
         f"for e in load_catalog(TINY_CATALOG, models_dir={str(models_dir)!r}):\n"
-        "    assert estimate_entry(e).total_bytes > 0\n"
+        "    assert (estimate_entry(e).total_bytes > 0) == (e.weights is not None)\n"
         f"assert estimate({str(CONFIGS / 'llama-3-70b.json')!r}).params > 7e10\n"
         "try:\n"
         f"    estimate({str(CONFIGS / 'flux.1-vae.json')!r})\n"

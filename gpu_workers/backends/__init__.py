@@ -18,6 +18,7 @@ _BACKENDS: dict[tuple[str, str], str] = {
     ("image", "diffusers"): "vramq.gpu_workers.backends.diffusers_image:DiffusersImageBackend",
     ("video", "diffusers"): "vramq.gpu_workers.backends.diffusers_video:DiffusersVideoBackend",
     ("text", "vllm"): "vramq.gpu_workers.backends.vllm_text:VllmTextBackend",
+    ("text", "echo"): "vramq.gpu_workers.backends.echo:EchoBackend",
     ("speech", "faster_whisper"): "vramq.gpu_workers.backends.whisper_speech:WhisperSpeechBackend",
 }
 """``(kind, backend)`` -> ``"module:Class"``, imported lazily."""
