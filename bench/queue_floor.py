@@ -389,32 +389,46 @@ def _short_file(file: str) -> str:
 
 
 def summarize(path: Path, n: int = 25) -> dict:
-    """A speedscope file's functions by own samples (the leaf: where the time is spent),
-    by total samples (anywhere on the stack), and vramq's own functions by total samples,
-    over every profile in it (py-spy writes one per thread of each process)."""
+    """A speedscope file's functions (py-spy writes a frame per line: they are merged per
+    function) by own share of the samples (the leaf: where the time is spent), by total
+    share (anywhere on the stack, once per sample), vramq's own functions by total share,
+    and the packages the time is spent in (the leaf's), over every profile in it (py-spy
+    writes one per thread of each process)."""
     doc = json.loads(path.read_text())
     frames = doc["shared"]["frames"]
     files = [_short_file(f.get("file") or "") for f in frames]
+    func = [f"{f['name']} ({files[i]})" if files[i] else f["name"] for i, f in enumerate(frames)]
 
-    def label(i: int) -> str:
-        return f"{frames[i]['name']} ({files[i]}:{frames[i].get('line', '')})"
+    def package(i: int) -> str:
+        file = files[i]
+        if file.startswith("vramq/"):
+            return ".".join(file.split("/")[:2])
+        if "/" in file:
+            return file.split("/", 1)[0]
+        return file.removesuffix(".py") or "(native)"
 
     own: Counter = Counter()
     total: Counter = Counter()
-    samples = 0
+    packages: Counter = Counter()
+    samples = 0.0
     for prof in doc["profiles"]:
         for stack, weight in zip(prof["samples"], prof["weights"], strict=True):
             samples += weight
             if stack:
-                own[stack[-1]] += weight
-            for i in set(stack):
-                total[i] += weight
-    ours = Counter({i: c for i, c in total.items() if files[i].startswith("vramq/")})
+                own[func[stack[-1]]] += weight
+                packages[package(stack[-1])] += weight
+            for name in {func[i] for i in stack}:
+                total[name] += weight
+
+    def shares(c: Counter, keep=lambda name: True) -> list:
+        return [(name, round(w / samples, 4)) for name, w in c.most_common() if keep(name)][:n]
+
     return {
-        "samples": samples,
-        "own": [(label(i), round(c / samples, 4)) for i, c in own.most_common(n)],
-        "total": [(label(i), round(c / samples, 4)) for i, c in total.most_common(n)],
-        "vramq_total": [(label(i), round(c / samples, 4)) for i, c in ours.most_common(n)],
+        "samples_s": round(samples, 2),
+        "own": shares(own),
+        "total": shares(total),
+        "vramq_total": shares(total, lambda name: "(vramq/" in name),
+        "own_by_package": shares(packages),
     }
 
 
@@ -570,7 +584,10 @@ def main() -> int:
             },
         }
         if top:
-            log(f"profiles in {args.profile}: " + ", ".join(f"{k} {v['samples']} samples" for k, v in top.items()))
+            log(
+                f"profiles in {args.profile}: "
+                + ", ".join(f"{k} {v['samples_s']} s of samples" for k, v in top.items())
+            )
         if sub["error_samples"]:
             log(f"error samples: {sub['error_samples']}")
         if result["other_busy_cores"] > 0.25:
