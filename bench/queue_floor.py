@@ -46,11 +46,12 @@ the worker with ``py-spy record --gil --format speedscope`` during the measured 
 (py-spy must be installed: ``pip install py-spy==0.4.3``; it needs ptrace, e.g. root),
 and writes ``DIR/api.speedscope.json``, ``DIR/worker.speedscope.json`` and
 ``DIR/top.json``: each process group's functions by own and by total share of the
-samples, and vramq's own functions by total share. ``--gil`` samples only the thread
-holding the GIL, so the shares are of Python's CPU time: waiting (for SQLite's write
-lock, the network, a condition) and C code that lets the GIL go (SQLite's own work,
-psycopg waiting for the server) are not in them. The sampling costs CPU: take the
-figures from a run without it.
+samples, vramq's own functions by total share, the packages the time is spent in, and
+``centers``: the process's time split without overlap among the parts of its work that
+``CENTERS`` names. ``--gil`` samples only the thread holding the GIL, so the shares are
+of Python's CPU time: waiting (for SQLite's write lock, the network, a condition) and C
+code that lets the GIL go (SQLite's own work, psycopg waiting for the server) are not in
+them. The sampling costs CPU: take the figures from a run without it.
 
 Progress lines go to stderr; the last stdout line is one JSON object. No assertions.
 """
@@ -371,7 +372,7 @@ class Profiler:
                 proc.wait(60)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        top = {name: summarize(self.outdir / f"{name}.speedscope.json") for name in self.procs}
+        top = {name: summarize(self.outdir / f"{name}.speedscope.json", CENTERS.get(name)) for name in self.procs}
         (self.outdir / "top.json").write_text(json.dumps(top, indent=1))
         return top
 
@@ -388,7 +389,61 @@ def _short_file(file: str) -> str:
     return file
 
 
-def summarize(path: Path, n: int = 25) -> dict:
+#: Where each process's time goes, without overlap: a sample counts for the innermost
+#: frame on its stack that one of these (label, file prefix, function names or None for
+#: any) matches, else for "other". Keep them in step with the code they name.
+CENTERS: dict[str, list[tuple[str, str, tuple[str, ...] | None]]] = {
+    "api": [
+        ("ledger.reserve (wallet lock, ledger row, totals)", "vramq/jobs/ledger.py", ("reserve", "reserve_many")),
+        ("fairness.position (the 202's queue_position)", "vramq/jobs/fairness.py", ("position",)),
+        ("render_job, the rest (job JSON, links)", "vramq/api/render.py", None),
+        ("queue.publish (Celery send_task to Redis)", "vramq/jobs/queue.py", ("publish",)),
+        ("check_job (validation, admission)", "vramq/jobs/submit.py", ("check_job", "parse_request")),
+        ("check_available (served models)", "vramq/jobs/submit.py", ("check_available",)),
+        ("submit_job, the rest (INSERT, commit, idempotency)", "vramq/jobs/submit.py", None),
+        ("submit_job, the rest (INSERT, commit, idempotency)", "vramq/jobs/idempotency.py", None),
+        ("create_job, the rest", "vramq/api/jobs_api.py", None),
+        ("rate limit", "vramq/api/ratelimit.py", None),
+        ("caller (keys, accounts)", "vramq/api/guards.py", None),
+        ("caller (keys, accounts)", "vramq/jobs/accounts.py", None),
+        ("metrics", "prometheus_client/", None),
+        ("Flask and werkzeug", "flask/", None),
+        ("Flask and werkzeug", "werkzeug/", None),
+        ("gunicorn (HTTP, threads)", "gunicorn/", None),
+        ("gunicorn (HTTP, threads)", "vramq/api/server.py", None),
+    ],
+    "worker": [
+        ("ledger.settle", "vramq/jobs/ledger.py", ("settle",)),
+        ("lifecycle.succeed (UPDATE the job)", "vramq/jobs/lifecycle.py", ("succeed",)),
+        ("webhook outbox", "vramq/jobs/webhooks/", None),
+        ("outcomes.end, the rest", "vramq/jobs/outcomes.py", None),
+        ("_succeeded, the rest (store.list, tidying)", "vramq/gpu_workers/runtime.py", ("WorkerRuntime._succeeded",)),
+        ("_end, the rest (transaction, events)", "vramq/gpu_workers/runtime.py", ("WorkerRuntime._end",)),
+        ("fairness.pick", "vramq/jobs/fairness.py", ("pick",)),
+        ("lifecycle.take (the lease UPDATE)", "vramq/jobs/lifecycle.py", ("take",)),
+        ("fairness.take_next, the rest", "vramq/jobs/fairness.py", None),
+        ("_hint_committed (SELECT the hint)", "vramq/gpu_workers/runtime.py", ("WorkerRuntime._hint_committed",)),
+        (
+            "execute, the rest (SELECT the job, run it)",
+            "vramq/gpu_workers/runtime.py",
+            ("WorkerRuntime.execute", "WorkerRuntime._run", "WorkerRuntime._compute"),
+        ),
+        ("the echo backend", "vramq/gpu_workers/backends/", None),
+        ("EventWriter thread (XADD)", "vramq/jobs/events.py", None),
+        (
+            "reporter thread (leases, reaping, turns, heartbeat)",
+            "vramq/gpu_workers/runtime.py",
+            ("WorkerRuntime._report_loop",),
+        ),
+        ("Celery task tracing", "celery/app/trace.py", None),
+        ("logging", "logging/", None),
+        ("Celery and kombu (receive, ack, pool)", "celery/", None),
+        ("Celery and kombu (receive, ack, pool)", "kombu/", None),
+    ],
+}
+
+
+def summarize(path: Path, centers: list | None = None, n: int = 25) -> dict:
     """A speedscope file's functions (py-spy writes a frame per line: they are merged per
     function) by own share of the samples (the leaf: where the time is spent), by total
     share (anywhere on the stack, once per sample), vramq's own functions by total share,
@@ -407,9 +462,22 @@ def summarize(path: Path, n: int = 25) -> dict:
             return file.split("/", 1)[0]
         return file.removesuffix(".py") or "(native)"
 
+    def center(i: int) -> str | None:
+        name, file = frames[i]["name"], files[i]
+        return next(
+            (
+                label
+                for label, prefix, names in centers or []
+                if file.startswith(prefix) and (names is None or name in names)
+            ),
+            None,
+        )
+
+    centered = [center(i) for i in range(len(frames))]
     own: Counter = Counter()
     total: Counter = Counter()
     packages: Counter = Counter()
+    flat: Counter = Counter()
     samples = 0.0
     for prof in doc["profiles"]:
         for stack, weight in zip(prof["samples"], prof["weights"], strict=True):
@@ -419,6 +487,7 @@ def summarize(path: Path, n: int = 25) -> dict:
                 packages[package(stack[-1])] += weight
             for name in {func[i] for i in stack}:
                 total[name] += weight
+            flat[next((centered[i] for i in reversed(stack) if centered[i]), "other")] += weight
 
     def shares(c: Counter, keep=lambda name: True) -> list:
         return [(name, round(w / samples, 4)) for name, w in c.most_common() if keep(name)][:n]
@@ -429,6 +498,7 @@ def summarize(path: Path, n: int = 25) -> dict:
         "total": shares(total),
         "vramq_total": shares(total, lambda name: "(vramq/" in name),
         "own_by_package": shares(packages),
+        "centers": shares(flat),
     }
 
 
