@@ -43,7 +43,7 @@ Figures:
 
 ``--profile DIR`` also records the API (``--subprocesses``: the gunicorn workers) and
 the worker with ``py-spy record --gil --format speedscope`` during the measured phase
-(py-spy must be installed: ``pip install py-spy==0.4.3``; it needs ptrace, e.g. root),
+(py-spy must be installed: the ``bench`` extra, ``pip install -e '.[bench]'``; it needs ptrace, e.g. root),
 and writes ``DIR/api.speedscope.json``, ``DIR/worker.speedscope.json`` and
 ``DIR/top.json``: each process group's functions by own and by total share of the
 samples, vramq's own functions by total share, the packages the time is spent in, and
