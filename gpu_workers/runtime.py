@@ -98,6 +98,7 @@ class WorkerRuntime:
         # "loading", so the API keeps admitting jobs for them (a restarted worker's models
         # may take minutes to load) and they wait in the queue.
         threading.Thread(target=self._report_loop, name="reporter", daemon=True).start()
+        threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
         resident = self.residency.fits_alongside(self.model_ids)
         for model_id in resident:
             self.residency.load_now(model_id)
@@ -392,11 +393,11 @@ class WorkerRuntime:
         lease_every = services.settings.lease_s / 3
         reap_every = max(services.settings.lease_s / 2, 1.0)
         reconciler = turns.Reconciler(services)
-        last_lease = last_reap = last_beat = last_turns = float("-inf")
+        last_lease = last_reap = last_turns = float("-inf")
         while not self._stop.wait(defaults.REPORT_INTERVAL_S):
             now = time.monotonic()
-            # Each duty on its own: the database down must not stop the heartbeat, nor
-            # the broker down the lease renewals.
+            # Each duty on its own: the broker down must not stop the lease renewals, nor
+            # the database down the turns.
             with self._lock:
                 running = dict(self._running)
             if running:
@@ -409,9 +410,15 @@ class WorkerRuntime:
             if now - last_turns >= turns.CHECK_S and self.state == State.READY:
                 last_turns = now
                 self._duty("topping up turns", reconciler.tick_if_turn)
-            if now - last_beat >= heartbeat.TTL_S / 3:
-                last_beat = now
-                self._duty("heartbeat", self._heartbeat)
+
+    def _heartbeat_loop(self) -> None:
+        """The heartbeat on a thread of its own: a slow or hung database statement of the
+        reporter's must not let it lapse (the API would refuse the worker's models as
+        served by nobody)."""
+        while True:
+            self._duty("heartbeat", self._heartbeat)
+            if self._stop.wait(heartbeat.TTL_S / 3):
+                return
 
     def _duty(self, what: str, fn, *args) -> bool:
         try:

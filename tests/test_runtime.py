@@ -436,3 +436,29 @@ def test_a_resident_model_that_cannot_be_loaded_stops_the_worker_before_it_is_re
         inst.runtime()
     assert caught.value.code == "model_load_failed"
     assert inst.runtimes[-1].state is State.LOADING
+
+
+def test_the_heartbeat_goes_on_while_a_database_duty_hangs(install, monkeypatch):
+    """A reporter duty stuck on the database (a slow statement, a lock wait) must not let
+    the heartbeat lapse: the API would take the worker's models for served by nobody."""
+    from vramq.jobs import heartbeat
+
+    monkeypatch.setattr(heartbeat, "TTL_S", 2)  # announced every 2/3 s, gone 2 s after the last
+    hung, released = threading.Event(), threading.Event()
+
+    def stuck_reap(self):
+        hung.set()
+        released.wait(30)
+
+    monkeypatch.setattr(WorkerRuntime, "_reap", stuck_reap)
+    inst = install("batcher")
+    try:
+        rt = inst.runtime()
+        assert hung.wait(10), "the reporter never ran its reaping duty"
+        key = heartbeat.PREFIX + rt.name
+        deadline = time.monotonic() + 3 * heartbeat.TTL_S
+        while time.monotonic() < deadline:
+            assert inst.services.redis.exists(key), "the heartbeat lapsed while a database duty hung"
+            time.sleep(0.1)
+    finally:
+        released.set()
