@@ -266,6 +266,27 @@ def test_the_manifest_has_outputs_as_signed_links_and_errors(h):
     assert by_status["frame-00001"]["output"] is None
 
 
+def test_manifest_links_last_whole_seconds_when_the_retention_is_set_in_the_environment(make_settings):
+    # VRAMQ_RETENTION_HOURS is read as a float: the manifest's link lifetime (the
+    # retention, in seconds) must still reach the store as an int.
+    settings, _ = make_settings(retention_hours=1.5)
+    assert isinstance(settings.retention_hours, float)
+    h = Harness(services_for(settings))
+    acct, key = h.account()
+    b = h.call("POST", "/v1/batches", key, json={"jobs": lines(1)}).get_json()
+    services = h.services
+    with writing(services.sessions) as s:
+        job_id = fairness.take_next(s, "tiny-flux", "low", "w1", 30)
+    services.store.put(f"jobs/{job_id}/1/image.png", b"png-bytes", "image/png")
+    with services.sessions.begin() as s:
+        lifecycle.succeed(s, job_id, "w1", {"images": [{"url": {"$object": f"jobs/{job_id}/1/image.png"}}]},
+                          0.5, {}, h.now + timedelta(hours=1))
+    assert finish(h) == 1
+    done = h.call("GET", f"/v1/batches/{b['id']}", key).get_json()
+    manifest = [json.loads(x) for x in h.http.get(done["results_url"]).get_data(as_text=True).splitlines()]
+    assert h.http.get(manifest[0]["output"]["images"][0]["url"]).data == b"png-bytes"
+
+
 def test_batch_events_stream_counts_then_done(h):
     acct, key = h.account()
     b = h.call("POST", "/v1/batches", key, json={"jobs": lines(3)}).get_json()

@@ -42,8 +42,10 @@ def finalize(services, batch_id: str) -> bool:
             return False
         base = settings.public_url or batch.base_url or ""
         links = Links(services.store, settings.link_ttl, base)
-        manifest_links = Links(services.store, min(max(settings.link_ttl, settings.retention_hours * 3600),
-                                                   MANIFEST_MAX_LINK_S), base)
+        # Whole seconds: retention_hours is a float when set in the environment, and
+        # the store signs links for an int number of seconds only.
+        manifest_links = Links(services.store, int(min(max(settings.link_ttl, settings.retention_hours * 3600),
+                                                       MANIFEST_MAX_LINK_S)), base)
         data = manifest(session, batch, manifest_links)
     key = f"batches/{batch_id}/results.jsonl"
     services.store.put(key, data, "application/jsonl")
