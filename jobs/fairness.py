@@ -16,7 +16,9 @@ accounts waiting, not with the length of their queues. Nothing has to be kept in
 
 from __future__ import annotations
 
-from sqlalchemy import and_, func, select, text
+from datetime import datetime
+
+from sqlalchemy import ColumnElement, and_, func, select, text
 from sqlalchemy.orm import Session
 
 from .lifecycle import QUEUED
@@ -24,7 +26,7 @@ from .queue import PRIORITY
 from .schema import Job
 
 
-def _queued(model: str, priority: str):
+def _queued(model: str, priority: str) -> ColumnElement[bool]:
     return and_(Job.model == model, Job.priority == priority, Job.status == QUEUED)
 
 
@@ -92,7 +94,8 @@ def position(session: Session, job: Job) -> int | None:
     return before + own_ahead + sum(min(n, own_ahead + 1) for _, n in others)
 
 
-def take_next(session: Session, model: str, priority: str, worker: str, lease_s: float, now=None) -> str | None:
+def take_next(session: Session, model: str, priority: str, worker: str, lease_s: float,
+              now: datetime | None = None) -> str | None:
     """Take the fairest queued job of ``model``/``priority`` for ``worker``; its id, or
     None when none is queued. Run it in ``jobs.db.writing`` (SQLite: the write lock first).
 

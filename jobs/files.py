@@ -23,17 +23,24 @@ import hashlib
 import logging
 import re
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import BigInteger, Float, Index, String, func, select, text
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from .audio import parse_data_uri, probe_audio
+from .catalog import SpeechLimits
 from .db import writing
 from .errors import InputError, NotFound
 from .ids import new_id
 from .lifecycle import utcnow
+from .ports import ObjectStore
 from .schema import Base, UTCDateTime
+
+if TYPE_CHECKING:
+    from .accounts import Caller
+    from .catalog import ModelEntry
+    from .services import Services
 
 log = logging.getLogger("vramq.files")
 
@@ -68,7 +75,7 @@ def object_key(file_id: str) -> str:
     return f"files/{file_id}"
 
 
-def delete_object(store, file_id: str) -> None:
+def delete_object(store: ObjectStore, file_id: str) -> None:
     """Delete a file's bytes; an object already gone is not an error (a retried sweep)."""
     store.delete(object_key(file_id))
 
@@ -105,24 +112,29 @@ _QUOTA_LOCK = 7224108
 AUDIO_LIMIT_MARGIN = 1.1
 
 
-def audio_seconds_limit(services) -> tuple[float, str]:
+def audio_seconds_limit(services: Services) -> tuple[float, str]:
     """``(seconds, what sets it)``: the longest audio the API probes (uploads, data URIs)."""
     settings = services.settings
     if settings.max_audio_seconds:
         return settings.max_audio_seconds, "VRAMQ_MAX_AUDIO_SECONDS"
-    from .catalog import SpeechLimits
-
-    speech = [e.limit.max_audio_seconds for e in services.catalog if e.kind == "speech"]
+    speech = [_speech_limits(e).max_audio_seconds for e in services.catalog if e.kind == "speech"]
     largest = max(speech, default=SpeechLimits().max_audio_seconds)
     return largest * AUDIO_LIMIT_MARGIN, "VRAMQ_MAX_AUDIO_SECONDS; by default the largest max_audio_seconds in the catalog plus 10%"
 
 
-def uploaded_bytes(session, caller: str) -> int:
+def _speech_limits(entry: ModelEntry) -> SpeechLimits:
+    """A speech model's limits (an entry's limits are the class its kind names, catalog.LIMITS)."""
+    limits = entry.limit
+    assert isinstance(limits, SpeechLimits), f"{entry.id} is a {entry.kind} model"
+    return limits
+
+
+def uploaded_bytes(session: Session, caller: str) -> int:
     """The bytes of ``caller``'s live uploads."""
     return int(session.execute(select(func.coalesce(func.sum(File.bytes), 0)).where(File.caller == caller)).scalar_one())
 
 
-def _hold_quota(session, caller: str, size: int, quota: tuple[int, str]) -> None:
+def _hold_quota(session: Session, caller: str, size: int, quota: tuple[int, str]) -> None:
     """In the inserting transaction: lock the caller's uploads, then count them."""
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("SELECT pg_advisory_xact_lock(:k, hashtext(:c))"), {"k": _QUOTA_LOCK, "c": caller})
@@ -131,7 +143,7 @@ def _hold_quota(session, caller: str, size: int, quota: tuple[int, str]) -> None
         raise UploadQuotaExceeded(quota[0], used, size, quota[1])
 
 
-def store_file(services, data: bytes, filename: str | None, purpose: str, caller: str | None,
+def store_file(services: Services, data: bytes, filename: str | None, purpose: str, caller: str | None,
                quota: tuple[int, str] | None = None) -> File:
     """Check ``data`` for its ``purpose``, store it, record it; return the ``File``.
 
@@ -167,7 +179,8 @@ def store_file(services, data: bytes, filename: str | None, purpose: str, caller
         created_at=utcnow(),
     )
     quota = quota if quota and quota[0] and caller is not None else None
-    if quota is not None:  # a first count without the lock: no bytes are stored for a caller already full
+    # A first count without the lock: no bytes are stored for a caller already full.
+    if quota is not None and caller is not None:
         with services.sessions() as session:
             used = uploaded_bytes(session, caller)
         if used + len(data) > quota[0]:
@@ -175,7 +188,7 @@ def store_file(services, data: bytes, filename: str | None, purpose: str, caller
     services.store.put(row.key, data, content_type)
     try:
         with writing(services.sessions) as session:
-            if quota is not None:
+            if quota is not None and caller is not None:
                 _hold_quota(session, caller, len(data), quota)
             session.add(row)
     except Exception:  # the database refused: no row will ever point at the bytes
@@ -184,7 +197,7 @@ def store_file(services, data: bytes, filename: str | None, purpose: str, caller
     return row
 
 
-def _discard_orphan(store, file_id: str) -> None:
+def _discard_orphan(store: ObjectStore, file_id: str) -> None:
     """Delete the bytes of an upload whose row was not written: the sweeper works from
     rows, so an object without one would be kept for ever."""
     try:
@@ -221,7 +234,7 @@ def _check_jsonl(data: bytes) -> None:
         raise _field_error("file", "a batch file needs at least one line (one JSON job object per line)")
 
 
-def get_file(services, file_id: str) -> File:
+def get_file(services: Services, file_id: str) -> File:
     """The file's row; ``NotFound`` if there is none."""
     with services.sessions() as session:
         row = session.get(File, file_id)
@@ -230,7 +243,7 @@ def get_file(services, file_id: str) -> File:
     return row
 
 
-def resolve_audio(services, ref: str, *, max_bytes: int | None = None) -> bytes:
+def resolve_audio(services: Services, ref: str, *, max_bytes: int | None = None) -> bytes:
     """The audio bytes a speech input names: a ``file_…`` id or a ``data:`` URI.
 
     ``NotFound`` for a file id with no file (row or object); ``InputError`` for a bad
@@ -245,7 +258,8 @@ def resolve_audio(services, ref: str, *, max_bytes: int | None = None) -> bytes:
     return services.store.get(row.key)
 
 
-def check_audio_input(services, entry, inp: dict[str, Any], owner=None) -> float:
+def check_audio_input(services: Services, entry: ModelEntry, inp: dict[str, Any],
+                      owner: Caller | None = None) -> float:
     """Submit-time check of a speech job's audio; return its duration in seconds.
 
     The file must exist and be audio; a data URI is decoded and probed here. Past the
@@ -254,7 +268,7 @@ def check_audio_input(services, entry, inp: dict[str, Any], owner=None) -> float
     """
     loc = ["input", "audio"]
     ref = inp["audio"]
-    limits = entry.limit
+    limits = _speech_limits(entry)
 
     def bad(msg: str, code: str = "invalid_input") -> InputError:
         return InputError(f"input.audio: {msg}", [{"loc": loc, "msg": msg}], code=code)
@@ -274,6 +288,7 @@ def check_audio_input(services, entry, inp: dict[str, Any], owner=None) -> float
             raise bad(f"no file {ref} (upload audio with POST /v1/files, purpose audio)") from None
         if row.purpose != "audio":
             raise bad(f"file {ref} was uploaded with purpose {row.purpose!r}, not 'audio'")
+        assert row.duration_s is not None, ref  # an audio upload is stored with its duration (store_file)
         size, duration = row.bytes, row.duration_s
     if size > limits.max_audio_bytes:
         raise bad(f"{size} bytes is over the limit max_audio_bytes={limits.max_audio_bytes} of model {entry.id}",

@@ -27,11 +27,17 @@ import math
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
 from .schema import Job
 from .vram import estimate_entry
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from .catalog import ModelEntry
 
 log = logging.getLogger("vramq.pricing")
 
@@ -52,20 +58,21 @@ def charge(gpu_seconds: float, rate: float, min_tokens: int) -> int:
     return max(min_tokens, math.ceil(round(gpu_seconds * rate, 6)))
 
 
-def work_units(kind: str, inp: dict, *, prompt_tokens: int | None = None, audio_seconds: float | None = None) -> float:
+def work_units(kind: str, inp: dict[str, Any], *, prompt_tokens: int | None = None,
+               audio_seconds: float | None = None) -> float:
     """The amount of work in a job's input, in the kind's unit (see the module doc)."""
     if kind == "text":
         return float((prompt_tokens or 0) + inp["max_tokens"])
     if kind == "image":
-        return inp["width"] * inp["height"] / 1e6 * inp["steps"] * inp.get("num_images", 1)
+        return float(inp["width"] * inp["height"] / 1e6 * inp["steps"] * inp.get("num_images", 1))
     if kind == "video":
-        return inp["width"] * inp["height"] / 1e6 * inp["steps"] * inp["num_frames"]
+        return float(inp["width"] * inp["height"] / 1e6 * inp["steps"] * inp["num_frames"])
     if kind == "speech":
         return float(audio_seconds or 0.0)
     raise ValueError(f"unknown kind {kind!r}")
 
 
-def rate_for(entry) -> float:
+def rate_for(entry: ModelEntry) -> float:
     """Tokens per GPU-second: the catalog's price, else from the model's VRAM need."""
     if entry.price.tokens_per_gpu_second is not None:
         return entry.price.tokens_per_gpu_second
@@ -76,7 +83,7 @@ def rate_for(entry) -> float:
 _needs: dict[tuple[str, str], int | None] = {}
 
 
-def vram_need_bytes(entry) -> int | None:
+def vram_need_bytes(entry: ModelEntry) -> int | None:
     """The planner's estimate for the entry, computed without torch (weights' headers or
     an LLM's config), once per process; None when the weights are not readable here."""
     key = (entry.id, str(entry.weights))
@@ -105,18 +112,18 @@ class Quote:
 class Estimator:
     """Quotes jobs, with each model's GPU-seconds per unit calibrated from recent runs."""
 
-    def __init__(self, sessions):
+    def __init__(self, sessions: sessionmaker[Session]):
         self.sessions = sessions
         self._cache: dict[str, tuple[float, float]] = {}
         self._lock = threading.Lock()
 
-    def quote(self, entry, units: float) -> Quote:
+    def quote(self, entry: ModelEntry, units: float) -> Quote:
         rate = rate_for(entry)
         spu = self.seconds_per_unit(entry)
         return Quote(rate=rate, min_tokens=entry.price.min_tokens, units=units, seconds_per_unit=spu,
                      tokens=charge(units * spu, rate, entry.price.min_tokens))
 
-    def seconds_per_unit(self, entry) -> float:
+    def seconds_per_unit(self, entry: ModelEntry) -> float:
         now = time.monotonic()
         with self._lock:
             hit = self._cache.get(entry.id)
@@ -127,7 +134,7 @@ class Estimator:
             self._cache[entry.id] = (value, now)
         return value
 
-    def calibrate(self, entry) -> float:
+    def calibrate(self, entry: ModelEntry) -> float:
         """The quantile of recent GPU-seconds per unit, or the prior without enough history."""
         prior = entry.price.seconds_per_unit or PRIOR_SECONDS_PER_UNIT[entry.kind]
         with self.sessions() as session:

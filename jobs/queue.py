@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterable
 
 from celery import Celery
 from kombu import Queue
@@ -35,7 +36,7 @@ def queue_name(model_id: str) -> str:
     return f"model.{model_id}"
 
 
-def make_celery(broker_url: str, visibility_timeout_s: int, model_ids: list[str] = ()) -> Celery:
+def make_celery(broker_url: str, visibility_timeout_s: int, model_ids: Iterable[str] = ()) -> Celery:
     """A Celery app for publishing (API) or consuming (worker) vramq jobs."""
     app = Celery("vramq", broker=broker_url, set_as_current=False)
     app.conf.update(
@@ -58,7 +59,8 @@ def make_celery(broker_url: str, visibility_timeout_s: int, model_ids: list[str]
             "max_retries": 1,
         },
         broker_pool_limit=32,
-        task_queues=[Queue(queue_name(m)) for m in model_ids],
+        # kombu ships py.typed, but Queue.__init__ has no annotations.
+        task_queues=[Queue(queue_name(m)) for m in model_ids],  # type: ignore[no-untyped-call]
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         worker_enable_remote_control=False,

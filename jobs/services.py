@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from .catalog import TINY_CATALOG, Catalog, load_catalog
 from .db import make_engine, make_sessionmaker, migrate
@@ -19,6 +19,16 @@ from .lifecycle import utcnow
 from .ports import ObjectStore, StoreFactory
 from .queue import make_celery
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from celery import Celery
+    from redis import Redis
+    from sqlalchemy import Engine
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from .heartbeat import ServedModels
+    from .ledger import Allowances
+    from .pricing import Estimator
 
 
 def load_configured_catalog(settings: Settings) -> Catalog:
@@ -55,11 +65,11 @@ class Services:
         return services
 
     @cached_property
-    def engine(self):
+    def engine(self) -> Engine:
         return make_engine(self.settings.database_url, dead_peer_s=max(self.settings.lease_s / 2, 2.0))
 
     @cached_property
-    def sessions(self):
+    def sessions(self) -> sessionmaker[Session]:
         return make_sessionmaker(self.engine)
 
     @cached_property
@@ -67,20 +77,20 @@ class Services:
         return load_configured_catalog(self.settings)
 
     @cached_property
-    def estimator(self):
+    def estimator(self) -> Estimator:
         """Quotes jobs' costs, calibrated from recent runs (``pricing.Estimator``)."""
         from .pricing import Estimator
 
         return Estimator(self.sessions)
 
     @cached_property
-    def allowances(self):
+    def allowances(self) -> Allowances:
         from .ledger import Allowances
 
         return Allowances(self.settings)
 
     @cached_property
-    def celery(self):
+    def celery(self) -> Celery:
         return make_celery(self.broker_url, self.settings.visibility_timeout_s, list(self.catalog.models))
 
     @cached_property
@@ -91,14 +101,14 @@ class Services:
         return self.store_factory(self.settings)
 
     @cached_property
-    def served(self):
+    def served(self) -> ServedModels:
         """Which models live workers serve, cached briefly (``heartbeat.ServedModels``)."""
         from .heartbeat import ServedModels
 
         return ServedModels(self.redis)
 
     @cached_property
-    def redis(self):
+    def redis(self) -> Redis:
         """A plain Redis client on the broker (readiness checks, heartbeats)."""
         import redis
 

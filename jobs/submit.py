@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import secrets
-from typing import Annotated, Any
+from datetime import datetime
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
@@ -24,6 +25,11 @@ from .pricing import work_units
 from .priorities import Priority
 from .queue import publish
 from .schema import Job
+
+if TYPE_CHECKING:
+    from .catalog import ModelEntry
+    from .pricing import Quote
+    from .services import Services
 
 MAX_METADATA_BYTES = 4096
 
@@ -66,7 +72,8 @@ def parse_request(body: Any) -> JobRequest:
         raise InputError("the request body is invalid", validation_errors(exc)) from None
 
 
-def submit_job(services, body: Any, *, caller: Caller, idempotency_key: str | None = None) -> tuple[Job, bool]:
+def submit_job(services: Services, body: Any, *, caller: Caller,
+               idempotency_key: str | None = None) -> tuple[Job, bool]:
     """Validate, price and enqueue one job. Returns ``(job, created)``; ``created`` is
     False when an earlier request with the same ``Idempotency-Key`` and body made it.
 
@@ -100,8 +107,8 @@ def submit_job(services, body: Any, *, caller: Caller, idempotency_key: str | No
                             idempotency.row_of(services, Job))
 
 
-def job_row(entry, inp: dict[str, Any], units: float, quote, *, caller: Caller, priority: Priority,
-            metadata: dict[str, Any], webhook: dict | None, now, batch_id: str | None = None,
+def job_row(entry: ModelEntry, inp: dict[str, Any], units: float, quote: Quote, *, caller: Caller, priority: Priority,
+            metadata: dict[str, Any], webhook: dict[str, Any] | None, now: datetime, batch_id: str | None = None,
             custom_id: str | None = None) -> dict[str, Any]:
     """A new queued job's row (``Job(**row)``, or one of many rows of a bulk insert): its
     checked input, its price, and the tokens it reserves (none for the operator's own
@@ -115,7 +122,8 @@ def job_row(entry, inp: dict[str, Any], units: float, quote, *, caller: Caller, 
     }
 
 
-def check_job(services, model_id: str, raw_input: Any, caller: Caller):
+def check_job(services: Services, model_id: str, raw_input: Any,
+              caller: Caller) -> tuple[ModelEntry, dict[str, Any], float]:
     """Check one job's model and input against the catalog (422 naming the field);
     return ``(entry, input with defaults filled in, work units)``. A ``seed`` left out is
     chosen now, so the result is reproducible."""
@@ -142,7 +150,7 @@ def check_job(services, model_id: str, raw_input: Any, caller: Caller):
     return entry, inp, work_units(entry.kind, inp, prompt_tokens=prompt_tokens, audio_seconds=audio_seconds)
 
 
-def check_worker_accepts(entry, inp: dict[str, Any]) -> None:
+def check_worker_accepts(entry: ModelEntry, inp: dict[str, Any]) -> None:
     """Refuse (422 naming the field) input the catalog's schema lets through but the
     model's backend would fail on, once the job had waited its turn on a GPU."""
     errors = []
@@ -162,7 +170,7 @@ def check_worker_accepts(entry, inp: dict[str, Any]) -> None:
         raise InputError(f"input is not valid for model {entry.id!r}", errors)
 
 
-def check_webhook(services, raw: Any, caller: Caller, *, batch: bool = False) -> dict | None:
+def check_webhook(services: Services, raw: Any, caller: Caller, *, batch: bool = False) -> dict[str, Any] | None:
     """A job's (or batch's) ``webhook``, checked (jobs.webhooks.spec.parse_spec); None when
     not given. Webhooks need an account: they are signed with its secret."""
     if raw is None:
@@ -175,7 +183,7 @@ def check_webhook(services, raw: Any, caller: Caller, *, batch: bool = False) ->
     return parse_spec(raw, services.settings.webhook_allow_hosts, batch=batch)
 
 
-def check_available(services, model_id: str) -> None:
+def check_available(services: Services, model_id: str) -> None:
     """Refuse (503 ``model_unavailable``) a job for a model no live worker serves."""
     try:
         served = services.served.get()

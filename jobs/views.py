@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any, Callable
 from urllib.parse import urljoin
 
+from .ports import ObjectStore
 from .schema import Job
 
 
@@ -17,7 +18,7 @@ def iso(dt: datetime | None) -> str | None:
 class Links:
     """Mints the URLs in a job's JSON: signed object links, and the API's own."""
 
-    def __init__(self, store, link_ttl: int, base: str):
+    def __init__(self, store: ObjectStore, link_ttl: int, base: str):
         self.store, self.link_ttl, self.base = store, link_ttl, base.rstrip("/") + "/"
 
     def signed(self, key: str) -> str:

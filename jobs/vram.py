@@ -45,9 +45,13 @@ import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
+from .catalog import ImageLimits, TextLimits, VideoLimits
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .catalog import ModelEntry
 
 DTYPE_BYTES: dict[str, float] = {
     "fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2,
@@ -110,7 +114,7 @@ class Estimate:
     def total_bytes(self) -> int:
         return self.weights_bytes + self.kv_cache_bytes + self.activations_bytes + self.headroom_bytes
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {
             "params": self.params, "weights_gb": _gb(self.weights_bytes), "kv_cache_gb": _gb(self.kv_cache_bytes),
             "activations_gb": _gb(self.activations_bytes), "headroom_gb": _gb(self.headroom_bytes),
@@ -122,14 +126,14 @@ class Estimate:
 # --- reading weights ------------------------------------------------------------------
 
 
-def read_safetensors_header(path: Path) -> dict:
+def read_safetensors_header(path: Path) -> dict[str, Any]:
     """The JSON header of a safetensors file (tensor name -> dtype, shape, data_offsets)."""
     try:
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
             if n > 100_000_000:
                 raise ValueError(f"header of {n} bytes")
-            header = json.loads(f.read(n))
+            header: dict[str, Any] = json.loads(f.read(n))
     except (OSError, ValueError, struct.error) as exc:
         raise ConfigError(f"{path}: not a readable safetensors file: {exc}") from None
     header.pop("__metadata__", None)
@@ -160,7 +164,7 @@ def _count_safetensors(files: list[Path], per_param: float) -> tuple[int, float]
 def read_ct2(path: Path) -> tuple[str, dict[str, tuple[tuple[int, ...], int]], list[str]]:
     """Walk a CTranslate2 ``model.bin``: (spec name, {variable: (shape, type id)}, alias names)."""
     with open(path, "rb") as f:
-        def take(fmt: str):
+        def take(fmt: str) -> tuple[Any, ...]:
             return struct.unpack("<" + fmt, f.read(struct.calcsize("<" + fmt)))
 
         def string() -> str:
@@ -173,7 +177,7 @@ def read_ct2(path: Path) -> tuple[str, dict[str, tuple[tuple[int, ...], int]], l
             if version >= 2:
                 spec = string()
                 take("I")  # spec revision
-            variables = {}
+            variables: dict[str, tuple[tuple[int, ...], int]] = {}
             for _ in range(take("I")[0]):
                 name = string()
                 shape = take("I" * take("B")[0])
@@ -189,13 +193,14 @@ def read_ct2(path: Path) -> tuple[str, dict[str, tuple[tuple[int, ...], int]], l
 # --- counting parameters from a config --------------------------------------------------
 
 
-def _get(cfg: dict, key: str, where) -> int:
+def _get(cfg: dict[str, Any], key: str, where: object) -> int:
     if cfg.get(key) is None:
         raise ConfigError(f"{where}: config has no {key!r}")
-    return cfg[key]
+    value: int = cfg[key]
+    return value
 
 
-def _llama_params(cfg: dict, where) -> int:
+def _llama_params(cfg: dict[str, Any], where: object) -> int:
     """Exact count for Llama / Mistral / Qwen2 decoders (gated MLP, RMSNorm)."""
     h, inter = _get(cfg, "hidden_size", where), _get(cfg, "intermediate_size", where)
     layers, heads = _get(cfg, "num_hidden_layers", where), _get(cfg, "num_attention_heads", where)
@@ -212,12 +217,12 @@ def _llama_params(cfg: dict, where) -> int:
     return embeddings + layers * (attn + mlp + 2 * h) + h
 
 
-FallbackCount = Callable[[dict, object, "str | None"], int]
+FallbackCount = Callable[[dict[str, Any], object, "str | None"], int]
 """``(config, where, class name hint) -> parameters`` for an architecture with no closed
 formula (``vramq.gpu_workers.vram.meta_params``, which imports torch)."""
 
 
-def config_params(cfg: dict, where="config", class_hint: str | None = None, *,
+def config_params(cfg: dict[str, Any], where: object = "config", class_hint: str | None = None, *,
                   fallback_count: FallbackCount | None = None) -> int:
     """Parameter count from a config: closed formula for Llama-likes, ``fallback_count``
     otherwise (refused with ``ConfigError`` without one: this module never imports torch)."""
@@ -228,7 +233,7 @@ def config_params(cfg: dict, where="config", class_hint: str | None = None, *,
     return fallback_count(cfg, where, class_hint)
 
 
-def _quant_bytes(cfg: dict) -> tuple[float, str] | None:
+def _quant_bytes(cfg: dict[str, Any]) -> tuple[float, str] | None:
     q = cfg.get("quantization_config") or {}
     if q.get("quant_method") == "fp8":
         return 1, "fp8"
@@ -240,14 +245,16 @@ def _quant_bytes(cfg: dict) -> tuple[float, str] | None:
 # --- activations ------------------------------------------------------------------------
 
 
-def _diffusion_activations(cfg: dict, b: float, batch: int, w: int, h: int, frames: int | None) -> float:
+def _diffusion_activations(cfg: dict[str, Any], b: float, batch: int, w: int, h: int, frames: int | None) -> float:
     """One diffusers component's term: the denoiser's tokens or the VAE decode (else 0)."""
     if cfg.get("attention_head_dim") and cfg.get("num_attention_heads"):
         latent_frames = (frames - 1) // 4 + 1 if frames else 1
         tokens = batch * (latent_frames * (w // 16) * (h // 16) + IMAGE_TEXT_TOKENS)
-        return tokens * cfg["num_attention_heads"] * cfg["attention_head_dim"] * b * 12
+        heads: int = cfg["num_attention_heads"]
+        head_dim: int = cfg["attention_head_dim"]
+        return tokens * heads * head_dim * b * 12
     if str(cfg.get("_class_name", "")).startswith("Autoencoder"):
-        channels = (cfg.get("block_out_channels") or [cfg.get("base_dim") or 128])[0]
+        channels: int = (cfg.get("block_out_channels") or [cfg.get("base_dim") or 128])[0]
         return batch * (frames or 1) * w * h * channels * b * 4
     return 0
 
@@ -261,14 +268,15 @@ def _speech_activations(d_model: int, decoder_layers: int, b: float, batch: int)
 # --- the estimate -----------------------------------------------------------------------
 
 
-def _load_json(path: Path) -> dict:
+def _load_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        cfg: dict[str, Any] = json.loads(path.read_text())
+        return cfg
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{path}: cannot read config: {exc}") from None
 
 
-def _infer_kind(cfg: dict, where) -> str:
+def _infer_kind(cfg: dict[str, Any], where: object) -> str:
     name = str(cfg.get("_class_name", ""))
     archs = cfg.get("architectures") or []
     if name:
@@ -280,16 +288,20 @@ def _infer_kind(cfg: dict, where) -> str:
     raise ConfigError(f"{where}: cannot tell which kind of model this is; pass kind=")
 
 
-def _model_parts(path: Path) -> tuple[list[tuple[str, dict, Path | None, str | None]], dict | None]:
+_Part = tuple[str, dict[str, Any], Path | None, str | None]
+
+
+def _model_parts(path: Path) -> tuple[list[_Part], dict[str, Any] | None]:
     """The configs to count: [(component, config, folder holding its weights or None, class
     name from model_index.json)], and the pipeline's model_index.json (None if not one)."""
     if path.is_file():
         return [("model", _load_json(path), None, None)], None
     if (path / "model_index.json").is_file():
         index = _load_json(path / "model_index.json")
-        parts = [(name, _load_json(path / name / "config.json"), path / name, spec[1])
-                 for name, spec in index.items()
-                 if isinstance(spec, list) and spec and spec[0] and (path / name / "config.json").is_file()]
+        parts: list[_Part] = [
+            (name, _load_json(path / name / "config.json"), path / name, spec[1])
+            for name, spec in index.items()
+            if isinstance(spec, list) and spec and spec[0] and (path / name / "config.json").is_file()]
         if not parts:
             raise ConfigError(f"{path}: model_index.json names no component with a config.json")
         return parts, index
@@ -366,16 +378,17 @@ def estimate(path: str | Path, *, kind: str | None = None, dtype: str | None = N
                    "safetensors" if from_weights else "config", components if index else {})
 
 
-def _estimate_ct2(path: Path, ct2, dtype: str | None, kind: str, batch: int) -> Estimate:
+def _estimate_ct2(path: Path, ct2: tuple[str, dict[str, tuple[tuple[int, ...], int]], list[str]], dtype: str | None,
+                  kind: str, batch: int) -> Estimate:
     """A CTranslate2 model: weights = model.bin's size, float variables re-priced when the
     compute dtype differs from the stored one (CTranslate2 converts them when loading).
     Params are the stored variables' elements (the converter stores equal tensors once)."""
     _, variables, aliases = ct2
-    stored = {}
+    stored: dict[str, int] = {}
     for shape, type_id in variables.values():
         name = _CT2_TYPES.get(type_id, ("fp32", 4))[0]
         stored[name] = stored.get(name, 0) + math.prod(shape)
-    dtype = _short(dtype) if dtype else max(stored, key=stored.get, default="fp32")
+    dtype = _short(dtype) if dtype else max(stored, key=lambda n: stored[n], default="fp32")
     dtype = dtype if dtype in DTYPE_BYTES else "fp32"
     nbytes = float((path / "model.bin").stat().st_size)
     for shape, type_id in variables.values():
@@ -392,7 +405,8 @@ def _estimate_ct2(path: Path, ct2, dtype: str | None, kind: str, batch: int) -> 
     return _finish(sum(stored.values()), nbytes, 0, act, dtype, None, 0, "ctranslate2", {})
 
 
-def _finish(params, nbytes, kv, act, dtype, kv_dtype, kv_tokens, source, components) -> Estimate:
+def _finish(params: int, nbytes: float, kv: int, act: float, dtype: str, kv_dtype: str | None, kv_tokens: int,
+            source: str, components: dict[str, int]) -> Estimate:
     weights, act = round(nbytes), round(act)
     headroom = round(HEADROOM * (weights + kv + act))
     return Estimate(params=params, weights_bytes=weights, kv_cache_bytes=kv, activations_bytes=act,
@@ -400,7 +414,8 @@ def _finish(params, nbytes, kv, act, dtype, kv_dtype, kv_tokens, source, compone
                     source=source, components=components)
 
 
-def estimate_entry(entry, models_dir: Path | None = None, *, fallback_count: FallbackCount | None = None) -> Estimate:
+def estimate_entry(entry: ModelEntry, models_dir: Path | None = None, *,
+                   fallback_count: FallbackCount | None = None) -> Estimate:
     """Estimate a catalog entry at its limits (max context x max_batch sequences, largest
     images or videos at max_batch, max_batch audio chunks); ``fallback_count`` as in
     ``estimate``. A backend that loads no weights (``echo``) needs nothing: all zeros."""
@@ -411,12 +426,13 @@ def estimate_entry(entry, models_dir: Path | None = None, *, fallback_count: Fal
     if not weights.is_absolute() and models_dir is not None:
         weights = Path(models_dir) / weights
     lim = entry.limit
-    kw: dict = {"kind": entry.kind, "dtype": entry.dtype, "fallback_count": fallback_count}
-    if entry.kind == "text":
+    kw: dict[str, Any] = {"kind": entry.kind, "dtype": entry.dtype, "fallback_count": fallback_count}
+    # An entry's limits are the class its kind names (catalog.LIMITS): text, image, video.
+    if isinstance(lim, TextLimits):
         kw.update(context=lim.max_context, seqs=entry.max_batch)
-    elif entry.kind in ("image", "video"):
+    elif isinstance(lim, (ImageLimits, VideoLimits)):
         kw.update(width=lim.max_width, height=lim.max_height, batch=entry.max_batch)
-        if entry.kind == "video":
+        if isinstance(lim, VideoLimits):
             kw["frames"] = lim.max_frames
     else:
         kw["batch"] = entry.max_batch

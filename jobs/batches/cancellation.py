@@ -4,24 +4,30 @@ canceled (their workers stop between steps) and charged their minimum."""
 from __future__ import annotations
 
 from datetime import datetime
+from typing import TYPE_CHECKING, Any, Callable
 
 from sqlalchemy import select, update
 
 from .. import outcomes
+from ..db import rowcount
 from ..errors import Conflict, NotFound
 from ..lifecycle import CANCELED, QUEUED, RUNNING
 from ..schema import Batch, Job
 from .views import OPEN
 
+if TYPE_CHECKING:
+    from ..services import Services
 
-def cancel(services, batch_id: str, now: datetime | None = None, job_json=None) -> dict:
+
+def cancel(services: Services, batch_id: str, now: datetime | None = None,
+           job_json: Callable[[Job], dict[str, Any]] | None = None) -> dict[str, int]:
     """Cancel the batch: queued jobs canceled and refunded, running ones canceled (their
     workers stop between steps) and charged their minimum. Conflict if it had finished.
     Returns ``{"queued": n, "running": n}``, the jobs canceled from each state."""
     now = now or services.now()
     with services.sessions.begin() as session:
-        won = session.execute(update(Batch).where(Batch.id == batch_id, Batch.status == OPEN)
-                              .values(status=CANCELED, canceled_at=now)).rowcount
+        won = rowcount(session.execute(update(Batch).where(Batch.id == batch_id, Batch.status == OPEN)
+                                       .values(status=CANCELED, canceled_at=now)))
         if not won:
             status = session.execute(select(Batch.status).where(Batch.id == batch_id)).scalar()
             if status is None:

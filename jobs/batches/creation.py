@@ -3,7 +3,7 @@ reservations (one wallet lock) and their turns in one transaction, all or nothin
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import insert
 
@@ -18,8 +18,11 @@ from ..webhooks.spec import JOB_EVENTS
 from .parsing import MAX_JOBS, check_lines, file_lines, parse_request
 from .views import OPEN
 
+if TYPE_CHECKING:
+    from ..services import Services
 
-def create(services, body: Any, *, caller: Caller, idempotency_key: str | None = None,
+
+def create(services: Services, body: Any, *, caller: Caller, idempotency_key: str | None = None,
            base_url: str | None = None, max_jobs: int = MAX_JOBS, limit_note: str = "") -> tuple[Batch, bool]:
     """Check, price and enqueue a batch in one transaction. Returns ``(batch, created)``.
     ``base_url``: the API's address as the caller reached it (for the manifest's links);
@@ -30,11 +33,12 @@ def create(services, body: Any, *, caller: Caller, idempotency_key: str | None =
         lines = [(i + 1, raw) for i, raw in enumerate(req.jobs)]
         checked = check_lines(services, lines, caller, "jobs")
     else:
+        assert req.input_file is not None  # parse_request: exactly one of jobs and input_file
         checked = check_lines(services, file_lines(services, req.input_file, caller, max_jobs, limit_note), caller,
                               "input_file")
     webhook = check_webhook(services, req.webhook, caller, batch=True)
     job_events = [e for e in webhook["events"] if e in JOB_EVENTS] if webhook else []
-    job_webhook = {"url": webhook["url"], "events": job_events} if job_events else None
+    job_webhook = {"url": webhook["url"], "events": job_events} if webhook and job_events else None
 
     def make(remember: idempotency.Remember) -> Batch:
         for model_id in sorted({c["entry"].id for c in checked}):
@@ -44,7 +48,9 @@ def create(services, body: Any, *, caller: Caller, idempotency_key: str | None =
         batch = Batch(id=new_id("batch"), caller=caller.id, status=OPEN, priority=req.priority,
                       total=len(checked), meta=req.metadata, webhook=webhook, input_file=req.input_file,
                       base_url=base_url, created_at=now)
-        rows, reservations, per_model = [], [], {}
+        rows: list[dict[str, Any]] = []
+        reservations: list[tuple[str, int]] = []
+        per_model: dict[str, int] = {}
         for c in checked:
             entry = c["entry"]
             quote = services.estimator.quote(entry, c["units"])

@@ -6,16 +6,21 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 from sqlalchemy import case, exists, select, update
 from sqlalchemy.orm import Session
 
+from ..db import rowcount
 from ..lifecycle import QUEUED, RUNNING, utcnow
 from ..schema import Batch, Job
 from ..views import Links
 from ..webhooks import outbox
 from .manifest import MANIFEST_MAX_LINK_S, manifest
 from .views import OPEN, batch_json, summary
+
+if TYPE_CHECKING:
+    from ..services import Services
 
 log = logging.getLogger("vramq.batches")
 
@@ -28,7 +33,7 @@ def due(session: Session, limit: int = 20) -> list[str]:
     ).scalars())
 
 
-def finalize(services, batch_id: str) -> bool:
+def finalize(services: Services, batch_id: str) -> bool:
     """Write the manifest of a batch whose jobs have all ended, mark it finished, and
     announce ``batch.completed``. True if this call finished it (several dispatchers may
     race: the manifest is written the same by each, the status only once).
@@ -51,13 +56,14 @@ def finalize(services, batch_id: str) -> bool:
     services.store.put(key, data, "application/jsonl")
     now = utcnow()
     with services.sessions.begin() as session:
-        won = session.execute(
+        won = rowcount(session.execute(
             update(Batch).where(Batch.id == batch_id, Batch.finished_at.is_(None))
             .values(finished_at=now, results_key=key,
                     status=case((Batch.status == OPEN, "completed"), else_=Batch.status))
-        ).rowcount
+        ))
         if won:
             batch = session.get(Batch, batch_id, populate_existing=True)
+            assert batch is not None  # the row this transaction has just updated
             outbox.enqueue_batch(session, batch, "batch.completed", batch_json(batch, summary(session, batch_id),
                                                                                links), now)
     if won:
@@ -69,7 +75,7 @@ class Finisher:
     """Finalizes due batches, at most once a second; a batch whose manifest could not be
     written (storage down) is tried again after ``retry_s``."""
 
-    def __init__(self, services, every_s: float = 1.0, retry_s: float = 30.0):
+    def __init__(self, services: Services, every_s: float = 1.0, retry_s: float = 30.0):
         self.services, self.every_s, self.retry_s = services, every_s, retry_s
         self._next = 0.0
         self._failed: dict[str, float] = {}

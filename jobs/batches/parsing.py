@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -10,6 +10,9 @@ from ..accounts import Caller
 from ..errors import InputError, NotFound, ServiceUnavailable, validation_errors
 from ..priorities import Priority
 from ..submit import Metadata, check_job
+
+if TYPE_CHECKING:
+    from ..services import Services
 
 MAX_JOBS = 10_000
 MAX_ERRORS_LISTED = 100
@@ -35,7 +38,7 @@ class BatchRequest(BaseModel):
     webhook: dict[str, Any] | None = None
 
 
-def _invalid(errors: list[dict], message: str = "the batch is invalid") -> InputError:
+def _invalid(errors: list[dict[str, Any]], message: str = "the batch is invalid") -> InputError:
     return InputError(message, errors)
 
 
@@ -59,7 +62,7 @@ def parse_request(body: Any, max_jobs: int = MAX_JOBS, limit_note: str = "") -> 
     return req
 
 
-def file_lines(services, file_id: str, caller: Caller, max_jobs: int = MAX_JOBS,
+def file_lines(services: Services, file_id: str, caller: Caller, max_jobs: int = MAX_JOBS,
                limit_note: str = "") -> list[tuple[int, Any]]:
     """The JSONL file's lines as ``(line number, parsed value)``, blank lines skipped;
     counted before they are parsed, parsed strictly (jobs.strictjson)."""
@@ -95,15 +98,15 @@ def file_lines(services, file_id: str, caller: Caller, max_jobs: int = MAX_JOBS,
     return lines
 
 
-def check_lines(services, lines: list[tuple[int, Any]], caller: Caller, where: str) -> list[dict]:
+def check_lines(services: Services, lines: list[tuple[int, Any]], caller: Caller, where: str) -> list[dict[str, Any]]:
     """Check every line as a job; return the jobs' fields, or raise 422 listing the bad
     lines (``loc`` is ``[where, index, field…]``, ``line`` the 1-based line number)."""
-    errors: list[dict] = []
-    checked: list[dict] = []
+    errors: list[dict[str, Any]] = []
+    checked: list[dict[str, Any]] = []
     seen: dict[str, int] = {}
     bad_lines: list[int] = []
     for index, (number, raw) in enumerate(lines):
-        base = [where, index] if where == "jobs" else [where, "line", number]
+        base: list[str | int] = [where, index] if where == "jobs" else [where, "line", number]
         line_errors = []
         if not isinstance(raw, dict):
             line_errors.append({"loc": base, "msg": "must be a JSON object"})

@@ -3,6 +3,7 @@ its status, and its jobs page by page."""
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import urljoin
 
 from sqlalchemy import func, select
@@ -16,7 +17,7 @@ OPEN = QUEUED
 """The stored status of a batch that has not finished (shown as queued or running)."""
 
 
-def summary(session: Session, batch_id: str) -> dict:
+def summary(session: Session, batch_id: str) -> dict[str, Any]:
     """Counts by status and the usage so far, from the batch's jobs (one query)."""
     rows = session.execute(
         select(Job.status, func.count(), func.coalesce(func.sum(Job.gpu_seconds), 0.0),
@@ -24,7 +25,8 @@ def summary(session: Session, batch_id: str) -> dict:
         .where(Job.batch_id == batch_id).group_by(Job.status)
     ).all()
     counts = {s: 0 for s in (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED)}
-    gpu = charged = reserved = 0
+    gpu: float = 0
+    charged = reserved = 0
     for status, n, g, c, r in rows:
         counts[status] = n
         gpu, charged, reserved = gpu + g, charged + c, reserved + r
@@ -33,13 +35,13 @@ def summary(session: Session, batch_id: str) -> dict:
                                         "tokens_reserved": int(reserved)}}
 
 
-def status_of(batch: Batch, counts: dict) -> str:
+def status_of(batch: Batch, counts: dict[str, int]) -> str:
     if batch.status != OPEN:
         return batch.status
     return QUEUED if counts[QUEUED] == counts["total"] else RUNNING
 
 
-def batch_json(batch: Batch, summary_: dict, links: Links) -> dict:
+def batch_json(batch: Batch, summary_: dict[str, Any], links: Links) -> dict[str, Any]:
     self_url = urljoin(links.base, f"v1/batches/{batch.id}")
     return {
         "id": batch.id,

@@ -9,6 +9,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from typing import TYPE_CHECKING, Callable
 
 from sqlalchemy import select, update
 
@@ -17,7 +18,10 @@ from ..lifecycle import utcnow
 from ..schema import Account, WebhookAttempt, WebhookDelivery
 from .sender import TIMEOUT_S, default_ca_certs, post_pinned
 from .signing import signed_headers
-from .urls import check_url
+from .urls import Resolve, check_url
+
+if TYPE_CHECKING:
+    from ..services import Services
 
 log = logging.getLogger("vramq.webhooks")
 
@@ -29,8 +33,8 @@ CLAIM_S = 60.0
 class Deliverer:
     """Claims due deliveries and sends them from a thread pool."""
 
-    def __init__(self, services, threads: int = 16, schedule: tuple[float, ...] = RETRY_SCHEDULE_S,
-                 timeout: tuple[float, float] = TIMEOUT_S, *, resolve=socket.getaddrinfo,
+    def __init__(self, services: Services, threads: int = 16, schedule: tuple[float, ...] = RETRY_SCHEDULE_S,
+                 timeout: tuple[float, float] = TIMEOUT_S, *, resolve: Resolve = socket.getaddrinfo,
                  ca_certs: str | None = None):
         self.services = services
         self.schedule = schedule
@@ -41,7 +45,7 @@ class Deliverer:
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="webhook")
         self.slots = threading.Semaphore(threads)
 
-    def run(self, stop: threading.Event, idle_s: float = 0.5, also=None) -> None:
+    def run(self, stop: threading.Event, idle_s: float = 0.5, also: Callable[[], object] | None = None) -> None:
         """Deliver until ``stop``; ``also()`` runs every round too (the batch finisher)."""
         while not stop.is_set():
             if also is not None:
@@ -93,12 +97,14 @@ class Deliverer:
         services = self.services
         with services.sessions() as session:
             d = session.get(WebhookDelivery, delivery_id)
+            assert d is not None, delivery_id  # claimed just now; deliveries are never deleted
             secret = session.execute(select(Account.webhook_secret).where(Account.id == d.caller)).scalar_one()
         status_code, error = None, None
         t0 = time.perf_counter()
         try:
             # Again (DNS may have changed), and the request goes to the address this check pinned.
             target = check_url(d.url, services.settings.webhook_allow_hosts, resolve=self.resolve)
+            assert secret is not None  # made with the delivery (outbox.write calls signing.secret_for)
             headers = signed_headers(secret, d.id, d.payload, utcnow())
             status_code = post_pinned(target, d.payload.encode(), headers, self.timeout, self.ca_certs)
         except InputError as exc:

@@ -36,6 +36,7 @@ def post_pinned(target: Target, body: bytes, headers: dict[str, str], timeout: t
     for n, ip in enumerate(target.ips):
         kw: dict[str, Any] = {"port": target.port, "timeout": Timeout(connect=timeout[0], read=timeout[1]),
                               "maxsize": 1, "retries": False}
+        pool: HTTPConnectionPool
         if target.scheme == "https":
             pool = HTTPSConnectionPool(ip, cert_reqs="CERT_REQUIRED", ca_certs=ca_certs, server_hostname=target.host,
                                        assert_hostname=target.host, **kw)

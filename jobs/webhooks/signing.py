@@ -20,7 +20,9 @@ def secret_for(session: Session, account_id: str) -> str:
     fresh = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
     session.execute(update(Account).where(Account.id == account_id, Account.webhook_secret.is_(None))
                     .values(webhook_secret=fresh))
-    return session.execute(select(Account.webhook_secret).where(Account.id == account_id)).scalar_one()
+    secret = session.execute(select(Account.webhook_secret).where(Account.id == account_id)).scalar_one()
+    assert secret is not None  # set by the update above when it was not yet
+    return secret
 
 
 def signed_headers(secret: str, delivery_id: str, payload: str, now: datetime) -> dict[str, str]:

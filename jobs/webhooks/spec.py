@@ -21,7 +21,7 @@ class WebhookSpec(BaseModel):
         default=None, min_length=1)
 
 
-def parse_spec(raw: Any, allow: tuple[str, ...], *, batch: bool = False) -> dict:
+def parse_spec(raw: Any, allow: tuple[str, ...], *, batch: bool = False) -> dict[str, Any]:
     """A job's (or, with ``batch``, a batch's) ``webhook``, checked: ``{"url", "events"}``.
 
     A job's events default to all three job events. A batch's default to

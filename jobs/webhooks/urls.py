@@ -8,10 +8,17 @@ import ipaddress
 import re
 import socket
 import unicodedata
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote
 
 from ..errors import InputError
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+Resolve = Callable[..., Sequence[tuple[Any, ...]]]
+"""How a host name is resolved: ``socket.getaddrinfo``'s signature (a seam for tests)."""
 
 
 class BadURL(ValueError):
@@ -82,10 +89,11 @@ def parse_url(url: str) -> ParsedURL:
         if close < 0:
             raise BadURL("the IPv6 address has no closing ']'")
         try:
-            ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.IPv6Address(authority[1:close])
+            ip6 = ipaddress.IPv6Address(authority[1:close])
         except ValueError:
             raise BadURL(f"{authority[1:close]!r} is not an IPv6 address") from None
-        host, after = ip.compressed, authority[close + 1:]
+        ip: IPAddress | None = ip6
+        host, after = ip6.compressed, authority[close + 1:]
         if after and not after.startswith(":"):
             raise BadURL("unexpected text after the IPv6 address")
         port_text = after[1:] if after else None
@@ -142,8 +150,8 @@ def _host(name: str) -> tuple[str, ipaddress.IPv4Address | None]:
     return name, None
 
 
-def check_url(url: str, allow: tuple[str, ...], loc: list | None = None, *,
-              resolve=socket.getaddrinfo) -> Target:
+def check_url(url: str, allow: tuple[str, ...], loc: list[str | int] | None = None, *,
+              resolve: Resolve = socket.getaddrinfo) -> Target:
     """Refuse (422) a URL that ``parse_url`` refuses or that reaches a non-public address;
     return it pinned to the addresses checked (``Target.ips``), which is where a delivery
     connects. ``resolve`` (``socket.getaddrinfo``'s signature) is asked once."""
@@ -180,8 +188,8 @@ def check_url(url: str, allow: tuple[str, ...], loc: list | None = None, *,
     return Target(parsed.scheme, host, parsed.port, parsed.path, parsed.ip, ips=ips)
 
 
-def _networks(allow: tuple[str, ...]) -> list:
-    out = []
+def _networks(allow: tuple[str, ...]) -> list[IPNetwork]:
+    out: list[IPNetwork] = []
     for entry in allow:
         try:
             out.append(ipaddress.ip_network(entry, strict=False))
@@ -190,7 +198,7 @@ def _networks(allow: tuple[str, ...]) -> list:
     return out
 
 
-_NOT_PUBLIC = (ipaddress.ip_network("64:ff9b:1::/48"),)
+_NOT_PUBLIC = (ipaddress.IPv6Network("64:ff9b:1::/48"),)
 """Not globally reachable (RFC 8215, local-use NAT64) although older Pythons say so."""
 _NAT64_LOCAL = _NOT_PUBLIC[0]
 _NAT64_WKP = ipaddress.ip_network("64:ff9b::/96")
@@ -198,7 +206,7 @@ _SIXTOFOUR = ipaddress.ip_network("2002::/16")
 _COMPAT = ipaddress.ip_network("::/96")
 
 
-def _refusal(ip, networks: list) -> str | None:
+def _refusal(ip: IPAddress, networks: list[IPNetwork]) -> str | None:
     """Why ``ip`` may not be reached (``None`` if it may): it and every IPv4 address it
     reaches through translation must each be public or inside an allowed network."""
     for v4 in _embedded_ipv4(ip, networks):
@@ -209,11 +217,11 @@ def _refusal(ip, networks: list) -> str | None:
     return None
 
 
-def _embedded_ipv4(ip, networks: list) -> list[ipaddress.IPv4Address]:
+def _embedded_ipv4(ip: IPAddress, networks: list[IPNetwork]) -> list[ipaddress.IPv4Address]:
     """The IPv4 addresses an IPv6 address reaches through a translation mechanism: IPv4-mapped
     and -compatible, NAT64 (64:ff9b::/96, and 64:ff9b:1::/48 at the RFC 6052 position of
     the allowed prefix, or at every position), 6to4 and Teredo (server and client)."""
-    if ip.version != 6:
+    if not isinstance(ip, ipaddress.IPv6Address):
         return []
     low32 = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     if ip.ipv4_mapped is not None:
@@ -225,7 +233,8 @@ def _embedded_ipv4(ip, networks: list) -> list[ipaddress.IPv4Address]:
     if ip in _NAT64_WKP or (ip in _COMPAT and int(ip) > 1):  # :: and ::1 are themselves
         return [low32]
     if ip in _NAT64_LOCAL:
-        prefixes = [n.prefixlen for n in networks if ip in n and n.version == 6 and n.subnet_of(_NAT64_LOCAL)]
+        prefixes = [n.prefixlen for n in networks
+                    if ip in n and isinstance(n, ipaddress.IPv6Network) and n.subnet_of(_NAT64_LOCAL)]
         lengths = [max(prefixes)] if prefixes and max(prefixes) in (48, 56, 64, 96) else [48, 56, 64, 96]
         packed = ip.packed
         without_u = packed[:8] + packed[9:]  # RFC 6052: bits 64-71 are not part of the address
@@ -233,7 +242,7 @@ def _embedded_ipv4(ip, networks: list) -> list[ipaddress.IPv4Address]:
     return []
 
 
-def _kind(ip) -> str:
+def _kind(ip: IPAddress) -> str:
     for name in ("loopback", "link_local", "private", "multicast", "reserved", "unspecified"):
         if getattr(ip, f"is_{name}"):
             return name.replace("_", "-")

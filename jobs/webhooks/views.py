@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -9,12 +11,12 @@ from ..schema import WebhookAttempt, WebhookDelivery
 from ..views import iso
 
 
-def deliveries(session: Session, job_id: str | None = None, batch_id: str | None = None) -> list[dict]:
+def deliveries(session: Session, job_id: str | None = None, batch_id: str | None = None) -> list[dict[str, Any]]:
     """A job's (or a batch's own) deliveries, each with its attempts."""
     which = WebhookDelivery.job_id == job_id if job_id else WebhookDelivery.batch_id == batch_id
     rows = session.execute(select(WebhookDelivery).where(which)
                            .order_by(WebhookDelivery.created_at)).scalars().all()
-    out = []
+    out: list[dict[str, Any]] = []
     for d in rows:
         attempts = session.execute(select(WebhookAttempt).where(WebhookAttempt.delivery_id == d.id)
                                    .order_by(WebhookAttempt.number)).scalars().all()
