@@ -65,7 +65,8 @@ def me():
     """The calling account (``key_prefix`` tells keys apart; the key itself is never shown again)."""
     caller = require_account("this call")
     with _services().sessions() as session:
-        return _account_json(get_account(session, caller.account_id)) if caller.keyed else {"object": "admin"}
+        return (_account_json(get_account(session, caller.account_id)) if caller.account_id is not None
+                else {"object": "admin"})
 
 
 @bp.get("/v1/usage")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from flask import Flask, g, request
+from flask.json.provider import DefaultJSONProvider
 
 from vramq.jobs.services import Services
 from vramq.jobs.settings import Settings
@@ -19,7 +20,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app = Flask(__name__)
     app.config["VRAMQ"] = services
     app.config["MAX_CONTENT_LENGTH"] = services.settings.max_body_bytes
-    app.json.sort_keys = False
+    if isinstance(app.json, DefaultJSONProvider):  # Flask's own: keep keys in the order they were written
+        app.json.sort_keys = False
 
     from . import accounts_api, batches_api, files_api, guards, jobs_api, models_api, ops, problems
     from .callers import current_caller

@@ -118,8 +118,8 @@ def check_path_and_query() -> None:
             shown = name.replace("\x00", "\\u0000")
             raise InputError(f"query parameter {shown}: {nul}", [{"loc": ["query", shown], "msg": nul}])
     for header in CHECKED_HEADERS:
-        value = request.headers.get(header)
-        if value is not None and "\x00" in value:
+        stored = request.headers.get(header)
+        if stored is not None and "\x00" in stored:
             raise InputError(f"header {header}: {nul}", [{"loc": ["header", header], "msg": nul}])
 
 

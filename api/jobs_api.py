@@ -138,7 +138,7 @@ def job_deliveries(job_id: str):
 def webhook_secret():
     """The account's Standard Webhooks signing secret (``whsec_…``), made on first use."""
     caller = require_account("a webhook secret")
-    if not caller.keyed:
+    if caller.account_id is None:  # not keyed
         raise Forbidden("the admin key has no webhook secret; webhooks belong to accounts")
     with _services().sessions.begin() as session:
         return {"secret": signing.secret_for(session, caller.account_id)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
+from typing import Any
 
 from vramq.api.ratelimit import EXEMPT_PREFIXES
 from vramq.jobs.batches.parsing import MAX_JOBS, BatchLine, BatchRequest
@@ -155,7 +156,7 @@ def spec(services) -> dict:
     batch_ref = {"$ref": "#/components/schemas/Batch"}
     model_enum = {"type": "string", "enum": model_ids}
     statuses = _csv_enum(JOB_STATUSES)
-    doc = {
+    doc: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "vramq", "version": "1", "description": "Asynchronous batch job queue for GPU generation."},
         "paths": {

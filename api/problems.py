@@ -85,8 +85,9 @@ def install(app: Flask) -> None:
 
             return too_large()
         headers = {}
-        if exc.code == 405 and getattr(exc, "valid_methods", None):
-            allowed = sorted(set(exc.valid_methods) | {"OPTIONS"})
+        valid_methods = getattr(exc, "valid_methods", None) if exc.code == 405 else None  # MethodNotAllowed's
+        if valid_methods:
+            allowed = sorted(set(valid_methods) | {"OPTIONS"})
             headers["Allow"] = ", ".join(allowed)
             detail = f"{request.method} is not allowed on {request.path}; allowed: {', '.join(allowed)}"
         return problem(exc.code or 500, detail, headers=headers)

@@ -35,7 +35,7 @@ class Stack:
         self.log_dir = log_dir  # None: children write to this terminal
         self.api_workers = api_workers
         self.children: list[tuple[str, subprocess.Popen]] = []
-        self.redis_proc = None
+        self.redis_proc: subprocess.Popen[bytes] | None = None
         self.env = dict(os.environ)
 
     @property
@@ -91,7 +91,11 @@ class Stack:
 
         from vramq.jobs.heartbeat import live_workers
 
-        broker = redis.Redis.from_url(self.env.get("VRAMQ_BROKER_URL") or self.settings.broker_url, socket_timeout=2)
+        # The broker the children were given: the configured one, or the embedded one start() began.
+        broker_url = self.env.get("VRAMQ_BROKER_URL") or self.settings.broker_url
+        if broker_url is None:
+            raise ServiceUnavailable("no broker to wait on: VRAMQ_BROKER_URL is not set and none was started")
+        broker = redis.Redis.from_url(broker_url, socket_timeout=2)
         deadline = time.monotonic() + timeout
         want = self.expected_workers
         while time.monotonic() < deadline:
