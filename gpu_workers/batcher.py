@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from vramq.jobs.errors import OutOfMemory
 
-from .backends.base import Backend, WorkItem, is_out_of_memory
+from .backends.base import Backend, ItemResult, WorkItem, is_out_of_memory
 
 log = logging.getLogger("vramq.batcher")
 
@@ -34,7 +34,7 @@ log = logging.getLogger("vramq.batcher")
 class BatchOutcome:
     """What a job's future resolves to."""
 
-    result: object
+    result: ItemResult | BaseException
     """ItemResult, or the exception the backend returned for this item."""
     gpu_seconds: float
     """This job's share of the call's wall time (by cost)."""
@@ -79,13 +79,13 @@ class Batcher:
             return None
         batch, cost = [first], first.cost
         # Jobs held back earlier with this key join first, in order.
-        for p in list(self._held):
+        for held in list(self._held):
             if cost >= self.max_batch:
                 break
-            if p.key == first.key and cost + p.cost <= self.max_batch:
-                self._held.remove(p)
-                batch.append(p)
-                cost += p.cost
+            if held.key == first.key and cost + held.cost <= self.max_batch:
+                self._held.remove(held)
+                batch.append(held)
+                cost += held.cost
         deadline = time.monotonic() + self.max_wait_s
         drain = None  # past the deadline: how many already-waiting jobs may still be looked at
         while cost < self.max_batch:

@@ -223,6 +223,8 @@ class Residency:
 
     def _in_the_way(self, model_id: str) -> set[str]:
         """The least recently used models, in use or not, whose room ``model_id`` needs."""
+        if self.budget is None:  # no limit: nothing is in the way (as in _victims_for)
+            return set()
         used = sum(self.need[m] for m in self._lru)
         out = set()
         for m in self._lru:

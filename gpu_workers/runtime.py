@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
 from sqlalchemy.exc import DBAPIError
 
@@ -29,7 +31,8 @@ from vramq.jobs.db import writing
 from vramq.jobs.errors import JobCanceled, JobError, ModelLoadFailed, OutOfMemory, VramqError
 from vramq.jobs.events import EventWriter
 from vramq.jobs.lifecycle import utcnow
-from vramq.jobs.outcomes import Failed, GivenBack, LeaseLapsed, Succeeded
+from vramq.jobs.outcomes import Failed, GivenBack, LeaseLapsed, Outcome, Succeeded
+from vramq.jobs.priorities import Priority
 from vramq.jobs.queue import publish
 from vramq.jobs.schema import Batch, Job
 from vramq.jobs.webhooks import outbox
@@ -39,6 +42,9 @@ from .backends.base import ItemResult, WorkItem, is_out_of_memory
 from .batcher import Batcher, BatchOutcome
 from .residency import Residency
 from .spool import Spool
+
+if TYPE_CHECKING:
+    from vramq.jobs.services import Services
 
 log = logging.getLogger("vramq.worker")
 
@@ -61,22 +67,22 @@ class _Running:
 
 @dataclass
 class WorkerRuntime:
-    services: object  # jobs.services.Services
+    services: Services
     name: str
     device: str
     model_ids: list[str]
     card: str = "cpu"
     budget_bytes: int | None = None
     """Memory the models may take together (the card's capacity); None: no limit."""
-    need_bytes: dict = field(default_factory=dict)
+    need_bytes: dict[str, int] = field(default_factory=dict)
     """Each model's estimated need (``gpu_workers.vram``); needed when there is a budget."""
     state: State = State.LOADING
     residency: Residency | None = None
-    _running: dict = field(default_factory=dict)
+    _running: dict[str, _Running] = field(default_factory=dict)
     events: EventWriter | None = None
-    job_json: object = None
+    job_json: Callable[[Job], dict[str, Any]] | None = None
     """A job's JSON for its webhook payload (``webhooks.outbox.job_json_for``), set by ``load``."""
-    _missing: set = field(default_factory=set)
+    _missing: set[str] = field(default_factory=set)
     """Hints whose rows never appeared (see ``_hint_committed``)."""
     spool: Spool | None = None
     """Outputs the store refused, retried from disk (``gpu_workers.spool``)."""
@@ -111,6 +117,7 @@ class WorkerRuntime:
     def _load_model(self, model_id: str):
         """Residency's loader: the backend loaded, and its batcher if it batches through one."""
         entry = self.services.catalog.get(model_id)
+        assert entry is not None, model_id  # the worker serves catalog models only (run_worker checks)
         backend = backend_class(entry)(entry, self.device)
         if self.budget_bytes and self.need_bytes.get(model_id):
             backend.memory_fraction = self.need_bytes[model_id] / self.budget_bytes
@@ -156,13 +163,14 @@ class WorkerRuntime:
         total = 0
         for m in self.model_ids:
             entry = self.services.catalog.get(m)
+            assert entry is not None, m  # the worker serves catalog models only (run_worker checks)
             engine = backend_class(entry).batching == "engine"
             total += entry.max_batch if engine else 2 * entry.max_batch
         return total
 
     # --- one job ------------------------------------------------------------------
 
-    def execute(self, hint: str, model: str, priority: str) -> None:
+    def execute(self, hint: str, model: str, priority: Priority) -> None:
         """One turn at ``model``/``priority`` (a message, see jobs.queue): take the fairest
         queued job there (jobs.fairness) and run it. ``hint`` is the job or batch whose
         arrival sent the message; its row is waited for, as the API publishes just before
@@ -171,6 +179,7 @@ class WorkerRuntime:
         if not self._hint_committed(hint):
             log.warning("message for unknown %s dropped", hint)
             return
+        assert self.residency is not None, "load() first"
         if model in self.residency.failed and self._served_elsewhere(model):
             # This worker cannot load the model but another can: pass the turn on rather
             # than fail a job that worker would run (after a pause, not to spin on it).
@@ -184,6 +193,7 @@ class WorkerRuntime:
             return
         with services.sessions() as s:
             job = s.get(Job, job_id)
+        assert job is not None, job_id  # just taken; job rows are never deleted
         run = _Running(job_id)
         with self._lock:
             self._running[job_id] = run
@@ -214,6 +224,7 @@ class WorkerRuntime:
                 with self.services.sessions.begin() as s:
                     ending = outcomes.end(s, GivenBack(), job_id=job_id, worker=self.name)
                 ending.publish(self.services.celery)
+                assert self.events is not None, "load() first"
                 ending.announce(self.events)
                 if ending.won:
                     log.info("job %s given back to the queue", job_id)
@@ -245,7 +256,9 @@ class WorkerRuntime:
     def _run(self, job: Job, run: _Running) -> bool:
         """Run one taken job to its end. True when its outputs are spooled: the job is
         still running (under this worker's lease) until the store takes them."""
-        self.events.put(job.id, "status", {"status": lifecycle.RUNNING})
+        events, residency = self.events, self.residency
+        assert events is not None and residency is not None, "load() first"
+        events.put(job.id, "status", {"status": lifecycle.RUNNING})
         queued_s = (job.started_at - job.created_at).total_seconds() if job.started_at else 0.0
         try:
             attachments = self._attachments(job)
@@ -257,11 +270,11 @@ class WorkerRuntime:
             input=job.input,
             on_progress=lambda f: setattr(run, "progress", f),
             is_canceled=lambda: run.canceled,
-            on_delta=lambda text: self.events.put(job.id, "delta", {"text": text}),
+            on_delta=lambda text: events.put(job.id, "delta", {"text": text}),
             attachments=attachments,
         )
         try:
-            with self.residency.use(job.model) as hold:
+            with residency.use(job.model) as hold:
                 outcome = self._compute(hold.handle, item)
         except ModelLoadFailed as exc:  # the job fails; the worker goes on with its other models
             self._heartbeat()  # announce the failed model now: admission stops sending jobs for it
@@ -296,8 +309,10 @@ class WorkerRuntime:
                 stored(keys)
                 self._forget(job.id)
 
-            self.spool.hold(job.id, prefix, result.artifacts, str(exc), landed, give_up)
-            return job.id in self.spool.held
+            spool = self.spool
+            assert spool is not None, "load() first"
+            spool.hold(job.id, prefix, result.artifacts, str(exc), landed, give_up)
+            return job.id in spool.held
         stored(keys)
         return False
 
@@ -328,7 +343,7 @@ class WorkerRuntime:
         return row is not None and row.status == lifecycle.RUNNING and row.attempts == job.attempts \
             and row.lease_owner != self.name
 
-    def _end(self, job: Job, outcome) -> outcomes.Ending:
+    def _end(self, job: Job, outcome: Outcome) -> outcomes.Ending:
         """Record the job's end (``jobs.outcomes.end``: transition, ledger, webhook), then
         append its events. Does nothing if this worker no longer owns the job.
 
@@ -349,6 +364,7 @@ class WorkerRuntime:
                 log.warning("recording the end of %s failed (%s); retrying in %.1fs", job.id, exc.orig, pause)
                 time.sleep(pause)
                 pause = min(pause * 2, 5.0)
+        assert self.events is not None, "load() first"
         ending.announce(self.events)
         return ending
 
@@ -359,6 +375,7 @@ class WorkerRuntime:
             outcome = batcher.submit(item).result()
         else:
             t0 = time.perf_counter()
+            result: ItemResult | BaseException
             try:
                 result = backend.run_one(item)
             except BaseException as exc:  # the job's own failure; the worker goes on
@@ -429,6 +446,7 @@ class WorkerRuntime:
             return False
 
     def _report(self, running: dict[str, _Running], renew: bool) -> None:
+        assert self.events is not None, "load() first"
         changed = {jid: r.progress for jid, r in running.items() if r.progress != r.reported}
         with self.services.sessions.begin() as s:
             if changed:
@@ -449,6 +467,7 @@ class WorkerRuntime:
         lapsed = LeaseLapsed(self.services.settings.max_attempts)
         with self.services.sessions.begin() as s:
             ending = outcomes.end(s, lapsed, allowances=self.services.allowances, job_json=self.job_json)
+        assert self.events is not None, "load() first"
         ending.announce(self.events)
         for job_id, model, _ in ending.turns:
             log.warning("job %s (%s) lost its worker; queued again", job_id, model)
@@ -463,6 +482,7 @@ class WorkerRuntime:
     def describe(self) -> dict:
         """This worker as its heartbeat tells it: the API's ``/v1/workers`` and per-card metrics."""
         res = self.residency
+        assert res is not None, "load() first"
         stats = {m: {"loads": st.loads, "evictions": st.evictions, "load_seconds": round(st.load_seconds, 4)}
                  for m, st in res.stats.items()}
         return {"name": self.name, "card": self.card, "models": self.model_ids, "failed_models": res.failed,
@@ -506,11 +526,10 @@ def _link_artifacts(value, keys: dict[str, str]):
     return value
 
 
-def _spool_folder(data_dir) -> "os.PathLike":
+def _spool_folder(data_dir: Path) -> Path:
     """This process's spool folder, ``<data_dir>/spool/<pid>``; the folders of processes
     no longer alive on this host are removed (their jobs ran again through their leases)."""
     import shutil
-    from pathlib import Path
 
     root = Path(data_dir) / "spool"
     if root.is_dir():

@@ -25,6 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from vramq.jobs.ports import ObjectStore
+
+from .backends.base import Artifact
+
 log = logging.getLogger("vramq.spool")
 
 
@@ -47,7 +51,7 @@ class _Held:
 @dataclass
 class Spool:
     directory: Path
-    store: object
+    store: ObjectStore
     max_seconds: float = 3600.0
     max_bytes: int = 10 * 1024**3
     first_backoff_s: float = 1.0
@@ -87,7 +91,8 @@ class Spool:
     def used_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.directory.rglob("*") if p.is_file())
 
-    def hold(self, job_id: str, prefix: str, artifacts, error: str, on_stored, on_give_up) -> None:
+    def hold(self, job_id: str, prefix: str, artifacts: list[Artifact], error: str,
+             on_stored: Callable[[dict[str, str]], None], on_give_up: Callable[[str], None]) -> None:
         """Keep ``artifacts`` (``backends.base.Artifact``) on disk and store them under ``prefix``
         when the store answers again. ``error``: why the first try failed."""
         size = sum(len(a.data) for a in artifacts)

@@ -128,6 +128,9 @@ class Supervisor:
                     child.restarts += 1
                     self._spawn(child)
                 continue
+            if child.popen is None:  # never started (start() spawns every child): start it now
+                self._spawn(child)
+                continue
             code = child.popen.poll()
             if code is None:
                 continue

@@ -135,8 +135,8 @@ def _save_whisper(out: Path, seed: int, tiktoken: str | None) -> None:
     eot, sot, no_ts = ids["<|endoftext|>"], ids["<|startoftranscript|>"], ids["<|notimestamps|>"]
 
     tok = _tokenizer(tiktoken, specials)
-    with tempfile.TemporaryDirectory(prefix="tiny-whisper-hf-") as hf:
-        hf = Path(hf)
+    with tempfile.TemporaryDirectory(prefix="tiny-whisper-hf-") as hf_dir:
+        hf = Path(hf_dir)
         tok.save(str(hf / "tokenizer.json"))
         (hf / "tokenizer_config.json").write_text(
             json.dumps(
@@ -278,14 +278,14 @@ def _tiktoken_bpe(text: str) -> tuple[dict[str, int], list[tuple[str, str]]]:
     ranks: dict[bytes, int] = {}
     for line in text.splitlines():
         if line.strip():
-            token, rank = line.split()
-            ranks[base64.b64decode(token)] = int(rank)
+            encoded, rank_text = line.split()
+            ranks[base64.b64decode(encoded)] = int(rank_text)
     byte_char = _bytes_to_unicode()
 
-    def text(token: bytes) -> str:
+    def chars(token: bytes) -> str:
         return "".join(byte_char[b] for b in token)
 
-    vocab = {text(token): rank for token, rank in ranks.items()}
+    vocab = {chars(token): rank for token, rank in ranks.items()}
     merges = []
     for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
         if len(token) < 2:
@@ -303,7 +303,7 @@ def _tiktoken_bpe(text: str) -> tuple[dict[str, int], list[tuple[str, str]]]:
             parts[i : i + 2] = [parts[i] + parts[i + 1]]
         if len(parts) != 2:
             raise ValueError(f"multilingual.tiktoken: token of rank {rank} has no merge")
-        merges.append((text(parts[0]), text(parts[1])))
+        merges.append((chars(parts[0]), chars(parts[1])))
     return vocab, merges
 
 
@@ -323,7 +323,7 @@ def _local_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
     tok.train_from_iterator(_CORPUS, trainer=trainer)
     model = json.loads(tok.to_str())["model"]
     vocab = dict(model["vocab"])
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    merges = [(a, b) for a, b in (m.split(" ") if isinstance(m, str) else m for m in model["merges"])]
     n = 0
     while len(vocab) < N_TEXT_TOKENS - 1:
         vocab.setdefault(f"Ġtok{n:05d}", len(vocab))
@@ -359,8 +359,9 @@ def _find_tiktoken() -> str | None:
         for sdist in Path(tmp).glob("openai_whisper-*.tar.gz"):
             with tarfile.open(sdist) as tar:
                 member = next((m for m in tar.getmembers() if m.isfile() and m.name.endswith(_TIKTOKEN_MEMBER)), None)
-                if member is not None:
-                    text = tar.extractfile(member).read().decode()
+                data = tar.extractfile(member) if member is not None else None  # None only for a non-file
+                if data is not None:
+                    text = data.read().decode()
     if text is None:
         log.warning("%s has no %s", WHISPER_SDIST, _TIKTOKEN_MEMBER)
         return None

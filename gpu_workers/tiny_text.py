@@ -127,7 +127,8 @@ def _save_qwen2(out: Path, seed: int) -> None:
         eos_token_id=im_end,
         pad_token_id=endoftext,
     )
-    model = Qwen2ForCausalLM(config).to(torch.float32).eval()
+    # PreTrainedModel.to is wrapped (functools.wraps); mypy reads the wrapper as unbound.
+    model = Qwen2ForCausalLM(config).to(torch.float32).eval()  # type: ignore[arg-type, unused-ignore]
     _suppress_tokens(model, suppressed)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)

@@ -18,6 +18,7 @@ import time
 
 from vramq.jobs import defaults, proctree
 from vramq.jobs.errors import ConfigError
+from vramq.jobs.priorities import Priority
 from vramq.jobs.queue import RUN_JOB, queue_name
 from vramq.jobs.services import Services
 from vramq.jobs.settings import Settings
@@ -94,7 +95,7 @@ def run_worker(card: int | None, models: list[str] | None = None, settings: Sett
     app = services.celery
 
     @app.task(name=RUN_JOB, acks_late=True, reject_on_worker_lost=True)
-    def run_job(hint: str, model: str, priority: str) -> None:
+    def run_job(hint: str, model: str, priority: Priority) -> None:
         runtime.execute(hint, model, priority)
 
     argv = [

@@ -16,11 +16,15 @@ import abc
 import gc
 import inspect
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vramq.jobs.errors import JobCanceled, JobError, MissingExtra
 
 from .base import Backend, ItemResult, WorkItem
+
+if TYPE_CHECKING:
+    # The defining module: mypy reads ``diffusers.DiffusionPipeline`` as diffusers' dummy object.
+    from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
 
 class _AllCanceled(Exception):
@@ -41,7 +45,7 @@ class DiffusersBackend(Backend):
 
     def __init__(self, entry, device: str):
         super().__init__(entry, device)
-        self.pipe = None
+        self.pipe: DiffusionPipeline | None = None
         """The loaded pipeline; benchmarks call it with ``pipeline_kwargs(items)``."""
         self.load_seconds: float | None = None
         self._params: dict[str, inspect.Parameter] = {}
@@ -159,6 +163,8 @@ class DiffusersBackend(Backend):
             kwargs = self.pipeline_kwargs(items)
         except JobError as exc:
             return [JobError(str(exc), code=exc.code) for _ in items]
+        pipe = self.pipe
+        assert pipe is not None  # pipeline_kwargs refuses to run before load()
         steps = kwargs["num_inference_steps"]
 
         def on_step_end(pipe, step: int, timestep, tensors: dict) -> dict:
@@ -174,7 +180,10 @@ class DiffusersBackend(Backend):
 
         try:
             with torch.inference_mode():
-                outputs = getattr(self.pipe(**kwargs, callback_on_step_end=on_step_end), self.output_field)
+                # DiffusionPipeline declares no __call__: each pipeline class has its own.
+                # (unused-ignore: without diffusers installed the pipeline's type is Any.)
+                call = pipe(**kwargs, callback_on_step_end=on_step_end)  # type: ignore[operator, unused-ignore]
+                outputs = getattr(call, self.output_field)
         except _AllCanceled:
             return [JobCanceled("canceled") for _ in items]
 

@@ -30,12 +30,17 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vramq.jobs.errors import JobCanceled, JobError, MissingExtra
 from vramq.jobs.prompts import format_chat
 
 from .base import Backend, ItemResult, WorkItem
+
+if TYPE_CHECKING:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.tokenizers import TokenizerLike
+    from vllm.v1.engine.async_llm import AsyncLLM
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +65,7 @@ _DONE = object()
 """Queue sentinel: the request's stream ended."""
 
 
-def _engine_classes(device: str) -> tuple[type, type]:
+def _engine_classes(device: str) -> tuple[type[AsyncEngineArgs], type[AsyncLLM]]:
     """vLLM's ``AsyncEngineArgs`` and ``AsyncLLM``, or an error naming the extra to install.
 
     Imported here rather than in ``load``: importing vllm keeps tracebacks of some
@@ -84,10 +89,10 @@ class VllmTextBackend(Backend):
 
     def __init__(self, entry, device: str):
         super().__init__(entry, device)
-        self.engine = None
+        self.engine: AsyncLLM | None = None
         """The ``vllm.v1.engine.async_llm.AsyncLLM``; lives on ``self.loop``."""
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.tokenizer = None
+        self.tokenizer: TokenizerLike | None = None
         self.load_seconds: float | None = None
         self.peak_active = 0
         """The most requests ever in the engine at once (since ``load``)."""
@@ -155,6 +160,7 @@ class VllmTextBackend(Backend):
         self.engine = self.loop = self._thread = self.tokenizer = None
         if engine is None:
             return
+        assert loop is not None and thread is not None  # started with the engine (load)
 
         async def stop(engine):
             engine.shutdown()  # stops the engine processes and the output handler task
@@ -172,13 +178,15 @@ class VllmTextBackend(Backend):
 
     def unfinished_requests(self) -> int:
         """How many requests the engine holds that have not finished."""
-        if self.engine is None:
+        engine, loop = self.engine, self.loop
+        if engine is None:
             return 0
+        assert loop is not None  # started with the engine (load)
 
-        async def count():
-            return self.engine.get_num_unfinished_requests()
+        async def count() -> int:
+            return engine.get_num_unfinished_requests()
 
-        return asyncio.run_coroutine_threadsafe(count(), self.loop).result()
+        return asyncio.run_coroutine_threadsafe(count(), loop).result()
 
     # --- running -------------------------------------------------------------------
 
@@ -243,6 +251,7 @@ class VllmTextBackend(Backend):
         request_id = f"{item.job_id}-{uuid.uuid4().hex[:8]}"  # unique across retries of a job
         outputs: queue.Queue = queue.Queue()
         engine, loop = self.engine, self.loop
+        assert loop is not None  # started with the engine (load)
 
         async def stream():
             try:

@@ -31,11 +31,14 @@ import gc
 import io
 import json
 from collections.abc import Hashable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vramq.jobs.errors import JobCanceled, JobError, MissingExtra
 
 from .base import Artifact, Backend, ItemResult, WorkItem
+
+if TYPE_CHECKING:
+    from faster_whisper import BatchedInferencePipeline, WhisperModel
 
 SAMPLE_RATE = 16000
 """Whisper's input rate; every file is resampled to it."""
@@ -64,8 +67,8 @@ class WhisperSpeechBackend(Backend):
         self.vad_filter = vad_filter
         """Cut at speech found by Silero VAD (faster-whisper's batched default); False:
         fixed 30 s windows, everything transcribed (tones and noise included)."""
-        self.model = None
-        self.pipeline = None
+        self.model: WhisperModel | None = None
+        self.pipeline: BatchedInferencePipeline | None = None
         self.max_new_tokens: int | None = None
         """Decoding bound from the model's generation_config.json (the tiny model ships
         one); None: Whisper's own 448-token context bounds it."""
@@ -92,6 +95,12 @@ class WhisperSpeechBackend(Backend):
         self.pipeline = None
         self.model = None
         gc.collect()
+
+    def _loaded(self) -> tuple[WhisperModel, BatchedInferencePipeline]:
+        """The model and its batched pipeline; RuntimeError before ``load`` (or after ``unload``)."""
+        if self.model is None or self.pipeline is None:
+            raise RuntimeError("load() must run before the first batch")
+        return self.model, self.pipeline
 
     # --- batching ------------------------------------------------------------------
 
@@ -129,7 +138,7 @@ class WhisperSpeechBackend(Backend):
             else:
                 job.item.on_progress(1.0)
                 results[job.index] = job.result()
-        return results  # type: ignore[return-value]
+        return results  # type: ignore[return-value]  # every item's slot was filled above
 
     def _prepare(self, index: int, item: WorkItem) -> _Job:
         """Decode, check the length, find the chunks and the language of one job."""
@@ -152,19 +161,21 @@ class WhisperSpeechBackend(Backend):
                 code="audio_too_long",
             )
         clips = self._clips(audio)
+        model, _ = self._loaded()
         language = item.input.get("language")
-        if language is None and not self.model.model.is_multilingual:
+        if language is None and not model.model.is_multilingual:
             language = "en"  # an English-only model (``*.en``) has nothing to detect
         if language is None:
             sample = audio if not clips else _concat_clips(audio, clips, self._chunk_samples)
-            language, _, _ = self.model.detect_language(audio=sample)
-        elif language not in self.model.supported_languages:
+            language, _, _ = model.detect_language(audio=sample)
+        elif language not in model.supported_languages:
             raise JobError(f"language {language!r} is not one model {self.entry.id} knows", code="invalid_input")
         return _Job(index, item, audio, clips, language)
 
     @property
     def _chunk_samples(self) -> int:
-        return self.model.feature_extractor.chunk_length * SAMPLE_RATE
+        model, _ = self._loaded()
+        return model.feature_extractor.chunk_length * SAMPLE_RATE
 
     def _clips(self, audio) -> list[tuple[int, int]]:
         """``(start, end)`` sample ranges of at most one chunk (30 s) each, in order."""
@@ -195,7 +206,8 @@ class WhisperSpeechBackend(Backend):
             at = end + gap
         if not clips:
             return
-        segments, _info = self.pipeline.transcribe(
+        _, pipeline = self._loaded()
+        segments, _info = pipeline.transcribe(
             np.concatenate(parts),
             language=language,
             task=task,
@@ -307,7 +319,7 @@ def _cue_text(text: str) -> str:
 
 def to_srt(segments: list[dict[str, Any]]) -> str:
     """SubRip: numbered cues separated by blank lines; segments without text are left out."""
-    cues = []
+    cues: list[str] = []
     for seg in segments:
         text = _cue_text(seg["text"])
         if text:
