@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import datetime, timedelta
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from sqlalchemy import delete
 from sqlalchemy.exc import IntegrityError
@@ -15,6 +15,9 @@ from sqlalchemy.orm import Session
 from .errors import Conflict, InputError
 from .lifecycle import utcnow
 from .schema import IdempotencyKey
+
+if TYPE_CHECKING:
+    from .services import Services
 
 MAX_KEY_CHARS = 255
 
@@ -35,13 +38,13 @@ def check_key(key: str) -> None:
                          [{"loc": ["header", "Idempotency-Key"], "msg": f"at most {MAX_KEY_CHARS} characters"}])
 
 
-def window(services) -> timedelta:
+def window(services: Services) -> timedelta:
     """How long a key is remembered (``VRAMQ_IDEMPOTENCY_HOURS``); the sweeper deletes
     older keys (jobs.retention)."""
     return timedelta(hours=services.settings.idempotency_hours)
 
 
-def replay(services, caller: str, key: str, body_digest: str) -> str | None:
+def replay(services: Services, caller: str, key: str, body_digest: str) -> str | None:
     """The id of the resource an earlier request with this key made, or None.
 
     Raises Conflict when the key was used with a different body within the window. A
@@ -56,12 +59,12 @@ def replay(services, caller: str, key: str, body_digest: str) -> str | None:
         if row.created_at >= cutoff:
             if row.request_hash != body_digest:
                 raise Conflict("Idempotency-Key was used with a different request body")
-            return row.resource_id
+            return str(row.resource_id)
     _forget(services, caller, key, cutoff)
     return None
 
 
-def _forget(services, caller: str, key: str, cutoff: datetime) -> None:
+def _forget(services: Services, caller: str, key: str, cutoff: datetime) -> None:
     """Delete the key's use if it is older than ``cutoff`` (a fresh concurrent use stays)."""
     with services.sessions.begin() as session:
         session.execute(delete(IdempotencyKey).where(
@@ -77,7 +80,7 @@ def remember(session: Session, caller: str, key: str, body_digest: str, resource
                                created_at=utcnow()))
 
 
-def once(services, caller: str, key: str | None, body: Any, create: Callable[[Remember], T],
+def once(services: Services, caller: str, key: str | None, body: Any, create: Callable[[Remember], T],
          earlier: Callable[[str], T]) -> tuple[T, bool]:
     """A request with an ``Idempotency-Key``, made once: ``(create(remember), True)``, or
     ``(earlier(resource_id), False)`` when a request with this key and the same ``body``
@@ -113,10 +116,10 @@ def once(services, caller: str, key: str | None, body: Any, create: Callable[[Re
         return earlier(resource_id), False
 
 
-def row_of(services, table) -> Callable[[str], Any]:
+def row_of(services: Services, table: type[Any]) -> Callable[[str], Any]:
     """``earlier`` for ``once`` when the resource is a row of ``table``."""
 
-    def load(resource_id: str):
+    def load(resource_id: str) -> Any:
         with services.sessions() as session:
             return session.get(table, resource_id)
 

@@ -19,8 +19,16 @@ import json
 import logging
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
+if TYPE_CHECKING:
+    from jinja2.ext import Extension
+    from jinja2.nodes import Node
+    from jinja2.parser import Parser
+
+    from .catalog import ModelEntry
+
+from .catalog import TextLimits
 from .errors import InputError
 
 log = logging.getLogger("vramq.prompts")
@@ -56,7 +64,7 @@ class ChatTemplate:
         source = _chat_template(weights)
         return None if source is None else cls(source, _special_tokens(weights))
 
-    def format(self, messages: list[dict]) -> str:
+    def format(self, messages: list[dict[str, Any]]) -> str:
         """The prompt text for ``messages`` (each ``{"role", "content"}``), ending with
         the assistant's turn opened. Raises ``jinja2.TemplateError`` when the template
         refuses the turns."""
@@ -70,7 +78,7 @@ def chat_template(weights: Path) -> ChatTemplate | None:
     return ChatTemplate.of(weights)
 
 
-def format_chat(weights: Path, messages: list[dict]) -> str:
+def format_chat(weights: Path, messages: list[dict[str, Any]]) -> str:
     """``messages`` as the model's prompt text: what the API counts at admission and what
     the vLLM backend tokenizes for the engine. Raises ValueError when the model has no
     chat template, ``jinja2.TemplateError`` when its template refuses the turns."""
@@ -88,7 +96,7 @@ class PromptCounter:
         self.tokenizer = Tokenizer.from_file(str(weights / "tokenizer.json"))
         self.template = ChatTemplate.of(weights)
 
-    def token_ids(self, inp: dict) -> list[int] | None:
+    def token_ids(self, inp: dict[str, Any]) -> list[int] | None:
         """The prompt's tokens as the engine will see them; None if they cannot be known here."""
         if inp.get("messages") is not None:
             if self.template is None:
@@ -101,7 +109,7 @@ class PromptCounter:
             return self.tokenizer.encode(text, add_special_tokens=False).ids
         return self.tokenizer.encode(inp["prompt"]).ids
 
-    def count(self, inp: dict) -> int | None:
+    def count(self, inp: dict[str, Any]) -> int | None:
         """Prompt tokens as the engine will see them; None if they cannot be known here."""
         ids = self.token_ids(inp)
         return None if ids is None else len(ids)
@@ -137,7 +145,7 @@ def _special_tokens(weights: Path) -> dict[str, str]:
     return found
 
 
-def _generation_blocks():
+def _generation_blocks() -> type[Extension]:
     """The ``{% generation %}…{% endgeneration %}`` tag transformers defines (it marks the
     assistant's tokens for training masks); formatting keeps the block's text as is."""
     from jinja2 import nodes
@@ -146,18 +154,19 @@ def _generation_blocks():
     class GenerationBlocks(Extension):
         tags = {"generation"}
 
-        def parse(self, parser):
+        def parse(self, parser: Parser) -> Node:
             lineno = next(parser.stream).lineno
             body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
             return nodes.CallBlock(self.call_method("_keep"), [], [], body).set_lineno(lineno)
 
-        def _keep(self, caller):
+        def _keep(self, caller: Any) -> Any:
             return caller()
 
     return GenerationBlocks
 
 
-def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
     # As transformers': Jinja's own tojson escapes HTML characters.
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
@@ -168,7 +177,7 @@ def _strftime_now(format: str) -> str:
     return datetime.now().strftime(format)
 
 
-def _raise(message: str):
+def _raise(message: str) -> NoReturn:
     from jinja2.exceptions import TemplateError
 
     raise TemplateError(message)
@@ -183,7 +192,7 @@ def counter_for(weights: Path) -> PromptCounter | None:
         return None
 
 
-def check_context(entry, inp: dict) -> int | None:
+def check_context(entry: ModelEntry, inp: dict[str, Any]) -> int | None:
     """Raise 422 when prompt tokens + ``max_tokens`` exceed the model's ``max_context``.
 
     Returns the prompt's token count (None when the tokenizer is not readable here). A
@@ -196,6 +205,7 @@ def check_context(entry, inp: dict) -> int | None:
         tokens = counter.count(inp) if counter is not None else None
     if tokens is None:
         return None
+    assert isinstance(entry.limit, TextLimits), entry.id  # only text models take prompts
     limit = entry.limit.max_context
     if tokens + inp["max_tokens"] > limit:
         field = "messages" if inp.get("messages") is not None else "prompt"

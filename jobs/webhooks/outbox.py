@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from typing import TYPE_CHECKING, Any, Callable
 
 from sqlalchemy.orm import Session
 
@@ -15,8 +16,14 @@ from ..views import iso
 from .signing import secret_for
 from .spec import BATCH_EVENTS, JOB_EVENTS
 
+if TYPE_CHECKING:
+    from ..schema import Batch
+    from ..services import Services
 
-def enqueue(session: Session, job_id: str, event: str, job_json, now: datetime | None = None) -> str | None:
+JobJson = Callable[[Job], dict[str, Any]]
+
+
+def enqueue(session: Session, job_id: str, event: str, job_json: JobJson, now: datetime | None = None) -> str | None:
     """Write the delivery of ``event`` for a job that asked for it, in the caller's
     transaction. ``job_json(job)`` gives the job's JSON. Returns the delivery id."""
     job = session.get(Job, job_id, populate_existing=True)  # as this transaction left it
@@ -25,14 +32,14 @@ def enqueue(session: Session, job_id: str, event: str, job_json, now: datetime |
     return write(session, job.caller or "", job.webhook["url"], event, job_json(job), now, job_id=job.id)
 
 
-def enqueue_batch(session: Session, batch, event: str, data: dict, now: datetime | None = None) -> str | None:
+def enqueue_batch(session: Session, batch: Batch, event: str, data: dict[str, Any], now: datetime | None = None) -> str | None:
     """Write the delivery of a batch ``event`` (``data``: the batch's JSON), if it asked."""
     if not batch.webhook or event not in batch.webhook.get("events", BATCH_EVENTS):
         return None
     return write(session, batch.caller, batch.webhook["url"], event, data, now, batch_id=batch.id)
 
 
-def write(session: Session, caller: str, url: str, event: str, data: dict, now: datetime | None,
+def write(session: Session, caller: str, url: str, event: str, data: dict[str, Any], now: datetime | None,
           *, job_id: str | None = None, batch_id: str | None = None) -> str:
     """Write one delivery row: the signed body is fixed now. Returns its id."""
     now = now or utcnow()
@@ -44,7 +51,7 @@ def write(session: Session, caller: str, url: str, event: str, data: dict, now: 
     return delivery_id
 
 
-def job_json_for(services):
+def job_json_for(services: Services) -> JobJson:
     """``job_json`` for ``enqueue`` outside a request: links point at ``VRAMQ_PUBLIC_URL``
     (relative without it, for the local store; S3 links are absolute anyway)."""
     from ..views import Links, job_json
