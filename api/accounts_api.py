@@ -33,12 +33,20 @@ def _only(body: dict, allowed: set[str]) -> None:
     """422 naming the first field the body has that the call does not take."""
     unknown = sorted(set(body) - allowed)
     if unknown:
-        raise InputError(f"unknown field {unknown[0]!r}", [{"loc": [unknown[0]], "msg": "extra inputs are not permitted"}])
+        raise InputError(
+            f"unknown field {unknown[0]!r}", [{"loc": [unknown[0]], "msg": "extra inputs are not permitted"}]
+        )
 
 
 def _account_json(account) -> dict:
-    return {"object": "account", "account_id": account.id, "name": account.name, "tier": account.tier,
-            "key_prefix": account.key_prefix, "created_at": iso(account.created_at)}
+    return {
+        "object": "account",
+        "account_id": account.id,
+        "name": account.name,
+        "tier": account.tier,
+        "key_prefix": account.key_prefix,
+        "created_at": iso(account.created_at),
+    }
 
 
 @bp.post("/v1/accounts")
@@ -65,8 +73,11 @@ def me():
     """The calling account (``key_prefix`` tells keys apart; the key itself is never shown again)."""
     caller = require_account("this call")
     with _services().sessions() as session:
-        return (_account_json(get_account(session, caller.account_id)) if caller.account_id is not None
-                else {"object": "admin"})
+        return (
+            _account_json(get_account(session, caller.account_id))
+            if caller.account_id is not None
+            else {"object": "admin"}
+        )
 
 
 @bp.get("/v1/usage")
@@ -100,8 +111,14 @@ def credit(account_id: str):
     # answered as replayed and counted once. Its key is stored under the caller
     # ``credit:<account id>``, a namespace of its own: never the admin's own keys, nor the
     # account's (the account's keys are under its id).
-    _, credited = idempotency.once(services, f"credit:{account_id}", request.headers.get("Idempotency-Key"), body,
-                                   credit_once, lambda _entry_id: None)
+    _, credited = idempotency.once(
+        services,
+        f"credit:{account_id}",
+        request.headers.get("Idempotency-Key"),
+        body,
+        credit_once,
+        lambda _entry_id: None,
+    )
     if not credited:
         return _credited(services, account_id, replayed=True)
     return _credited(services, account_id, replayed=False), 201
@@ -127,7 +144,13 @@ def show(account_id: str):
 
 
 def entry_json(row) -> dict:
-    return {"id": row.id, "entry": row.entry, "job_id": row.job_id, "day": row.day,
-            "allowance_delta": row.allowance_delta, "balance_delta": row.balance_delta,
-            "reason": row.reason, "created_at": iso(row.created_at)}
-
+    return {
+        "id": row.id,
+        "entry": row.entry,
+        "job_id": row.job_id,
+        "day": row.day,
+        "allowance_delta": row.allowance_delta,
+        "balance_delta": row.balance_delta,
+        "reason": row.reason,
+        "created_at": iso(row.created_at),
+    }

@@ -30,8 +30,9 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
 
     problems.install(app)
     settings = services.settings
-    limiter = RateLimiter(services.broker_url, settings.rate_limit_anonymous, settings.rate_limit_keyed,
-                          settings.accounts_per_day)
+    limiter = RateLimiter(
+        services.broker_url, settings.rate_limit_anonymous, settings.rate_limit_keyed, settings.accounts_per_day
+    )
     app.extensions["vramq.limiter"] = limiter
     from .streams import slots_for
 
@@ -57,13 +58,16 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         guards.check_path_and_query()
         caller = current_caller()
         limiter.check(caller)
-        return (guards.check_content_type(request.endpoint)
-                or guards.apply_body_limit(request.endpoint, caller, settings))
+        return guards.check_content_type(request.endpoint) or guards.apply_body_limit(
+            request.endpoint, caller, settings
+        )
 
     @app.after_request
     def _observe(resp):
         endpoint = request.url_rule.rule if request.url_rule else "unmatched"
-        REQUESTS.labels(request.method, endpoint, resp.status_code).observe(time.perf_counter() - g.get("t0", time.perf_counter()))
+        REQUESTS.labels(request.method, endpoint, resp.status_code).observe(
+            time.perf_counter() - g.get("t0", time.perf_counter())
+        )
         return resp
 
     return app

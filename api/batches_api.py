@@ -21,8 +21,8 @@ from .callers import current_caller, require_account
 from .guards import json_body
 from .metrics import JOBS_SUBMITTED
 from .queries import bad_arg, decode_cursor, encode_cursor, limit_arg, statuses_arg
-from .views import base_url, links
 from .sse import sse_frame, sse_response, stream_seconds
+from .views import base_url, links
 
 bp = Blueprint("batches", __name__)
 
@@ -57,26 +57,31 @@ def create_batch():
     max_jobs, note = MAX_JOBS, ""
     if not (caller.keyed or caller.admin):
         max_jobs = services.settings.anonymous_batch_jobs
-        note = (f" from a caller without an API key (VRAMQ_ANONYMOUS_BATCH_JOBS; with a key up to "
-                f"{MAX_JOBS})")
-    batch, created = creation.create(services, body, caller=caller,
-                                     idempotency_key=request.headers.get("Idempotency-Key"),
-                                     base_url=base_url(), max_jobs=max_jobs, limit_note=note)
+        note = f" from a caller without an API key (VRAMQ_ANONYMOUS_BATCH_JOBS; with a key up to {MAX_JOBS})"
+    batch, created = creation.create(
+        services,
+        body,
+        caller=caller,
+        idempotency_key=request.headers.get("Idempotency-Key"),
+        base_url=base_url(),
+        max_jobs=max_jobs,
+        limit_note=note,
+    )
     with services.sessions() as session:
         data = _batch_json(session, batch)
     if created:
         for model, n in _per_model(services, batch.id).items():
             JOBS_SUBMITTED.labels(model=model).inc(n)
-    resp = current_app.response_class(json.dumps(data), status=202 if created else 200,
-                                      mimetype="application/json")
+    resp = current_app.response_class(json.dumps(data), status=202 if created else 200, mimetype="application/json")
     resp.headers["Location"] = data["links"]["self"]
     return resp
 
 
 def _per_model(services, batch_id: str) -> dict[str, int]:
     with services.sessions() as session:
-        return dict(session.execute(select(Job.model, func.count()).where(Job.batch_id == batch_id)
-                                    .group_by(Job.model)).all())
+        return dict(
+            session.execute(select(Job.model, func.count()).where(Job.batch_id == batch_id).group_by(Job.model)).all()
+        )
 
 
 @bp.get("/v1/batches")
@@ -91,8 +96,11 @@ def list_batches():
     with _services().sessions() as session:
         rows = list(session.execute(q.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit + 1)).scalars())
         data = [_batch_json(session, b) for b in rows[:limit]]
-    return {"object": "list", "data": data,
-            "next_cursor": encode_cursor(rows[limit - 1]) if len(rows) > limit else None}
+    return {
+        "object": "list",
+        "data": data,
+        "next_cursor": encode_cursor(rows[limit - 1]) if len(rows) > limit else None,
+    }
 
 
 @bp.get("/v1/batches/<batch_id>")

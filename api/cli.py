@@ -28,15 +28,20 @@ def _settings():
 @click.option("-v", "--verbose", is_flag=True, help="Log at DEBUG level.")
 def main(verbose: bool) -> None:
     """vramq: an asynchronous job queue for GPU generation."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
 
 @main.command()
 @click.option("--port", default=defaults.PORT, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--cards", default=None, metavar="SPEC",
-              help="Declared capacities of GPUs 0..N-1, e.g. 80GB,24GB (default: what NVML reports; the CPU without a GPU).")
+@click.option(
+    "--cards",
+    default=None,
+    metavar="SPEC",
+    help="Declared capacities of GPUs 0..N-1, e.g. 80GB,24GB (default: what NVML reports; the CPU without a GPU).",
+)
 @click.option("--cpu", is_flag=True, help="One CPU worker even where there are GPUs.")
 def up(port: int, host: str, cards: str | None, cpu: bool) -> None:
     """Everything on one machine: API, one worker per card (or a CPU worker), the embedded broker if none is configured."""
@@ -87,19 +92,32 @@ def _size(value: str | None) -> int | None:
 @click.option("--card", type=int, default=None, help="GPU index to pin (CUDA_VISIBLE_DEVICES).")
 @click.option("--cpu", is_flag=True, help="Run on the CPU.")
 @click.option("--models", default=None, help="Comma-separated model ids (default: the whole catalog).")
-@click.option("--vram-budget", default=None, metavar="SIZE",
-              help="Memory the models may take together, e.g. 24GB (default: the card's memory; "
-                   "none on the CPU). Models past it load on demand, evicting the least recently used.")
-@click.option("--stop-grace", default=defaults.STOP_GRACE_S, show_default=True,
-              help="Seconds running jobs get to finish on SIGTERM; then they go back to the queue.")
+@click.option(
+    "--vram-budget",
+    default=None,
+    metavar="SIZE",
+    help="Memory the models may take together, e.g. 24GB (default: the card's memory; "
+    "none on the CPU). Models past it load on demand, evicting the least recently used.",
+)
+@click.option(
+    "--stop-grace",
+    default=defaults.STOP_GRACE_S,
+    show_default=True,
+    help="Seconds running jobs get to finish on SIGTERM; then they go back to the queue.",
+)
 def worker(card: int | None, cpu: bool, models: str | None, vram_budget: str | None, stop_grace: int) -> None:
     """One worker pinned to one card (or the CPU), its models resident."""
     if (card is None) == (not cpu):
         raise click.UsageError("give exactly one of --card N or --cpu")
     from vramq.gpu_workers.worker import run_worker
 
-    run_worker(None if cpu else card, models.split(",") if models else None, _settings(),
-               budget_bytes=_size(vram_budget), stop_grace_s=stop_grace)
+    run_worker(
+        None if cpu else card,
+        models.split(",") if models else None,
+        _settings(),
+        budget_bytes=_size(vram_budget),
+        stop_grace_s=stop_grace,
+    )
 
 
 def _cards(cards: str | None, cpu: bool):
@@ -120,11 +138,22 @@ def _catalog(path: Path | None):
 
 
 @main.command()
-@click.option("--cards", default=None, metavar="SPEC",
-              help="Declared cards, e.g. 80GB,80GB or 2x24GB (default: the GPUs NVML finds, else the CPU).")
-@click.option("--cpu", is_flag=True, help="Plan for the CPU as one card (budget: VRAMQ_CPU_MEMORY_GB, else half the RAM).")
-@click.option("--catalog", "catalog_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Catalog TOML (default: VRAMQ_CATALOG, else the tiny catalog).")
+@click.option(
+    "--cards",
+    default=None,
+    metavar="SPEC",
+    help="Declared cards, e.g. 80GB,80GB or 2x24GB (default: the GPUs NVML finds, else the CPU).",
+)
+@click.option(
+    "--cpu", is_flag=True, help="Plan for the CPU as one card (budget: VRAMQ_CPU_MEMORY_GB, else half the RAM)."
+)
+@click.option(
+    "--catalog",
+    "catalog_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Catalog TOML (default: VRAMQ_CATALOG, else the tiny catalog).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan(cards: str | None, cpu: bool, catalog_path: Path | None, as_json: bool) -> None:
     """Place the catalog's models on the cards; say what fits nowhere and why."""
@@ -141,7 +170,9 @@ def plan(cards: str | None, cpu: bool, catalog_path: Path | None, as_json: bool)
 
 @main.command()
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
-@click.option("--context", type=int, default=None, help="Tokens per sequence (default: the config's max_position_embeddings).")
+@click.option(
+    "--context", type=int, default=None, help="Tokens per sequence (default: the config's max_position_embeddings)."
+)
 @click.option("--seqs", type=int, default=None, help="Concurrent sequences (default 1).")
 @click.option("--dtype", default=None, help="Weights: fp32, bf16, fp16, fp8, int8, int4 (default: the config's).")
 @click.option("--kv-dtype", default="fp16", show_default=True, help="KV cache: fp16 or fp8.")
@@ -165,18 +196,31 @@ def vram(path: Path, context: int | None, seqs: int | None, dtype: str | None, k
     table.add_column("part")
     table.add_column("GB", justify="right")
     kv = f"KV cache ({doc['kv_dtype']}, {est.kv_tokens:,} tokens)" if est.kv_dtype else "KV cache"
-    for label, key in (("weights", "weights_gb"), (kv, "kv_cache_gb"), ("activations", "activations_gb"),
-                       ("headroom (20 %)", "headroom_gb"), ("total", "total_gb")):
+    for label, key in (
+        ("weights", "weights_gb"),
+        (kv, "kv_cache_gb"),
+        ("activations", "activations_gb"),
+        ("headroom (20 %)", "headroom_gb"),
+        ("total", "total_gb"),
+    ):
         table.add_row(label, f"{doc[key]:.3f}")
     Console().print(table)
 
 
 @main.command()
-@click.option("--cards", default=None, metavar="SPEC", help="Declared capacities of the GPUs 0..N-1, e.g. 80GB,24GB "
-              "(default: what NVML reports).")
+@click.option(
+    "--cards",
+    default=None,
+    metavar="SPEC",
+    help="Declared capacities of the GPUs 0..N-1, e.g. 80GB,24GB (default: what NVML reports).",
+)
 @click.option("--cpu", is_flag=True, help="One CPU worker (budget: VRAMQ_CPU_MEMORY_GB, else half the RAM).")
-@click.option("--stop-grace", default=defaults.STOP_GRACE_S, show_default=True,
-              help="Seconds running jobs get to finish on SIGTERM.")
+@click.option(
+    "--stop-grace",
+    default=defaults.STOP_GRACE_S,
+    show_default=True,
+    help="Seconds running jobs get to finish on SIGTERM.",
+)
 def workers(cards: str | None, cpu: bool, stop_grace: int) -> None:
     """One worker per card, as `vramq plan` places the models; restarted when they die."""
     from vramq.jobs.proctree import StopRequested, StopSignals
@@ -242,11 +286,20 @@ def submit(model: str, params: tuple[str, ...], wait: bool, url: str, priority: 
     try:
         job = client.submit(model, inp, priority=priority)
         if wait:
-            with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                          TimeElapsedColumn(), transient=True) as bar:
+            with Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TextColumn("{task.percentage:>3.0f}%"),
+                TimeElapsedColumn(),
+                transient=True,
+            ) as bar:
                 task = bar.add_task(job["id"], total=1.0)
-                job = client.wait(job["id"], on_update=lambda j: bar.update(
-                    task, completed=j["progress"], description=f"{j['id']} {j['status']}"))
+                job = client.wait(
+                    job["id"],
+                    on_update=lambda j: bar.update(
+                        task, completed=j["progress"], description=f"{j['id']} {j['status']}"
+                    ),
+                )
     except ApiError as exc:
         click.echo(json.dumps(exc.problem, indent=2), err=True)
         sys.exit(1)
@@ -258,8 +311,12 @@ def submit(model: str, params: tuple[str, ...], wait: bool, url: str, priority: 
 @main.command()
 @click.argument("jsonl", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--wait", is_flag=True, help="Follow the batch to its end, then save its results manifest.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Where --wait saves the manifest (default: <batch id>.results.jsonl).")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Where --wait saves the manifest (default: <batch id>.results.jsonl).",
+)
 @click.option("--url", default=f"http://127.0.0.1:{defaults.PORT}", envvar="VRAMQ_URL", show_default=True)
 @click.option("--priority", type=click.Choice(PRIORITIES), default="low", show_default=True)
 @click.option("--api-key", envvar="VRAMQ_API_KEY", default=None, help="An account's key (default: anonymous).")
@@ -280,14 +337,18 @@ def batch(jsonl: Path, wait: bool, out: Path | None, url: str, priority: str, ap
         f = client.upload(jsonl.read_bytes(), jsonl.name, purpose="batch")
         b = client.submit_batch(input_file=f["id"], priority=priority)
         if wait:
-            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                          transient=True) as bar:
+            with Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True
+            ) as bar:
                 task = bar.add_task(b["id"], total=b["counts"]["total"])
 
                 def show(current: dict) -> None:
                     c = current["counts"]
-                    bar.update(task, completed=c["succeeded"] + c["failed"] + c["canceled"],
-                               description=f"{current['id']} {current['status']} ({c['running']} running)")
+                    bar.update(
+                        task,
+                        completed=c["succeeded"] + c["failed"] + c["canceled"],
+                        description=f"{current['id']} {current['status']} ({c['running']} running)",
+                    )
 
                 b = client.wait_batch(b["id"], on_update=show)
             path = out or Path(f"{b['id']}.results.jsonl")
@@ -302,11 +363,21 @@ def batch(jsonl: Path, wait: bool, out: Path | None, url: str, priority: str, ap
 
 
 @main.command()
-@click.option("--images", default=8, show_default=True, type=click.IntRange(1, 90),
-              help="How many image prompts in the bulk render.")
+@click.option(
+    "--images",
+    default=8,
+    show_default=True,
+    type=click.IntRange(1, 90),
+    help="How many image prompts in the bulk render.",
+)
 @click.option("--port", default=defaults.PORT + 17, show_default=True)
-@click.option("--out", default="vramq-demo", show_default=True, type=click.Path(path_type=Path),
-              help="Folder for the downloaded results.")
+@click.option(
+    "--out",
+    default="vramq-demo",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Folder for the downloaded results.",
+)
 def demo(images: int, port: int, out: Path) -> None:
     """The main job end to end on embedded defaults: a bulk image render, with progress and signed links."""
     from .demo import run_demo
@@ -333,9 +404,14 @@ def sweeper(once: bool) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     settings = services.settings
-    log.info("sweeper: outputs and batch manifests kept %g h unless saved, uploads %g h, idempotency keys %g h; "
-             "sweeping every %g s", settings.retention_hours, settings.upload_retention_hours,
-             settings.idempotency_hours, settings.sweep_s)
+    log.info(
+        "sweeper: outputs and batch manifests kept %g h unless saved, uploads %g h, idempotency keys %g h; "
+        "sweeping every %g s",
+        settings.retention_hours,
+        settings.upload_retention_hours,
+        settings.idempotency_hours,
+        settings.sweep_s,
+    )
     while not stop.is_set():
         try:
             report = sweep(services, utcnow())
@@ -438,12 +514,30 @@ def _show_account(services, account_id: str, entries: int) -> None:
         account = get_account(session, account_id)
         use = ledger.usage(session, account.id, account.tier, services.allowances, utcnow())
         rows = ledger.entries(session, account.id, limit=entries)
-    click.echo(json.dumps({
-        "account_id": account.id, "name": account.name, "tier": account.tier, "key_prefix": account.key_prefix,
-        "usage": use.to_json(),
-        "ledger": [{"entry": r.entry, "job_id": r.job_id, "day": r.day, "allowance_delta": r.allowance_delta,
-                    "balance_delta": r.balance_delta, "reason": r.reason, "at": iso(r.created_at)} for r in rows],
-    }, indent=2))
+    click.echo(
+        json.dumps(
+            {
+                "account_id": account.id,
+                "name": account.name,
+                "tier": account.tier,
+                "key_prefix": account.key_prefix,
+                "usage": use.to_json(),
+                "ledger": [
+                    {
+                        "entry": r.entry,
+                        "job_id": r.job_id,
+                        "day": r.day,
+                        "allowance_delta": r.allowance_delta,
+                        "balance_delta": r.balance_delta,
+                        "reason": r.reason,
+                        "at": iso(r.created_at),
+                    }
+                    for r in rows
+                ],
+            },
+            indent=2,
+        )
+    )
 
 
 def run() -> None:

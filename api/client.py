@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import requests
 
@@ -21,8 +22,13 @@ class ApiError(Exception):
 
 
 class Client:
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 30,
-                 rate_limit_retries: int = 3):
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        api_key: str | None = None,
+        timeout: float = 30,
+        rate_limit_retries: int = 3,
+    ):
         self.base_url = base_url.rstrip("/")
         self.rate_limit_retries = rate_limit_retries
         self.http = requests.Session()
@@ -46,8 +52,16 @@ class Client:
             raise ApiError(resp.status_code, problem)
         return resp.json()
 
-    def submit(self, model: str, input: dict, *, priority: str = "normal", metadata: dict | None = None,
-               idempotency_key: str | None = None, webhook: dict | None = None) -> dict:
+    def submit(
+        self,
+        model: str,
+        input: dict,
+        *,
+        priority: str = "normal",
+        metadata: dict | None = None,
+        idempotency_key: str | None = None,
+        webhook: dict | None = None,
+    ) -> dict:
         """``POST /v1/jobs``; ``webhook={"url", "events"?}`` has the job's end announced."""
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         body = {"model": model, "input": input, "priority": priority, "metadata": metadata or {}}
@@ -72,8 +86,9 @@ class Client:
     def usage(self) -> dict:
         return self._call("GET", "/v1/usage")
 
-    def history(self, *, status: str | None = None, model: str | None = None, limit: int = 20,
-                cursor: str | None = None) -> dict:
+    def history(
+        self, *, status: str | None = None, model: str | None = None, limit: int = 20, cursor: str | None = None
+    ) -> dict:
         params = {k: v for k, v in {"status": status, "model": model, "limit": limit, "cursor": cursor}.items() if v}
         return self._call("GET", "/v1/jobs", params=params)
 
@@ -120,8 +135,9 @@ class Client:
                     yield event, json.loads("\n".join(data))
                     event, data = "message", []
 
-    def wait(self, job_id: str, *, timeout: float = 600, poll_s: float = 1.0,
-             on_update: Callable[[dict], None] | None = None) -> dict:
+    def wait(
+        self, job_id: str, *, timeout: float = 600, poll_s: float = 1.0, on_update: Callable[[dict], None] | None = None
+    ) -> dict:
         """Wait until the job finishes, following its event stream (one request, however
         long the job), or polling every ``poll_s`` if the stream breaks; ``on_update``
         sees the job at each change."""
@@ -157,9 +173,16 @@ class Client:
 
     # --- batches ------------------------------------------------------------------------
 
-    def submit_batch(self, jobs: list[dict] | None = None, *, input_file: str | None = None, priority: str = "low",
-                     metadata: dict | None = None, webhook: dict | None = None,
-                     idempotency_key: str | None = None) -> dict:
+    def submit_batch(
+        self,
+        jobs: list[dict] | None = None,
+        *,
+        input_file: str | None = None,
+        priority: str = "low",
+        metadata: dict | None = None,
+        webhook: dict | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict:
         """``POST /v1/batches``: ``jobs`` (``[{"custom_id", "model", "input"}]``) or an
         uploaded JSONL ``input_file`` (``upload(data, name, purpose="batch")``). All or
         none: a bad line is a 422 naming its line."""
@@ -195,8 +218,14 @@ class Client:
         then ``done`` (the batch with its ``results_url``)."""
         return self._stream(f"/v1/batches/{batch_id}/events")
 
-    def wait_batch(self, batch_id: str, *, timeout: float = 3600, poll_s: float = 2.0,
-                   on_update: Callable[[dict], None] | None = None) -> dict:
+    def wait_batch(
+        self,
+        batch_id: str,
+        *,
+        timeout: float = 3600,
+        poll_s: float = 2.0,
+        on_update: Callable[[dict], None] | None = None,
+    ) -> dict:
         """Wait until the batch has finished and its results are written (``results_url``),
         following its event stream, or polling if the stream breaks."""
         deadline = time.monotonic() + timeout

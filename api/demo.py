@@ -33,8 +33,10 @@ def run_demo(settings: Settings, images: int, port: int, out: Path) -> int:
     console.print(f"[bold]vramq demo[/bold]: data in {settings.data_dir}, results in {out.resolve()}")
     stack = Stack(settings, port=port, log_dir=settings.data_dir / "logs" / "demo")
     t0 = time.perf_counter()
-    with console.status("starting broker, API and a CPU worker with every tiny model resident "
-                        "(builds them on first run; the vLLM engine takes ~30 s)…"):
+    with console.status(
+        "starting broker, API and a CPU worker with every tiny model resident "
+        "(builds them on first run; the vLLM engine takes ~30 s)…"
+    ):
         stack.start()
     console.print(f"up in {time.perf_counter() - t0:.1f}s at {stack.url}; logs in {stack.log_dir}")
     try:
@@ -92,21 +94,55 @@ def _submit_all(client: Client, images: int) -> tuple[list[dict], dict | None]:
     if "image" in models:
         m = models["image"]
         side = min(256, m["limits"]["max_width"])
-        batch = client.submit_batch([
-            {"custom_id": f"image-{i}", "model": m["id"], "metadata": {"index": i},
-             "input": {"prompt": PROMPTS[i % len(PROMPTS)], "width": side, "height": side, "steps": 4, "seed": i}}
-            for i in range(images)], metadata={"demo": "bulk-render"})
+        batch = client.submit_batch(
+            [
+                {
+                    "custom_id": f"image-{i}",
+                    "model": m["id"],
+                    "metadata": {"index": i},
+                    "input": {
+                        "prompt": PROMPTS[i % len(PROMPTS)],
+                        "width": side,
+                        "height": side,
+                        "steps": 4,
+                        "seed": i,
+                    },
+                }
+                for i in range(images)
+            ],
+            metadata={"demo": "bulk-render"},
+        )
         jobs += list(client.batch_jobs(batch["id"]))
     if "video" in models:
-        jobs.append(client.submit(models["video"]["id"], {"prompt": "a paper boat drifting down a rainy street",
-                                                          "width": 128, "height": 128, "num_frames": 17, "fps": 8, "steps": 8}))
+        jobs.append(
+            client.submit(
+                models["video"]["id"],
+                {
+                    "prompt": "a paper boat drifting down a rainy street",
+                    "width": 128,
+                    "height": 128,
+                    "num_frames": 17,
+                    "fps": 8,
+                    "steps": 8,
+                },
+            )
+        )
     if "speech" in models:
         f = client.upload(_speech_clip(), "demo-voice.wav", purpose="audio")
         jobs.append(client.submit(models["speech"]["id"], {"audio": f["id"], "task": "transcribe"}))
     if "text" in models:
-        jobs.append(client.submit(models["text"]["id"], {"messages": [
-            {"role": "system", "content": "You are a concise assistant."},
-            {"role": "user", "content": "Name three uses of a GPU job queue."}], "max_tokens": 48}))
+        jobs.append(
+            client.submit(
+                models["text"]["id"],
+                {
+                    "messages": [
+                        {"role": "system", "content": "You are a concise assistant."},
+                        {"role": "user", "content": "Name three uses of a GPU job queue."},
+                    ],
+                    "max_tokens": 48,
+                },
+            )
+        )
     return jobs, batch
 
 
@@ -132,11 +168,24 @@ def _files(job: dict) -> list[tuple[str, str]]:
 
 def _show(console: Console, client: Client, images: int, out: Path) -> int:
     jobs, batch = _submit_all(client, images)
-    console.print(f"submitted {len(jobs)} jobs" + (f" (the images as batch {batch['id']})" if batch else "") + ": " + ", ".join(
-        f"{sum(j['kind'] == k for j in jobs)} {k}" for k in ("image", "video", "speech", "text") if any(j["kind"] == k for j in jobs)))
+    console.print(
+        f"submitted {len(jobs)} jobs"
+        + (f" (the images as batch {batch['id']})" if batch else "")
+        + ": "
+        + ", ".join(
+            f"{sum(j['kind'] == k for j in jobs)} {k}"
+            for k in ("image", "video", "speech", "text")
+            if any(j["kind"] == k for j in jobs)
+        )
+    )
     finished: dict[str, dict] = {}
-    with Progress(TextColumn("{task.description:<40}"), BarColumn(), TextColumn("{task.fields[status]:<10}"),
-                  TimeElapsedColumn(), console=console) as bar:
+    with Progress(
+        TextColumn("{task.description:<40}"),
+        BarColumn(),
+        TextColumn("{task.fields[status]:<10}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as bar:
         tasks = {j["id"]: bar.add_task(f"{j['kind']:<6} {j['id']}", total=1.0, status="queued") for j in jobs}
 
         # One history request a tick follows every job (the account is the demo's own).
@@ -160,8 +209,15 @@ def _show(console: Console, client: Client, images: int, out: Path) -> int:
     for job in finished.values():
         usage = job["usage"]
         tokens = f"{usage['tokens_charged']}/{usage['tokens_reserved']}"  # charged / reserved at submit
-        table.add_row(job["id"], job["kind"], job["status"], _seconds(job), f"{usage['gpu_seconds']:.3f}",
-                      str(usage.get("batch_size", "-")), str(tokens))
+        table.add_row(
+            job["id"],
+            job["kind"],
+            job["status"],
+            _seconds(job),
+            f"{usage['gpu_seconds']:.3f}",
+            str(usage.get("batch_size", "-")),
+            str(tokens),
+        )
         if job["status"] != "succeeded":
             ok = False
             continue
@@ -174,22 +230,31 @@ def _show(console: Console, client: Client, images: int, out: Path) -> int:
         if job["kind"] == "text" and job["output"]:
             console.print(f"chat reply ({job['id']}): {job['output']['text']!r}")
         if job["kind"] == "speech" and job["output"]:
-            console.print(f"transcript ({job['id']}, {job['output']['duration']:.1f} s, {job['output']['language']}): "
-                          f"{job['output']['text']!r}")
+            console.print(
+                f"transcript ({job['id']}, {job['output']['duration']:.1f} s, {job['output']['language']}): "
+                f"{job['output']['text']!r}"
+            )
     for path, url in links:
         console.print(f"{path}\n  [link={url}]{url}[/link]", soft_wrap=True)
     if links:
-        console.print("(signed links are served by the API and expire; the demo's API stops with the demo, "
-                      "`vramq up` serves the same data dir)")
+        console.print(
+            "(signed links are served by the API and expire; the demo's API stops with the demo, "
+            "`vramq up` serves the same data dir)"
+        )
     if batch is not None:  # the dispatcher writes the batch's manifest once its jobs ended
         batch = client.wait_batch(batch["id"], timeout=120)
         manifest = client.batch_results(batch)
         ok = ok and batch["status"] == "completed" and len(manifest) == images
-        console.print(f"batch {batch['id']}: {batch['status']}, {batch['counts']['succeeded']}/{batch['counts']['total']} "
-                      f"succeeded; results manifest ({len(manifest)} lines):\n  [link={batch['results_url']}]"
-                      f"{batch['results_url']}[/link]", soft_wrap=True)
+        console.print(
+            f"batch {batch['id']}: {batch['status']}, {batch['counts']['succeeded']}/{batch['counts']['total']} "
+            f"succeeded; results manifest ({len(manifest)} lines):\n  [link={batch['results_url']}]"
+            f"{batch['results_url']}[/link]",
+            soft_wrap=True,
+        )
     use = client.usage()
-    console.print(f"tokens: {use['used_today']} of today's {use['daily_allowance']} used "
-                  f"(resets {use['resets_at']}); balance {use['balance']}")
+    console.print(
+        f"tokens: {use['used_today']} of today's {use['daily_allowance']} used "
+        f"(resets {use['resets_at']}); balance {use['balance']}"
+    )
     console.print("[green]all jobs succeeded[/green]" if ok else "[red]some jobs did not succeed[/red]")
     return 0 if ok else 1

@@ -18,14 +18,13 @@ from flask import Blueprint, current_app, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from vramq.jobs import idempotency
-from vramq.jobs.errors import InputError
-from vramq.jobs.errors import NotFound
+from vramq.jobs.errors import InputError, NotFound
 from vramq.jobs.files import PURPOSES, File, UploadQuotaExceeded, get_file, store_file
+from vramq.jobs.views import iso
 
 from .callers import current_caller
 from .guards import MULTIPART_SLACK, body_limit
 from .problems import problem
-from vramq.jobs.views import iso
 
 bp = Blueprint("files", __name__)
 
@@ -52,8 +51,11 @@ def upload_limit(caller, settings) -> tuple[int, str, str]:
     """``(bytes, setting, note)``: the largest file this caller may upload."""
     if caller.keyed or caller.admin or settings.anonymous_max_upload_bytes >= settings.max_upload_bytes:
         return settings.max_upload_bytes, "VRAMQ_MAX_UPLOAD_MB", ""
-    return (settings.anonymous_max_upload_bytes, "VRAMQ_ANONYMOUS_MAX_UPLOAD_MB",
-            f"; with an API key a file may be up to {settings.max_upload_bytes} bytes (VRAMQ_MAX_UPLOAD_MB)")
+    return (
+        settings.anonymous_max_upload_bytes,
+        "VRAMQ_ANONYMOUS_MAX_UPLOAD_MB",
+        f"; with an API key a file may be up to {settings.max_upload_bytes} bytes (VRAMQ_MAX_UPLOAD_MB)",
+    )
 
 
 def upload_quota(caller, settings) -> tuple[int, str] | None:
@@ -67,13 +69,25 @@ def upload_quota(caller, settings) -> tuple[int, str] | None:
 
 def _too_large(limit: int, setting: str = "VRAMQ_MAX_UPLOAD_MB", note: str = "", length: int | None = None):
     size = f" ({length} bytes)" if length is not None else ""
-    return problem(413, f"the upload{size} exceeds the limit of {limit} bytes ({setting}){note}", "payload_too_large",
-                   [{"loc": ["file"], "msg": f"at most {limit} bytes ({setting})"}], limit_bytes=limit)
+    return problem(
+        413,
+        f"the upload{size} exceeds the limit of {limit} bytes ({setting}){note}",
+        "payload_too_large",
+        [{"loc": ["file"], "msg": f"at most {limit} bytes ({setting})"}],
+        limit_bytes=limit,
+    )
 
 
 def _over_quota(exc: UploadQuotaExceeded):
-    return problem(413, str(exc), "upload_quota_exceeded", exc.errors, quota_bytes=exc.quota, used_bytes=exc.used,
-                   setting=exc.setting)
+    return problem(
+        413,
+        str(exc),
+        "upload_quota_exceeded",
+        exc.errors,
+        quota_bytes=exc.quota,
+        used_bytes=exc.used,
+        setting=exc.setting,
+    )
 
 
 def _missing(field: str, msg: str):
@@ -106,22 +120,31 @@ def upload_file():
         # A batch file becomes a batch: it may be no larger than this caller's batch body.
         _cap, batch_limit, setting, note = body_limit("batches.create_batch", current_caller(), services.settings)
         if len(data) > batch_limit:
-            return problem(413, f"a batch file ({len(data)} bytes) exceeds the limit of {batch_limit} bytes "
-                                f"({setting}){note}", "payload_too_large",
-                           [{"loc": ["file"], "msg": f"at most {batch_limit} bytes ({setting})"}], limit_bytes=batch_limit)
+            return problem(
+                413,
+                f"a batch file ({len(data)} bytes) exceeds the limit of {batch_limit} bytes ({setting}){note}",
+                "payload_too_large",
+                [{"loc": ["file"], "msg": f"at most {batch_limit} bytes ({setting})"}],
+                limit_bytes=batch_limit,
+            )
 
     def create(remember: idempotency.Remember) -> File:
-        row = store_file(services, data, upload.filename, purpose, caller=caller.id,
-                         quota=upload_quota(caller, services.settings))
+        row = store_file(
+            services, data, upload.filename, purpose, caller=caller.id, quota=upload_quota(caller, services.settings)
+        )
         with services.sessions.begin() as session:
             remember(session, row.id)
         return row
 
     try:
         row, created = idempotency.once(
-            services, caller.id, request.headers.get("Idempotency-Key"),
+            services,
+            caller.id,
+            request.headers.get("Idempotency-Key"),
             b"\0".join([purpose.encode(), (upload.filename or "").encode(), data]),
-            create, lambda file_id: get_file(services, file_id))
+            create,
+            lambda file_id: get_file(services, file_id),
+        )
     except UploadQuotaExceeded as exc:
         return _over_quota(exc)
     except InputError as exc:

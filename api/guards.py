@@ -59,7 +59,7 @@ def hostname(host: str) -> str | None:
         return None
     if host.startswith("["):
         end = host.find("]")
-        rest = host[end + 1:] if end > 0 else None
+        rest = host[end + 1 :] if end > 0 else None
         if rest is None or (rest and not (rest.startswith(":") and _PORT.fullmatch(rest[1:]))):
             return None
         return host[1:end].lower()
@@ -100,8 +100,10 @@ def check_host(allowed: tuple[str, ...]):
     if name is not None and host_allowed(name, allowed):
         return None
     shown = raw[:100].encode("ascii", "backslashreplace").decode()
-    msg = (f"this server does not answer to Host {shown!r}; its operator lists the names it answers to in "
-           "VRAMQ_ALLOWED_HOSTS (or sets VRAMQ_PUBLIC_URL)")
+    msg = (
+        f"this server does not answer to Host {shown!r}; its operator lists the names it answers to in "
+        "VRAMQ_ALLOWED_HOSTS (or sets VRAMQ_PUBLIC_URL)"
+    )
     return problem(400, msg, "host_not_allowed", [{"loc": ["header", "Host"], "msg": msg}])
 
 
@@ -146,8 +148,12 @@ def check_content_type(endpoint: str | None):
     given = request.headers.get("Content-Type")
     shown = "no Content-Type" if not given else f"Content-Type {given[:100]!r}"
     msg = "must be application/json (or application/*+json)"
-    return problem(415, f"{request.method} {request.path} takes a JSON body; got {shown}", "unsupported_media_type",
-                   [{"loc": ["header", "Content-Type"], "msg": msg}])
+    return problem(
+        415,
+        f"{request.method} {request.path} takes a JSON body; got {shown}",
+        "unsupported_media_type",
+        [{"loc": ["header", "Content-Type"], "msg": msg}],
+    )
 
 
 # --- 5. size ------------------------------------------------------------------------------
@@ -164,8 +170,12 @@ def body_limit(endpoint: str | None, caller: Caller, settings) -> tuple[int, int
         if caller.keyed or caller.admin:
             limit = max(settings.max_batch_body_bytes, settings.max_body_bytes)
             return limit, limit, "VRAMQ_MAX_BATCH_BODY_MB", ""
-        return (settings.max_body_bytes, settings.max_body_bytes, "VRAMQ_MAX_BODY_KB",
-                f"; with an API key a batch may be up to {settings.max_batch_body_bytes} bytes (VRAMQ_MAX_BATCH_BODY_MB)")
+        return (
+            settings.max_body_bytes,
+            settings.max_body_bytes,
+            "VRAMQ_MAX_BODY_KB",
+            f"; with an API key a batch may be up to {settings.max_batch_body_bytes} bytes (VRAMQ_MAX_BATCH_BODY_MB)",
+        )
     return settings.max_body_bytes, settings.max_body_bytes, "VRAMQ_MAX_BODY_KB", ""
 
 
@@ -183,12 +193,21 @@ def apply_body_limit(endpoint: str | None, caller: Caller, settings):
 
 def too_large(length: int | None = None):
     """The 413 problem for this request's body (``length`` bytes, when known)."""
-    limit, setting, note = g.get("body_limit") or (current_app.config.get("MAX_CONTENT_LENGTH"), "VRAMQ_MAX_BODY_KB", "")
+    limit, setting, note = g.get("body_limit") or (
+        current_app.config.get("MAX_CONTENT_LENGTH"),
+        "VRAMQ_MAX_BODY_KB",
+        "",
+    )
     size = f" ({length} bytes)" if length is not None else ""
     what = "the upload" if setting == "VRAMQ_MAX_UPLOAD_MB" else "the request body"
     detail = f"{what}{size} exceeds the limit of {limit} bytes ({setting}){note}"
-    return problem(413, detail, "payload_too_large", [{"loc": ["body"], "msg": f"at most {limit} bytes ({setting})"}],
-                   limit_bytes=limit)
+    return problem(
+        413,
+        detail,
+        "payload_too_large",
+        [{"loc": ["body"], "msg": f"at most {limit} bytes ({setting})"}],
+        limit_bytes=limit,
+    )
 
 
 # --- reading ------------------------------------------------------------------------------

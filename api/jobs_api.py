@@ -22,8 +22,8 @@ from .callers import current_caller, require_account, require_admin
 from .guards import json_body
 from .metrics import JOBS_SUBMITTED
 from .queries import decode_cursor, encode_cursor, limit_arg, statuses_arg
-from .views import base_url, job_json
 from .sse import last_event_id, sse_frame, sse_response, stream_seconds
+from .views import base_url, job_json
 
 bp = Blueprint("jobs", __name__)
 
@@ -117,8 +117,9 @@ def cancel_job(job_id: str):
         _load(session, job_id)  # 404 for another caller's job
     with services.sessions.begin() as session:
         # Its first statement is a write (see jobs.db.writing).
-        ending = outcomes.end(session, Canceled(), job_id=job_id, allowances=services.allowances,
-                              job_json=job_json, now=now)
+        ending = outcomes.end(
+            session, Canceled(), job_id=job_id, allowances=services.allowances, job_json=job_json, now=now
+        )
         if not ending.won:
             raise_not_cancelable(session, job_id)
     ending.announce(services.redis)
@@ -197,8 +198,20 @@ def shared(token: str):
         if job is None:
             raise NotFound("no such share link (it may have been revoked)")
         full = job_json(job, None)
-    keep = ("id", "object", "model", "kind", "status", "created_at", "finished_at", "input", "output", "error",
-            "expires_at", "outputs_expired")
+    keep = (
+        "id",
+        "object",
+        "model",
+        "kind",
+        "status",
+        "created_at",
+        "finished_at",
+        "input",
+        "output",
+        "error",
+        "expires_at",
+        "outputs_expired",
+    )
     return {k: full[k] for k in keep}
 
 

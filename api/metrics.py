@@ -51,10 +51,14 @@ class CardCollector:
 
     def collect(self):
         labels = ["card", "host", "worker"]
-        vram = {k: GaugeMetricFamily(f"vramq_card_vram_{k}_bytes", help_, labels=labels) for k, help_ in (
-            ("budget", "Memory the card's models may take together"),
-            ("estimated", "Sum of the planner's estimates of the models resident on the card"),
-            ("measured", "Memory in use as the device reports it (NVML; the process RSS on the CPU)"))}
+        vram = {
+            k: GaugeMetricFamily(f"vramq_card_vram_{k}_bytes", help_, labels=labels)
+            for k, help_ in (
+                ("budget", "Memory the card's models may take together"),
+                ("estimated", "Sum of the planner's estimates of the models resident on the card"),
+                ("measured", "Memory in use as the device reports it (NVML; the process RSS on the CPU)"),
+            )
+        }
         resident = GaugeMetricFamily("vramq_card_resident_models", "Models resident on the card", labels=labels)
         per_model = labels + ["model"]
         loaded = GaugeMetricFamily("vramq_model_resident", "1 if the model is resident on the card", labels=per_model)
@@ -93,8 +97,9 @@ class RetentionCollector:
     def collect(self):
         import redis
 
-        deleted = CounterMetricFamily("vramq_retention_deleted", "Things the retention sweeper deleted, by class",
-                                      labels=["what"])
+        deleted = CounterMetricFamily(
+            "vramq_retention_deleted", "Things the retention sweeper deleted, by class", labels=["what"]
+        )
         try:
             totals = deleted_totals(self.services.redis)
         except redis.RedisError:  # broker down: no retention figures this scrape

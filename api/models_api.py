@@ -34,8 +34,14 @@ def _model(services, entry, depth: int, workers: list[dict]) -> dict:
     if need is None:
         need = vram_need_bytes(entry)
     price = {"tokens_per_gpu_second": rate_for(entry), "min_tokens": entry.price.min_tokens}
-    return {**entry.public(), "object": "model", "price": price, "vram_gb": None if need is None else round(need / 1e9, 3),
-            "available": entry.id in served_by(workers), "queue_depth": depth}
+    return {
+        **entry.public(),
+        "object": "model",
+        "price": price,
+        "vram_gb": None if need is None else round(need / 1e9, 3),
+        "available": entry.id in served_by(workers),
+        "queue_depth": depth,
+    }
 
 
 @bp.get("/v1/models")

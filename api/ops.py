@@ -28,7 +28,11 @@ def readyz():
     """Ready when the database, the broker and the object store all answer."""
     services = _services()
     checks = {}
-    for name, check in (("database", lambda: ping_db(services.engine)), ("broker", services.redis.ping), ("storage", services.store.ping)):
+    for name, check in (
+        ("database", lambda: ping_db(services.engine)),
+        ("broker", services.redis.ping),
+        ("storage", services.store.ping),
+    ):
         try:
             check()
             checks[name] = "ok"

@@ -7,13 +7,30 @@ import logging
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from vramq.jobs.errors import (Conflict, Forbidden, InputError, NotFound, QuotaExceeded, RateLimited, ServiceUnavailable,
-                         Unauthorized, VramqError)
+from vramq.jobs.errors import (
+    Conflict,
+    Forbidden,
+    InputError,
+    NotFound,
+    QuotaExceeded,
+    RateLimited,
+    ServiceUnavailable,
+    Unauthorized,
+    VramqError,
+)
 
 log = logging.getLogger("vramq.api")
 
-STATUS = {InputError: 422, NotFound: 404, Conflict: 409, ServiceUnavailable: 503, Unauthorized: 401,
-          Forbidden: 403, QuotaExceeded: 402, RateLimited: 429}
+STATUS = {
+    InputError: 422,
+    NotFound: 404,
+    Conflict: 409,
+    ServiceUnavailable: 503,
+    Unauthorized: 401,
+    Forbidden: 403,
+    QuotaExceeded: 402,
+    RateLimited: 429,
+}
 TITLES = {
     400: "Bad request",
     401: "Unauthorized",
@@ -30,12 +47,25 @@ TITLES = {
     500: "Internal server error",
     503: "Service unavailable",
 }
-HTTP_CODES = {400: "invalid_input", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-              408: "request_timeout", 409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type",
-              429: "rate_limited", 500: "internal_error", 503: "service_unavailable"}
+HTTP_CODES = {
+    400: "invalid_input",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    429: "rate_limited",
+    500: "internal_error",
+    503: "service_unavailable",
+}
 
 
-def problem(status: int, detail: str, code: str | None = None, errors: list | None = None, headers: dict | None = None, **extra):
+def problem(
+    status: int, detail: str, code: str | None = None, errors: list | None = None, headers: dict | None = None, **extra
+):
     body = {
         "type": f"https://vramq.dev/problems/{code or HTTP_CODES.get(status, 'error')}",
         "title": TITLES.get(status, "Error"),
@@ -74,8 +104,9 @@ def install(app: Flask) -> None:
         headers = {"Retry-After": str(retry)} if retry else {}
         if status == 401:
             headers["WWW-Authenticate"] = 'Bearer realm="vramq"'
-        return problem(status, str(exc), exc.code, errors if errors else None, headers=headers,
-                       **getattr(exc, "extra", {}))
+        return problem(
+            status, str(exc), exc.code, errors if errors else None, headers=headers, **getattr(exc, "extra", {})
+        )
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException):

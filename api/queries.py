@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from flask import request
 
@@ -61,7 +61,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         created, last_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
         when = datetime.fromisoformat(created)
         if when.tzinfo is not None:
-            when = when.astimezone(timezone.utc)  # OverflowError past year 9999
+            when = when.astimezone(UTC)  # OverflowError past year 9999
         if when.tzinfo is None or not isinstance(last_id, str) or not _CURSOR_ID.fullmatch(last_id):
             raise ValueError("not a cursor of ours")
         return when, last_id

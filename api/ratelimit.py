@@ -52,8 +52,10 @@ class RateLimiter:
             return
         who = "this API key" if caller.keyed else "this address without an API key"
         setting = "VRAMQ_RATE_LIMIT_KEYED" if caller.keyed else "VRAMQ_RATE_LIMIT_ANONYMOUS"
-        raise RateLimited(f"more than {item.amount} requests a minute from {who} (limit {setting}); try again shortly",
-                          retry_after=math.ceil(reset - time.time()))
+        raise RateLimited(
+            f"more than {item.amount} requests a minute from {who} (limit {setting}); try again shortly",
+            retry_after=math.ceil(reset - time.time()),
+        )
 
     # Wrong API keys: counted per network, as many a minute as anonymous requests, on
     # every path, in a budget of their own (so a network's anonymous requests do not
@@ -80,9 +82,11 @@ class RateLimiter:
         except Exception as exc:  # Redis unreachable: fail open, say so
             log.warning("wrong-key limit not checked (%s: %s)", exc.__class__.__name__, exc)
             return
-        raise RateLimited(f"more than {item.amount} requests a minute with a wrong API key from this address "
-                          "(limit VRAMQ_RATE_LIMIT_ANONYMOUS); try again shortly",
-                          retry_after=math.ceil(reset - time.time()))
+        raise RateLimited(
+            f"more than {item.amount} requests a minute with a wrong API key from this address "
+            "(limit VRAMQ_RATE_LIMIT_ANONYMOUS); try again shortly",
+            retry_after=math.ceil(reset - time.time()),
+        )
 
     def count_account(self, network: str) -> None:
         """Count one account made from ``network`` today (429 past ``VRAMQ_ACCOUNTS_PER_DAY``;
@@ -95,8 +99,13 @@ class RateLimiter:
             reset = self.limiter.get_window_stats(self.accounts, "vramq-accounts", network).reset_time
         except Exception as exc:
             log.warning("account limit not counted (%s: %s)", exc.__class__.__name__, exc)
-            refused = ServiceUnavailable("accounts cannot be made now: their limit cannot be counted (broker unreachable)")
+            refused = ServiceUnavailable(
+                "accounts cannot be made now: their limit cannot be counted (broker unreachable)"
+            )
             refused.retry_after = 30
             raise refused from exc
-        raise RateLimited(f"at most {self.accounts.amount} accounts a day from one network (an IPv4 address or an "
-                          f"IPv6 /64; limit VRAMQ_ACCOUNTS_PER_DAY)", retry_after=math.ceil(reset - time.time()))
+        raise RateLimited(
+            f"at most {self.accounts.amount} accounts a day from one network (an IPv4 address or an "
+            f"IPv6 /64; limit VRAMQ_ACCOUNTS_PER_DAY)",
+            retry_after=math.ceil(reset - time.time()),
+        )

@@ -43,7 +43,6 @@ import os
 import re
 import selectors
 import shutil
-import socket
 import time
 from functools import partial
 from pathlib import Path
@@ -85,9 +84,17 @@ SEND_TIMEOUT = 60.0
 #: The most bytes a request head may have: gunicorn refuses longer ones (414, 431).
 MAX_HEAD_BYTES = LIMIT_REQUEST_LINE + 2 + LIMIT_REQUEST_FIELDS * (LIMIT_REQUEST_FIELD_SIZE + 2) + 2
 
-_GUNICORN_CODES = {400: "bad_request", 403: "forbidden", 408: "request_timeout", 414: "uri_too_long",
-                   417: "expectation_failed", 431: "headers_too_large", 500: "internal_error", 501: "not_implemented",
-                   503: "service_unavailable"}
+_GUNICORN_CODES = {
+    400: "bad_request",
+    403: "forbidden",
+    408: "request_timeout",
+    414: "uri_too_long",
+    417: "expectation_failed",
+    431: "headers_too_large",
+    500: "internal_error",
+    501: "not_implemented",
+    503: "service_unavailable",
+}
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length[ \t]*:[ \t]*([0-9]{1,18})[ \t]*(?=\r\n)", re.IGNORECASE)
 _CHUNKED = re.compile(rb"\r\ntransfer-encoding[ \t]*:", re.IGNORECASE)
 _EXPECT = re.compile(rb"\r\nexpect[ \t]*:[ \t]*([^\r\n]*?)[ \t]*(?=\r\n)", re.IGNORECASE)
@@ -107,10 +114,19 @@ class RequestReadTimeout(NoMoreData):
 
 def problem_bytes(status_int: int, reason: str, mesg: str, extra: str = "") -> bytes:
     code = _GUNICORN_CODES.get(status_int, "bad_request" if 400 <= status_int < 500 else "internal_error")
-    body = json.dumps({"type": f"https://vramq.dev/problems/{code}", "title": reason, "status": status_int,
-                       "detail": mesg or reason, "code": code}).encode()  # ASCII: json.dumps escapes the rest
-    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/problem+json\r\n"
-            f"{extra}Content-Length: {len(body)}\r\n\r\n").encode("latin-1")
+    body = json.dumps(
+        {
+            "type": f"https://vramq.dev/problems/{code}",
+            "title": reason,
+            "status": status_int,
+            "detail": mesg or reason,
+            "code": code,
+        }
+    ).encode()  # ASCII: json.dumps escapes the rest
+    head = (
+        f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/problem+json\r\n"
+        f"{extra}Content-Length: {len(body)}\r\n\r\n"
+    ).encode("latin-1")
     return head + body
 
 
@@ -226,10 +242,10 @@ class ProblemWorker(ThreadWorker):
                 return
             ready = True  # too long a head: gunicorn's parser answers it (414, 431)
         else:
-            head = conn.buffered[:head_end + 4]
+            head = conn.buffered[: head_end + 4]
             stripped = _continue_here(head)
             if stripped is not None:  # the client waits for "100 Continue" before its body
-                conn.buffered = stripped + conn.buffered[head_end + 4:]
+                conn.buffered = stripped + conn.buffered[head_end + 4 :]
                 head, head_end = stripped, len(stripped) - 4
                 try:
                     conn.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -261,9 +277,15 @@ class ProblemWorker(ThreadWorker):
         if unbuffered:
             if self._large_bodies >= max(1, self.cfg.threads // LARGE_BODY_THREADS_DIVISOR):
                 try:
-                    conn.sock.send(problem_bytes(503, "Service Unavailable",
-                                                 "too many large or chunked request bodies are being received by "
-                                                 "this API process; try again shortly", "Retry-After: 5\r\n"))
+                    conn.sock.send(
+                        problem_bytes(
+                            503,
+                            "Service Unavailable",
+                            "too many large or chunked request bodies are being received by "
+                            "this API process; try again shortly",
+                            "Retry-After: 5\r\n",
+                        )
+                    )
                 except OSError:
                     pass
                 self.nr_conns -= 1
@@ -289,8 +311,13 @@ class ProblemWorker(ThreadWorker):
             self.nr_conns -= 1
             if getattr(conn, "buffered", b""):
                 try:
-                    conn.sock.send(problem_bytes(408, "Request Timeout",
-                                                 f"the request did not arrive within {REQUEST_READ_TIMEOUT:g} seconds"))
+                    conn.sock.send(
+                        problem_bytes(
+                            408,
+                            "Request Timeout",
+                            f"the request did not arrive within {REQUEST_READ_TIMEOUT:g} seconds",
+                        )
+                    )
                 except OSError:
                     pass
             conn.close()
@@ -352,7 +379,7 @@ def _pace(unreader, sock) -> None:
             if size_hint and size_hint > size:
                 size = min(size_hint, unreader.max_body_chunk)
             data = sock.recv(size)
-        except socket.timeout:
+        except TimeoutError:
             raise RequestReadTimeout() from None
         finally:
             sock.settimeout(prior)

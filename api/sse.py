@@ -21,8 +21,11 @@ def last_event_id() -> str:
     """Where an event stream resumes: ``Last-Event-ID`` (or ``?last_event_id=``), an id
     this stream gave out; ``"0"`` (from the start) when neither is given. 422 otherwise."""
     header = request.headers.get("Last-Event-ID")
-    raw, loc = (header, ["header", "Last-Event-ID"]) if header else (request.args.get("last_event_id"),
-                                                                   ["query", "last_event_id"])
+    raw, loc = (
+        (header, ["header", "Last-Event-ID"])
+        if header
+        else (request.args.get("last_event_id"), ["query", "last_event_id"])
+    )
     if not raw:
         return "0"
     m = _STREAM_ID.fullmatch(raw.strip())
@@ -42,8 +45,11 @@ def sse_response(stream) -> Response:
     caller's stream slots (api.streams: 429 past the caps) until it is closed."""
     release = current_app.extensions["vramq.streams"].acquire(current_caller().id)
     try:
-        resp = Response(stream_with_context(stream), mimetype="text/event-stream",
-                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        resp = Response(
+            stream_with_context(stream),
+            mimetype="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
     except BaseException:
         release()
         raise

@@ -24,8 +24,16 @@ from vramq.jobs.settings import Settings
 
 
 class Stack:
-    def __init__(self, settings: Settings, port: int, host: str = "127.0.0.1", cards: str | None = None,
-                 cpu: bool = False, log_dir: Path | None = None, api_workers: int = 2):
+    def __init__(
+        self,
+        settings: Settings,
+        port: int,
+        host: str = "127.0.0.1",
+        cards: str | None = None,
+        cpu: bool = False,
+        log_dir: Path | None = None,
+        api_workers: int = 2,
+    ):
         self.settings = settings
         self.port = port
         self.host = host
@@ -42,7 +50,7 @@ class Stack:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self, ready_timeout: float = 180) -> "Stack":
+    def start(self, ready_timeout: float = 180) -> Stack:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         if self.settings.broker_url is None:
             from vramq.jobs.embedded import ensure_redis
@@ -54,10 +62,14 @@ class Stack:
 
             make_tiny(self.settings.models_dir)
         cli = [sys.executable, "-m", "vramq.api.cli"]
-        self._spawn("api", cli + ["api", "--host", self.host, "--port", str(self.port), "--workers", str(self.api_workers)])
+        self._spawn(
+            "api", cli + ["api", "--host", self.host, "--port", str(self.port), "--workers", str(self.api_workers)]
+        )
         self.expected_workers = self._plan_workers()
         # Running jobs get most of ``stop``'s timeout to finish before the workers are killed.
-        args = (["--cards", self.cards] if self.cards else []) + (["--cpu"] if self.cpu else []) + ["--stop-grace", "45"]
+        args = (
+            (["--cards", self.cards] if self.cards else []) + (["--cpu"] if self.cpu else []) + ["--stop-grace", "45"]
+        )
         self._spawn("workers", cli + ["workers", *args])
         self._spawn("sweeper", cli + ["sweeper"])  # retention: deletes unsaved outputs past their time
         self._spawn("webhooks-and-batches", cli + ["webhooks-and-batches"])  # delivers webhooks, finishes batches
@@ -80,8 +92,13 @@ class Stack:
             out = open(self.log_dir / f"{name}.log", "ab")
         # Its own process group (stopping reaches what it started, a worker's vLLM engine),
         # and it dies with this process however this process dies (jobs.proctree).
-        proc = proctree.spawn(argv, env=self.env, stdout=out, stderr=subprocess.STDOUT if out else None,
-                              cwd=Path(__file__).resolve().parent.parent)
+        proc = proctree.spawn(
+            argv,
+            env=self.env,
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
         self.children.append((name, proc))
 
     def _wait_ready(self, timeout: float) -> None:

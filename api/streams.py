@@ -34,12 +34,17 @@ class StreamSlots:
         """Take a slot for ``caller`` (429 past a cap); returns the function that gives it back."""
         with self._lock:
             if self._open.get(caller, 0) >= self.per_caller:
-                raise RateLimited(f"at most {self.per_caller} event streams open at once per caller on this API "
-                                  "process (VRAMQ_MAX_STREAMS_PER_CALLER); close one, or poll the job",
-                                  retry_after=RETRY_AFTER_S)
+                raise RateLimited(
+                    f"at most {self.per_caller} event streams open at once per caller on this API "
+                    "process (VRAMQ_MAX_STREAMS_PER_CALLER); close one, or poll the job",
+                    retry_after=RETRY_AFTER_S,
+                )
             if self._count >= self.total:
-                raise RateLimited(f"this API process has {self.total} event streams open, its most "
-                                  "(VRAMQ_MAX_STREAMS); try again shortly, or poll the job", retry_after=RETRY_AFTER_S)
+                raise RateLimited(
+                    f"this API process has {self.total} event streams open, its most "
+                    "(VRAMQ_MAX_STREAMS); try again shortly, or poll the job",
+                    retry_after=RETRY_AFTER_S,
+                )
             self._open[caller] = self._open.get(caller, 0) + 1
             self._count += 1
         released = threading.Event()

@@ -43,10 +43,14 @@ def throughput(session, model: str) -> float | None:
     if hit is not None and now - hit[0] < 2.0:
         return hit[1]
     since = utcnow() - timedelta(seconds=THROUGHPUT_MAX_AGE_S)
-    times = sorted(session.execute(
-        select(Job.finished_at).where(Job.model == model, Job.status.in_((SUCCEEDED, FAILED)), Job.finished_at >= since)
-        .order_by(Job.finished_at.desc()).limit(THROUGHPUT_WINDOW)
-    ).scalars())
+    times = sorted(
+        session.execute(
+            select(Job.finished_at)
+            .where(Job.model == model, Job.status.in_((SUCCEEDED, FAILED)), Job.finished_at >= since)
+            .order_by(Job.finished_at.desc())
+            .limit(THROUGHPUT_WINDOW)
+        ).scalars()
+    )
     rate = None
     if len(times) >= 3 and times[-1] > times[0]:
         rate = (len(times) - 1) / (times[-1] - times[0]).total_seconds()
@@ -67,4 +71,6 @@ def queue_info(session, job: Job) -> tuple[int | None, float | None]:
 def job_json(job: Job, session=None) -> dict[str, Any]:
     """The job's JSON as the API shows it, links pointing where this request came in
     (the queue fields need a session); ``vramq.jobs.views.job_json`` with this request's links."""
-    return domain_views.job_json(job, links(), (lambda j: queue_info(session, j)) if session is not None else (lambda j: (None, None)))
+    return domain_views.job_json(
+        job, links(), (lambda j: queue_info(session, j)) if session is not None else (lambda j: (None, None))
+    )

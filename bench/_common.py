@@ -124,8 +124,13 @@ class Procs:
     def spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         path = self.logdir / f"{name}.log"
         with open(path, "wb") as out:  # the child keeps its own copy of the descriptor
-            proc = proctree.spawn([sys.executable, "-m", "vramq.api.cli", *args], cwd=ROOT, env=self.env,
-                                  stdout=out, stderr=subprocess.STDOUT)
+            proc = proctree.spawn(
+                [sys.executable, "-m", "vramq.api.cli", *args],
+                cwd=ROOT,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         self.children.append((name, proc, path))
         return proc
 
@@ -159,8 +164,19 @@ def announce_loading_worker(broker, models: list[str]) -> None:
 
     def announce() -> None:
         while True:
-            heartbeat.announce(broker, "bench-loading", {"name": "bench-loading", "card": "cpu", "models": models,
-                                                         "pid": 0, "host": "bench", "state": "loading", "running": 0})
+            heartbeat.announce(
+                broker,
+                "bench-loading",
+                {
+                    "name": "bench-loading",
+                    "card": "cpu",
+                    "models": models,
+                    "pid": 0,
+                    "host": "bench",
+                    "state": "loading",
+                    "running": 0,
+                },
+            )
             time.sleep(5)
 
     threading.Thread(target=announce, daemon=True).start()

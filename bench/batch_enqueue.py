@@ -48,13 +48,26 @@ def log(msg: str) -> None:
 
 
 def batch_lines(n: int, prefix: str) -> list[dict]:
-    return [{"custom_id": f"{prefix}-{i:05d}", "model": MODEL_ID,
-             "input": {"prompt": f"frame {i} of a red fox in the snow", "width": 64, "height": 64, "steps": 1,
-                       "seed": i}} for i in range(n)]
+    return [
+        {
+            "custom_id": f"{prefix}-{i:05d}",
+            "model": MODEL_ID,
+            "input": {
+                "prompt": f"frame {i} of a red fox in the snow",
+                "width": 64,
+                "height": 64,
+                "steps": 1,
+                "seed": i,
+            },
+        }
+        for i in range(n)
+    ]
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--jobs", type=int, default=10_000)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--source", choices=["list", "file"], default="list")
@@ -75,10 +88,16 @@ def main() -> int:
         catalog = work / "bench-catalog.toml"
         write_catalog(catalog)
         database_url = args.database_url or f"sqlite:///{data / 'vramq.db'}"
-        env = {"VRAMQ_DATA_DIR": str(data), "VRAMQ_CATALOG": str(catalog), "VRAMQ_BROKER_URL": args.redis,
-               "VRAMQ_DATABASE_URL": database_url, "VRAMQ_SECRET_KEY": "bench-" + uuid.uuid4().hex,
-               "VRAMQ_FREE_DAILY_TOKENS": "1000000000", "VRAMQ_RATE_LIMIT_ANONYMOUS": "0",
-               "VRAMQ_RATE_LIMIT_KEYED": "0"}
+        env = {
+            "VRAMQ_DATA_DIR": str(data),
+            "VRAMQ_CATALOG": str(catalog),
+            "VRAMQ_BROKER_URL": args.redis,
+            "VRAMQ_DATABASE_URL": database_url,
+            "VRAMQ_SECRET_KEY": "bench-" + uuid.uuid4().hex,
+            "VRAMQ_FREE_DAILY_TOKENS": "1000000000",
+            "VRAMQ_RATE_LIMIT_ANONYMOUS": "0",
+            "VRAMQ_RATE_LIMIT_KEYED": "0",
+        }
         api, url = start_api(env, work, 2, 8)
         announce_loading_worker(broker, [MODEL_ID])
         http = requests.Session()
@@ -93,24 +112,31 @@ def main() -> int:
             lines = batch_lines(args.jobs, f"r{rep}")
             if args.source == "file":
                 jsonl = "\n".join(json.dumps(x) for x in lines).encode()
-                up = http.post(url + "/v1/files", data={"purpose": "batch"},
-                               files={"file": ("batch.jsonl", jsonl, "application/jsonl")}, timeout=120)
+                up = http.post(
+                    url + "/v1/files",
+                    data={"purpose": "batch"},
+                    files={"file": ("batch.jsonl", jsonl, "application/jsonl")},
+                    timeout=120,
+                )
                 body = {"input_file": up.json()["id"]}
             else:
                 body = {"jobs": lines}
             payload = json.dumps(body).encode()
             before = broker.llen(queue_name(MODEL_ID) + f"\x06\x16{PRIORITY['low']}")
             t0 = time.perf_counter()
-            resp = http.post(url + "/v1/batches", data=payload, headers={"Content-Type": "application/json"},
-                             timeout=300)
+            resp = http.post(
+                url + "/v1/batches", data=payload, headers={"Content-Type": "application/json"}, timeout=300
+            )
             elapsed = time.perf_counter() - t0
             if resp.status_code != 202:
                 raise RuntimeError(f"batch {rep}: {resp.status_code} {resp.text[:1000]}")
             last = resp.json()
             messages = broker.llen(queue_name(MODEL_ID) + f"\x06\x16{PRIORITY['low']}") - before
             times.append(elapsed)
-            log(f"batch {rep}: {args.jobs} jobs accepted in {elapsed:.3f} s ({messages} messages, "
-                f"{len(payload) / 1e6:.1f} MB body)")
+            log(
+                f"batch {rep}: {args.jobs} jobs accepted in {elapsed:.3f} s ({messages} messages, "
+                f"{len(payload) / 1e6:.1f} MB body)"
+            )
 
         seconds = statistics.median(times)
         jobs_in_db = count_jobs(database_url)

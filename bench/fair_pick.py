@@ -21,7 +21,7 @@ import json
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,17 +45,34 @@ def main() -> int:
     engine = make_engine(url)
     migrate(engine)
     sessions = make_sessionmaker(engine)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     result = {"database": engine.dialect.name, "accounts": args.accounts}
     for n in (int(x) for x in args.queued.split(",")):
-        rows = [{"id": f"job_{i:026d}", "model": "m", "kind": "image", "status": "queued", "priority": "low",
-                 "input": {}, "meta": {}, "progress": 0.0, "created_at": now, "attempts": 0, "gpu_seconds": 0.0,
-                 "tokens_reserved": 0, "tokens_charged": 0, "usage_detail": {}, "caller": f"acct_{i % args.accounts}",
-                 "saved": False} for i in range(n)]
+        rows = [
+            {
+                "id": f"job_{i:026d}",
+                "model": "m",
+                "kind": "image",
+                "status": "queued",
+                "priority": "low",
+                "input": {},
+                "meta": {},
+                "progress": 0.0,
+                "created_at": now,
+                "attempts": 0,
+                "gpu_seconds": 0.0,
+                "tokens_reserved": 0,
+                "tokens_charged": 0,
+                "usage_detail": {},
+                "caller": f"acct_{i % args.accounts}",
+                "saved": False,
+            }
+            for i in range(n)
+        ]
         with sessions.begin() as s:
             s.execute(delete(Job))
             for k in range(0, n, 5000):
-                s.execute(insert(Job), rows[k:k + 5000])
+                s.execute(insert(Job), rows[k : k + 5000])
         if engine.dialect.name == "postgresql":
             with engine.connect() as conn:
                 conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("ANALYZE jobs"))

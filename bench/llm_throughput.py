@@ -72,8 +72,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import requests  # noqa: E402
-from _common import (  # noqa: E402
+import requests
+from _common import (
     UNMETERED,
     CpuMeter,
     Procs,
@@ -86,7 +86,7 @@ from _common import (  # noqa: E402
     wait_ready,
 )
 
-from vramq.jobs import proctree  # noqa: E402
+from vramq.jobs import proctree
 
 MODEL_ID = "bench-qwen2"
 """The catalog id the benchmark serves the tiny Qwen2 under: a queue (``model.bench-qwen2``)
@@ -98,7 +98,6 @@ def log(msg: str) -> None:
 
 
 # --- CPU accounting (the machine is small and may be shared) ------------------------
-
 
 
 # --- set-up -------------------------------------------------------------------------
@@ -120,15 +119,30 @@ defaults = {{ max_tokens = {max_tokens}, temperature = 1.0, top_p = 1.0 }}
     )
 
 
-SUBJECTS = ["the sea at night", "a hash table", "the history of bread", "a train journey", "photosynthesis",
-            "a lighthouse keeper", "the rules of chess", "a small village", "learning a language", "the weather"]
+SUBJECTS = [
+    "the sea at night",
+    "a hash table",
+    "the history of bread",
+    "a train journey",
+    "photosynthesis",
+    "a lighthouse keeper",
+    "the rules of chess",
+    "a small village",
+    "learning a language",
+    "the weather",
+]
 
 
 def job_inputs(n: int, max_tokens: int, offset: int = 0) -> list[dict]:
     """N distinct, deterministic text inputs: temperature 1.0, an explicit seed each."""
     return [
-        {"prompt": f"Write a short text about {SUBJECTS[i % len(SUBJECTS)]}, part {i + offset}.",
-         "max_tokens": max_tokens, "temperature": 1.0, "top_p": 1.0, "seed": 1000 + i + offset}
+        {
+            "prompt": f"Write a short text about {SUBJECTS[i % len(SUBJECTS)]}, part {i + offset}.",
+            "max_tokens": max_tokens,
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "seed": 1000 + i + offset,
+        }
         for i in range(n)
     ]
 
@@ -200,8 +214,16 @@ def run_direct(catalog_path: Path, inputs: list[dict], warmup: list[dict]) -> di
         return [{"prompt_token_ids": tokenizer.encode(inp["prompt"])} for inp in inps]
 
     def params(inps: list[dict]) -> list:
-        return [SamplingParams(max_tokens=inp["max_tokens"], temperature=inp["temperature"], top_p=inp["top_p"],
-                               seed=inp["seed"], ignore_eos=True) for inp in inps]
+        return [
+            SamplingParams(
+                max_tokens=inp["max_tokens"],
+                temperature=inp["temperature"],
+                top_p=inp["top_p"],
+                seed=inp["seed"],
+                ignore_eos=True,
+            )
+            for inp in inps
+        ]
 
     try:
         llm.generate(prompts(warmup), params(warmup), use_tqdm=False)
@@ -230,8 +252,14 @@ def run_direct(catalog_path: Path, inputs: list[dict], warmup: list[dict]) -> di
                 pass
         left = wait_no_vllm(os.getpid(), 10)
     log(f"direct: engine shut down; vLLM processes of ours left: {len(left)}")
-    return {"direct_s": direct_s, "tokens": tokens, "prompt_tokens": prompt_tokens, "finish_reasons": finish,
-            "leftover_processes": len(left), "cpu": cpu}
+    return {
+        "direct_s": direct_s,
+        "tokens": tokens,
+        "prompt_tokens": prompt_tokens,
+        "finish_reasons": finish,
+        "leftover_processes": len(left),
+        "cpu": cpu,
+    }
 
 
 # --- the vramq processes ------------------------------------------------------------
@@ -275,8 +303,9 @@ class Api:
             time.sleep(poll_s)
 
 
-def run_vramq(api: Api, inputs: list[dict], threads: int, poll_s: float,
-              paused: subprocess.Popen | None = None) -> dict:
+def run_vramq(
+    api: Api, inputs: list[dict], threads: int, poll_s: float, paused: subprocess.Popen | None = None
+) -> dict:
     """Submit every input, then follow the jobs to the end.
 
     ``paused``: the worker, its whole process group stopped (SIGSTOP) while the jobs are
@@ -317,7 +346,7 @@ def forget_events(broker, job_ids: list[str]) -> None:
     try:
         for k in range(0, len(job_ids), 500):
             broker.delete(*(key(j) for j in job_ids[k : k + 500]))
-    except Exception as exc:  # noqa: BLE001  (only tidying up)
+    except Exception as exc:
         log(f"could not delete the jobs' event streams: {exc}")
 
 
@@ -325,22 +354,39 @@ def forget_events(broker, job_ids: list[str]) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--prompts", type=int, default=256, help="prompts (jobs) in the measured run")
     ap.add_argument("--max-tokens", type=int, default=64, help="new tokens per prompt")
-    ap.add_argument("--max-batch", type=int, default=256,
-                    help="the catalog's max_batch: vLLM max_num_seqs of both engines, and the worker's task threads")
+    ap.add_argument(
+        "--max-batch",
+        type=int,
+        default=256,
+        help="the catalog's max_batch: vLLM max_num_seqs of both engines, and the worker's task threads",
+    )
     ap.add_argument("--warmup", type=int, default=8, help="warm-up prompts before each measured run")
     ap.add_argument("--submit-threads", type=int, default=8, help="client threads POSTing the jobs")
     ap.add_argument("--poll-ms", type=float, default=200, help="poll interval while waiting for the jobs")
     ap.add_argument("--api-workers", type=int, default=2, help="gunicorn processes")
-    ap.add_argument("--redis", default="redis://127.0.0.1:6379/0",
-                    help="broker URL (not flushed; the tests take databases 1-13, overhead.py 14, submit_rate.py 15)")
-    ap.add_argument("--database-url", default=None,
-                    help="default: SQLite in the work dir; e.g. postgresql://postgres@127.0.0.1:5432/bench (an empty database)")
-    ap.add_argument("--workdir", type=Path, default=None, help="keep the model, data and logs here (default: a temp dir, removed)")
-    ap.add_argument("--prequeue", action="store_true",
-                    help="diagnostic: stop the worker (SIGSTOP) while the jobs are submitted, time from its SIGCONT")
+    ap.add_argument(
+        "--redis",
+        default="redis://127.0.0.1:6379/0",
+        help="broker URL (not flushed; the tests take databases 1-13, overhead.py 14, submit_rate.py 15)",
+    )
+    ap.add_argument(
+        "--database-url",
+        default=None,
+        help="default: SQLite in the work dir; e.g. postgresql://postgres@127.0.0.1:5432/bench (an empty database)",
+    )
+    ap.add_argument(
+        "--workdir", type=Path, default=None, help="keep the model, data and logs here (default: a temp dir, removed)"
+    )
+    ap.add_argument(
+        "--prequeue",
+        action="store_true",
+        help="diagnostic: stop the worker (SIGSTOP) while the jobs are submitted, time from its SIGCONT",
+    )
     ap.add_argument("--skip-direct", action="store_true", help="vramq only (no ratio)")
     args = ap.parse_args()
     if args.max_batch > 256:
@@ -365,8 +411,10 @@ def main() -> int:
         if not args.skip_direct:
             direct = run_direct(catalog, inputs, warmup)
             cpu["direct"] = direct["cpu"]
-            log(f"direct: {args.prompts} prompts, {direct['tokens']} tokens in {direct['direct_s']:.3f}s "
-                f"({direct['tokens'] / direct['direct_s']:.1f} tok/s), finish reasons {direct['finish_reasons']}")
+            log(
+                f"direct: {args.prompts} prompts, {direct['tokens']} tokens in {direct['direct_s']:.3f}s "
+                f"({direct['tokens'] / direct['direct_s']:.1f} tok/s), finish reasons {direct['finish_reasons']}"
+            )
 
         import redis
 
@@ -401,8 +449,11 @@ def main() -> int:
         wait_ready(url, procs, worker.pid)
         log(f"vramq ready in {time.perf_counter() - t0:.1f}s at {url} (logs in {logs})")
         api = Api(url)
-        parts = {"bench": time.process_time, "api": lambda: tree_cpu_s(api_proc.pid),
-                 "worker": lambda: tree_cpu_s(worker.pid)}
+        parts = {
+            "bench": time.process_time,
+            "api": lambda: tree_cpu_s(api_proc.pid),
+            "worker": lambda: tree_cpu_s(worker.pid),
+        }
         if redis_pid:
             parts["redis"] = lambda: tree_cpu_s(redis_pid)
         meter = CpuMeter(parts)
@@ -415,8 +466,7 @@ def main() -> int:
         log("vramq: warmed up")
 
         a = meter.sample()
-        run = run_vramq(api, inputs, args.submit_threads, args.poll_ms / 1000,
-                        paused=worker if args.prequeue else None)
+        run = run_vramq(api, inputs, args.submit_threads, args.poll_ms / 1000, paused=worker if args.prequeue else None)
         cpu["vramq"] = CpuMeter.delta(a, meter.sample())
         jobs = run["jobs"]
         t_first = run["t_first"]
@@ -424,9 +474,11 @@ def main() -> int:
         last_started_s = max(parse_ts(j["started_at"]) for j in jobs) - t_first
         vramq_tokens = sum(j["output"]["usage"]["completion_tokens"] for j in jobs)
         finish = sorted({str(j["output"]["finish_reason"]) for j in jobs})
-        log(f"vramq: {args.prompts} jobs submitted in {run['submit_s']:.3f}s, last started at {last_started_s:.3f}s, "
+        log(
+            f"vramq: {args.prompts} jobs submitted in {run['submit_s']:.3f}s, last started at {last_started_s:.3f}s, "
             f"all done in {vramq_s:.3f}s, {vramq_tokens} tokens ({vramq_tokens / vramq_s:.1f} tok/s), "
-            f"finish reasons {finish}")
+            f"finish reasons {finish}"
+        )
 
         leftover = procs.stop()
         procs = None
@@ -435,8 +487,10 @@ def main() -> int:
         expected = args.prompts * args.max_tokens
         direct_tps = direct["tokens"] / direct["direct_s"] if direct else None
         vramq_tps = vramq_tokens / vramq_s
-        log(f"completion tokens: vramq {vramq_tokens}, direct {direct['tokens'] if direct else None}, "
-            f"expected {expected}")
+        log(
+            f"completion tokens: vramq {vramq_tokens}, direct {direct['tokens'] if direct else None}, "
+            f"expected {expected}"
+        )
         result = {
             "vramq_tokens_per_s": round(vramq_tps, 2),
             "direct_tokens_per_s": round(direct_tps, 2) if direct else None,
@@ -460,8 +514,10 @@ def main() -> int:
         }
         for phase, c in cpu.items():
             if c["other_busy_cores"] > 0.25:
-                log(f"WARNING: other processes kept {c['other_busy_cores']} cores busy during the {phase} phase; "
-                    "its figures are disturbed")
+                log(
+                    f"WARNING: other processes kept {c['other_busy_cores']} cores busy during the {phase} phase; "
+                    "its figures are disturbed"
+                )
         print(json.dumps(result), flush=True)
         return 0
     finally:

@@ -126,7 +126,7 @@ def postgres_pid(database_url: str) -> int | None:
             backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
         with open(f"/proc/{backend}/stat") as fh:
             return int(fh.read().rsplit(")", 1)[1].split()[1])
-    except Exception:  # noqa: BLE001 - only an accounting aid: no figure for PostgreSQL then
+    except Exception:
         return None
 
 
@@ -198,11 +198,26 @@ defaults = {{ width = {size}, height = {size}, steps = {steps}, guidance = 0.0, 
 
 def job_inputs(n: int, size: int, steps: int, offset: int = 0) -> list[dict]:
     """N distinct, deterministic image inputs (one image each)."""
-    subjects = ["a red fox", "a lighthouse in a storm", "a bowl of fruit", "a city at night",
-                "a cat on a table", "a mountain lake", "a robot painter", "a snowy forest"]
+    subjects = [
+        "a red fox",
+        "a lighthouse in a storm",
+        "a bowl of fruit",
+        "a city at night",
+        "a cat on a table",
+        "a mountain lake",
+        "a robot painter",
+        "a snowy forest",
+    ]
     return [
-        {"prompt": f"{subjects[i % len(subjects)]}, study {i + offset}", "width": size, "height": size,
-         "steps": steps, "guidance": 0.0, "seed": 1000 + i + offset, "num_images": 1}
+        {
+            "prompt": f"{subjects[i % len(subjects)]}, study {i + offset}",
+            "width": size,
+            "height": size,
+            "steps": steps,
+            "guidance": 0.0,
+            "seed": 1000 + i + offset,
+            "num_images": 1,
+        }
         for i in range(n)
     ]
 
@@ -223,8 +238,15 @@ def run_direct(catalog_path: Path, inputs: list[dict], warmup: list[dict]) -> di
     log(f"direct: pipeline loaded in {backend.load_seconds:.2f}s (torch threads {torch.get_num_threads()})")
 
     def items(inps: list[dict]) -> list:
-        return [WorkItem(job_id=f"direct-{i}", input=entry.validate_input(inp), on_progress=lambda f: None,
-                         is_canceled=lambda: False) for i, inp in enumerate(inps)]
+        return [
+            WorkItem(
+                job_id=f"direct-{i}",
+                input=entry.validate_input(inp),
+                on_progress=lambda f: None,
+                is_canceled=lambda: False,
+            )
+            for i, inp in enumerate(inps)
+        ]
 
     def call(batch: list) -> tuple[float, list]:
         t0 = time.perf_counter()
@@ -335,16 +357,26 @@ def timeline(job: dict) -> dict:
     created, started, finished = (parse_ts(job[k]) for k in ("created_at", "started_at", "finished_at"))
     usage = job["usage"]
     model = usage["gpu_seconds"] * usage["batch_size"]
-    return {"latency": finished - created, "model": model, "overhead": finished - created - model,
-            "dispatch": started - created, "finish": finished - started - model,
-            "batch_size": usage["batch_size"], "created": created, "finished": finished, "id": job["id"]}
+    return {
+        "latency": finished - created,
+        "model": model,
+        "overhead": finished - created - model,
+        "dispatch": started - created,
+        "finish": finished - started - model,
+        "batch_size": usage["batch_size"],
+        "created": created,
+        "finished": finished,
+        "id": job["id"],
+    }
 
 
 # --- main ---------------------------------------------------------------------------
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--jobs", type=int, default=64, help="jobs in the bulk (throughput) phase")
     ap.add_argument("--seq-jobs", type=int, default=16, help="jobs in the sequential (latency) phase")
     ap.add_argument("--size", type=int, default=256, help="image width and height (multiple of 16)")
@@ -353,12 +385,22 @@ def main() -> int:
     ap.add_argument("--max-wait-ms", type=int, default=10, help="the catalog's batcher max_wait_ms")
     ap.add_argument("--submit-threads", type=int, default=8, help="client threads submitting the bulk phase")
     ap.add_argument("--poll-ms", type=float, default=20, help="sequential phase: client poll interval")
-    ap.add_argument("--bulk-poll-ms", type=float, default=200,
-                    help="bulk phase: poll interval (polls cost API CPU that the model would use on a small machine)")
+    ap.add_argument(
+        "--bulk-poll-ms",
+        type=float,
+        default=200,
+        help="bulk phase: poll interval (polls cost API CPU that the model would use on a small machine)",
+    )
     ap.add_argument("--api-workers", type=int, default=2, help="gunicorn processes")
     ap.add_argument("--redis", default="redis://127.0.0.1:6379/14", help="broker URL; this Redis database is FLUSHED")
-    ap.add_argument("--database-url", default=None, help="default: SQLite in the work dir; e.g. postgresql://postgres@127.0.0.1:5432/bench (an empty database)")
-    ap.add_argument("--workdir", type=Path, default=None, help="keep models, data and logs here (default: a temp dir, removed)")
+    ap.add_argument(
+        "--database-url",
+        default=None,
+        help="default: SQLite in the work dir; e.g. postgresql://postgres@127.0.0.1:5432/bench (an empty database)",
+    )
+    ap.add_argument(
+        "--workdir", type=Path, default=None, help="keep models, data and logs here (default: a temp dir, removed)"
+    )
     ap.add_argument("--skip-direct", action="store_true", help="vramq phases only (no ratio)")
     ap.add_argument("--dump", type=Path, default=None, help="write every job's timeline (ms) to this JSON file")
     args = ap.parse_args()
@@ -392,8 +434,10 @@ def main() -> int:
             direct = run_direct(catalog, inputs, warmup)
             cpu["direct"] = CpuMeter.delta(a, meter.sample())
             pb = direct["per_batch_s"]
-            log(f"direct: {args.jobs} jobs in {direct['direct_s']:.3f}s, {len(pb)} batches, "
-                f"median batch {statistics.median(pb) * 1000:.1f}ms")
+            log(
+                f"direct: {args.jobs} jobs in {direct['direct_s']:.3f}s, {len(pb)} batches, "
+                f"median batch {statistics.median(pb) * 1000:.1f}ms"
+            )
 
         import redis
 
@@ -428,11 +472,16 @@ def main() -> int:
         log(f"vramq ready in {time.perf_counter() - t0:.1f}s at {url} (logs in {logs})")
         api = Api(url)
         api_proc = procs.children[0][1]
-        parts = {"bench": time.process_time, "api": lambda: tree_cpu_s(api_proc.pid),
-                 "worker": lambda: tree_cpu_s(worker.pid)}
+        parts = {
+            "bench": time.process_time,
+            "api": lambda: tree_cpu_s(api_proc.pid),
+            "worker": lambda: tree_cpu_s(worker.pid),
+        }
         if redis_pid:
             parts["redis"] = lambda: tree_cpu_s(redis_pid)
-        pg_pid = postgres_pid(args.database_url) if args.database_url and args.database_url.startswith("postgres") else None
+        pg_pid = (
+            postgres_pid(args.database_url) if args.database_url and args.database_url.startswith("postgres") else None
+        )
         if pg_pid:
             parts["postgres"] = lambda: tree_cpu_s(pg_pid)  # all of the local PostgreSQL
         meter = CpuMeter(parts)
@@ -451,8 +500,10 @@ def main() -> int:
         system_s = max(t["finished"] for t in tl) - bulk["t_first"]
         mean_batch = statistics.fmean(t["batch_size"] for t in tl)
         bulk_model_s = sum(t["model"] / t["batch_size"] for t in tl)  # each batch's run_batch once
-        log(f"bulk: {args.jobs} jobs submitted in {bulk['submit_s']:.3f}s, all done in {system_s:.3f}s, "
-            f"mean batch {mean_batch:.2f}")
+        log(
+            f"bulk: {args.jobs} jobs submitted in {bulk['submit_s']:.3f}s, all done in {system_s:.3f}s, "
+            f"mean batch {mean_batch:.2f}"
+        )
 
         seq = []
         a = meter.sample()
@@ -460,8 +511,10 @@ def main() -> int:
             seq.append(timeline(api.wait(api.submit(inp)["id"], poll_s)))
         cpu["seq"] = CpuMeter.delta(a, meter.sample())
         ov = [t["overhead"] * 1000 for t in seq]
-        log(f"sequential: {len(seq)} jobs, overhead p50 {pct(ov, 50):.1f}ms p99 {pct(ov, 99):.1f}ms, "
-            f"model p50 {pct([t['model'] * 1000 for t in seq], 50):.1f}ms")
+        log(
+            f"sequential: {len(seq)} jobs, overhead p50 {pct(ov, 50):.1f}ms p99 {pct(ov, 99):.1f}ms, "
+            f"model p50 {pct([t['model'] * 1000 for t in seq], 50):.1f}ms"
+        )
 
         result = {
             "jobs": args.jobs,
@@ -493,6 +546,7 @@ def main() -> int:
             "cpu": cpu,
         }
         if args.dump:
+
             def ms(rows: list[dict]) -> list[dict]:
                 keep = ("batch_size", "created", "finished", "id")
                 return [{k: (v if k in keep else round(v * 1000, 3)) for k, v in t.items()} for t in rows]
@@ -500,8 +554,10 @@ def main() -> int:
             args.dump.write_text(json.dumps({"bulk": ms(tl), "seq": ms(seq)}, indent=1))
         for phase, c in cpu.items():
             if c["other_busy_cores"] > 0.25:
-                log(f"WARNING: other processes kept {c['other_busy_cores']} cores busy during the {phase} phase; "
-                    "its figures are disturbed")
+                log(
+                    f"WARNING: other processes kept {c['other_busy_cores']} cores busy during the {phase} phase; "
+                    "its figures are disturbed"
+                )
         print(json.dumps(result), flush=True)
         return 0
     finally:

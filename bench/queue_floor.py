@@ -76,8 +76,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import requests  # noqa: E402
-from _common import UNMETERED, CpuMeter, Procs, free_port, tree_cpu_s, wait_ready  # noqa: E402
+import requests
+from _common import UNMETERED, CpuMeter, Procs, free_port, tree_cpu_s, wait_ready
 
 MODEL_ID = "echo"
 TARGETS = {"jobs_per_s": 500.0, "api_cpu_ms_per_job": 2.0, "worker_cpu_ms_per_job": 2.0}

@@ -78,8 +78,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import requests  # noqa: E402
-from _common import (  # noqa: E402
+import requests
+from _common import (
     UNMETERED,
     CpuMeter,
     Procs,
@@ -100,7 +100,6 @@ def log(msg: str) -> None:
 
 
 # --- CPU accounting (the machine is small and may be shared) ------------------------
-
 
 
 # --- set-up -------------------------------------------------------------------------
@@ -167,8 +166,9 @@ def run_direct(catalog_path: Path, clips: list[bytes], warmup: list[bytes], lang
     inp = entry.validate_input({"audio": "file_direct", **job_input(language)})
 
     def items(datas: list[bytes], prefix: str) -> list:
-        return [WorkItem(job_id=f"{prefix}-{i}", input=dict(inp), attachments={"audio": d})
-                for i, d in enumerate(datas)]
+        return [
+            WorkItem(job_id=f"{prefix}-{i}", input=dict(inp), attachments={"audio": d}) for i, d in enumerate(datas)
+        ]
 
     def batches(work: list) -> list[list]:
         return [work[b : b + entry.max_batch] for b in range(0, len(work), entry.max_batch)]
@@ -236,10 +236,10 @@ class Api:
                 raise TimeoutError(f"job {job_id} still {job['status']} after {timeout}s")
             time.sleep(poll_s)
 
-
     def upload(self, data: bytes, filename: str) -> str:
-        r = self.http.post(self.url + "/v1/files", files={"file": (filename, data, "audio/wav")},
-                           data={"purpose": "audio"}, timeout=60)
+        r = self.http.post(
+            self.url + "/v1/files", files={"file": (filename, data, "audio/wav")}, data={"purpose": "audio"}, timeout=60
+        )
         if r.status_code not in (200, 201):
             raise RuntimeError(f"upload answered {r.status_code}: {r.text[:500]}")
         return r.json()["id"]
@@ -270,7 +270,7 @@ def forget_events(broker, job_ids: list[str]) -> None:
     try:
         for k in range(0, len(job_ids), 500):
             broker.delete(*(key(j) for j in job_ids[k : k + 500]))
-    except Exception as exc:  # noqa: BLE001  (only tidying up)
+    except Exception as exc:
         log(f"could not delete the jobs' event streams: {exc}")
 
 
@@ -278,7 +278,9 @@ def forget_events(broker, job_ids: list[str]) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--clips", type=int, default=16, help="clips (jobs) in the measured run")
     ap.add_argument("--clip-seconds", type=float, default=10.0, help="length of each clip")
     ap.add_argument("--max-batch", type=int, default=4, help="the catalog's max_batch (jobs per run_batch call)")
@@ -287,11 +289,22 @@ def main() -> int:
     ap.add_argument("--submit-threads", type=int, default=8, help="client threads POSTing the jobs")
     ap.add_argument("--poll-ms", type=float, default=100, help="poll interval while waiting for the jobs")
     ap.add_argument("--api-workers", type=int, default=2, help="gunicorn processes")
-    ap.add_argument("--redis", default="redis://127.0.0.1:6379/0",
-                    help="broker URL (not flushed; the tests take databases 1-13, overhead.py 14, submit_rate.py 15)")
-    ap.add_argument("--database-url", default=None,
-                    help="default: SQLite in the work dir; e.g. postgresql://postgres@127.0.0.1:5432/bench (an empty database)")
-    ap.add_argument("--workdir", type=Path, default=None, help="keep the model, clips, data and logs here (default: a temp dir, removed)")
+    ap.add_argument(
+        "--redis",
+        default="redis://127.0.0.1:6379/0",
+        help="broker URL (not flushed; the tests take databases 1-13, overhead.py 14, submit_rate.py 15)",
+    )
+    ap.add_argument(
+        "--database-url",
+        default=None,
+        help="default: SQLite in the work dir; e.g. postgresql://postgres@127.0.0.1:5432/bench (an empty database)",
+    )
+    ap.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="keep the model, clips, data and logs here (default: a temp dir, removed)",
+    )
     ap.add_argument("--skip-direct", action="store_true", help="vramq only (no ratio)")
     args = ap.parse_args()
 
@@ -312,7 +325,9 @@ def main() -> int:
         clips = [p.read_bytes() for p in paths]
         warmup = [p.read_bytes() for p in warm_paths]
         audio_s = sum(wav_seconds(c) for c in clips)
-        log(f"{len(clips)} clips ({audio_s:.1f}s of audio) ready in {time.perf_counter() - t0:.1f}s under {paths[0].parent}")
+        log(
+            f"{len(clips)} clips ({audio_s:.1f}s of audio) ready in {time.perf_counter() - t0:.1f}s under {paths[0].parent}"
+        )
 
         cpu: dict[str, dict] = {}
         load_before = os.getloadavg()[0]
@@ -320,9 +335,11 @@ def main() -> int:
         if not args.skip_direct:
             direct = run_direct(catalog, clips, warmup, args.language)
             cpu["direct"] = direct["cpu"]
-            log(f"direct: {len(clips)} clips in {direct['direct_s']:.3f}s (RTF {direct['direct_s'] / audio_s:.4f}, "
+            log(
+                f"direct: {len(clips)} clips in {direct['direct_s']:.3f}s (RTF {direct['direct_s'] / audio_s:.4f}, "
                 f"{audio_s / direct['direct_s']:.1f}x real time), {direct['segments']} segments, batches (s): "
-                f"{', '.join(f'{t:.3f}' for t in direct['per_batch_s'])}")
+                f"{', '.join(f'{t:.3f}' for t in direct['per_batch_s'])}"
+            )
 
         import redis
 
@@ -363,8 +380,11 @@ def main() -> int:
         warm_ids = [api.upload(c, p.name) for c, p in zip(warmup, warm_paths, strict=True)]
         upload_s = time.perf_counter() - t0
         log(f"vramq: {len(file_ids) + len(warm_ids)} clips uploaded in {upload_s:.2f}s")
-        parts = {"bench": time.process_time, "api": lambda: tree_cpu_s(api_proc.pid),
-                 "worker": lambda: tree_cpu_s(worker.pid)}
+        parts = {
+            "bench": time.process_time,
+            "api": lambda: tree_cpu_s(api_proc.pid),
+            "worker": lambda: tree_cpu_s(worker.pid),
+        }
         if redis_pid:
             parts["redis"] = lambda: tree_cpu_s(redis_pid)
         meter = CpuMeter(parts)
@@ -392,10 +412,12 @@ def main() -> int:
             wall = round(j["usage"]["gpu_seconds"] * j["usage"]["batch_size"], 4)
             by_run[wall] = min(by_run.get(wall, float("inf")), parse_ts(j["finished_at"]))
         runs = sorted(by_run.items(), key=lambda r: r[1])  # (run_batch wall time, first finish), in order
-        log(f"vramq: {len(jobs)} jobs submitted in {run['submit_s']:.3f}s, all done in {vramq_s:.3f}s "
+        log(
+            f"vramq: {len(jobs)} jobs submitted in {run['submit_s']:.3f}s, all done in {vramq_s:.3f}s "
             f"(RTF {vramq_s / audio_s:.4f}), mean batch {statistics.fmean(batch_sizes):.2f}, "
             f"run_batch time {model_s:.3f}s, {segments} segments, batches (s): "
-            f"{', '.join(f'{r[0]:.3f}' for r in runs)}")
+            f"{', '.join(f'{r[0]:.3f}' for r in runs)}"
+        )
 
         leftover = procs.stop()
         procs = None
@@ -434,8 +456,10 @@ def main() -> int:
         }
         for phase, c in cpu.items():
             if c["other_busy_cores"] > 0.25:
-                log(f"WARNING: other processes kept {c['other_busy_cores']} cores busy during the {phase} phase; "
-                    "its figures are disturbed")
+                log(
+                    f"WARNING: other processes kept {c['other_busy_cores']} cores busy during the {phase} phase; "
+                    "its figures are disturbed"
+                )
         print(json.dumps(result), flush=True)
         return 0
     finally:

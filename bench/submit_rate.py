@@ -59,7 +59,10 @@ from _common import UNMETERED, announce_loading_worker, free_port
 from vramq.jobs import proctree
 
 MODEL_ID = "bench-flux"
-BODY = {"model": MODEL_ID, "input": {"prompt": "a red fox in the snow", "width": 64, "height": 64, "steps": 1, "seed": 7}}
+BODY = {
+    "model": MODEL_ID,
+    "input": {"prompt": "a red fox in the snow", "width": 64, "height": 64, "steps": 1, "seed": 7},
+}
 
 
 def log(msg: str) -> None:
@@ -95,7 +98,7 @@ def postgres_pid(database_url: str) -> int | None:
             backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
         with open(f"/proc/{backend}/stat") as fh:
             return int(fh.read().rsplit(")", 1)[1].split()[1])
-    except Exception:  # noqa: BLE001 - only an accounting aid: no figure for PostgreSQL then
+    except Exception:
         return None
 
 
@@ -142,8 +145,22 @@ def start_api(env: dict[str, str], logdir: Path, workers: int, threads: int) -> 
     with open(log_path, "wb") as out:  # the child keeps its own copy of the descriptor
         # Its own process group, bound to die with this benchmark (jobs.proctree).
         proc = proctree.spawn(
-            [sys.executable, "-m", "vramq.api.cli", "api", "--port", str(port), "--workers", str(workers), "--threads", str(threads)],
-            cwd=ROOT, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"}, stdout=out, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "vramq.api.cli",
+                "api",
+                "--port",
+                str(port),
+                "--workers",
+                str(workers),
+                "--threads",
+                str(threads),
+            ],
+            cwd=ROOT,
+            env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -217,8 +234,14 @@ def run_python(url: str, connections: int, count: int | None, duration: float | 
     for t in threads:
         t.join()
     seconds = time.perf_counter() - start
-    return {**stats, "seconds": seconds, "p50_ms": pct(latencies, 50) * 1000, "p99_ms": pct(latencies, 99) * 1000,
-            "error_statuses": statuses, "error_samples": sample}
+    return {
+        **stats,
+        "seconds": seconds,
+        "p50_ms": pct(latencies, 50) * 1000,
+        "p99_ms": pct(latencies, 99) * 1000,
+        "error_statuses": statuses,
+        "error_samples": sample,
+    }
 
 
 WRK_LUA = r"""
@@ -266,18 +289,35 @@ end
 def run_wrk(url: str, connections: int, threads: int, duration: float, workdir: Path) -> dict:
     script = workdir / "post.lua"
     script.write_text(WRK_LUA % {"body": json.dumps(json.dumps(BODY))})
-    cmd = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{max(1, round(duration))}s",
-           "--timeout", "30s", "-s", str(script), url + "/v1/jobs"]
+    cmd = [
+        "wrk",
+        "-t",
+        str(threads),
+        "-c",
+        str(connections),
+        "-d",
+        f"{max(1, round(duration))}s",
+        "--timeout",
+        "30s",
+        "-s",
+        str(script),
+        url + "/v1/jobs",
+    ]
     log("running: " + " ".join(cmd))
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     line = next(ln for ln in out.splitlines() if ln.startswith("WRKJSON "))
-    r = json.loads(line[len("WRKJSON "):])
+    r = json.loads(line[len("WRKJSON ") :])
     # Requests wrk sent but saw no answer to (socket errors) are errors too.
     errors = r["http_errors"] + r["socket_errors"]
-    return {"accepted": r["accepted"], "errors": errors, "seconds": r["duration_us"] / 1e6,
-            "p50_ms": r["p50_us"] / 1000, "p99_ms": r["p99_us"] / 1000,
-            "error_statuses": {str(r["last_error_status"]): r["http_errors"]} if r["http_errors"] else {},
-            "wrk_requests": r["requests"]}
+    return {
+        "accepted": r["accepted"],
+        "errors": errors,
+        "seconds": r["duration_us"] / 1e6,
+        "p50_ms": r["p50_us"] / 1000,
+        "p99_ms": r["p99_us"] / 1000,
+        "error_statuses": {str(r["last_error_status"]): r["http_errors"]} if r["http_errors"] else {},
+        "wrk_requests": r["requests"],
+    }
 
 
 def count_jobs(database_url: str) -> int | None:
@@ -291,7 +331,7 @@ def count_jobs(database_url: str) -> int | None:
             n = conn.execute(text("SELECT count(*) FROM jobs")).scalar_one()
         engine.dispose()
         return n
-    except Exception as exc:  # noqa: BLE001 - a check, not the measurement
+    except Exception as exc:
         log(f"could not count jobs in the database: {exc}")
         return None
 
@@ -300,10 +340,18 @@ def count_jobs(database_url: str) -> int | None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--client", choices=["auto", "wrk", "python"], default="auto", help="auto: wrk when installed")
-    ap.add_argument("--connections", "--threads", dest="connections", type=int, default=16,
-                    help="concurrent connections (python: client threads)")
+    ap.add_argument(
+        "--connections",
+        "--threads",
+        dest="connections",
+        type=int,
+        default=16,
+        help="concurrent connections (python: client threads)",
+    )
     ap.add_argument("--count", type=int, default=3000, help="python client: requests to send")
     ap.add_argument("--duration", type=float, default=None, help="seconds to run instead of a count (wrk: default 10)")
     ap.add_argument("--wrk-threads", type=int, default=1)
@@ -311,7 +359,11 @@ def main() -> int:
     ap.add_argument("--api-workers", type=int, default=2, help="gunicorn processes")
     ap.add_argument("--api-threads", type=int, default=8, help="threads per gunicorn process")
     ap.add_argument("--redis", default="redis://127.0.0.1:6379/15", help="broker URL; this Redis database is FLUSHED")
-    ap.add_argument("--database-url", default=None, help="default: SQLite in the work dir; e.g. postgresql://postgres@127.0.0.1:5432/bench (an empty database)")
+    ap.add_argument(
+        "--database-url",
+        default=None,
+        help="default: SQLite in the work dir; e.g. postgresql://postgres@127.0.0.1:5432/bench (an empty database)",
+    )
     ap.add_argument("--workdir", type=Path, default=None, help="keep data and logs here (default: a temp dir, removed)")
     args = ap.parse_args()
 
@@ -336,9 +388,14 @@ def main() -> int:
         catalog = work / "bench-catalog.toml"
         write_catalog(catalog)
         database_url = args.database_url or f"sqlite:///{data / 'vramq.db'}"
-        env = {"VRAMQ_DATA_DIR": str(data), "VRAMQ_CATALOG": str(catalog), "VRAMQ_BROKER_URL": args.redis,
-               "VRAMQ_DATABASE_URL": database_url, "VRAMQ_SECRET_KEY": "bench-" + uuid.uuid4().hex,
-               **UNMETERED}
+        env = {
+            "VRAMQ_DATA_DIR": str(data),
+            "VRAMQ_CATALOG": str(catalog),
+            "VRAMQ_BROKER_URL": args.redis,
+            "VRAMQ_DATABASE_URL": database_url,
+            "VRAMQ_SECRET_KEY": "bench-" + uuid.uuid4().hex,
+            **UNMETERED,
+        }
         api, url = start_api(env, work, args.api_workers, args.api_threads)
         log(f"api ready at {url} ({args.api_workers} processes x {args.api_threads} threads)")
         announce_loading_worker(broker, [MODEL_ID])  # no worker runs, but the model is admitted
@@ -350,9 +407,13 @@ def main() -> int:
 
         load_before = os.getloadavg()[0]
         pg_pid = postgres_pid(database_url) if database_url.startswith("postgres") else None
-        cpu_a = {"client": time.process_time(), "api": tree_cpu_s(api.pid),
-                 "redis": tree_cpu_s(redis_pid) if redis_pid else 0.0,
-                 "postgres": tree_cpu_s(pg_pid) if pg_pid else 0.0, "machine": machine_busy_s()}
+        cpu_a = {
+            "client": time.process_time(),
+            "api": tree_cpu_s(api.pid),
+            "redis": tree_cpu_s(redis_pid) if redis_pid else 0.0,
+            "postgres": tree_cpu_s(pg_pid) if pg_pid else 0.0,
+            "machine": machine_busy_s(),
+        }
         wall_a = time.monotonic()
         if client == "wrk":
             # wrk is a child process: its CPU is read from its rusage afterwards.
@@ -396,8 +457,10 @@ def main() -> int:
         if r.get("error_samples"):
             log(f"error samples: {r['error_samples']}")
         if client == "python" and result["client_busy_cores"] >= 0.8:
-            log(f"WARNING: the python client used {result['client_busy_cores']} cores (its GIL allows ~1): "
-                "it is likely the bottleneck; use --client wrk")
+            log(
+                f"WARNING: the python client used {result['client_busy_cores']} cores (its GIL allows ~1): "
+                "it is likely the bottleneck; use --client wrk"
+            )
         if result["other_busy_cores"] > 0.25:
             log(f"WARNING: other processes kept {result['other_busy_cores']} cores busy; the figure is disturbed")
         print(json.dumps(result), flush=True)

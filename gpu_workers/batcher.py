@@ -137,8 +137,12 @@ class Batcher:
                 if len(batch) > 1:
                     self.oom_splits += 1
                     half = len(batch) // 2
-                    log.warning("out of memory on a batch of %d; running it again as %d + %d",
-                                len(batch), half, len(batch) - half)
+                    log.warning(
+                        "out of memory on a batch of %d; running it again as %d + %d",
+                        len(batch),
+                        half,
+                        len(batch) - half,
+                    )
                     return self._call(batch[:half]) + self._call(batch[half:])
                 log.warning("job %s is out of memory on its own: %s", items[0].job_id, exc)
                 results = [OutOfMemory(f"the device ran out of memory for this job even alone ({exc})")]

@@ -45,9 +45,7 @@ def parse_size(text: str) -> int:
     """
     m = _SIZE.match(text)
     if not m:
-        raise ValueError(
-            f"bad size {text!r}: expected a number with an optional unit, e.g. 80GB, 24G, 512MB, 1.5TB"
-        )
+        raise ValueError(f"bad size {text!r}: expected a number with an optional unit, e.g. 80GB, 24G, 512MB, 1.5TB")
     number, unit, b = m.groups()
     if b and not unit:
         # "80B" is almost surely a typo for 80GB; a card is never sized in bytes.

@@ -90,8 +90,7 @@ class Plan:
                     "card": cp.card.name,
                     "capacity_gb": _gb(cp.card.capacity_bytes),
                     "models": [
-                        {"id": p.id, "vram_gb": _gb(p.vram_bytes), "resident": p.resident,
-                         "replica": p.replica}
+                        {"id": p.id, "vram_gb": _gb(p.vram_bytes), "resident": p.resident, "replica": p.replica}
                         for p in cp.models
                     ],
                     "free_gb": _gb(cp.free_bytes),
@@ -99,8 +98,7 @@ class Plan:
                 for cp in self.cards
             ],
             "unplaced": [
-                {"id": id_, "vram_gb": _gb(nbytes), "reason": reason}
-                for id_, nbytes, reason in self.unplaced
+                {"id": id_, "vram_gb": _gb(nbytes), "reason": reason} for id_, nbytes, reason in self.unplaced
             ],
         }
 
@@ -130,8 +128,7 @@ def _best_fit(cards: list[CardPlan], need: int) -> CardPlan | None:
     return min(fits, key=lambda cp: cp.free_bytes - need, default=None)
 
 
-def plan(demands: list[Demand], cards: list[Card], *, replicas: bool = True,
-         on_demand: bool = True) -> Plan:
+def plan(demands: list[Demand], cards: list[Card], *, replicas: bool = True, on_demand: bool = True) -> Plan:
     """Place ``demands`` on ``cards``; see the module docstring for the passes."""
     ids = [d.id for d in demands]
     if len(set(ids)) != len(ids):
@@ -170,12 +167,16 @@ def plan(demands: list[Demand], cards: list[Card], *, replicas: bool = True,
             reason = f"needs {d.vram_bytes / GB:.1f} GB; the largest card has {largest / GB:.1f} GB"
         elif on_demand:
             n_on_demand = {id(cp): sum(not p.resident for p in cp.models) for cp in plans}
-            cp = min((cp for cp in plans if cp.card.capacity_bytes >= d.vram_bytes),
-                     key=lambda cp: (-cp.card.capacity_bytes, n_on_demand[id(cp)]))
+            cp = min(
+                (cp for cp in plans if cp.card.capacity_bytes >= d.vram_bytes),
+                key=lambda cp: (-cp.card.capacity_bytes, n_on_demand[id(cp)]),
+            )
             cp.models.append(Placed(d.id, d.vram_bytes, resident=False))
             continue
         else:
-            reason = (f"needs {d.vram_bytes / GB:.1f} GB; at most {most_free[d.id] / GB:.1f} GB "
-                      "is free on any card after larger models were placed")
+            reason = (
+                f"needs {d.vram_bytes / GB:.1f} GB; at most {most_free[d.id] / GB:.1f} GB "
+                "is free on any card after larger models were placed"
+            )
         unplaced.append((d.id, d.vram_bytes, reason))
     return Plan(plans, unplaced)

@@ -20,9 +20,9 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 from vramq.jobs.errors import ModelLoadFailed
 
@@ -59,9 +59,15 @@ class _Slot:
 
 
 class Residency:
-    def __init__(self, need_bytes: dict[str, int], budget_bytes: int | None,
-                 load: Callable[[str], object], unload: Callable[[str, object], None],
-                 retry_load_after_s: float = 60.0, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        need_bytes: dict[str, int],
+        budget_bytes: int | None,
+        load: Callable[[str], object],
+        unload: Callable[[str, object], None],
+        retry_load_after_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.retry_load_after_s, self.clock = retry_load_after_s, clock
         self.need = dict(need_bytes)
         self.budget = budget_bytes
@@ -216,8 +222,12 @@ class Residency:
         if used + self.need[model_id] <= self.budget:
             return victims
         if self.need[model_id] > self.budget and not any(self._slots[m].in_use for m in self._lru):
-            log.warning("%s needs %d bytes, more than the budget %d; loading it alone",
-                        model_id, self.need[model_id], self.budget)
+            log.warning(
+                "%s needs %d bytes, more than the budget %d; loading it alone",
+                model_id,
+                self.need[model_id],
+                self.budget,
+            )
             return list(self._lru)
         return None
 

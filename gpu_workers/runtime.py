@@ -18,11 +18,12 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import DBAPIError
 
@@ -96,8 +97,12 @@ class WorkerRuntime:
         self.events = EventWriter(self.services.redis)
         self.job_json = outbox.job_json_for(self.services)
         settings = self.services.settings
-        self.spool = Spool(_spool_folder(settings.data_dir), self.services.store, max_seconds=settings.spool_s,
-                           max_bytes=settings.spool_max_bytes).start()
+        self.spool = Spool(
+            _spool_folder(settings.data_dir),
+            self.services.store,
+            max_seconds=settings.spool_s,
+            max_bytes=settings.spool_max_bytes,
+        ).start()
         need = {m: self.need_bytes.get(m, 0) for m in self.model_ids}
         self.residency = Residency(need, self.budget_bytes, self._load_model, self._unload_model)
         # The reporter starts first: while the models load, the worker is announced as
@@ -291,8 +296,11 @@ class WorkerRuntime:
             self._end(job, Failed(code, str(result) or result.__class__.__name__, outcome.gpu_seconds))
             return False
         prefix = f"jobs/{job.id}/{job.attempts}/"
-        usage = {"batch_size": outcome.batch_size, "queue_seconds": round(queued_s, 4),
-                 "cold_start_seconds": round(hold.cold_start_s, 4)}
+        usage = {
+            "batch_size": outcome.batch_size,
+            "queue_seconds": round(queued_s, 4),
+            "cold_start_seconds": round(hold.cold_start_s, 4),
+        }
 
         def stored(keys: dict[str, str]) -> None:
             self._succeeded(job, prefix, _link_artifacts(result.output, keys), outcome.gpu_seconds, usage)
@@ -300,9 +308,9 @@ class WorkerRuntime:
         try:
             keys = self._store(prefix, result)
         except Exception as exc:  # the store is down: keep the GPU work on disk and retry
+
             def give_up(reason: str) -> None:
-                self._end(job, Failed("storage_unavailable", f"could not store outputs: {reason}",
-                                      outcome.gpu_seconds))
+                self._end(job, Failed("storage_unavailable", f"could not store outputs: {reason}", outcome.gpu_seconds))
                 self._forget(job.id)
 
             def landed(keys: dict[str, str]) -> None:
@@ -325,8 +333,9 @@ class WorkerRuntime:
             row = None if ending.won else self._row(job.id)
             if ending.won or _won_before(row, prefix):
                 store = self.services.store
-                for folder in {key[: key.index("/", len(f"jobs/{job.id}/")) + 1]
-                               for key in store.list(f"jobs/{job.id}/")} - {prefix}:
+                for folder in {
+                    key[: key.index("/", len(f"jobs/{job.id}/")) + 1] for key in store.list(f"jobs/{job.id}/")
+                } - {prefix}:
                     store.delete_prefix(folder)
             elif not self._folder_in_use(row, job):
                 self.services.store.delete_prefix(prefix)
@@ -340,8 +349,12 @@ class WorkerRuntime:
     def _folder_in_use(self, row: Job | None, job: Job) -> bool:
         """Whether another worker runs the job under the same attempt number (it was given
         back, so its next attempt reuses the folder): then the folder is not ours to delete."""
-        return row is not None and row.status == lifecycle.RUNNING and row.attempts == job.attempts \
+        return (
+            row is not None
+            and row.status == lifecycle.RUNNING
+            and row.attempts == job.attempts
             and row.lease_owner != self.name
+        )
 
     def _end(self, job: Job, outcome: Outcome) -> outcomes.Ending:
         """Record the job's end (``jobs.outcomes.end``: transition, ledger, webhook), then
@@ -355,8 +368,14 @@ class WorkerRuntime:
         while True:
             try:
                 with self.services.sessions.begin() as s:
-                    ending = outcomes.end(s, outcome, job_id=job.id, worker=self.name,
-                                          allowances=self.services.allowances, job_json=self.job_json)
+                    ending = outcomes.end(
+                        s,
+                        outcome,
+                        job_id=job.id,
+                        worker=self.name,
+                        allowances=self.services.allowances,
+                        job_json=self.job_json,
+                    )
                 break
             except DBAPIError as exc:
                 if time.monotonic() + pause > deadline:
@@ -472,8 +491,7 @@ class WorkerRuntime:
         for job_id, model, _ in ending.turns:
             log.warning("job %s (%s) lost its worker; queued again", job_id, model)
         for job_id in ending.ids(lifecycle.FAILED):
-            log.error("job %s lost its worker %d times; failed (%s)", job_id, lapsed.max_attempts,
-                      outcomes.WORKER_LOST)
+            log.error("job %s lost its worker %d times; failed (%s)", job_id, lapsed.max_attempts, outcomes.WORKER_LOST)
         ending.publish(self.services.celery)  # after the commit: a turn never precedes its job
 
     def _heartbeat(self) -> None:
@@ -483,14 +501,28 @@ class WorkerRuntime:
         """This worker as its heartbeat tells it: the API's ``/v1/workers`` and per-card metrics."""
         res = self.residency
         assert res is not None, "load() first"
-        stats = {m: {"loads": st.loads, "evictions": st.evictions, "load_seconds": round(st.load_seconds, 4)}
-                 for m, st in res.stats.items()}
-        return {"name": self.name, "card": self.card, "models": self.model_ids, "failed_models": res.failed,
-                "pid": os.getpid(),
-                "host": socket.gethostname(), "state": self.state.value, "running": len(self._running),
-                "resident": res.resident, "models_stats": stats, "need_bytes": self.need_bytes,
-                "vram": {"budget_bytes": self.budget_bytes, "estimated_bytes": res.resident_bytes,
-                         "measured_bytes": measured_bytes(self.device)}}
+        stats = {
+            m: {"loads": st.loads, "evictions": st.evictions, "load_seconds": round(st.load_seconds, 4)}
+            for m, st in res.stats.items()
+        }
+        return {
+            "name": self.name,
+            "card": self.card,
+            "models": self.model_ids,
+            "failed_models": res.failed,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "state": self.state.value,
+            "running": len(self._running),
+            "resident": res.resident,
+            "models_stats": stats,
+            "need_bytes": self.need_bytes,
+            "vram": {
+                "budget_bytes": self.budget_bytes,
+                "estimated_bytes": res.resident_bytes,
+                "measured_bytes": measured_bytes(self.device),
+            },
+        }
 
 
 def measured_bytes(device: str) -> int | None:

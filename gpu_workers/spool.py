@@ -21,9 +21,9 @@ import logging
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from vramq.jobs.ports import ObjectStore
 
@@ -63,7 +63,7 @@ class Spool:
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
-    def start(self) -> "Spool":
+    def start(self) -> Spool:
         """Clear what a previous process of this worker left (its jobs ran again), then retry."""
         shutil.rmtree(self.directory, ignore_errors=True)
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -91,27 +91,51 @@ class Spool:
     def used_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.directory.rglob("*") if p.is_file())
 
-    def hold(self, job_id: str, prefix: str, artifacts: list[Artifact], error: str,
-             on_stored: Callable[[dict[str, str]], None], on_give_up: Callable[[str], None]) -> None:
+    def hold(
+        self,
+        job_id: str,
+        prefix: str,
+        artifacts: list[Artifact],
+        error: str,
+        on_stored: Callable[[dict[str, str]], None],
+        on_give_up: Callable[[str], None],
+    ) -> None:
         """Keep ``artifacts`` (``backends.base.Artifact``) on disk and store them under ``prefix``
         when the store answers again. ``error``: why the first try failed."""
         size = sum(len(a.data) for a in artifacts)
         if self.used_bytes() + size > self.max_bytes:
-            on_give_up(f"the store is unavailable ({error}) and the worker's spool is full "
-                       f"({self.max_bytes // 2**20} MB, VRAMQ_SPOOL_MAX_MB)")
+            on_give_up(
+                f"the store is unavailable ({error}) and the worker's spool is full "
+                f"({self.max_bytes // 2**20} MB, VRAMQ_SPOOL_MAX_MB)"
+            )
             return
         folder = self.directory / job_id
         folder.mkdir(parents=True, exist_ok=True)
         for i, art in enumerate(artifacts):
             (folder / str(i)).write_bytes(art.data)
         now = self.clock()
-        held = _Held(job_id, prefix, folder, [(a.name, a.content_type) for a in artifacts], on_stored, on_give_up,
-                     deadline=now + self.max_seconds, next_at=now + self.first_backoff_s,
-                     backoff_s=self.first_backoff_s, attempts=1, last_error=error)
+        held = _Held(
+            job_id,
+            prefix,
+            folder,
+            [(a.name, a.content_type) for a in artifacts],
+            on_stored,
+            on_give_up,
+            deadline=now + self.max_seconds,
+            next_at=now + self.first_backoff_s,
+            backoff_s=self.first_backoff_s,
+            attempts=1,
+            last_error=error,
+        )
         with self._lock:
             self._held[job_id] = held
-        log.warning("store unavailable for the outputs of %s (%s); spooled %d bytes, retrying for up to %.0fs",
-                    job_id, error, size, self.max_seconds)
+        log.warning(
+            "store unavailable for the outputs of %s (%s); spooled %d bytes, retrying for up to %.0fs",
+            job_id,
+            error,
+            size,
+            self.max_seconds,
+        )
         self._wake.set()
 
     def _loop(self) -> None:
@@ -143,8 +167,10 @@ class Spool:
             held.attempts += 1
             held.last_error = str(exc)
             if self.clock() >= held.deadline:
-                reason = (f"the store was unavailable for {self.max_seconds:.0f}s "
-                          f"({held.attempts} tries; last: {held.last_error})")
+                reason = (
+                    f"the store was unavailable for {self.max_seconds:.0f}s "
+                    f"({held.attempts} tries; last: {held.last_error})"
+                )
                 self._finish(held, held.on_give_up, reason)
             else:
                 self._back_off(held)

@@ -57,8 +57,17 @@ class WorkerSpec:
 
     def argv(self) -> list[str]:
         where = ["--cpu"] if self.card.index is None else ["--card", str(self.card.index)]
-        return [sys.executable, "-m", "vramq.api.cli", "worker", *where, "--models", ",".join(self.models),
-                "--vram-budget", f"{self.budget_bytes // 10**6}MB"]
+        return [
+            sys.executable,
+            "-m",
+            "vramq.api.cli",
+            "worker",
+            *where,
+            "--models",
+            ",".join(self.models),
+            "--vram-budget",
+            f"{self.budget_bytes // 10**6}MB",
+        ]
 
 
 def worker_specs(p: Plan) -> list[WorkerSpec]:
@@ -138,8 +147,13 @@ class Supervisor:
             ran = now - child.started_at
             if ran >= STABLE_AFTER_S:
                 child.backoff_s = BACKOFF_FIRST_S
-            log.warning("%s exited with code %s after %.0fs; starting it again in %.0fs",
-                        child.spec.name, code, ran, child.backoff_s)
+            log.warning(
+                "%s exited with code %s after %.0fs; starting it again in %.0fs",
+                child.spec.name,
+                code,
+                ran,
+                child.backoff_s,
+            )
             child.restart_at = now + child.backoff_s
             child.backoff_s = min(child.backoff_s * 2, BACKOFF_MAX_S)
 
@@ -151,6 +165,10 @@ class Supervisor:
         # A worker enforces the grace period itself (it hands overdue jobs back, then
         # exits); the margin lets it do that before it is killed.
         for p in proctree.terminate_all(children, self.stop_grace_s + STOP_MARGIN_S):
-            log.warning("worker pid %d still running after %.0fs; killed (its jobs return "
-                        "to the queue when their lease lapses)", p.pid, self.stop_grace_s)
+            log.warning(
+                "worker pid %d still running after %.0fs; killed (its jobs return "
+                "to the queue when their lease lapses)",
+                p.pid,
+                self.stop_grace_s,
+            )
         self._children = []

@@ -18,8 +18,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from vramq.jobs.errors import MissingExtra
 
@@ -279,6 +279,7 @@ def _clip_tokenizer():
 def _t5_tokenizer():
     """A SentencePiece-style Unigram tokenizer laid out like T5's (pad 0, eos 1, unk 2)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
     # transformers 5 keeps T5TokenizerFast as a lazy alias of T5Tokenizer, absent from its types.
     from transformers import T5TokenizerFast  # type: ignore[attr-defined, unused-ignore]
 

@@ -63,7 +63,7 @@ _CORPUS = [
     "You are a helpful assistant. Answer the user's questions clearly and briefly.",
     "I think the best way to learn a language is to read, listen and speak every day.",
     "Large language models predict the next token from the tokens that came before.",
-    "He said: \"Let's go!\" and they walked along the river until the sun went down.",
+    'He said: "Let\'s go!" and they walked along the river until the sun went down.',
     "Ingredients: two eggs, a cup of flour, some milk, butter, sugar and a pinch of salt.",
     "Error: file not found. Check the path and try again, or ask an administrator.",
     "The history of science is full of mistakes that taught people something important.",
@@ -75,7 +75,7 @@ _CORPUS = [
     "The train was late again, so I bought a coffee and read the newspaper on the platform.",
     "Step 1: preheat the oven. Step 2: mix the dry ingredients. Step 3: bake for twenty minutes.",
     "Mathematics is the language in which the laws of nature are most simply written.",
-    "{\"name\": \"Alice\", \"age\": 30, \"city\": \"London\", \"tags\": [\"admin\", \"user\"]}",
+    '{"name": "Alice", "age": 30, "city": "London", "tags": ["admin", "user"]}',
     "Why is the sky blue? Because air scatters short blue wavelengths more than red ones.",
     "They finally reached the top of the mountain, tired but happy, just before the storm.",
 ]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from vramq.jobs.errors import MissingExtra
 
-from .tiny import build_once, _t5_tokenizer
+from .tiny import _t5_tokenizer, build_once
 
 
 def make_tiny_video(dest: str | Path, *, seed: int = 0) -> Path:

@@ -27,6 +27,7 @@ def meta_params(cfg: dict, where, class_hint: str | None = None) -> int:
     try:
         import torch
         import transformers
+
         if "_class_name" in cfg:
             import diffusers
     except ImportError as exc:
@@ -49,7 +50,7 @@ def meta_params(cfg: dict, where, class_hint: str | None = None) -> int:
                 fields = {k: v for k, v in cfg.items() if k != "model_type"}
                 config = transformers.AutoConfig.for_model(cfg["model_type"], **fields)
                 model = cls.from_config(config) if name == "AutoModel" else cls(config)
-        except Exception as exc:  # noqa: BLE001 - a config this class cannot be built from
+        except Exception as exc:
             raise ConfigError(f"{where}: cannot build {name} from its config: {exc}") from None
     return sum(p.numel() for p in model.parameters())
 

@@ -64,9 +64,14 @@ def card_capacity(card: int | None) -> int | None:
     return next((c.capacity_bytes for c in discover() if c.index == card), None)
 
 
-def run_worker(card: int | None, models: list[str] | None = None, settings: Settings | None = None,
-               loglevel: str = "INFO", budget_bytes: int | None = None,
-               stop_grace_s: float = defaults.STOP_GRACE_S) -> None:
+def run_worker(
+    card: int | None,
+    models: list[str] | None = None,
+    settings: Settings | None = None,
+    loglevel: str = "INFO",
+    budget_bytes: int | None = None,
+    stop_grace_s: float = defaults.STOP_GRACE_S,
+) -> None:
     """Load the models, then consume their queues until stopped (SIGTERM: warm shutdown).
 
     ``models`` in order of preference: those that fit ``budget_bytes`` together load at
@@ -88,8 +93,9 @@ def run_worker(card: int | None, models: list[str] | None = None, settings: Sett
     card_name = "cpu" if card is None else f"card{card}"
     name = f"{card_name}-{os.getpid()}@{socket.gethostname()}"
     need = model_needs(services.catalog, model_ids, required=budget is not None)
-    runtime = WorkerRuntime(services, name=name, device=device, model_ids=model_ids, card=card_name,
-                            budget_bytes=budget, need_bytes=need)
+    runtime = WorkerRuntime(
+        services, name=name, device=device, model_ids=model_ids, card=card_name, budget_bytes=budget, need_bytes=need
+    )
     runtime.load()
 
     app = services.celery

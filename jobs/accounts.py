@@ -44,7 +44,7 @@ class Caller:
     admin: bool = False
 
     @classmethod
-    def anonymous(cls, address: str) -> "Caller":
+    def anonymous(cls, address: str) -> Caller:
         return cls(id=f"anon:{address}", tier="anonymous")
 
     @property
@@ -59,12 +59,15 @@ class Caller:
 def create_account(session: Session, name: str | None = None, tier: str = "free") -> tuple[Account, str]:
     """Make an account; return it with its API key (the only time the key exists in clear)."""
     if tier not in TIERS:
-        raise InputError(f"unknown tier {tier!r}; tiers: {', '.join(TIERS)}", [{"loc": ["tier"], "msg": "unknown tier"}])
+        raise InputError(
+            f"unknown tier {tier!r}; tiers: {', '.join(TIERS)}", [{"loc": ["tier"], "msg": "unknown tier"}]
+        )
     if name is not None and len(name) > 120:
         raise InputError("name: at most 120 characters", [{"loc": ["name"], "msg": "at most 120 characters"}])
     key = KEY_PREFIX + secrets.token_urlsafe(32)
-    account = Account(id=new_id("acct"), name=name, tier=tier, key_hash=hash_key(key), key_prefix=key[:11],
-                      created_at=utcnow())
+    account = Account(
+        id=new_id("acct"), name=name, tier=tier, key_hash=hash_key(key), key_prefix=key[:11], created_at=utcnow()
+    )
     session.add(account)
     session.flush()
     return account, key

@@ -85,8 +85,14 @@ def declared_seconds(container: InputContainer, stream: AudioStream) -> float | 
     return None
 
 
-def probe_audio(data: bytes, *, loc: Sequence[str] = ("file",), max_seconds: float | None = None,
-                cpu_budget_s: float | None = None, limit_name: str = "max_audio_seconds") -> AudioInfo:
+def probe_audio(
+    data: bytes,
+    *,
+    loc: Sequence[str] = ("file",),
+    max_seconds: float | None = None,
+    cpu_budget_s: float | None = None,
+    limit_name: str = "max_audio_seconds",
+) -> AudioInfo:
     """Decode ``data`` and describe it; ``InputError`` (``invalid_audio``) if it is
     empty, not a format FFmpeg knows, has no audio stream, or fails to decode.
 
@@ -114,20 +120,28 @@ def probe_audio(data: bytes, *, loc: Sequence[str] = ("file",), max_seconds: flo
         if max_seconds is not None:
             declared = declared_seconds(container, stream)
             if declared is not None and declared > max_seconds * HEADER_SLACK:
-                raise _too_long(f"the file declares {declared:.0f} s of audio, over the limit of "
-                                f"{max_seconds:g} s ({limit_name})", loc)
+                raise _too_long(
+                    f"the file declares {declared:.0f} s of audio, over the limit of {max_seconds:g} s ({limit_name})",
+                    loc,
+                )
         samples, rate = 0, stream.codec_context.sample_rate or 0
         try:
             for frame in container.decode(stream):
                 samples += frame.samples
                 rate = frame.sample_rate or rate
                 if max_seconds is not None and rate and samples > max_seconds * rate:
-                    raise _too_long(f"the audio decodes to more than the limit of {max_seconds:g} s "
-                                    f"({limit_name}); decoding stopped there", loc)
+                    raise _too_long(
+                        f"the audio decodes to more than the limit of {max_seconds:g} s "
+                        f"({limit_name}); decoding stopped there",
+                        loc,
+                    )
                 if cpu_budget_s is not None and time.thread_time() - cpu0 > cpu_budget_s:
                     decoded = f"{samples / rate:.0f} s" if rate else "nothing"
-                    raise _invalid(f"the audio took more than {cpu_budget_s:g} s of CPU to check "
-                                   f"(VRAMQ_AUDIO_PROBE_CPU_SECONDS; {decoded} decoded by then)", loc)
+                    raise _invalid(
+                        f"the audio took more than {cpu_budget_s:g} s of CPU to check "
+                        f"(VRAMQ_AUDIO_PROBE_CPU_SECONDS; {decoded} decoded by then)",
+                        loc,
+                    )
         except av.error.FFmpegError as exc:
             decoded = f"{samples / rate:.2f} s" if rate else "nothing"
             why = exc.strerror or str(exc)

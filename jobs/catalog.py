@@ -9,9 +9,10 @@ that model, with the entry's limits as the bounds and its defaults filled in.
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -76,8 +77,12 @@ class SpeechLimits(_Strict):
 
 Limits = ImageLimits | VideoLimits | TextLimits | SpeechLimits
 """An entry's limits: the class that its kind names in ``LIMITS``."""
-LIMITS: dict[str, type[Limits]] = {"image": ImageLimits, "video": VideoLimits, "text": TextLimits,
-                                   "speech": SpeechLimits}
+LIMITS: dict[str, type[Limits]] = {
+    "image": ImageLimits,
+    "video": VideoLimits,
+    "text": TextLimits,
+    "speech": SpeechLimits,
+}
 
 
 class Price(_Strict):
@@ -108,12 +113,14 @@ class ModelEntry(_Strict):
     description: str = ""
 
     @model_validator(mode="after")
-    def _check(self) -> "ModelEntry":
+    def _check(self) -> ModelEntry:
         if self.backend not in BACKENDS[self.kind]:
             raise ValueError(f"backend {self.backend!r} cannot serve kind {self.kind!r}")
         if (self.weights is None) != (self.backend in NO_WEIGHTS):
-            raise ValueError(f"backend {self.backend!r} " + ("loads no weights: leave weights out"
-                                                               if self.weights is not None else "needs weights"))
+            raise ValueError(
+                f"backend {self.backend!r} "
+                + ("loads no weights: leave weights out" if self.weights is not None else "needs weights")
+            )
         LIMITS[self.kind].model_validate(self.limits)  # raises with the field named
         unknown = set(self.defaults) - set(INPUT_FIELDS[self.kind])
         if unknown:
@@ -198,9 +205,17 @@ SEED_MAX = 2**32 - 1
 
 #: Which catalog limit bounds which input field (named in error messages).
 LIMIT_OF: dict[str, str] = {
-    "width": "max_width", "height": "max_height", "steps": "max_steps", "num_images": "max_num_images",
-    "prompt": "max_prompt_chars", "negative_prompt": "max_prompt_chars", "num_frames": "max_frames",
-    "fps": "max_fps", "max_tokens": "max_tokens", "messages": "max_messages", "stop": "max_stop",
+    "width": "max_width",
+    "height": "max_height",
+    "steps": "max_steps",
+    "num_images": "max_num_images",
+    "prompt": "max_prompt_chars",
+    "negative_prompt": "max_prompt_chars",
+    "num_frames": "max_frames",
+    "fps": "max_fps",
+    "max_tokens": "max_tokens",
+    "messages": "max_messages",
+    "stop": "max_stop",
     "guidance": "max_guidance",
 }
 
@@ -228,8 +243,12 @@ Seed = Annotated[int, Field(ge=0, le=SEED_MAX, strict=True), BeforeValidator(_in
 """A seed: the bounds on the integer itself, before the validator, so that the JSON schema
 of ``Seed | None`` has them as ``minimum``/``maximum``."""
 
-_REQUIRED_SAMPLE: dict[str, dict[str, str]] = {"image": {"prompt": "x"}, "video": {"prompt": "x"}, "text": {"prompt": "x"},
-                                               "speech": {"audio": "file_x"}}
+_REQUIRED_SAMPLE: dict[str, dict[str, str]] = {
+    "image": {"prompt": "x"},
+    "video": {"prompt": "x"},
+    "text": {"prompt": "x"},
+    "speech": {"audio": "file_x"},
+}
 
 
 SpeechTask = Literal["transcribe", "translate"]
@@ -245,6 +264,7 @@ def _build_input_model(entry: ModelEntry) -> type[BaseModel]:
     d = _effective_defaults(entry)
     cfg = ConfigDict(extra="forbid", validate_default=True)
     if isinstance(lim, (ImageLimits, VideoLimits)):
+
         def side(name: str, maximum: int) -> tuple[Any, Any]:
             return (Integer, Field(d[name], ge=lim.min_side, le=maximum, multiple_of=lim.size_multiple, strict=True))
 
@@ -270,8 +290,10 @@ def _build_input_model(entry: ModelEntry) -> type[BaseModel]:
         def frame_rule(v: int) -> int:
             if (v - 1) % video.frame_step:
                 k = (v - 1) // video.frame_step
-                raise ValueError(f"must be {video.frame_step}k+1, e.g. {k * video.frame_step + 1} or "
-                                 f"{(k + 1) * video.frame_step + 1} (limit frame_step of model {entry.id})")
+                raise ValueError(
+                    f"must be {video.frame_step}k+1, e.g. {k * video.frame_step + 1} or "
+                    f"{(k + 1) * video.frame_step + 1} (limit frame_step of model {entry.id})"
+                )
             return v
 
         # Values typed Any: pydantic annotates ``__validators__`` as plain functions, but

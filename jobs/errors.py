@@ -1,21 +1,21 @@
 """The exceptions vramq raises, one root and a shallow tree.
 
-    VramqError                     root: every error vramq raises on purpose
-    ├── ConfigError                a setting or the catalog is wrong (found at start-up)
-    ├── InputError                 a request's input is invalid (422, names the field)
-    ├── Unauthorized               no valid API key where one is needed (401)
-    ├── Forbidden                  the key is valid but may not do this (403)
-    ├── NotFound                   no such resource for this caller (404)
-    ├── Conflict                   the resource is in a state that forbids the call (409)
-    ├── QuotaExceeded              not enough tokens for the job (402, with resets_at)
-    ├── RateLimited                too many requests this minute (429, Retry-After)
-    ├── ServiceUnavailable         a dependency (broker, database, store) cannot be reached (503)
-    │   └── ModelUnavailable       no live worker serves the model (503, not queued forever)
-    ├── MissingExtra               an optional dependency is not installed (names the extra)
-    └── JobError                   a job failed on the worker; carries a stable ``code``
-        ├── JobCanceled            the job was canceled while it ran
-        ├── OutOfMemory            the device ran out of memory for this job
-        └── ModelLoadFailed        the worker could not load the job's model
+VramqError                     root: every error vramq raises on purpose
+├── ConfigError                a setting or the catalog is wrong (found at start-up)
+├── InputError                 a request's input is invalid (422, names the field)
+├── Unauthorized               no valid API key where one is needed (401)
+├── Forbidden                  the key is valid but may not do this (403)
+├── NotFound                   no such resource for this caller (404)
+├── Conflict                   the resource is in a state that forbids the call (409)
+├── QuotaExceeded              not enough tokens for the job (402, with resets_at)
+├── RateLimited                too many requests this minute (429, Retry-After)
+├── ServiceUnavailable         a dependency (broker, database, store) cannot be reached (503)
+│   └── ModelUnavailable       no live worker serves the model (503, not queued forever)
+├── MissingExtra               an optional dependency is not installed (names the extra)
+└── JobError                   a job failed on the worker; carries a stable ``code``
+    ├── JobCanceled            the job was canceled while it ran
+    ├── OutOfMemory            the device ran out of memory for this job
+    └── ModelLoadFailed        the worker could not load the job's model
 """
 
 from __future__ import annotations
@@ -76,8 +76,12 @@ class QuotaExceeded(VramqError):
 
     def __init__(self, message: str, *, needed: int, available: int, resets_at: str):
         super().__init__(message)
-        self.extra = {"tokens_needed": needed, "tokens_available": available,
-                      "shortfall": needed - available, "resets_at": resets_at}
+        self.extra = {
+            "tokens_needed": needed,
+            "tokens_available": available,
+            "shortfall": needed - available,
+            "resets_at": resets_at,
+        }
 
 
 class RateLimited(VramqError):

@@ -12,7 +12,8 @@ import json
 import logging
 import queue
 import threading
-from typing import TYPE_CHECKING, Any, Iterator, cast
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -91,7 +92,9 @@ class EventWriter:
                 try:
                     pipe = self.redis.pipeline(transaction=False)
                     for job_id, event, data in batch:
-                        pipe.xadd(key(job_id), {"event": event, "data": json.dumps(data)}, maxlen=MAXLEN, approximate=True)
+                        pipe.xadd(
+                            key(job_id), {"event": event, "data": json.dumps(data)}, maxlen=MAXLEN, approximate=True
+                        )
                     for job_id in {b[0] for b in batch}:
                         pipe.expire(key(job_id), TTL_S)
                     pipe.execute()

@@ -80,22 +80,32 @@ def position(session: Session, job: Job) -> int | None:
     higher = [p for p, rank in PRIORITY.items() if rank < PRIORITY[job.priority]]
     before = 0
     if higher:
-        before = session.execute(select(func.count()).select_from(Job).where(
-            Job.model == job.model, Job.status == QUEUED, Job.priority.in_(higher))).scalar_one()
+        before = session.execute(
+            select(func.count())
+            .select_from(Job)
+            .where(Job.model == job.model, Job.status == QUEUED, Job.priority.in_(higher))
+        ).scalar_one()
     owner = Job.caller.is_(None) if job.caller is None else Job.caller == job.caller
-    own_ahead = session.execute(select(func.count()).select_from(Job).where(
-        _queued(job.model, job.priority), owner,
-        (Job.created_at < job.created_at) | ((Job.created_at == job.created_at) & (Job.id < job.id)),
-    )).scalar_one()
+    own_ahead = session.execute(
+        select(func.count())
+        .select_from(Job)
+        .where(
+            _queued(job.model, job.priority),
+            owner,
+            (Job.created_at < job.created_at) | ((Job.created_at == job.created_at) & (Job.id < job.id)),
+        )
+    ).scalar_one()
     others = session.execute(
-        select(Job.caller, func.count()).where(_queued(job.model, job.priority), ~owner if job.caller else
-                                               Job.caller.is_not(None)).group_by(Job.caller)
+        select(Job.caller, func.count())
+        .where(_queued(job.model, job.priority), ~owner if job.caller else Job.caller.is_not(None))
+        .group_by(Job.caller)
     ).all()
     return before + own_ahead + sum(min(n, own_ahead + 1) for _, n in others)
 
 
-def take_next(session: Session, model: str, priority: str, worker: str, lease_s: float,
-              now: datetime | None = None) -> str | None:
+def take_next(
+    session: Session, model: str, priority: str, worker: str, lease_s: float, now: datetime | None = None
+) -> str | None:
     """Take the fairest queued job of ``model``/``priority`` for ``worker``; its id, or
     None when none is queued. Run it in ``jobs.db.writing`` (SQLite: the write lock first).
 

@@ -98,9 +98,11 @@ class UploadQuotaExceeded(InputError):
 
     def __init__(self, quota: int, used: int, size: int, setting: str):
         self.quota, self.used, self.size, self.setting = quota, used, size, setting
-        msg = (f"this upload ({size} bytes) would take your stored uploads past the quota of {quota} bytes "
-               f"({setting}): {used} bytes are in use; uploads are deleted "
-               "VRAMQ_UPLOAD_RETENTION_HOURS after they were made")
+        msg = (
+            f"this upload ({size} bytes) would take your stored uploads past the quota of {quota} bytes "
+            f"({setting}): {used} bytes are in use; uploads are deleted "
+            "VRAMQ_UPLOAD_RETENTION_HOURS after they were made"
+        )
         super().__init__(msg, [{"loc": ["file"], "msg": f"at most {quota} bytes of uploads ({setting})"}])
 
 
@@ -119,7 +121,10 @@ def audio_seconds_limit(services: Services) -> tuple[float, str]:
         return settings.max_audio_seconds, "VRAMQ_MAX_AUDIO_SECONDS"
     speech = [_speech_limits(e).max_audio_seconds for e in services.catalog if e.kind == "speech"]
     largest = max(speech, default=SpeechLimits().max_audio_seconds)
-    return largest * AUDIO_LIMIT_MARGIN, "VRAMQ_MAX_AUDIO_SECONDS; by default the largest max_audio_seconds in the catalog plus 10%"
+    return (
+        largest * AUDIO_LIMIT_MARGIN,
+        "VRAMQ_MAX_AUDIO_SECONDS; by default the largest max_audio_seconds in the catalog plus 10%",
+    )
 
 
 def _speech_limits(entry: ModelEntry) -> SpeechLimits:
@@ -131,7 +136,9 @@ def _speech_limits(entry: ModelEntry) -> SpeechLimits:
 
 def uploaded_bytes(session: Session, caller: str) -> int:
     """The bytes of ``caller``'s live uploads."""
-    return int(session.execute(select(func.coalesce(func.sum(File.bytes), 0)).where(File.caller == caller)).scalar_one())
+    return int(
+        session.execute(select(func.coalesce(func.sum(File.bytes), 0)).where(File.caller == caller)).scalar_one()
+    )
 
 
 def _hold_quota(session: Session, caller: str, size: int, quota: tuple[int, str]) -> None:
@@ -143,8 +150,14 @@ def _hold_quota(session: Session, caller: str, size: int, quota: tuple[int, str]
         raise UploadQuotaExceeded(quota[0], used, size, quota[1])
 
 
-def store_file(services: Services, data: bytes, filename: str | None, purpose: str, caller: str | None,
-               quota: tuple[int, str] | None = None) -> File:
+def store_file(
+    services: Services,
+    data: bytes,
+    filename: str | None,
+    purpose: str,
+    caller: str | None,
+    quota: tuple[int, str] | None = None,
+) -> File:
     """Check ``data`` for its ``purpose``, store it, record it; return the ``File``.
 
     Raises ``InputError``: a bad purpose (loc ``purpose``), content that is not what the
@@ -161,8 +174,13 @@ def store_file(services: Services, data: bytes, filename: str | None, purpose: s
     duration = None
     if purpose == "audio":
         seconds, setting = audio_seconds_limit(services)
-        info = probe_audio(data, loc=("file",), max_seconds=seconds, limit_name=setting,
-                           cpu_budget_s=services.settings.audio_probe_cpu_s)
+        info = probe_audio(
+            data,
+            loc=("file",),
+            max_seconds=seconds,
+            limit_name=setting,
+            cpu_budget_s=services.settings.audio_probe_cpu_s,
+        )
         content_type, duration = info.content_type, info.duration_s
     else:
         _check_jsonl(data)
@@ -203,8 +221,12 @@ def _discard_orphan(store: ObjectStore, file_id: str) -> None:
     try:
         delete_object(store, file_id)
     except Exception as exc:  # the upload fails anyway; say what was left behind
-        log.warning("upload %s: the row was not written and its object %s could not be deleted (%s)",
-                    file_id, object_key(file_id), exc)
+        log.warning(
+            "upload %s: the row was not written and its object %s could not be deleted (%s)",
+            file_id,
+            object_key(file_id),
+            exc,
+        )
 
 
 def _check_jsonl(data: bytes) -> None:
@@ -252,14 +274,15 @@ def resolve_audio(services: Services, ref: str, *, max_bytes: int | None = None)
     if ref.startswith("data:"):
         return parse_data_uri(ref, services.settings.max_upload_bytes if max_bytes is None else max_bytes)
     if not ref.startswith("file_"):
-        raise InputError("audio must be a file_… id or a data:audio/…;base64 URI",
-                         [{"loc": ["input", "audio"], "msg": "must be a file_… id or a data: URI"}])
+        raise InputError(
+            "audio must be a file_… id or a data:audio/…;base64 URI",
+            [{"loc": ["input", "audio"], "msg": "must be a file_… id or a data: URI"}],
+        )
     row = get_file(services, ref)
     return services.store.get(row.key)
 
 
-def check_audio_input(services: Services, entry: ModelEntry, inp: dict[str, Any],
-                      owner: Caller | None = None) -> float:
+def check_audio_input(services: Services, entry: ModelEntry, inp: dict[str, Any], owner: Caller | None = None) -> float:
     """Submit-time check of a speech job's audio; return its duration in seconds.
 
     The file must exist and be audio; a data URI is decoded and probed here. Past the
@@ -275,9 +298,13 @@ def check_audio_input(services: Services, entry: ModelEntry, inp: dict[str, Any]
 
     if ref.startswith("data:"):
         data = parse_data_uri(ref, limits.max_audio_bytes, loc=loc)
-        info = probe_audio(data, loc=loc, max_seconds=limits.max_audio_seconds,
-                           limit_name=f"max_audio_seconds={limits.max_audio_seconds:g} of model {entry.id}",
-                           cpu_budget_s=services.settings.audio_probe_cpu_s)
+        info = probe_audio(
+            data,
+            loc=loc,
+            max_seconds=limits.max_audio_seconds,
+            limit_name=f"max_audio_seconds={limits.max_audio_seconds:g} of model {entry.id}",
+            cpu_budget_s=services.settings.audio_probe_cpu_s,
+        )
         size, duration = len(data), info.duration_s
     else:
         try:
@@ -291,8 +318,10 @@ def check_audio_input(services: Services, entry: ModelEntry, inp: dict[str, Any]
         assert row.duration_s is not None, ref  # an audio upload is stored with its duration (store_file)
         size, duration = row.bytes, row.duration_s
     if size > limits.max_audio_bytes:
-        raise bad(f"{size} bytes is over the limit max_audio_bytes={limits.max_audio_bytes} of model {entry.id}",
-                  "payload_too_large")
+        raise bad(
+            f"{size} bytes is over the limit max_audio_bytes={limits.max_audio_bytes} of model {entry.id}",
+            "payload_too_large",
+        )
     if duration > limits.max_audio_seconds:
         limit = f"max_audio_seconds={limits.max_audio_seconds:g}"
         raise bad(f"{duration:g} s of audio is over the limit {limit} of model {entry.id}", "audio_too_long")

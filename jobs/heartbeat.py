@@ -35,8 +35,13 @@ def withdraw(redis: Redis, name: str) -> None:
 def served_by(workers: list[dict[str, Any]]) -> set[str]:
     """Models at least one of ``workers`` serves (loading or ready, resident or on demand),
     leaving out those a worker tried and failed to load (``failed_models``)."""
-    return {m for w in workers if w.get("state") in ("loading", "ready")
-            for m in w.get("models", []) if m not in w.get("failed_models", {})}
+    return {
+        m
+        for w in workers
+        if w.get("state") in ("loading", "ready")
+        for m in w.get("models", [])
+        if m not in w.get("failed_models", {})
+    }
 
 
 def served_models(redis: Redis) -> set[str]:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import delete
 from sqlalchemy.exc import IntegrityError
@@ -34,8 +35,10 @@ def digest(body: Any) -> str:
 
 def check_key(key: str) -> None:
     if len(key) > MAX_KEY_CHARS:
-        raise InputError("Idempotency-Key is too long",
-                         [{"loc": ["header", "Idempotency-Key"], "msg": f"at most {MAX_KEY_CHARS} characters"}])
+        raise InputError(
+            "Idempotency-Key is too long",
+            [{"loc": ["header", "Idempotency-Key"], "msg": f"at most {MAX_KEY_CHARS} characters"}],
+        )
 
 
 def window(services: Services) -> timedelta:
@@ -67,8 +70,11 @@ def replay(services: Services, caller: str, key: str, body_digest: str) -> str |
 def _forget(services: Services, caller: str, key: str, cutoff: datetime) -> None:
     """Delete the key's use if it is older than ``cutoff`` (a fresh concurrent use stays)."""
     with services.sessions.begin() as session:
-        session.execute(delete(IdempotencyKey).where(
-            IdempotencyKey.caller == caller, IdempotencyKey.key == key, IdempotencyKey.created_at < cutoff))
+        session.execute(
+            delete(IdempotencyKey).where(
+                IdempotencyKey.caller == caller, IdempotencyKey.key == key, IdempotencyKey.created_at < cutoff
+            )
+        )
 
 
 def remember(session: Session, caller: str, key: str, body_digest: str, resource_id: str) -> None:
@@ -76,12 +82,19 @@ def remember(session: Session, caller: str, key: str, body_digest: str, resource
 
     Callers ask ``replay`` first, which forgets a use older than the window, so the key
     is free unless a concurrent request just took it."""
-    session.add(IdempotencyKey(caller=caller, key=key, request_hash=body_digest, resource_id=resource_id,
-                               created_at=utcnow()))
+    session.add(
+        IdempotencyKey(caller=caller, key=key, request_hash=body_digest, resource_id=resource_id, created_at=utcnow())
+    )
 
 
-def once(services: Services, caller: str, key: str | None, body: Any, create: Callable[[Remember], T],
-         earlier: Callable[[str], T]) -> tuple[T, bool]:
+def once(
+    services: Services,
+    caller: str,
+    key: str | None,
+    body: Any,
+    create: Callable[[Remember], T],
+    earlier: Callable[[str], T],
+) -> tuple[T, bool]:
     """A request with an ``Idempotency-Key``, made once: ``(create(remember), True)``, or
     ``(earlier(resource_id), False)`` when a request with this key and the same ``body``
     made the resource within the window, or made it concurrently and won the commit.

@@ -32,7 +32,7 @@ Rules (also in docs/tokens.md):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, time, timedelta, timezone
+from datetime import UTC, datetime, time, timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Insert, Row, func, insert, select, update
@@ -57,21 +57,23 @@ def _iso(when: datetime) -> str:
 
 
 def day_of(now: datetime) -> str:
-    return now.astimezone(timezone.utc).date().isoformat()
+    return now.astimezone(UTC).date().isoformat()
 
 
 def resets_at(now: datetime) -> datetime:
     """The next 00:00 UTC: when today's allowance is whole again."""
-    today = now.astimezone(timezone.utc).date()
-    return datetime.combine(today + timedelta(days=1), time(0), tzinfo=timezone.utc)
+    today = now.astimezone(UTC).date()
+    return datetime.combine(today + timedelta(days=1), time(0), tzinfo=UTC)
 
 
 class Allowances:
     """Daily allowance by tier (``VRAMQ_ANONYMOUS_DAILY_TOKENS``, ``VRAMQ_FREE_DAILY_TOKENS``)."""
 
     def __init__(self, settings: Settings):
-        self.by_tier: dict[str, int] = {"anonymous": settings.anonymous_daily_tokens,
-                                        "free": settings.free_daily_tokens}
+        self.by_tier: dict[str, int] = {
+            "anonymous": settings.anonymous_daily_tokens,
+            "free": settings.free_daily_tokens,
+        }
 
     def for_tier(self, tier: str) -> int:
         return self.by_tier.get(tier, self.by_tier["free"])
@@ -103,12 +105,17 @@ class _Totals:
 def lock(session: Session, caller: str) -> _Totals:
     """Take the caller's wallet lock for the rest of the transaction (creating the row
     once) and return its totals."""
-    bump = (update(Wallet).where(Wallet.caller == caller).values(version=Wallet.version + 1)
-            .returning(Wallet.day, Wallet.used, Wallet.balance))
+    bump = (
+        update(Wallet)
+        .where(Wallet.caller == caller)
+        .values(version=Wallet.version + 1)
+        .returning(Wallet.day, Wallet.used, Wallet.balance)
+    )
     row = session.execute(bump).first()
     if row is None:
-        session.execute(_insert_ignore(session, Wallet, {"caller": caller, "version": 0, "day": "", "used": 0,
-                                                         "balance": 0}))
+        session.execute(
+            _insert_ignore(session, Wallet, {"caller": caller, "version": 0, "day": "", "used": 0, "balance": 0})
+        )
         row = session.execute(bump).first()
         assert row is not None  # inserted just now, or by a concurrent transaction
     return _Totals(caller, row.day, int(row.used), int(row.balance))
@@ -125,10 +132,13 @@ def _insert_ignore(session: Session, table: type[Base], values: dict[str, Any]) 
 
 
 def ledger_used(session: Session, caller: str, day: str) -> int:
-    return -int(session.execute(
-        select(func.coalesce(func.sum(LedgerEntry.allowance_delta), 0))
-        .where(LedgerEntry.caller == caller, LedgerEntry.day == day)
-    ).scalar_one())
+    return -int(
+        session.execute(
+            select(func.coalesce(func.sum(LedgerEntry.allowance_delta), 0)).where(
+                LedgerEntry.caller == caller, LedgerEntry.day == day
+            )
+        ).scalar_one()
+    )
 
 
 def audit(session: Session, caller: str, day: str) -> tuple[int, int]:
@@ -152,22 +162,51 @@ class Usage:
         return max(0, self.daily_allowance - self.used_today) + self.balance
 
     def to_json(self) -> dict[str, Any]:
-        return {"tier": self.tier, "daily_allowance": self.daily_allowance, "used_today": self.used_today,
-                "balance": self.balance, "available": self.available, "resets_at": iso(self.resets_at)}
+        return {
+            "tier": self.tier,
+            "daily_allowance": self.daily_allowance,
+            "used_today": self.used_today,
+            "balance": self.balance,
+            "available": self.available,
+            "resets_at": iso(self.resets_at),
+        }
 
 
 def usage(session: Session, caller: str, tier: str, allowances: Allowances, now: datetime) -> Usage:
     row = session.get(Wallet, caller)
     totals = _Totals(caller, row.day, row.used, row.balance) if row else _Totals(caller, "", 0, 0)
-    return Usage(tier=tier, daily_allowance=allowances.for_tier(tier), used_today=totals.used_on(session, day_of(now)),
-                 balance=totals.balance, resets_at=resets_at(now))
+    return Usage(
+        tier=tier,
+        daily_allowance=allowances.for_tier(tier),
+        used_today=totals.used_on(session, day_of(now)),
+        balance=totals.balance,
+        resets_at=resets_at(now),
+    )
 
 
-def _entry(session: Session, totals: _Totals, entry: str, now: datetime, *, day: str | None = None,
-           job_id: str | None = None, allowance: int = 0, balance: int = 0, reason: str | None = None) -> LedgerEntry:
+def _entry(
+    session: Session,
+    totals: _Totals,
+    entry: str,
+    now: datetime,
+    *,
+    day: str | None = None,
+    job_id: str | None = None,
+    allowance: int = 0,
+    balance: int = 0,
+    reason: str | None = None,
+) -> LedgerEntry:
     """Write one ledger row and move the locked wallet's totals by the same amounts."""
-    row = LedgerEntry(caller=totals.caller, entry=entry, job_id=job_id, day=day or day_of(now),
-                      allowance_delta=allowance, balance_delta=balance, reason=reason, created_at=now)
+    row = LedgerEntry(
+        caller=totals.caller,
+        entry=entry,
+        job_id=job_id,
+        day=day or day_of(now),
+        allowance_delta=allowance,
+        balance_delta=balance,
+        reason=reason,
+        created_at=now,
+    )
     session.add(row)
     _move(session, totals, row.day, allowance, balance)
     session.flush()
@@ -181,8 +220,11 @@ def _move(session: Session, totals: _Totals, day: str, allowance: int, balance: 
         totals.used -= allowance
     elif day > totals.day:  # the first entry of a new day: yesterday's use is history
         totals.day, totals.used = day, -allowance
-    session.execute(update(Wallet).where(Wallet.caller == totals.caller)
-                    .values(day=totals.day, used=totals.used, balance=totals.balance))
+    session.execute(
+        update(Wallet)
+        .where(Wallet.caller == totals.caller)
+        .values(day=totals.day, used=totals.used, balance=totals.balance)
+    )
 
 
 def reserve(session: Session, caller: str, daily: int, job_id: str, tokens: int, now: datetime) -> None:
@@ -206,15 +248,27 @@ def reserve_many(session: Session, caller: str, daily: int, items: list[tuple[st
         raise QuotaExceeded(
             f"{what} {tokens} tokens and {available} are left (daily allowance {daily}, "
             f"{used} used today, balance {balance}); the allowance resets at {iso(resets_at(now))}",
-            needed=tokens, available=available, resets_at=_iso(resets_at(now)),
+            needed=tokens,
+            available=available,
+            resets_at=_iso(resets_at(now)),
         )
     rows: list[dict[str, Any]] = []
     spent_allowance = 0
     for job_id, t in items:
         a = min(t, allowance_left - spent_allowance)
         spent_allowance += a
-        rows.append({"caller": caller, "entry": "reserve", "job_id": job_id, "day": day, "allowance_delta": -a,
-                     "balance_delta": -(t - a), "reason": None, "created_at": now})
+        rows.append(
+            {
+                "caller": caller,
+                "entry": "reserve",
+                "job_id": job_id,
+                "day": day,
+                "allowance_delta": -a,
+                "balance_delta": -(t - a),
+                "reason": None,
+                "created_at": now,
+            }
+        )
     session.execute(insert(LedgerEntry), rows)
     _move(session, totals, day, -spent_allowance, -(tokens - spent_allowance))
 
@@ -226,10 +280,14 @@ def _reservation(session: Session, job_id: str) -> LedgerEntry | None:
 
 
 def _closed(session: Session, job_id: str) -> bool:
-    return session.execute(
-        select(func.count()).select_from(LedgerEntry)
-        .where(LedgerEntry.job_id == job_id, LedgerEntry.entry.in_(("settle", "refund")))
-    ).scalar_one() > 0
+    return (
+        session.execute(
+            select(func.count())
+            .select_from(LedgerEntry)
+            .where(LedgerEntry.job_id == job_id, LedgerEntry.entry.in_(("settle", "refund")))
+        ).scalar_one()
+        > 0
+    )
 
 
 @dataclass(frozen=True)
@@ -240,8 +298,9 @@ class Settlement:
     written_off: int
 
 
-def settle(session: Session, job: Job, gpu_seconds: float, allowances: Allowances, now: datetime,
-           *, cost: int | None = None) -> Settlement | None:
+def settle(
+    session: Session, job: Job, gpu_seconds: float, allowances: Allowances, now: datetime, *, cost: int | None = None
+) -> Settlement | None:
     """Close a finished job's reservation at its actual cost (see the module's rules).
 
     Call it in the transaction that recorded the job's end. Returns None when there is
@@ -260,8 +319,9 @@ def settle(session: Session, job: Job, gpu_seconds: float, allowances: Allowance
     if cost <= reserved:
         back = reserved - cost
         to_balance = min(back, took_balance)
-        _entry(session, totals, "settle", now, day=res.day, job_id=job.id, allowance=back - to_balance,
-               balance=to_balance)
+        _entry(
+            session, totals, "settle", now, day=res.day, job_id=job.id, allowance=back - to_balance, balance=to_balance
+        )
         result = Settlement(reserved, cost, cost, 0)
     else:
         extra = cost - reserved
@@ -271,8 +331,17 @@ def settle(session: Session, job: Job, gpu_seconds: float, allowances: Allowance
         from_balance = min(extra - from_allowance, balance)
         written_off = extra - from_allowance - from_balance
         reason = f"cost {cost} over reservation {reserved}" + (f"; {written_off} written off" if written_off else "")
-        _entry(session, totals, "settle", now, day=day, job_id=job.id, allowance=-from_allowance,
-               balance=-from_balance, reason=reason)
+        _entry(
+            session,
+            totals,
+            "settle",
+            now,
+            day=day,
+            job_id=job.id,
+            allowance=-from_allowance,
+            balance=-from_balance,
+            reason=reason,
+        )
         result = Settlement(reserved, cost, reserved + from_allowance + from_balance, written_off)
     session.execute(update(Job).where(Job.id == job.id).values(tokens_charged=result.charged))
     return result
@@ -289,10 +358,15 @@ def refund_many(session: Session, job_ids: list[str], now: datetime, reason: str
     Jobs without a reservation, or already closed, are skipped. Returns the tokens returned."""
     returned = 0
     for start in range(0, len(job_ids), chunk):
-        ids = job_ids[start:start + chunk]
+        ids = job_ids[start : start + chunk]
         open_rows = session.execute(
-            select(LedgerEntry.caller, LedgerEntry.job_id, LedgerEntry.day, LedgerEntry.allowance_delta,
-                   LedgerEntry.balance_delta)
+            select(
+                LedgerEntry.caller,
+                LedgerEntry.job_id,
+                LedgerEntry.day,
+                LedgerEntry.allowance_delta,
+                LedgerEntry.balance_delta,
+            )
             .where(LedgerEntry.job_id.in_(ids), LedgerEntry.entry == "reserve")
             .order_by(LedgerEntry.caller)
         ).all()
@@ -301,17 +375,31 @@ def refund_many(session: Session, job_ids: list[str], now: datetime, reason: str
             by_caller.setdefault(r.caller, []).append(r)
         for caller, reservations in by_caller.items():
             totals = lock(session, caller)  # then look for closings: they cannot appear meanwhile
-            closed = set(session.execute(select(LedgerEntry.job_id).where(
-                LedgerEntry.job_id.in_([r.job_id for r in reservations]),
-                LedgerEntry.entry.in_(("settle", "refund")))).scalars())
+            closed = set(
+                session.execute(
+                    select(LedgerEntry.job_id).where(
+                        LedgerEntry.job_id.in_([r.job_id for r in reservations]),
+                        LedgerEntry.entry.in_(("settle", "refund")),
+                    )
+                ).scalars()
+            )
             rows: list[dict[str, Any]] = []
             per_day: dict[str, tuple[int, int]] = {}
             for r in reservations:
                 if r.job_id in closed:
                     continue
-                rows.append({"caller": caller, "entry": "refund", "job_id": r.job_id, "day": r.day,
-                             "allowance_delta": -r.allowance_delta, "balance_delta": -r.balance_delta,
-                             "reason": reason[:200], "created_at": now})
+                rows.append(
+                    {
+                        "caller": caller,
+                        "entry": "refund",
+                        "job_id": r.job_id,
+                        "day": r.day,
+                        "allowance_delta": -r.allowance_delta,
+                        "balance_delta": -r.balance_delta,
+                        "reason": reason[:200],
+                        "created_at": now,
+                    }
+                )
                 a, b = per_day.get(r.day, (0, 0))
                 per_day[r.day] = (a - r.allowance_delta, b - r.balance_delta)
             if not rows:
@@ -327,15 +415,21 @@ def refund_many(session: Session, job_ids: list[str], now: datetime, reason: str
 def credit(session: Session, caller: str, tokens: int, reason: str | None, now: datetime) -> LedgerEntry:
     """Add purchased tokens (a pack) to the caller's balance."""
     if isinstance(tokens, bool) or not isinstance(tokens, int) or not 1 <= tokens <= MAX_CREDIT:
-        raise InputError(f"tokens must be an integer from 1 to {MAX_CREDIT}",
-                         [{"loc": ["tokens"], "msg": f"must be an integer from 1 to {MAX_CREDIT}"}])
+        raise InputError(
+            f"tokens must be an integer from 1 to {MAX_CREDIT}",
+            [{"loc": ["tokens"], "msg": f"must be an integer from 1 to {MAX_CREDIT}"}],
+        )
     if reason is not None and (not isinstance(reason, str) or len(reason) > 200):
-        raise InputError("reason must be a string of at most 200 characters",
-                         [{"loc": ["reason"], "msg": "must be a string of at most 200 characters"}])
+        raise InputError(
+            "reason must be a string of at most 200 characters",
+            [{"loc": ["reason"], "msg": "must be a string of at most 200 characters"}],
+        )
     return _entry(session, lock(session, caller), "credit", now, balance=tokens, reason=reason)
 
 
 def entries(session: Session, caller: str, limit: int = 50) -> list[LedgerEntry]:
-    return list(session.execute(
-        select(LedgerEntry).where(LedgerEntry.caller == caller).order_by(LedgerEntry.id.desc()).limit(limit)
-    ).scalars())
+    return list(
+        session.execute(
+            select(LedgerEntry).where(LedgerEntry.caller == caller).order_by(LedgerEntry.id.desc()).limit(limit)
+        ).scalars()
+    )

@@ -19,8 +19,9 @@ the events; nothing else ends a job.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
-from typing import Any, Iterable, NoReturn
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+from typing import Any, NoReturn
 
 from sqlalchemy import ColumnElement, and_, or_, select, update
 from sqlalchemy.orm import Session
@@ -35,7 +36,7 @@ TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELED})
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def take(session: Session, job_id: str, worker: str, lease_s: float, now: datetime | None = None) -> bool:
@@ -59,7 +60,9 @@ def take(session: Session, job_id: str, worker: str, lease_s: float, now: dateti
     return rowcount(result) == 1
 
 
-def renew(session: Session, worker: str, job_ids: Iterable[str], lease_s: float, now: datetime | None = None) -> set[str]:
+def renew(
+    session: Session, worker: str, job_ids: Iterable[str], lease_s: float, now: datetime | None = None
+) -> set[str]:
     """Extend ``worker``'s leases on these jobs; return the ids it still owns and runs."""
     ids = list(job_ids)
     if not ids:
@@ -70,9 +73,7 @@ def renew(session: Session, worker: str, job_ids: Iterable[str], lease_s: float,
         .where(Job.id.in_(ids), Job.status == RUNNING, Job.lease_owner == worker)
         .values(lease_expires_at=now + timedelta(seconds=lease_s))
     )
-    rows = session.execute(
-        select(Job.id).where(Job.id.in_(ids), Job.status == RUNNING, Job.lease_owner == worker)
-    )
+    rows = session.execute(select(Job.id).where(Job.id.in_(ids), Job.status == RUNNING, Job.lease_owner == worker))
     return {r[0] for r in rows}
 
 
@@ -154,8 +155,14 @@ def release(session: Session, job_id: str, worker: str) -> bool:
     result = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == RUNNING, Job.lease_owner == worker)
-        .values(status=QUEUED, lease_owner=None, lease_expires_at=None, progress=0.0, started_at=None,
-                attempts=Job.attempts - 1)
+        .values(
+            status=QUEUED,
+            lease_owner=None,
+            lease_expires_at=None,
+            progress=0.0,
+            started_at=None,
+            attempts=Job.attempts - 1,
+        )
     )
     return rowcount(result) == 1
 
@@ -185,10 +192,18 @@ def cancel_where(session: Session, condition: ColumnElement[bool], now: datetime
     """Cancel every queued or running job matching ``condition`` (one UPDATE per state);
     return the ids canceled by the state they had: ``{"queued": […], "running": […]}``."""
     now = now or utcnow()
-    return {status: [row[0] for row in session.execute(
-        update(Job).where(condition, Job.status == status)
-        .values(status=CANCELED, finished_at=now, lease_owner=None, lease_expires_at=None).returning(Job.id))]
-        for status in (QUEUED, RUNNING)}
+    return {
+        status: [
+            row[0]
+            for row in session.execute(
+                update(Job)
+                .where(condition, Job.status == status)
+                .values(status=CANCELED, finished_at=now, lease_owner=None, lease_expires_at=None)
+                .returning(Job.id)
+            )
+        ]
+        for status in (QUEUED, RUNNING)
+    }
 
 
 def canceled_among(session: Session, job_ids: Iterable[str]) -> set[str]:
@@ -199,7 +214,9 @@ def canceled_among(session: Session, job_ids: Iterable[str]) -> set[str]:
     return {r[0] for r in rows}
 
 
-def requeue_expired(session: Session, job_ids: list[str], now: datetime | None = None) -> list[tuple[str, str, Priority]]:
+def requeue_expired(
+    session: Session, job_ids: list[str], now: datetime | None = None
+) -> list[tuple[str, str, Priority]]:
     """Queue again those of ``job_ids`` still running with a lapsed lease; return
     ``(id, model, priority)`` of each moved (the caller publishes a turn for each).
 
@@ -223,7 +240,13 @@ def fail_lapsed(session: Session, job_id: str, code: str, message: str, now: dat
     result = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == RUNNING, Job.lease_expires_at < now)
-        .values(status=FAILED, error_code=code, error_message=message[:2000], finished_at=now,
-                lease_owner=None, lease_expires_at=None)
+        .values(
+            status=FAILED,
+            error_code=code,
+            error_message=message[:2000],
+            finished_at=now,
+            lease_owner=None,
+            lease_expires_at=None,
+        )
     )
     return rowcount(result) == 1

@@ -28,9 +28,10 @@ database does not.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import ColumnElement, select
 from sqlalchemy.orm import Session
@@ -133,9 +134,17 @@ JobJson = Callable[[Job], dict[str, Any]]
 """``job_json(job)``: the job's JSON (``jobs.views.job_json`` with the links to use)."""
 
 
-def end(session: Session, outcome: Outcome, *, job_id: str | None = None, where: ColumnElement[bool] | None = None,
-        worker: str | None = None, allowances: ledger.Allowances | None = None, job_json: JobJson | None = None,
-        now: datetime | None = None) -> Ending:
+def end(
+    session: Session,
+    outcome: Outcome,
+    *,
+    job_id: str | None = None,
+    where: ColumnElement[bool] | None = None,
+    worker: str | None = None,
+    allowances: ledger.Allowances | None = None,
+    job_json: JobJson | None = None,
+    now: datetime | None = None,
+) -> Ending:
     """End the run of one job (``job_id``), or of every job matching ``where`` (cancel
     and lease expiry), with ``outcome``; in the caller's transaction.
 
@@ -147,8 +156,9 @@ def end(session: Session, outcome: Outcome, *, job_id: str | None = None, where:
     ending = Ending()
     if isinstance(outcome, Succeeded):
         job_id, worker, allowances = _one(job_id), _owner(worker), _settling(allowances)
-        if lifecycle.succeed(session, job_id, worker, outcome.output, outcome.gpu_seconds, outcome.usage,
-                             outcome.expires_at, now):
+        if lifecycle.succeed(
+            session, job_id, worker, outcome.output, outcome.gpu_seconds, outcome.usage, outcome.expires_at, now
+        ):
             job = _reloaded(session, job_id)
             ledger.settle(session, job, outcome.gpu_seconds, allowances, now)
             _ended(session, ending, [job_id], SUCCEEDED, "job.succeeded", job_json, now)
@@ -206,8 +216,15 @@ def _reloaded(session: Session, job_id: str) -> Job:
     return job
 
 
-def _ended(session: Session, ending: Ending, job_ids: list[str], status: str, event: str,
-           job_json: JobJson | None, now: datetime) -> None:
+def _ended(
+    session: Session,
+    ending: Ending,
+    job_ids: list[str],
+    status: str,
+    event: str,
+    job_json: JobJson | None,
+    now: datetime,
+) -> None:
     """The part every terminal transition shares: the webhook outbox row (in this
     transaction, so a job's end and its announcement commit together) and the events."""
     if not job_ids:
@@ -226,18 +243,26 @@ def _requeued(ending: Ending, rows: list[tuple[str, str, Priority]]) -> None:
     ending.events.extend((r[0], "status", {"status": QUEUED}) for r in rows)
 
 
-def _lease_lapsed(session: Session, ending: Ending, outcome: LeaseLapsed, job_json: JobJson | None,
-                  now: datetime) -> None:
+def _lease_lapsed(
+    session: Session, ending: Ending, outcome: LeaseLapsed, job_json: JobJson | None, now: datetime
+) -> None:
     """Jobs whose lease lapsed: failed ``worker_lost`` once their workers died with them
     ``max_attempts`` times (a poison job: a native crash, a CUDA fault), else queued again."""
-    lapsed = list(session.execute(
-        select(Job.id, Job.attempts).where(Job.status == RUNNING, Job.lease_expires_at < now)
-        .order_by(Job.lease_expires_at).limit(outcome.limit)).all())
+    lapsed = list(
+        session.execute(
+            select(Job.id, Job.attempts)
+            .where(Job.status == RUNNING, Job.lease_expires_at < now)
+            .order_by(Job.lease_expires_at)
+            .limit(outcome.limit)
+        ).all()
+    )
     poisoned = [jid for jid, attempts in lapsed if attempts >= outcome.max_attempts]
     lost: list[str] = []
     for jid in poisoned:
-        message = (f"its worker stopped (died, hung or lost its connection) while running it, "
-                   f"{outcome.max_attempts} times; not tried again (VRAMQ_MAX_ATTEMPTS)")
+        message = (
+            f"its worker stopped (died, hung or lost its connection) while running it, "
+            f"{outcome.max_attempts} times; not tried again (VRAMQ_MAX_ATTEMPTS)"
+        )
         if lifecycle.fail_lapsed(session, jid, WORKER_LOST, message, now):
             ledger.refund(session, jid, now, f"refund: job failed ({WORKER_LOST})")
             lost.append(jid)

@@ -58,8 +58,9 @@ def charge(gpu_seconds: float, rate: float, min_tokens: int) -> int:
     return max(min_tokens, math.ceil(round(gpu_seconds * rate, 6)))
 
 
-def work_units(kind: str, inp: dict[str, Any], *, prompt_tokens: int | None = None,
-               audio_seconds: float | None = None) -> float:
+def work_units(
+    kind: str, inp: dict[str, Any], *, prompt_tokens: int | None = None, audio_seconds: float | None = None
+) -> float:
     """The amount of work in a job's input, in the kind's unit (see the module doc)."""
     if kind == "text":
         return float((prompt_tokens or 0) + inp["max_tokens"])
@@ -91,8 +92,9 @@ def vram_need_bytes(entry: ModelEntry) -> int | None:
         try:
             _needs[key] = estimate_entry(entry).total_bytes
         except Exception as exc:
-            log.warning("no VRAM estimate for %s (%s); its default price is %s tokens/GPU-s", entry.id, exc,
-                        FALLBACK_RATE)
+            log.warning(
+                "no VRAM estimate for %s (%s); its default price is %s tokens/GPU-s", entry.id, exc, FALLBACK_RATE
+            )
             _needs[key] = None
     return _needs[key]
 
@@ -120,8 +122,13 @@ class Estimator:
     def quote(self, entry: ModelEntry, units: float) -> Quote:
         rate = rate_for(entry)
         spu = self.seconds_per_unit(entry)
-        return Quote(rate=rate, min_tokens=entry.price.min_tokens, units=units, seconds_per_unit=spu,
-                     tokens=charge(units * spu, rate, entry.price.min_tokens))
+        return Quote(
+            rate=rate,
+            min_tokens=entry.price.min_tokens,
+            units=units,
+            seconds_per_unit=spu,
+            tokens=charge(units * spu, rate, entry.price.min_tokens),
+        )
 
     def seconds_per_unit(self, entry: ModelEntry) -> float:
         now = time.monotonic()

@@ -44,8 +44,14 @@ def set_parent_death_signal(sig: int = signal.SIGTERM) -> bool:
     return status == 0
 
 
-def spawn(argv: list[str], *, env: dict[str, str] | None = None, cwd: str | Path | None = None,
-          stdout: int | IO[Any] | None = None, stderr: int | IO[Any] | None = None) -> subprocess.Popen[bytes]:
+def spawn(
+    argv: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    cwd: str | Path | None = None,
+    stdout: int | IO[Any] | None = None,
+    stderr: int | IO[Any] | None = None,
+) -> subprocess.Popen[bytes]:
     """Start ``argv`` in its own session, bound to die (SIGTERM) when this process dies."""
     parent = os.getpid()
 
@@ -54,8 +60,9 @@ def spawn(argv: list[str], *, env: dict[str, str] | None = None, cwd: str | Path
         if os.getppid() != parent:  # the parent died before the signal was armed
             os._exit(1)
 
-    return subprocess.Popen(argv, env=env, cwd=cwd, stdout=stdout, stderr=stderr, start_new_session=True,
-                            preexec_fn=bind_to_parent)
+    return subprocess.Popen(
+        argv, env=env, cwd=cwd, stdout=stdout, stderr=stderr, start_new_session=True, preexec_fn=bind_to_parent
+    )
 
 
 _CHILDREN_DIE_WITH = "VRAMQ_CHILDREN_DIE_WITH"

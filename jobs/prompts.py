@@ -50,8 +50,9 @@ class ChatTemplate:
         from jinja2.ext import loopcontrols
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=[_generation_blocks(), loopcontrols])
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=[_generation_blocks(), loopcontrols]
+        )
         env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = _strftime_now
@@ -59,7 +60,7 @@ class ChatTemplate:
         self.special_tokens = dict(special_tokens or {})
 
     @classmethod
-    def of(cls, weights: Path) -> "ChatTemplate | None":
+    def of(cls, weights: Path) -> ChatTemplate | None:
         """The model's template as transformers saves it beside the weights; None if it has none."""
         source = _chat_template(weights)
         return None if source is None else cls(source, _special_tokens(weights))
@@ -68,8 +69,13 @@ class ChatTemplate:
         """The prompt text for ``messages`` (each ``{"role", "content"}``), ending with
         the assistant's turn opened. Raises ``jinja2.TemplateError`` when the template
         refuses the turns."""
-        return self.template.render(messages=[{"role": m["role"], "content": m["content"]} for m in messages],
-                                    tools=None, documents=None, add_generation_prompt=True, **self.special_tokens)
+        return self.template.render(
+            messages=[{"role": m["role"], "content": m["content"]} for m in messages],
+            tools=None,
+            documents=None,
+            add_generation_prompt=True,
+            **self.special_tokens,
+        )
 
 
 @lru_cache(maxsize=64)
@@ -84,8 +90,9 @@ def format_chat(weights: Path, messages: list[dict[str, Any]]) -> str:
     chat template, ``jinja2.TemplateError`` when its template refuses the turns."""
     template = chat_template(Path(weights))
     if template is None:
-        raise ValueError("the model has no chat template (chat_template.jinja, or chat_template in "
-                         "tokenizer_config.json)")
+        raise ValueError(
+            "the model has no chat template (chat_template.jinja, or chat_template in tokenizer_config.json)"
+        )
     return template.format(messages)
 
 
@@ -165,8 +172,13 @@ def _generation_blocks() -> type[Extension]:
     return GenerationBlocks
 
 
-def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
-            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+def _tojson(
+    x: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
     # As transformers': Jinja's own tojson escapes HTML characters.
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
@@ -209,8 +221,10 @@ def check_context(entry: ModelEntry, inp: dict[str, Any]) -> int | None:
     limit = entry.limit.max_context
     if tokens + inp["max_tokens"] > limit:
         field = "messages" if inp.get("messages") is not None else "prompt"
-        msg = (f"the prompt is {tokens} tokens; with max_tokens {inp['max_tokens']} that is "
-               f"{tokens + inp['max_tokens']}, past the limit max_context {limit} of model {entry.id}")
+        msg = (
+            f"the prompt is {tokens} tokens; with max_tokens {inp['max_tokens']} that is "
+            f"{tokens + inp['max_tokens']}, past the limit max_context {limit} of model {entry.id}"
+        )
         raise InputError(msg, [{"loc": ["input", field], "msg": msg}], code="context_length_exceeded")
     return tokens
 

@@ -85,8 +85,13 @@ def publish(app: Celery, hint: str, model_id: str, priority: Priority = "normal"
         for _ in range(count):
             task_id = str(uuid.uuid4())
             producer.publish(
-                body, routing_key=queue_name(model_id), exchange="", priority=PRIORITY[priority], retry=False,
-                content_type="application/json", content_encoding="utf-8",
+                body,
+                routing_key=queue_name(model_id),
+                exchange="",
+                priority=PRIORITY[priority],
+                retry=False,
+                content_type="application/json",
+                content_encoding="utf-8",
                 headers={**template.headers, "id": task_id, "root_id": task_id},
                 **{**template.properties, "correlation_id": task_id},
             )

@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Callable, ClassVar
+from functools import partial
+from typing import TYPE_CHECKING, ClassVar
 
 from sqlalchemy import delete, exists, null, select, update
 from sqlalchemy.orm import Session
@@ -54,18 +55,20 @@ DELETED_KEY = "vramq:retention:deleted"
 
 def save(session: Session, job: Job, keep: bool = True) -> None:
     """Pin (or unpin) a job's outputs. Conflict if they have already expired."""
-    result = session.execute(
-        update(Job).where(Job.id == job.id, Job.outputs_expired_at.is_(None)).values(saved=keep)
-    )
+    result = session.execute(update(Job).where(Job.id == job.id, Job.outputs_expired_at.is_(None)).values(saved=keep))
     if rowcount(result) != 1:
         raise Conflict(f"the outputs of job {job.id} have expired and were deleted; there is nothing to save")
 
 
 def share(session: Session, job: Job, now: datetime) -> Share:
     """The job's live share link, made if there is none."""
-    live = session.execute(
-        select(Share).where(Share.job_id == job.id, Share.revoked_at.is_(None)).order_by(Share.created_at)
-    ).scalars().first()
+    live = (
+        session.execute(
+            select(Share).where(Share.job_id == job.id, Share.revoked_at.is_(None)).order_by(Share.created_at)
+        )
+        .scalars()
+        .first()
+    )
     if live is not None:
         return live
     row = Share(token=secrets.token_urlsafe(24), job_id=job.id, created_at=now)
@@ -76,9 +79,9 @@ def share(session: Session, job: Job, now: datetime) -> Share:
 
 def unshare(session: Session, job: Job, now: datetime) -> int:
     """Revoke every live share of the job; return how many were revoked."""
-    return rowcount(session.execute(
-        update(Share).where(Share.job_id == job.id, Share.revoked_at.is_(None)).values(revoked_at=now)
-    ))
+    return rowcount(
+        session.execute(update(Share).where(Share.job_id == job.id, Share.revoked_at.is_(None)).values(revoked_at=now))
+    )
 
 
 def shared_job(session: Session, token: str) -> Job | None:
@@ -120,9 +123,11 @@ class SweepReport:
 
     def describe(self) -> str:
         c = self.counts()
-        return (f"expired the outputs of {c['outputs']} jobs; deleted {c['files']} uploaded files, "
-                f"{c['manifests']} batch manifests, {c['shares']} revoked shares, "
-                f"{c['idempotency_keys']} idempotency keys; revoked {self.shares_revoked} shares of expired jobs")
+        return (
+            f"expired the outputs of {c['outputs']} jobs; deleted {c['files']} uploaded files, "
+            f"{c['manifests']} batch manifests, {c['shares']} revoked shares, "
+            f"{c['idempotency_keys']} idempotency keys; revoked {self.shares_revoked} shares of expired jobs"
+        )
 
 
 def sweep(services: Services, now: datetime, limit: int = 500) -> SweepReport:
@@ -154,23 +159,35 @@ def _sweep_outputs(services: Services, now: datetime, limit: int) -> list[str]:
     """
     while True:
         with services.sessions.begin() as session:
-            due = select(Job.id).where(
-                Job.status == SUCCEEDED, Job.saved.is_(False), Job.outputs_expired_at.is_(None),
-                Job.expires_at.is_not(None), Job.expires_at <= now,
-            ).limit(limit).scalar_subquery()
+            due = (
+                select(Job.id)
+                .where(
+                    Job.status == SUCCEEDED,
+                    Job.saved.is_(False),
+                    Job.outputs_expired_at.is_(None),
+                    Job.expires_at.is_not(None),
+                    Job.expires_at <= now,
+                )
+                .limit(limit)
+                .scalar_subquery()
+            )
             # One statement finds and marks: concurrent sweepers get disjoint sets, and
             # a ``save`` that commits first keeps its job out.
             marked = session.execute(
-                update(Job).where(Job.id.in_(due), Job.saved.is_(False), Job.outputs_expired_at.is_(None))
-                .values(outputs_expired_at=now).returning(Job.id)
+                update(Job)
+                .where(Job.id.in_(due), Job.saved.is_(False), Job.outputs_expired_at.is_(None))
+                .values(outputs_expired_at=now)
+                .returning(Job.id)
             ).all()
         if len(marked) < limit:
             break
     swept: list[str] = []
     with services.sessions() as session:
-        pending = list(session.execute(
-            select(Job.id).where(Job.outputs_expired_at.is_not(None), Job.output.is_not(None)).limit(10 * limit)
-        ).scalars())
+        pending = list(
+            session.execute(
+                select(Job.id).where(Job.outputs_expired_at.is_not(None), Job.output.is_not(None)).limit(10 * limit)
+            ).scalars()
+        )
     for job_id in pending:
         if not _deleted(partial(services.store.delete_prefix, f"jobs/{job_id}/"), "the outputs of job", job_id):
             continue
@@ -197,9 +214,11 @@ def _revoke_expired_shares(services: Services, now: datetime) -> int:
     this rule existed are revoked too."""
     expired = select(Job.id).where(Job.outputs_expired_at.is_not(None))
     with services.sessions.begin() as session:
-        return rowcount(session.execute(
-            update(Share).where(Share.revoked_at.is_(None), Share.job_id.in_(expired)).values(revoked_at=now)
-        ))
+        return rowcount(
+            session.execute(
+                update(Share).where(Share.revoked_at.is_(None), Share.job_id.in_(expired)).values(revoked_at=now)
+            )
+        )
 
 
 def _delete_revoked_shares(services: Services, cutoff: datetime) -> int:
@@ -213,10 +232,14 @@ def _files_due(session: Session, cutoff: datetime, limit: int) -> list[str]:
     ``input.audio``) and no unfinished batch (``input_file``) refers to."""
     wanted_by_job = exists().where(Job.status.in_((QUEUED, RUNNING)), Job.input["audio"].as_string() == File.id)
     wanted_by_batch = exists().where(Batch.finished_at.is_(None), Batch.input_file == File.id)
-    return list(session.execute(
-        select(File.id).where(File.created_at <= cutoff, ~wanted_by_job, ~wanted_by_batch)
-        .order_by(File.created_at).limit(limit)
-    ).scalars())
+    return list(
+        session.execute(
+            select(File.id)
+            .where(File.created_at <= cutoff, ~wanted_by_job, ~wanted_by_batch)
+            .order_by(File.created_at)
+            .limit(limit)
+        ).scalars()
+    )
 
 
 def _sweep_files(services: Services, cutoff: datetime, limit: int) -> list[str]:
@@ -241,9 +264,11 @@ def _sweep_manifests(services: Services, cutoff: datetime, limit: int) -> list[s
     ``results_key`` (the batch then shows ``results_url: null``). A manifest that could
     not be deleted keeps its key, so its link still works and the next sweep retries."""
     with services.sessions() as session:
-        due = list(session.execute(
-            select(Batch.id).where(Batch.results_key.is_not(None), Batch.finished_at <= cutoff).limit(10 * limit)
-        ).scalars())
+        due = list(
+            session.execute(
+                select(Batch.id).where(Batch.results_key.is_not(None), Batch.finished_at <= cutoff).limit(10 * limit)
+            ).scalars()
+        )
     swept: list[str] = []
     for batch_id in due:
         folder = f"batches/{batch_id}/"

@@ -7,10 +7,11 @@ services passes a ``store_factory`` (``vramq.api.wiring``, the worker).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from .catalog import TINY_CATALOG, Catalog, load_catalog
 from .db import make_engine, make_sessionmaker, migrate
@@ -52,8 +53,9 @@ class Services:
         return self.clock()
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, store_factory: StoreFactory | None,
-                      migrate_db: bool = True) -> "Services":
+    def from_settings(
+        cls, settings: Settings, *, store_factory: StoreFactory | None, migrate_db: bool = True
+    ) -> Services:
         broker_url = settings.broker_url
         if broker_url is None:
             from .embedded import ensure_redis

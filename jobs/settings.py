@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, TypeVar
 
 from . import defaults
 from .errors import ConfigError
@@ -77,7 +78,7 @@ class Settings:
     """CPU seconds one audio probe may take before the file is refused."""
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
 
         def get(name: str) -> str | None:
@@ -91,7 +92,9 @@ class Settings:
             try:
                 value = kind(raw)
             except ValueError:
-                raise ConfigError(f"VRAMQ_{name}={raw!r} is not {'an integer' if kind is int else 'a number'}") from None
+                raise ConfigError(
+                    f"VRAMQ_{name}={raw!r} is not {'an integer' if kind is int else 'a number'}"
+                ) from None
             if value < 0 or (value == 0 and not zero_ok):
                 raise ConfigError(f"VRAMQ_{name} must be {'zero or more' if zero_ok else 'positive'}, got {raw!r}")
             return value
@@ -147,15 +150,20 @@ class Settings:
             max_streams_per_caller=integer("MAX_STREAMS_PER_CALLER", defaults.MAX_STREAMS_PER_CALLER),
             max_streams=integer("MAX_STREAMS", defaults.MAX_STREAMS, zero_ok=True),
             stream_s=number("STREAM_SECONDS", defaults.STREAM_S),
-            anonymous_max_upload_bytes=integer("ANONYMOUS_MAX_UPLOAD_MB", defaults.ANONYMOUS_MAX_UPLOAD_MB) * 1024 * 1024,
+            anonymous_max_upload_bytes=integer("ANONYMOUS_MAX_UPLOAD_MB", defaults.ANONYMOUS_MAX_UPLOAD_MB)
+            * 1024
+            * 1024,
             upload_quota_bytes=integer("UPLOAD_QUOTA_MB", defaults.UPLOAD_QUOTA_MB, zero_ok=True) * 1024 * 1024,
-            anonymous_upload_quota_bytes=integer("ANONYMOUS_UPLOAD_QUOTA_MB", defaults.ANONYMOUS_UPLOAD_QUOTA_MB,
-                                                zero_ok=True) * 1024 * 1024,
+            anonymous_upload_quota_bytes=integer(
+                "ANONYMOUS_UPLOAD_QUOTA_MB", defaults.ANONYMOUS_UPLOAD_QUOTA_MB, zero_ok=True
+            )
+            * 1024
+            * 1024,
             max_audio_seconds=number("MAX_AUDIO_SECONDS", defaults.MAX_AUDIO_SECONDS, zero_ok=True),
             audio_probe_cpu_s=number("AUDIO_PROBE_CPU_SECONDS", defaults.AUDIO_PROBE_CPU_S),
         )
 
-    def with_(self, **changes: Any) -> "Settings":
+    def with_(self, **changes: Any) -> Settings:
         """A copy with some fields changed (tests and ``vramq up`` use it)."""
         return replace(self, **changes)
 

@@ -94,8 +94,10 @@ def _check_str(s: str, where: Loc, key: bool = False) -> None:
     what = "key" if key else "string"
     if bad.group() == "\x00":
         raise _refuse(list(where), f"the {what} contains a NUL character (\\u0000), which is not accepted")
-    raise _refuse(list(where), f"the {what} contains a lone UTF-16 surrogate (\\u{ord(bad.group()):04x}), "
-                               "which is not valid Unicode")
+    raise _refuse(
+        list(where),
+        f"the {what} contains a lone UTF-16 surrogate (\\u{ord(bad.group()):04x}), which is not valid Unicode",
+    )
 
 
 def _printable(s: str) -> str:

@@ -36,10 +36,12 @@ MAX_METADATA_BYTES = 4096
 #: The language codes Whisper knows, as faster-whisper checks them on the worker
 #: (``faster_whisper.tokenizer._LANGUAGE_CODES``, faster-whisper 1.2.1; ``yue`` is
 #: large-v3's). Copied, not imported: the API does not install faster-whisper.
-WHISPER_LANGUAGES = frozenset("""
+WHISPER_LANGUAGES = frozenset(
+    """
     af am ar as az ba be bg bn bo br bs ca cs cy da de el en es et eu fa fi fo fr gl gu ha haw he hi hr ht hu
     hy id is it ja jw ka kk km kn ko la lb ln lo lt lv mg mi mk ml mn mr ms mt my ne nl nn no oc pa pl ps pt
-    ro ru sa sd si sk sl sn so sq sr su sv sw ta te tg th tk tl tr tt uk ur uz vi yi yo zh yue""".split())
+    ro ru sa sd si sk sl sn so sq sr su sv sw ta te tg th tk tl tr tt uk ur uz vi yi yo zh yue""".split()
+)
 
 
 def _small(v: dict[str, Any]) -> dict[str, Any]:
@@ -72,8 +74,9 @@ def parse_request(body: Any) -> JobRequest:
         raise InputError("the request body is invalid", validation_errors(exc)) from None
 
 
-def submit_job(services: Services, body: Any, *, caller: Caller,
-               idempotency_key: str | None = None) -> tuple[Job, bool]:
+def submit_job(
+    services: Services, body: Any, *, caller: Caller, idempotency_key: str | None = None
+) -> tuple[Job, bool]:
     """Validate, price and enqueue one job. Returns ``(job, created)``; ``created`` is
     False when an earlier request with the same ``Idempotency-Key`` and body made it.
 
@@ -88,12 +91,22 @@ def submit_job(services: Services, body: Any, *, caller: Caller,
         check_available(services, entry.id)
         quote = services.estimator.quote(entry, units)
         now = services.now()
-        job = Job(**job_row(entry, inp, units, quote, caller=caller, priority=req.priority, metadata=req.metadata,
-                            webhook=webhook, now=now))
+        job = Job(
+            **job_row(
+                entry,
+                inp,
+                units,
+                quote,
+                caller=caller,
+                priority=req.priority,
+                metadata=req.metadata,
+                webhook=webhook,
+                now=now,
+            )
+        )
         with services.sessions.begin() as session:
             if not caller.admin:  # metered; first: the wallet lock is this transaction's first write
-                ledger.reserve(session, caller.id, services.allowances.for_tier(caller.tier), job.id,
-                               quote.tokens, now)
+                ledger.reserve(session, caller.id, services.allowances.for_tier(caller.tier), job.id, quote.tokens, now)
             session.add(job)
             remember(session, job.id)
             session.flush()
@@ -103,27 +116,55 @@ def submit_job(services: Services, body: Any, *, caller: Caller,
                 raise ServiceUnavailable(f"broker unreachable, job not accepted: {exc.__class__.__name__}") from exc
         return job
 
-    return idempotency.once(services, caller.id, idempotency_key, body, create,
-                            idempotency.row_of(services, Job))
+    return idempotency.once(services, caller.id, idempotency_key, body, create, idempotency.row_of(services, Job))
 
 
-def job_row(entry: ModelEntry, inp: dict[str, Any], units: float, quote: Quote, *, caller: Caller, priority: Priority,
-            metadata: dict[str, Any], webhook: dict[str, Any] | None, now: datetime, batch_id: str | None = None,
-            custom_id: str | None = None) -> dict[str, Any]:
+def job_row(
+    entry: ModelEntry,
+    inp: dict[str, Any],
+    units: float,
+    quote: Quote,
+    *,
+    caller: Caller,
+    priority: Priority,
+    metadata: dict[str, Any],
+    webhook: dict[str, Any] | None,
+    now: datetime,
+    batch_id: str | None = None,
+    custom_id: str | None = None,
+) -> dict[str, Any]:
     """A new queued job's row (``Job(**row)``, or one of many rows of a bulk insert): its
     checked input, its price, and the tokens it reserves (none for the operator's own
     key, which is not metered)."""
     return {
-        "id": new_id("job"), "model": entry.id, "kind": entry.kind, "status": QUEUED, "priority": priority,
-        "input": inp, "meta": metadata, "progress": 0.0, "created_at": now, "attempts": 0, "gpu_seconds": 0.0,
-        "tokens_reserved": 0 if caller.admin else quote.tokens, "tokens_charged": 0, "work_units": units,
-        "price_rate": quote.rate, "min_tokens": quote.min_tokens, "usage_detail": {}, "caller": caller.id,
-        "saved": False, "webhook": webhook, "batch_id": batch_id, "custom_id": custom_id,
+        "id": new_id("job"),
+        "model": entry.id,
+        "kind": entry.kind,
+        "status": QUEUED,
+        "priority": priority,
+        "input": inp,
+        "meta": metadata,
+        "progress": 0.0,
+        "created_at": now,
+        "attempts": 0,
+        "gpu_seconds": 0.0,
+        "tokens_reserved": 0 if caller.admin else quote.tokens,
+        "tokens_charged": 0,
+        "work_units": units,
+        "price_rate": quote.rate,
+        "min_tokens": quote.min_tokens,
+        "usage_detail": {},
+        "caller": caller.id,
+        "saved": False,
+        "webhook": webhook,
+        "batch_id": batch_id,
+        "custom_id": custom_id,
     }
 
 
-def check_job(services: Services, model_id: str, raw_input: Any,
-              caller: Caller) -> tuple[ModelEntry, dict[str, Any], float]:
+def check_job(
+    services: Services, model_id: str, raw_input: Any, caller: Caller
+) -> tuple[ModelEntry, dict[str, Any], float]:
     """Check one job's model and input against the catalog (422 naming the field);
     return ``(entry, input with defaults filled in, work units)``. A ``seed`` left out is
     chosen now, so the result is reproducible."""
@@ -157,15 +198,23 @@ def check_worker_accepts(entry: ModelEntry, inp: dict[str, Any]) -> None:
     if entry.kind == "text":
         for i, stop in enumerate(inp.get("stop") or ()):
             if not stop:
-                errors.append({"loc": ["input", "stop", i], "msg": "must not be empty (an empty stop string "
-                                                                   "would end every generation at once)"})
+                errors.append(
+                    {
+                        "loc": ["input", "stop", i],
+                        "msg": "must not be empty (an empty stop string would end every generation at once)",
+                    }
+                )
     if entry.kind == "speech":
         language = inp.get("language")
         if language is not None and language not in WHISPER_LANGUAGES:
-            errors.append({"loc": ["input", "language"],
-                           "msg": f"unknown language {language!r}: a Whisper language code in lower case "
-                                  f"(en, de, fr, ja, zh, … {len(WHISPER_LANGUAGES)} codes), or leave it out to "
-                                  "have it detected"})
+            errors.append(
+                {
+                    "loc": ["input", "language"],
+                    "msg": f"unknown language {language!r}: a Whisper language code in lower case "
+                    f"(en, de, fr, ja, zh, … {len(WHISPER_LANGUAGES)} codes), or leave it out to "
+                    "have it detected",
+                }
+            )
     if errors:
         raise InputError(f"input is not valid for model {entry.id!r}", errors)
 
@@ -176,8 +225,10 @@ def check_webhook(services: Services, raw: Any, caller: Caller, *, batch: bool =
     if raw is None:
         return None
     if not caller.keyed:
-        raise InputError("webhooks need an API key: they are signed with the account's secret",
-                         [{"loc": ["webhook"], "msg": "needs an API key (Authorization: Bearer …)"}])
+        raise InputError(
+            "webhooks need an API key: they are signed with the account's secret",
+            [{"loc": ["webhook"], "msg": "needs an API key (Authorization: Bearer …)"}],
+        )
     from .webhooks.spec import parse_spec
 
     return parse_spec(raw, services.settings.webhook_allow_hosts, batch=batch)

@@ -50,8 +50,11 @@ def waiting(redis: Redis, model: str, priority: Priority) -> int:
 
 def queued(session: Session) -> dict[tuple[str, Priority], tuple[int, str]]:
     """``(model, priority) -> (queued jobs, the oldest one's id)``."""
-    rows = session.execute(select(Job.model, Job.priority, func.count(), func.min(Job.id))
-                           .where(Job.status == QUEUED).group_by(Job.model, Job.priority))
+    rows = session.execute(
+        select(Job.model, Job.priority, func.count(), func.min(Job.id))
+        .where(Job.status == QUEUED)
+        .group_by(Job.model, Job.priority)
+    )
     return {(m, p): (n, oldest) for m, p, n, oldest in rows}
 
 
@@ -66,7 +69,9 @@ class Reconciler:
         redis = self.services.redis
         with self.services.sessions() as session:
             counts = queued(session)
-        return {k: (n - waiting(redis, *k), oldest) for k, (n, oldest) in counts.items() if PRIORITY.get(k[1]) is not None}
+        return {
+            k: (n - waiting(redis, *k), oldest) for k, (n, oldest) in counts.items() if PRIORITY.get(k[1]) is not None
+        }
 
     def tick(self) -> int:
         """Compare, and publish what was missing on this check and the one before; return
@@ -79,8 +84,13 @@ class Reconciler:
                 model, priority = key
                 publish(self.services.celery, oldest, model, priority, count=confirmed)
                 published += confirmed
-                log.warning("%d queued %s jobs at %s had no turn waiting; published %d again",
-                            missing, model, priority, confirmed)
+                log.warning(
+                    "%d queued %s jobs at %s had no turn waiting; published %d again",
+                    missing,
+                    model,
+                    priority,
+                    confirmed,
+                )
             if missing - confirmed > 0:
                 previous[key] = missing - confirmed
         self._previous = previous

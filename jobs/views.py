@@ -3,8 +3,9 @@ read time, times in ISO 8601 UTC. No Flask here: the caller says where links poi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urljoin
 
 from .ports import ObjectStore
@@ -36,8 +37,9 @@ class Links:
         return value
 
 
-def job_json(job: Job, links: Links,
-             queue: Callable[[Job], tuple[int | None, float | None]] = lambda job: (None, None)) -> dict[str, Any]:
+def job_json(
+    job: Job, links: Links, queue: Callable[[Job], tuple[int | None, float | None]] = lambda job: (None, None)
+) -> dict[str, Any]:
     """The job's JSON; ``queue(job)`` gives ``(queue_position, eta_seconds)`` while it is queued."""
     position, eta = queue(job)
     self_url = urljoin(links.base, f"v1/jobs/{job.id}")

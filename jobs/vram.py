@@ -43,9 +43,10 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from .catalog import ImageLimits, TextLimits, VideoLimits
 from .errors import ConfigError
@@ -54,8 +55,15 @@ if TYPE_CHECKING:
     from .catalog import ModelEntry
 
 DTYPE_BYTES: dict[str, float] = {
-    "fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2,
-    "fp8": 1, "int8": 1, "int4": 0.5,
+    "fp32": 4,
+    "float32": 4,
+    "bf16": 2,
+    "bfloat16": 2,
+    "fp16": 2,
+    "float16": 2,
+    "fp8": 1,
+    "int8": 1,
+    "int4": 0.5,
 }
 _SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 HEADROOM = 0.2
@@ -116,10 +124,17 @@ class Estimate:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "params": self.params, "weights_gb": _gb(self.weights_bytes), "kv_cache_gb": _gb(self.kv_cache_bytes),
-            "activations_gb": _gb(self.activations_bytes), "headroom_gb": _gb(self.headroom_bytes),
-            "total_gb": _gb(self.total_bytes), "dtype": self.dtype, "kv_dtype": self.kv_dtype,
-            "kv_tokens": self.kv_tokens, "source": self.source, "components": dict(self.components),
+            "params": self.params,
+            "weights_gb": _gb(self.weights_bytes),
+            "kv_cache_gb": _gb(self.kv_cache_bytes),
+            "activations_gb": _gb(self.activations_bytes),
+            "headroom_gb": _gb(self.headroom_bytes),
+            "total_gb": _gb(self.total_bytes),
+            "dtype": self.dtype,
+            "kv_dtype": self.kv_dtype,
+            "kv_tokens": self.kv_tokens,
+            "source": self.source,
+            "components": dict(self.components),
         }
 
 
@@ -164,6 +179,7 @@ def _count_safetensors(files: list[Path], per_param: float) -> tuple[int, float]
 def read_ct2(path: Path) -> tuple[str, dict[str, tuple[tuple[int, ...], int]], list[str]]:
     """Walk a CTranslate2 ``model.bin``: (spec name, {variable: (shape, type id)}, alias names)."""
     with open(path, "rb") as f:
+
         def take(fmt: str) -> tuple[Any, ...]:
             return struct.unpack("<" + fmt, f.read(struct.calcsize("<" + fmt)))
 
@@ -222,8 +238,13 @@ FallbackCount = Callable[[dict[str, Any], object, "str | None"], int]
 formula (``vramq.gpu_workers.vram.meta_params``, which imports torch)."""
 
 
-def config_params(cfg: dict[str, Any], where: object = "config", class_hint: str | None = None, *,
-                  fallback_count: FallbackCount | None = None) -> int:
+def config_params(
+    cfg: dict[str, Any],
+    where: object = "config",
+    class_hint: str | None = None,
+    *,
+    fallback_count: FallbackCount | None = None,
+) -> int:
     """Parameter count from a config: closed formula for Llama-likes, ``fallback_count``
     otherwise (refused with ``ConfigError`` without one: this module never imports torch)."""
     if cfg.get("model_type") in _LLAMA_LIKE:
@@ -261,7 +282,9 @@ def _diffusion_activations(cfg: dict[str, Any], b: float, batch: int, w: int, h:
 
 def _speech_activations(d_model: int, decoder_layers: int, b: float, batch: int) -> float:
     encoder = WHISPER_ENCODER_POSITIONS * d_model * b * 8
-    decoder_kv = 2 * decoder_layers * d_model * (WHISPER_DECODER_POSITIONS + WHISPER_ENCODER_POSITIONS) * WHISPER_BEAM * b
+    decoder_kv = (
+        2 * decoder_layers * d_model * (WHISPER_DECODER_POSITIONS + WHISPER_ENCODER_POSITIONS) * WHISPER_BEAM * b
+    )
     return batch * (encoder + decoder_kv)
 
 
@@ -301,7 +324,8 @@ def _model_parts(path: Path) -> tuple[list[_Part], dict[str, Any] | None]:
         parts: list[_Part] = [
             (name, _load_json(path / name / "config.json"), path / name, spec[1])
             for name, spec in index.items()
-            if isinstance(spec, list) and spec and spec[0] and (path / name / "config.json").is_file()]
+            if isinstance(spec, list) and spec and spec[0] and (path / name / "config.json").is_file()
+        ]
         if not parts:
             raise ConfigError(f"{path}: model_index.json names no component with a config.json")
         return parts, index
@@ -310,10 +334,20 @@ def _model_parts(path: Path) -> tuple[list[_Part], dict[str, Any] | None]:
     raise ConfigError(f"{path}: no config.json, model_index.json or model.bin")
 
 
-def estimate(path: str | Path, *, kind: str | None = None, dtype: str | None = None, kv_dtype: str = "fp16",
-             context: int | None = None, seqs: int | None = None, batch: int = 1,
-             width: int | None = None, height: int | None = None, frames: int | None = None,
-             fallback_count: FallbackCount | None = None) -> Estimate:
+def estimate(
+    path: str | Path,
+    *,
+    kind: str | None = None,
+    dtype: str | None = None,
+    kv_dtype: str = "fp16",
+    context: int | None = None,
+    seqs: int | None = None,
+    batch: int = 1,
+    width: int | None = None,
+    height: int | None = None,
+    frames: int | None = None,
+    fallback_count: FallbackCount | None = None,
+) -> Estimate:
     """Estimate the VRAM a model needs to serve the given load (see the module docstring).
 
     ``path`` is a ``config.json`` (counted from the config alone) or a model folder:
@@ -359,11 +393,19 @@ def estimate(path: str | Path, *, kind: str | None = None, dtype: str | None = N
         head_dim = cfg.get("head_dim") or hidden // heads
         context, seqs = context or _get(cfg, "max_position_embeddings", path), seqs or 1
         kv_tokens, kv_dtype = seqs * context, _short(kv_dtype)
-        kv = int(2 * _get(cfg, "num_hidden_layers", path) * (cfg.get("num_key_value_heads") or heads)
-                 * head_dim * kv_tokens * dtype_bytes(kv_dtype))
+        kv = int(
+            2
+            * _get(cfg, "num_hidden_layers", path)
+            * (cfg.get("num_key_value_heads") or heads)
+            * head_dim
+            * kv_tokens
+            * dtype_bytes(kv_dtype)
+        )
         step_tokens = min(kv_tokens, STEP_TOKENS)
-        act = (step_tokens * (4 * hidden + 2 * _get(cfg, "intermediate_size", path)) * act_b
-               + seqs * _get(cfg, "vocab_size", path) * 4)
+        act = (
+            step_tokens * (4 * hidden + 2 * _get(cfg, "intermediate_size", path)) * act_b
+            + seqs * _get(cfg, "vocab_size", path) * 4
+        )
     elif kind in ("image", "video"):
         if kind == "video":
             w, h, f = width or VIDEO_DEFAULTS[0], height or VIDEO_DEFAULTS[1], frames or VIDEO_DEFAULTS[2]
@@ -374,12 +416,26 @@ def estimate(path: str | Path, *, kind: str | None = None, dtype: str | None = N
         cfg = parts[0][1]
         act = _speech_activations(_get(cfg, "d_model", path), _get(cfg, "decoder_layers", path), act_b, batch)
 
-    return _finish(params, nbytes, kv, act, label, kv_dtype if kind == "text" else None, kv_tokens,
-                   "safetensors" if from_weights else "config", components if index else {})
+    return _finish(
+        params,
+        nbytes,
+        kv,
+        act,
+        label,
+        kv_dtype if kind == "text" else None,
+        kv_tokens,
+        "safetensors" if from_weights else "config",
+        components if index else {},
+    )
 
 
-def _estimate_ct2(path: Path, ct2: tuple[str, dict[str, tuple[tuple[int, ...], int]], list[str]], dtype: str | None,
-                  kind: str, batch: int) -> Estimate:
+def _estimate_ct2(
+    path: Path,
+    ct2: tuple[str, dict[str, tuple[tuple[int, ...], int]], list[str]],
+    dtype: str | None,
+    kind: str,
+    batch: int,
+) -> Estimate:
     """A CTranslate2 model: weights = model.bin's size, float variables re-priced when the
     compute dtype differs from the stored one (CTranslate2 converts them when loading).
     Params are the stored variables' elements (the converter stores equal tensors once)."""
@@ -405,23 +461,51 @@ def _estimate_ct2(path: Path, ct2: tuple[str, dict[str, tuple[tuple[int, ...], i
     return _finish(sum(stored.values()), nbytes, 0, act, dtype, None, 0, "ctranslate2", {})
 
 
-def _finish(params: int, nbytes: float, kv: int, act: float, dtype: str, kv_dtype: str | None, kv_tokens: int,
-            source: str, components: dict[str, int]) -> Estimate:
+def _finish(
+    params: int,
+    nbytes: float,
+    kv: int,
+    act: float,
+    dtype: str,
+    kv_dtype: str | None,
+    kv_tokens: int,
+    source: str,
+    components: dict[str, int],
+) -> Estimate:
     weights, act = round(nbytes), round(act)
     headroom = round(HEADROOM * (weights + kv + act))
-    return Estimate(params=params, weights_bytes=weights, kv_cache_bytes=kv, activations_bytes=act,
-                    headroom_bytes=headroom, dtype=dtype, kv_dtype=kv_dtype, kv_tokens=kv_tokens,
-                    source=source, components=components)
+    return Estimate(
+        params=params,
+        weights_bytes=weights,
+        kv_cache_bytes=kv,
+        activations_bytes=act,
+        headroom_bytes=headroom,
+        dtype=dtype,
+        kv_dtype=kv_dtype,
+        kv_tokens=kv_tokens,
+        source=source,
+        components=components,
+    )
 
 
-def estimate_entry(entry: ModelEntry, models_dir: Path | None = None, *,
-                   fallback_count: FallbackCount | None = None) -> Estimate:
+def estimate_entry(
+    entry: ModelEntry, models_dir: Path | None = None, *, fallback_count: FallbackCount | None = None
+) -> Estimate:
     """Estimate a catalog entry at its limits (max context x max_batch sequences, largest
     images or videos at max_batch, max_batch audio chunks); ``fallback_count`` as in
     ``estimate``. A backend that loads no weights (``echo``) needs nothing: all zeros."""
     if entry.weights is None:
-        return Estimate(params=0, weights_bytes=0, kv_cache_bytes=0, activations_bytes=0, headroom_bytes=0,
-                        dtype=_short(entry.dtype), kv_dtype=None, kv_tokens=0, source="no weights")
+        return Estimate(
+            params=0,
+            weights_bytes=0,
+            kv_cache_bytes=0,
+            activations_bytes=0,
+            headroom_bytes=0,
+            dtype=_short(entry.dtype),
+            kv_dtype=None,
+            kv_tokens=0,
+            source="no weights",
+        )
     weights = Path(entry.weights)
     if not weights.is_absolute() and models_dir is not None:
         weights = Path(models_dir) / weights

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
-from vramq.jobs.errors import Conflict, ConfigError, NotFound, ServiceUnavailable, VramqError
+from vramq.jobs.errors import ConfigError, Conflict, NotFound, ServiceUnavailable, VramqError
 
 from .base import ObjectStore, guess_content_type, validate_key
 

@@ -7,8 +7,9 @@ without the ``s3`` extra.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 from vramq.jobs.errors import ConfigError, MissingExtra, NotFound, ServiceUnavailable, VramqError
 

@@ -28,22 +28,33 @@ import pytest
 
 from vramq.jobs.settings import Settings
 
-pytest_plugins = ["tests.fixtures.s3", "tests.fixtures.procs", "tests.fixtures.services", "tests.fixtures.pgserver",
-                  "tests.fixtures.netns", "tests.fixtures.invariants", "tests.fixtures.http",
-                  "tests.fixtures.slow_image"]
+pytest_plugins = [
+    "tests.fixtures.s3",
+    "tests.fixtures.procs",
+    "tests.fixtures.services",
+    "tests.fixtures.pgserver",
+    "tests.fixtures.netns",
+    "tests.fixtures.invariants",
+    "tests.fixtures.http",
+    "tests.fixtures.slow_image",
+]
 
 #: Fixtures that start processes: a test that uses one (directly or through another
 #: fixture) is ``e2e``. Fixtures chosen at run time (``request.getfixturevalue``) are not
 #: seen here: their parameters carry the mark (see tests/test_storage.py).
-PROCESS_FIXTURES = frozenset({
-    "shared_cluster",  # vramq api + worker (gunicorn, Celery, a vLLM engine), its own Redis
-    "cluster_factory",  # vramq api / worker / webhooks processes
-    "moto_s3_endpoint", "s3_store", "private_s3",  # moto_server
-    "private_redis",  # redis-server
-    "private_pg",  # initdb + postgres
-    "lan",  # network namespaces
-    "process_tree",  # the chaos and partition tests' process accounting
-})
+PROCESS_FIXTURES = frozenset(
+    {
+        "shared_cluster",  # vramq api + worker (gunicorn, Celery, a vLLM engine), its own Redis
+        "cluster_factory",  # vramq api / worker / webhooks processes
+        "moto_s3_endpoint",
+        "s3_store",
+        "private_s3",  # moto_server
+        "private_redis",  # redis-server
+        "private_pg",  # initdb + postgres
+        "lan",  # network namespaces
+        "process_tree",  # the chaos and partition tests' process accounting
+    }
+)
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects
@@ -159,8 +170,16 @@ def models_dir(tmp_path_factory) -> Path:
     return path
 
 
-def settings_env(tmp_path: Path, *, redis_url: str, models_dir: Path, database_url: str | None = None,
-                 storage_url: str | None = None, s3_endpoint_url: str | None = None, **extra: str) -> dict[str, str]:
+def settings_env(
+    tmp_path: Path,
+    *,
+    redis_url: str,
+    models_dir: Path,
+    database_url: str | None = None,
+    storage_url: str | None = None,
+    s3_endpoint_url: str | None = None,
+    **extra: str,
+) -> dict[str, str]:
     """``VRAMQ_*`` variables for one isolated installation under ``tmp_path``."""
     env = {
         "VRAMQ_DATA_DIR": str(tmp_path / "data"),

@@ -11,18 +11,18 @@ import hashlib
 import json
 import math
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import requests
 from sqlalchemy import func, select
 
+from tests.conftest import settings_env
+from tests.fixtures.http import IMAGE
+from tests.fixtures.services import services_for
 from vramq.jobs import ledger, lifecycle
 from vramq.jobs.schema import Account, Job, LedgerEntry
 from vramq.jobs.services import Services
-from tests.conftest import settings_env
-from tests.fixtures.services import services_for
-from tests.fixtures.http import IMAGE
 
 # --- accounts and keys --------------------------------------------------------------
 
@@ -48,8 +48,14 @@ def test_account_key_is_shown_once_and_stored_hashed(harness):
 def test_usage_reports_tier_allowance_and_reset(harness):
     h = harness(free_daily_tokens=5000, anonymous_daily_tokens=2500)
     _, key = h.account()
-    assert h.usage() == {"tier": "anonymous", "daily_allowance": 2500, "used_today": 0, "balance": 0,
-                         "available": 2500, "resets_at": "2026-03-15T00:00:00Z"}
+    assert h.usage() == {
+        "tier": "anonymous",
+        "daily_allowance": 2500,
+        "used_today": 0,
+        "balance": 0,
+        "available": 2500,
+        "resets_at": "2026-03-15T00:00:00Z",
+    }
     assert h.usage(key)["tier"] == "free" and h.usage(key)["daily_allowance"] == 5000
 
 
@@ -76,13 +82,19 @@ def test_reservation_and_402_with_resets_at_and_shortfall(harness):
 
 def test_allowance_resets_at_the_utc_day_boundary(harness):
     h = harness(anonymous_daily_tokens=200)
-    h.now = datetime(2026, 3, 14, 23, 59, 58, tzinfo=timezone.utc)
+    h.now = datetime(2026, 3, 14, 23, 59, 58, tzinfo=UTC)
     assert [h.submit().status_code for _ in range(3)] == [202, 202, 402]
-    h.now = datetime(2026, 3, 14, 23, 59, 59, 999000, tzinfo=timezone.utc)
+    h.now = datetime(2026, 3, 14, 23, 59, 59, 999000, tzinfo=UTC)
     assert h.submit().status_code == 402
-    h.now = datetime(2026, 3, 15, 0, 0, 0, tzinfo=timezone.utc)
-    assert h.usage() == {"tier": "anonymous", "daily_allowance": 200, "used_today": 0, "balance": 0,
-                         "available": 200, "resets_at": "2026-03-16T00:00:00Z"}
+    h.now = datetime(2026, 3, 15, 0, 0, 0, tzinfo=UTC)
+    assert h.usage() == {
+        "tier": "anonymous",
+        "daily_allowance": 200,
+        "used_today": 0,
+        "balance": 0,
+        "available": 200,
+        "resets_at": "2026-03-16T00:00:00Z",
+    }
     assert [h.submit().status_code for _ in range(3)] == [202, 202, 402]
     # Each day's reservations sit on that day in the ledger.
     days = [r.day for r in h.ledger_rows("anon:127.0.0.1")]
@@ -101,7 +113,10 @@ def test_credit_then_spend_allowance_first_then_balance(harness):
     assert first.status_code == 201 and first.get_json()["balance"] == 300
     again = h.call("POST", path, "admin-secret", json=credit, headers={"Idempotency-Key": "order-1"})
     assert again.status_code == 200 and again.get_json() == {"account_id": account_id, "balance": 300, "replayed": True}
-    assert h.call("POST", path, "admin-secret", json={"tokens": 5}, headers={"Idempotency-Key": "order-1"}).status_code == 409
+    assert (
+        h.call("POST", path, "admin-secret", json={"tokens": 5}, headers={"Idempotency-Key": "order-1"}).status_code
+        == 409
+    )
     bad = h.call("POST", path, "admin-secret", json={"tokens": 0})
     assert bad.status_code == 422 and bad.get_json()["errors"][0]["loc"] == ["tokens"]
     assert h.call("POST", "/v1/admin/accounts/acct_nope/credit", "admin-secret", json=credit).status_code == 404
@@ -129,15 +144,33 @@ def test_admin_api_is_off_without_an_admin_key(harness):
 # --- settlement and refunds (ledger level: exact amounts) ---------------------------
 
 
-def _reserved_job(services: Services, caller: str, tokens: int, *, rate: float = 100.0, min_tokens: int = 10,
-                  now: datetime) -> Job:
+def _reserved_job(
+    services: Services, caller: str, tokens: int, *, rate: float = 100.0, min_tokens: int = 10, now: datetime
+) -> Job:
     """A job row with its reservation, as ``submit_job`` writes them."""
     from vramq.jobs.ids import new_id
 
-    job = Job(id=new_id("job"), model="tiny-flux", kind="image", status="running", priority="normal", input={},
-              meta={}, progress=0.0, created_at=now, attempts=1, gpu_seconds=0.0, tokens_reserved=tokens,
-              tokens_charged=0, usage_detail={}, caller=caller, saved=False, work_units=1.0, price_rate=rate,
-              min_tokens=min_tokens)
+    job = Job(
+        id=new_id("job"),
+        model="tiny-flux",
+        kind="image",
+        status="running",
+        priority="normal",
+        input={},
+        meta={},
+        progress=0.0,
+        created_at=now,
+        attempts=1,
+        gpu_seconds=0.0,
+        tokens_reserved=tokens,
+        tokens_charged=0,
+        usage_detail={},
+        caller=caller,
+        saved=False,
+        work_units=1.0,
+        price_rate=rate,
+        min_tokens=min_tokens,
+    )
     with services.sessions.begin() as s:
         ledger.reserve(s, caller, services.allowances.for_caller(s, caller), job.id, tokens, now)
         s.add(job)
@@ -154,7 +187,7 @@ def _totals(services: Services, caller: str, now: datetime) -> tuple[int, int]:
 
 def test_settlement_below_and_above_the_reservation(db_services):
     services = db_services(anonymous_daily_tokens=1000)
-    now = datetime(2026, 5, 1, 9, tzinfo=timezone.utc)
+    now = datetime(2026, 5, 1, 9, tzinfo=UTC)
     caller = "anon:10.0.0.1"
 
     # Below: 500 reserved, 2.0 GPU-s at 100 tokens/s costs 200: 300 come back.
@@ -184,8 +217,9 @@ def test_settlement_below_and_above_the_reservation(db_services):
     assert (result.cost, result.charged, result.written_off) == (1000, 100 + 299, 601)
     assert _totals(services, caller, now) == (1000, 0)
     with services.sessions() as s:
-        reason = s.execute(select(LedgerEntry.reason).where(LedgerEntry.job_id == third.id,
-                                                            LedgerEntry.entry == "settle")).scalar_one()
+        reason = s.execute(
+            select(LedgerEntry.reason).where(LedgerEntry.job_id == third.id, LedgerEntry.entry == "settle")
+        ).scalar_one()
     assert reason == "cost 1000 over reservation 100; 601 written off"
 
     # The minimum applies however short the job.
@@ -199,7 +233,7 @@ def test_settlement_below_and_above_the_reservation(db_services):
 
 def test_settlement_gives_back_to_the_balance_first(db_services):
     services = db_services(free_daily_tokens=100)
-    now = datetime(2026, 5, 1, 9, tzinfo=timezone.utc)
+    now = datetime(2026, 5, 1, 9, tzinfo=UTC)
     with services.sessions.begin() as s:
         from vramq.jobs.accounts import create_account
 
@@ -226,8 +260,12 @@ def test_refund_on_cancel_before_start_and_minimum_when_running(harness):
     assert canceled["status"] == "canceled" and canceled["usage"]["tokens_charged"] == 100
     assert h.usage()["used_today"] == 100
     entries = [(r.entry, r.job_id) for r in h.ledger_rows("anon:127.0.0.1")]
-    assert entries == [("reserve", queued["id"]), ("reserve", running["id"]), ("refund", queued["id"]),
-                       ("settle", running["id"])]
+    assert entries == [
+        ("reserve", queued["id"]),
+        ("reserve", running["id"]),
+        ("refund", queued["id"]),
+        ("settle", running["id"]),
+    ]
 
 
 def test_worker_settles_a_finished_job_at_its_measured_cost(shared_cluster):
@@ -246,7 +284,9 @@ def test_worker_settles_a_finished_job_at_its_measured_cost(shared_cluster):
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("db", ["postgresql", "sqlite"])
-def test_100_concurrent_submits_against_an_allowance_for_10(db, tmp_path, redis_url, models_dir, cluster_factory, request):
+def test_100_concurrent_submits_against_an_allowance_for_10(
+    db, tmp_path, redis_url, models_dir, cluster_factory, request
+):
     extra = {"database_url": request.getfixturevalue("pg_url")} if db == "postgresql" else {}
     env = settings_env(tmp_path, redis_url=redis_url, models_dir=models_dir, free_daily_tokens=1000, **extra)
     cluster = cluster_factory(env)
@@ -271,7 +311,7 @@ def test_100_concurrent_submits_against_an_allowance_for_10(db, tmp_path, redis_
         rows = s.execute(select(LedgerEntry.job_id, LedgerEntry.allowance_delta, LedgerEntry.balance_delta)).all()
         job_ids = set(s.execute(select(Job.id)).scalars())
         caller = s.execute(select(LedgerEntry.caller).distinct()).scalar_one()
-        assert ledger.audit(s, caller, ledger.day_of(datetime.now(timezone.utc))) == (1000, 0)
+        assert ledger.audit(s, caller, ledger.day_of(datetime.now(UTC))) == (1000, 0)
     assert len(rows) == 10 and all(a == -100 and b == 0 for _j, a, b in rows)
     assert {j for j, _a, _b in rows} == job_ids == {r.json()["id"] for r in answers if r.status_code == 202}
 
@@ -285,9 +325,15 @@ def test_another_account_gets_404_on_every_verb(harness):
     _, key_b = h.account("b")
     job = h.submit(key_a).get_json()
     jid = job["id"]
-    verbs = [("GET", f"/v1/jobs/{jid}"), ("POST", f"/v1/jobs/{jid}/cancel"), ("POST", f"/v1/jobs/{jid}/save"),
-             ("DELETE", f"/v1/jobs/{jid}/save"), ("POST", f"/v1/jobs/{jid}/share"), ("DELETE", f"/v1/jobs/{jid}/share"),
-             ("GET", f"/v1/jobs/{jid}/events")]
+    verbs = [
+        ("GET", f"/v1/jobs/{jid}"),
+        ("POST", f"/v1/jobs/{jid}/cancel"),
+        ("POST", f"/v1/jobs/{jid}/save"),
+        ("DELETE", f"/v1/jobs/{jid}/save"),
+        ("POST", f"/v1/jobs/{jid}/share"),
+        ("DELETE", f"/v1/jobs/{jid}/share"),
+        ("GET", f"/v1/jobs/{jid}/events"),
+    ]
     for method, path in verbs:
         resp = h.call(method, path, key_b)
         assert resp.status_code == 404 and resp.get_json()["code"] == "not_found", (method, path, resp.status_code)
@@ -328,7 +374,12 @@ def test_history_newest_first_with_filters_and_a_stable_cursor(harness):
 
     anon = h.call("GET", "/v1/jobs")
     assert anon.status_code == 401 and anon.get_json()["code"] == "unauthorized"
-    for query, field in [("limit=0", "limit"), ("limit=abc", "limit"), ("status=done", "status"), ("cursor=@@", "cursor")]:
+    for query, field in [
+        ("limit=0", "limit"),
+        ("limit=abc", "limit"),
+        ("status=done", "status"),
+        ("cursor=@@", "cursor"),
+    ]:
         resp = h.call("GET", f"/v1/jobs?{query}", key)
         assert resp.status_code == 422 and resp.get_json()["errors"][0]["loc"] == ["query", field], query
 
@@ -361,12 +412,30 @@ def test_estimate_is_calibrated_from_recent_runs(make_settings):
     entry = services.catalog.get("tiny-flux")
     est = Estimator(services.sessions)
     assert est.calibrate(entry) == PRIOR_SECONDS_PER_UNIT["image"]  # no history yet
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     with services.sessions.begin() as s:
         for k in range(10):  # GPU-seconds per unit 0.5, 1.0, ..., 5.0
-            s.add(Job(id=new_id("job"), model="tiny-flux", kind="image", status="succeeded", priority="normal", input={},
-                      meta={}, progress=1.0, created_at=now, finished_at=now, attempts=1, gpu_seconds=(k + 1) * 1.0,
-                      tokens_reserved=0, tokens_charged=0, usage_detail={}, saved=False, work_units=2.0))
+            s.add(
+                Job(
+                    id=new_id("job"),
+                    model="tiny-flux",
+                    kind="image",
+                    status="succeeded",
+                    priority="normal",
+                    input={},
+                    meta={},
+                    progress=1.0,
+                    created_at=now,
+                    finished_at=now,
+                    attempts=1,
+                    gpu_seconds=(k + 1) * 1.0,
+                    tokens_reserved=0,
+                    tokens_charged=0,
+                    usage_detail={},
+                    saved=False,
+                    work_units=2.0,
+                )
+            )
     assert est.calibrate(entry) == 4.5  # the 90th percentile of the ten ratios
     quote = est.quote(entry, 3.0)
     assert quote.tokens == math.ceil(3.0 * 4.5 * 200) and quote.rate == 200
@@ -389,8 +458,13 @@ def test_accounts_cli_create_credit_show(make_settings):
     env = {**os.environ, **env}
 
     def vramq(*args: str) -> dict:
-        out = subprocess.run([sys.executable, "-m", "vramq.api.cli", "accounts", *args], env=env, capture_output=True,
-                             text=True, timeout=120)
+        out = subprocess.run(
+            [sys.executable, "-m", "vramq.api.cli", "accounts", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout)
 
@@ -400,6 +474,11 @@ def test_accounts_cli_create_credit_show(make_settings):
     assert credited["usage"]["balance"] == 200000 and credited["ledger"][0]["reason"] == "pack: 200,000 tokens"
     shown = vramq("show", made["account_id"])
     assert shown["usage"]["daily_allowance"] == 5000 and shown["key_prefix"] == made["api_key"][:11]
-    missing = subprocess.run([sys.executable, "-m", "vramq.api.cli", "accounts", "show", "acct_nope"], env=env,
-                             capture_output=True, text=True, timeout=120)
+    missing = subprocess.run(
+        [sys.executable, "-m", "vramq.api.cli", "accounts", "show", "acct_nope"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert missing.returncode == 2 and "no account acct_nope" in missing.stderr

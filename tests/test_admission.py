@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import pytest
 
-from vramq.jobs.prompts import PromptCounter
 from tests.fixtures.http import assert_problem, submit
+from vramq.jobs.prompts import PromptCounter
 
 pytestmark = pytest.mark.e2e
 
 
 def _chat(n_words: int) -> list[dict]:
-    return [{"role": "system", "content": "Be brief."},
-            {"role": "user", "content": " ".join(f"w{i % 97}" for i in range(n_words))}]
+    return [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": " ".join(f"w{i % 97}" for i in range(n_words))},
+    ]
 
 
 def test_text_past_the_context_is_refused_at_submit(shared_cluster, models_dir):
@@ -40,8 +42,9 @@ def test_api_and_worker_count_chat_tokens_alike(shared_cluster, models_dir):
     tokens = PromptCounter(models_dir / "tiny-qwen2").count({"messages": messages})
     room = 2048 - tokens
     assert 0 < room <= 2000
-    over = shared_cluster.post("/v1/jobs", json={"model": "tiny-qwen2",
-                                                  "input": {"messages": messages, "max_tokens": room + 1}})
+    over = shared_cluster.post(
+        "/v1/jobs", json={"model": "tiny-qwen2", "input": {"messages": messages, "max_tokens": room + 1}}
+    )
     problem = assert_problem(over, 422, "context_length_exceeded")
     assert problem["errors"][0]["loc"] == ["input", "messages"]
     fits = submit(shared_cluster, "tiny-qwen2", {"messages": messages, "max_tokens": room, "temperature": 0.0})
@@ -51,11 +54,14 @@ def test_api_and_worker_count_chat_tokens_alike(shared_cluster, models_dir):
     assert done["output"]["usage"]["prompt_tokens"] == tokens
 
 
-@pytest.mark.parametrize("model, inp, field, limit", [
-    ("tiny-flux", {"prompt": "x", "width": 1024}, "width", "max_width"),
-    ("tiny-video", {"prompt": "x", "num_frames": 37}, "num_frames", "max_frames"),
-    ("tiny-qwen2", {"prompt": "x", "max_tokens": 2001}, "max_tokens", "max_tokens"),
-])
+@pytest.mark.parametrize(
+    "model, inp, field, limit",
+    [
+        ("tiny-flux", {"prompt": "x", "width": 1024}, "width", "max_width"),
+        ("tiny-video", {"prompt": "x", "num_frames": 37}, "num_frames", "max_frames"),
+        ("tiny-qwen2", {"prompt": "x", "max_tokens": 2001}, "max_tokens", "max_tokens"),
+    ],
+)
 def test_each_kind_refuses_past_its_limits(shared_cluster, model, inp, field, limit):
     problem = assert_problem(shared_cluster.post("/v1/jobs", json={"model": model, "input": inp}), 422, "invalid_input")
     [err] = [e for e in problem["errors"] if e["loc"] == ["input", field]]
@@ -65,10 +71,10 @@ def test_each_kind_refuses_past_its_limits(shared_cluster, model, inp, field, li
 def test_model_without_a_live_worker_is_503_and_nothing_is_queued(make_settings):
     from sqlalchemy import func, select
 
+    from tests.fixtures.services import services_for
     from vramq.api import create_app
     from vramq.jobs.queue import queue_name
     from vramq.jobs.schema import Job
-    from tests.fixtures.services import services_for
 
     settings, _ = make_settings()
     services = services_for(settings)

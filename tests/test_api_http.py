@@ -53,13 +53,17 @@ def test_invalid_input_is_422_naming_the_field(shared_cluster, body, loc, needle
 
 
 def test_unknown_model(shared_cluster):
-    problem = assert_problem(shared_cluster.post("/v1/jobs", json={**GOOD, "model": "gpt-9"}), 422, "unknown_model", ["model"])
+    problem = assert_problem(
+        shared_cluster.post("/v1/jobs", json={**GOOD, "model": "gpt-9"}), 422, "unknown_model", ["model"]
+    )
     assert "gpt-9" in problem["detail"]
 
 
 @pytest.mark.parametrize("raw", [b"{not json", b"", b"\xff\xfe", b'{"model": "tiny-flux",'])
 def test_malformed_json_is_400(shared_cluster, raw):
-    assert_problem(shared_cluster.post("/v1/jobs", data=raw, headers={"Content-Type": "application/json"}), 400, "invalid_input")
+    assert_problem(
+        shared_cluster.post("/v1/jobs", data=raw, headers={"Content-Type": "application/json"}), 400, "invalid_input"
+    )
 
 
 def test_body_not_an_object(shared_cluster):
@@ -171,8 +175,18 @@ def test_operations_endpoints(shared_cluster):
     assert 'vramq_jobs{model="tiny-flux",status=' in metrics
     spec = shared_cluster.get("/openapi.json").json()
     assert spec["openapi"].startswith("3.")
-    assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/events", "/v1/files",
-            "/v1/models", "/v1/workers", "/healthz", "/readyz", "/metrics"} <= set(spec["paths"])
+    assert {
+        "/v1/jobs",
+        "/v1/jobs/{job_id}",
+        "/v1/jobs/{job_id}/cancel",
+        "/v1/jobs/{job_id}/events",
+        "/v1/files",
+        "/v1/models",
+        "/v1/workers",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    } <= set(spec["paths"])
     width = spec["components"]["schemas"]["Input_tiny-flux"]["properties"]["width"]
     assert width["maximum"] == 512 and width["multipleOf"] == 16
 

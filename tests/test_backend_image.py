@@ -12,12 +12,12 @@ import pytest
 pytest.importorskip("diffusers")
 pytest.importorskip("torch")
 
-from PIL import Image  # noqa: E402
+from PIL import Image
 
-from vramq.gpu_workers.backends import WorkItem, backend_class  # noqa: E402
-from vramq.gpu_workers.tiny import MARKER, make_tiny_flux  # noqa: E402
-from vramq.jobs.catalog import ModelEntry  # noqa: E402
-from vramq.jobs.errors import ConfigError, JobCanceled  # noqa: E402
+from vramq.gpu_workers.backends import WorkItem, backend_class
+from vramq.gpu_workers.tiny import MARKER, make_tiny_flux
+from vramq.jobs.catalog import ModelEntry
+from vramq.jobs.errors import ConfigError, JobCanceled
 
 
 @pytest.fixture(scope="session")

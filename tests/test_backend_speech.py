@@ -16,20 +16,18 @@ import pytest
 pytest.importorskip("faster_whisper")
 pytest.importorskip("transformers")
 
-from vramq.gpu_workers.backends import WorkItem, backend_class  # noqa: E402
-from vramq.gpu_workers.backends.whisper_speech import (  # noqa: E402
+from tests.audio import SR, mp3_bytes, tone, vowels, wav_bytes
+from vramq.gpu_workers.backends import WorkItem, backend_class
+from vramq.gpu_workers.backends.whisper_speech import (
     format_timestamp,
     merge_regions,
     to_srt,
     to_vtt,
 )
-from vramq.gpu_workers.tiny import MARKER  # noqa: E402
-from vramq.gpu_workers.tiny_speech import make_tiny_whisper  # noqa: E402
-from vramq.jobs.catalog import ModelEntry  # noqa: E402
-from vramq.jobs.errors import JobCanceled, JobError  # noqa: E402
-
-from tests.audio import SR, mp3_bytes, tone, vowels, wav_bytes  # noqa: E402
-
+from vramq.gpu_workers.tiny import MARKER
+from vramq.gpu_workers.tiny_speech import make_tiny_whisper
+from vramq.jobs.catalog import ModelEntry
+from vramq.jobs.errors import JobCanceled, JobError
 
 # --- the model -----------------------------------------------------------------------
 
@@ -41,8 +39,13 @@ def tiny_whisper_dir(tmp_path_factory) -> Path:
 
 def entry_for(weights: Path, **limits) -> ModelEntry:
     return ModelEntry(
-        id="tiny-whisper", kind="speech", backend="faster_whisper", weights=weights, dtype="float32",
-        max_batch=4, limits={"max_audio_seconds": 120, **limits},
+        id="tiny-whisper",
+        kind="speech",
+        backend="faster_whisper",
+        weights=weights,
+        dtype="float32",
+        max_batch=4,
+        limits={"max_audio_seconds": 120, **limits},
     )
 
 
@@ -125,9 +128,18 @@ def test_tokenizer_has_whispers_layout(tiny_whisper_dir):
 
     tok = tokenizers.Tokenizer.from_file(str(tiny_whisper_dir / "tokenizer.json"))
     assert tok.get_vocab_size() == 51866  # 50257 text tokens + 1609 specials, as large-v3
-    expected = {"<|endoftext|>": 50257, "<|startoftranscript|>": 50258, "<|en|>": 50259, "<|yue|>": 50358,
-                "<|translate|>": 50359, "<|transcribe|>": 50360, "<|nospeech|>": 50363,
-                "<|notimestamps|>": 50364, "<|0.00|>": 50365, "<|30.00|>": 51865}
+    expected = {
+        "<|endoftext|>": 50257,
+        "<|startoftranscript|>": 50258,
+        "<|en|>": 50259,
+        "<|yue|>": 50358,
+        "<|translate|>": 50359,
+        "<|transcribe|>": 50360,
+        "<|nospeech|>": 50363,
+        "<|notimestamps|>": 50364,
+        "<|0.00|>": 50365,
+        "<|30.00|>": 51865,
+    }
     assert {t: tok.token_to_id(t) for t in expected} == expected
     text = " Hello world, ça va? 日本語"
     assert tok.decode(tok.encode(text, add_special_tokens=False).ids) == text

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import require
 from vramq.gpu_workers.backends import WorkItem, backend_class
 from vramq.gpu_workers.tiny import MARKER
 from vramq.gpu_workers.tiny_text import make_tiny_qwen2
 from vramq.jobs.catalog import ModelEntry
 from vramq.jobs.errors import JobCanceled, JobError
-from tests.conftest import require
 
 pytestmark = pytest.mark.e2e  # a vLLM engine (its engine-core process)
 
@@ -128,8 +128,11 @@ def test_chat_messages_go_through_the_chat_template(backend, entry, tiny_qwen2_d
 CONVERSATIONS = [
     [{"role": "user", "content": "hi"}],
     [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "user", "content": "Zürich, 東京 and naïve café ✓"}, {"role": "assistant", "content": "Noted."},
-     {"role": "user", "content": "  spaces, <|im_end|> in the text, and a\nnewline  "}],
+    [
+        {"role": "user", "content": "Zürich, 東京 and naïve café ✓"},
+        {"role": "assistant", "content": "Noted."},
+        {"role": "user", "content": "  spaces, <|im_end|> in the text, and a\nnewline  "},
+    ],
 ]
 
 
@@ -153,8 +156,9 @@ def test_the_chat_formatter_formats_as_transformers_does(tiny_qwen2_dir, message
     from vramq.jobs.prompts import format_chat
 
     tok = AutoTokenizer.from_pretrained(tiny_qwen2_dir)
-    assert format_chat(tiny_qwen2_dir, messages) == tok.apply_chat_template(messages, tokenize=False,
-                                                                            add_generation_prompt=True)
+    assert format_chat(tiny_qwen2_dir, messages) == tok.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
 
 
 def test_the_chat_formatter_gives_templates_what_transformers_gives_them(tiny_qwen2_dir, tmp_path):
@@ -175,8 +179,11 @@ def test_the_chat_formatter_gives_templates_what_transformers_gives_them(tiny_qw
         "{% if add_generation_prompt %}assistant:{% endif %}"
     )
     (weights / "chat_template.jinja").write_text(template)
-    messages = [{"role": "user", "content": "<b>a & b</b>"}, {"role": "assistant", "content": "<i>x</i>"},
-                {"role": "user", "content": "cut off by the loop"}]
+    messages = [
+        {"role": "user", "content": "<b>a & b</b>"},
+        {"role": "assistant", "content": "<i>x</i>"},
+        {"role": "user", "content": "cut off by the loop"},
+    ]
     tok = AutoTokenizer.from_pretrained(weights)
     ours = ChatTemplate.of(weights).format(messages)
     assert ours == tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -195,7 +202,9 @@ def test_the_chat_formatter_gives_templates_what_transformers_gives_them(tiny_qw
 
 def test_deltas_join_to_the_text(backend, entry):
     deltas: list[str] = []
-    out = backend.run_one(item(entry, {"prompt": "Once upon a time", "max_tokens": 40, "seed": 3}, deltas=deltas)).output
+    out = backend.run_one(
+        item(entry, {"prompt": "Once upon a time", "max_tokens": 40, "seed": 3}, deltas=deltas)
+    ).output
     assert len(deltas) > 1  # streamed, not handed over at the end
     assert "".join(deltas) == out["text"]
     assert out["usage"]["completion_tokens"] == 40

@@ -37,8 +37,9 @@ def backend(tiny_wan_dir):
     b.unload()
 
 
-def job(prompt="a cat", *, seed=0, width=64, height=64, num_frames=9, fps=8, steps=4, guidance=0.0,
-        negative_prompt=None):
+def job(
+    prompt="a cat", *, seed=0, width=64, height=64, num_frames=9, fps=8, steps=4, guidance=0.0, negative_prompt=None
+):
     return {
         "prompt": prompt,
         "negative_prompt": negative_prompt,
@@ -169,9 +170,7 @@ def test_cancel_stops_the_pipeline_between_steps(backend):
 @pytest.mark.e2e
 def test_partial_cancel_finishes_the_others(backend):
     gone, kept = [], []
-    results = backend.run_batch(
-        [item(job(seed=1), gone, is_canceled=lambda: len(gone) >= 1), item(job(seed=2), kept)]
-    )
+    results = backend.run_batch([item(job(seed=1), gone, is_canceled=lambda: len(gone) >= 1), item(job(seed=2), kept)])
     assert isinstance(results[0], JobCanceled)
     assert len(decode(results[1].artifacts[0].data)[1]) == 9
     assert kept == [0.25, 0.5, 0.75, 1.0]

@@ -15,6 +15,9 @@ import pytest
 import requests
 from sqlalchemy import func, select
 
+from tests.conftest import settings_env
+from tests.fixtures.http import Harness
+from tests.fixtures.services import services_for
 from vramq.jobs import fairness, ledger, lifecycle
 from vramq.jobs.batches import creation
 from vramq.jobs.batches.finisher import Finisher
@@ -22,16 +25,14 @@ from vramq.jobs.batches.parsing import MAX_JOBS
 from vramq.jobs.db import writing
 from vramq.jobs.queue import PRIORITY, queue_name
 from vramq.jobs.schema import Batch, Job, LedgerEntry, WebhookDelivery
-from tests.conftest import settings_env
-from tests.fixtures.services import services_for
-from tests.fixtures.http import Harness
 
 INPUT = {"prompt": "a fox", "width": 64, "height": 64, "steps": 2}
 
 
 def lines(n: int, model: str = "tiny-flux", start: int = 0) -> list[dict]:
-    return [{"custom_id": f"frame-{i:05d}", "model": model, "input": {**INPUT, "seed": i}}
-            for i in range(start, start + n)]
+    return [
+        {"custom_id": f"frame-{i:05d}", "model": model, "input": {**INPUT, "seed": i}} for i in range(start, start + n)
+    ]
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])
@@ -86,8 +87,9 @@ def test_a_batch_is_accepted_whole_reserved_per_job_and_listed_in_order(h):
         if cursor is None:
             break
     assert [j["custom_id"] for j in seen] == [f"frame-{i:05d}" for i in range(25)]
-    assert all(j["batch_id"] == b["id"] and j["priority"] == "low" and j["input"]["seed"] == i
-               for i, j in enumerate(seen))
+    assert all(
+        j["batch_id"] == b["id"] and j["priority"] == "low" and j["input"]["seed"] == i for i, j in enumerate(seen)
+    )
     one = h.call("GET", f"/v1/jobs/{seen[3]['id']}", key).get_json()
     assert one["custom_id"] == "frame-00003" and one["queue_position"] == 3
 
@@ -137,16 +139,24 @@ def test_a_jsonl_input_file_is_checked_line_by_line(h):
     bad = good + '{"custom_id": "x", "model": "tiny-flux"\n'  # line 5: broken JSON
     files = {}
     for name, text in (("good", good), ("bad", bad)):
-        up = h.call("POST", "/v1/files", key, data={"purpose": "batch", "file": (__import__("io").BytesIO(text.encode()),
-                                                                                     f"{name}.jsonl")})
+        up = h.call(
+            "POST",
+            "/v1/files",
+            key,
+            data={"purpose": "batch", "file": (__import__("io").BytesIO(text.encode()), f"{name}.jsonl")},
+        )
         if name == "bad":  # the upload already refuses unparsable lines
             assert up.status_code == 422 and "line 5" in up.get_json()["detail"]
             continue
         assert up.status_code == 201, up.get_json()
         files[name] = up.get_json()["id"]
     missing_input = "\n".join(json.dumps(x) for x in lines(2)) + '\n{"custom_id": "y", "model": "tiny-flux"}\n'
-    up = h.call("POST", "/v1/files", key, data={"purpose": "batch", "file": (__import__("io").BytesIO(
-        missing_input.encode()), "m.jsonl")})
+    up = h.call(
+        "POST",
+        "/v1/files",
+        key,
+        data={"purpose": "batch", "file": (__import__("io").BytesIO(missing_input.encode()), "m.jsonl")},
+    )
     resp = h.call("POST", "/v1/batches", key, json={"input_file": up.get_json()["id"]})
     assert resp.status_code == 422
     err = resp.get_json()["errors"][0]
@@ -177,8 +187,9 @@ def test_a_batch_is_all_or_nothing(h, monkeypatch):
         return real(app, hint, model, priority, count=count)
 
     monkeypatch.setattr(creation, "publish", flaky)
-    mixed = lines(3) + [{"custom_id": f"text-{i}", "model": "tiny-qwen2", "input": {"prompt": "hi", "max_tokens": 4}}
-                        for i in range(2)]
+    mixed = lines(3) + [
+        {"custom_id": f"text-{i}", "model": "tiny-qwen2", "input": {"prompt": "hi", "max_tokens": 4}} for i in range(2)
+    ]
     resp = h.call("POST", "/v1/batches", key, json={"jobs": mixed})
     assert resp.status_code == 503 and len(calls) == 2
     assert count(h, Job) == 0 and count(h, Batch) == 0 and count(h, LedgerEntry) == 0
@@ -199,8 +210,15 @@ def test_a_batch_is_all_or_nothing(h, monkeypatch):
 
 def test_cancel_refunds_queued_jobs_stops_running_ones_and_the_manifest_lists_each_once(h):
     acct, key = h.account()
-    b = h.call("POST", "/v1/batches", key, json={"jobs": lines(20), "webhook": {
-        "url": "http://127.0.0.1:9/hook", "events": ["batch.completed", "job.canceled"]}}).get_json()
+    b = h.call(
+        "POST",
+        "/v1/batches",
+        key,
+        json={
+            "jobs": lines(20),
+            "webhook": {"url": "http://127.0.0.1:9/hook", "events": ["batch.completed", "job.canceled"]},
+        },
+    ).get_json()
     with writing(h.services.sessions) as s:
         running = [fairness.take_next(s, "tiny-flux", "low", "w1", 30) for _ in range(2)]
     assert h.call("GET", f"/v1/batches/{b['id']}", key).get_json()["status"] == "running"
@@ -211,14 +229,16 @@ def test_cancel_refunds_queued_jobs_stops_running_ones_and_the_manifest_lists_ea
     assert body["counts"]["canceled"] == 20 and body["counts"]["queued"] == 0
     assert h.call("POST", f"/v1/batches/{b['id']}/cancel", key).status_code == 409
     with h.services.sessions() as s:
-        entries = s.execute(select(LedgerEntry.entry, func.count()).where(LedgerEntry.caller == acct)
-                            .group_by(LedgerEntry.entry)).all()
+        entries = s.execute(
+            select(LedgerEntry.entry, func.count()).where(LedgerEntry.caller == acct).group_by(LedgerEntry.entry)
+        ).all()
         assert dict(entries) == {"reserve": 20, "refund": 18, "settle": 2}
         assert ledger.audit(s, acct, ledger.day_of(h.now)) == (200, 0)  # two minimum charges
         charged = dict(s.execute(select(Job.id, Job.tokens_charged).where(Job.batch_id == b["id"])).all())
         assert {charged[j] for j in running} == {100} and sum(charged.values()) == 200
-        job_hooks = s.execute(select(func.count()).select_from(WebhookDelivery)
-                              .where(WebhookDelivery.event == "job.canceled")).scalar_one()
+        job_hooks = s.execute(
+            select(func.count()).select_from(WebhookDelivery).where(WebhookDelivery.event == "job.canceled")
+        ).scalar_one()
         assert job_hooks == 20
     assert h.usage(key)["used_today"] == 200
 
@@ -248,8 +268,15 @@ def test_the_manifest_has_outputs_as_signed_links_and_errors(h):
         with services.sessions.begin() as s:
             if i % 2 == 0:
                 services.store.put(f"jobs/{job_id}/1/image.png", b"png-bytes-%d" % i, "image/png")
-                lifecycle.succeed(s, job_id, "w1", {"images": [{"url": {"$object": f"jobs/{job_id}/1/image.png"}}]},
-                                  0.5, {}, h.now + timedelta(hours=24))
+                lifecycle.succeed(
+                    s,
+                    job_id,
+                    "w1",
+                    {"images": [{"url": {"$object": f"jobs/{job_id}/1/image.png"}}]},
+                    0.5,
+                    {},
+                    h.now + timedelta(hours=24),
+                )
             else:
                 lifecycle.fail(s, job_id, "w1", "internal_error", "boom")
         if i < 3:
@@ -279,8 +306,15 @@ def test_manifest_links_last_whole_seconds_when_the_retention_is_set_in_the_envi
         job_id = fairness.take_next(s, "tiny-flux", "low", "w1", 30)
     services.store.put(f"jobs/{job_id}/1/image.png", b"png-bytes", "image/png")
     with services.sessions.begin() as s:
-        lifecycle.succeed(s, job_id, "w1", {"images": [{"url": {"$object": f"jobs/{job_id}/1/image.png"}}]},
-                          0.5, {}, h.now + timedelta(hours=1))
+        lifecycle.succeed(
+            s,
+            job_id,
+            "w1",
+            {"images": [{"url": {"$object": f"jobs/{job_id}/1/image.png"}}]},
+            0.5,
+            {},
+            h.now + timedelta(hours=1),
+        )
     assert finish(h) == 1
     done = h.call("GET", f"/v1/batches/{b['id']}", key).get_json()
     manifest = [json.loads(x) for x in h.http.get(done["results_url"]).get_data(as_text=True).splitlines()]
@@ -345,8 +379,7 @@ def test_priorities_come_before_fairness(h):
 
 
 @pytest.mark.e2e
-def test_one_accounts_2000_job_batch_does_not_starve_another_account(tmp_path, redis_url, models_dir,
-                                                                      cluster_factory):
+def test_one_accounts_2000_job_batch_does_not_starve_another_account(tmp_path, redis_url, models_dir, cluster_factory):
     """A's 2,000-job low batch is queued and running; B's normal job, then B's low job,
     start long before A's batch is half done. Then A cancels: the batch finishes with a
     manifest listing all 2,000 jobs once."""
@@ -369,8 +402,9 @@ def test_one_accounts_2000_job_batch_does_not_starve_another_account(tmp_path, r
         time.sleep(0.2)
     started = {}
     for priority in ("normal", "low"):
-        job = cluster.post("/v1/jobs", json={"model": "tiny-flux", "input": INPUT, "priority": priority},
-                           headers=auth_b).json()
+        job = cluster.post(
+            "/v1/jobs", json={"model": "tiny-flux", "input": INPUT, "priority": priority}, headers=auth_b
+        ).json()
         while True:
             got = cluster.get(f"/v1/jobs/{job['id']}", headers=auth_b).json()
             if got["started_at"]:

@@ -105,8 +105,16 @@ def test_public_view_shows_effective_defaults():
     assert pub["limits"]["max_width"] == 1024
 
 
-@pytest.mark.parametrize("model, field", [("tiny-flux", "width"), ("tiny-flux", "seed"), ("tiny-video", "num_frames"),
-                                          ("tiny-qwen2", "max_tokens"), ("tiny-qwen2", "seed")])
+@pytest.mark.parametrize(
+    "model, field",
+    [
+        ("tiny-flux", "width"),
+        ("tiny-flux", "seed"),
+        ("tiny-video", "num_frames"),
+        ("tiny-qwen2", "max_tokens"),
+        ("tiny-qwen2", "seed"),
+    ],
+)
 def test_integer_fields_take_integral_json_numbers_only(model, field):
     """``64.0`` is the JSON number 64 (and an ``integer`` to JSON Schema, as /openapi.json
     says): accepted as 64. Booleans, numeric strings and fractions are refused."""

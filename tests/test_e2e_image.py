@@ -31,7 +31,13 @@ def cluster(request, tmp_path, redis_url, models_dir, cluster_factory):
 
 
 def test_image_job_end_to_end(cluster):
-    resp = cluster.post("/v1/jobs", json={"model": "tiny-flux", "input": {"prompt": "a red fox", "width": 96, "height": 64, "num_images": 2, "seed": 7}})
+    resp = cluster.post(
+        "/v1/jobs",
+        json={
+            "model": "tiny-flux",
+            "input": {"prompt": "a red fox", "width": 96, "height": 64, "num_images": 2, "seed": 7},
+        },
+    )
     assert resp.status_code == 202, resp.text
     job = resp.json()
     assert job["status"] == "queued" and job["id"].startswith("job_")

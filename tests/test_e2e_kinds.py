@@ -22,8 +22,13 @@ def test_one_worker_serves_every_kind(shared_cluster):
     assert len(workers) == 1
     assert sorted(workers[0]["models"]) == ["echo", "tiny-flux", "tiny-qwen2", "tiny-video", "tiny-whisper"]
     kinds = {m["id"]: (m["kind"], m["available"]) for m in shared_cluster.get("/v1/models").json()["data"]}
-    assert kinds == {"tiny-flux": ("image", True), "tiny-qwen2": ("text", True), "echo": ("text", True),
-                     "tiny-video": ("video", True), "tiny-whisper": ("speech", True)}
+    assert kinds == {
+        "tiny-flux": ("image", True),
+        "tiny-qwen2": ("text", True),
+        "echo": ("text", True),
+        "tiny-video": ("video", True),
+        "tiny-whisper": ("speech", True),
+    }
 
 
 # --- text ------------------------------------------------------------------------------
@@ -32,16 +37,25 @@ def test_one_worker_serves_every_kind(shared_cluster):
 def test_echo_answers_with_its_prompt_through_the_api_and_a_worker(shared_cluster):
     """The model that does no work (bench/queue_floor.py): a text job's output, streamed as a text job's."""
     a = submit(shared_cluster, "echo", {"prompt": "the queue alone", "max_tokens": 2})
-    b = submit(shared_cluster, "echo", {"messages": [{"role": "system", "content": "Be brief."},
-                                                     {"role": "user", "content": "echo me"}]})
+    b = submit(
+        shared_cluster,
+        "echo",
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "echo me"}]},
+    )
     done = shared_cluster.wait_job(a["id"])
     assert done["status"] == "succeeded", done
-    assert done["output"] == {"text": "the queue", "finish_reason": "length",
-                              "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
+    assert done["output"] == {
+        "text": "the queue",
+        "finish_reason": "length",
+        "usage": {"prompt_tokens": 3, "completion_tokens": 2},
+    }
     assert done["usage"]["batch_size"] == 1 and done["usage"]["gpu_seconds"] < 0.05
     done = shared_cluster.wait_job(b["id"])
     assert done["status"] == "succeeded", done
-    assert done["output"]["text"] == "echo me" and done["output"]["usage"] == {"prompt_tokens": 4, "completion_tokens": 2}
+    assert done["output"]["text"] == "echo me" and done["output"]["usage"] == {
+        "prompt_tokens": 4,
+        "completion_tokens": 2,
+    }
     with requests.get(shared_cluster.url + f"/v1/jobs/{b['id']}/events", stream=True, timeout=60) as resp:
         events = read_sse(resp)
     assert [d["text"] for _i, e, d in events if e == "delta"] == ["echo me"]
@@ -49,8 +63,14 @@ def test_echo_answers_with_its_prompt_through_the_api_and_a_worker(shared_cluste
 
 def test_text_prompt_and_chat(shared_cluster):
     a = submit(shared_cluster, "tiny-qwen2", {"prompt": "Once upon a time", "max_tokens": 12, "seed": 3})
-    b = submit(shared_cluster, "tiny-qwen2", {"messages": [{"role": "system", "content": "Be brief."},
-                                                          {"role": "user", "content": "Hello!"}], "max_tokens": 9})
+    b = submit(
+        shared_cluster,
+        "tiny-qwen2",
+        {
+            "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}],
+            "max_tokens": 9,
+        },
+    )
     for job, n in ((a, 12), (b, 9)):
         done = shared_cluster.wait_job(job["id"])
         assert done["status"] == "succeeded", done
@@ -106,7 +126,10 @@ def test_text_cancel_mid_generation(shared_cluster, models_dir):
         resp = shared_cluster.post(f"/v1/jobs/{job['id']}/cancel")
         if resp.status_code == 200:
             break
-        assert resp.json()["code"] == "conflict" and shared_cluster.get(f"/v1/jobs/{job['id']}").json()["status"] == "succeeded"
+        assert (
+            resp.json()["code"] == "conflict"
+            and shared_cluster.get(f"/v1/jobs/{job['id']}").json()["status"] == "succeeded"
+        )
     assert resp.json()["status"] == "canceled"
     final = shared_cluster.wait_job(job["id"])
     assert final["status"] == "canceled" and final["output"] is None
@@ -121,18 +144,27 @@ def test_text_cancel_mid_generation(shared_cluster, models_dir):
     assert tokens < 1900, tokens
 
 
-@pytest.mark.parametrize("inp, loc, needle", [
-    ({"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, ["input"], "exactly one of prompt or messages"),
-    ({}, ["input"], "exactly one of prompt or messages"),
-    ({"prompt": "a", "max_tokens": 2001}, ["input", "max_tokens"], "limit max_tokens"),
-    ({"prompt": "a", "temperature": 3}, ["input", "temperature"], "2"),
-    ({"prompt": "a", "top_p": 0}, ["input", "top_p"], "greater than 0"),
-    ({"messages": [{"role": "robot", "content": "b"}]}, ["input", "messages", "0", "role"], "system"),
-    ({"messages": []}, ["input", "messages"], "at least 1"),
-    ({"prompt": "a", "stop": "x"}, ["input", "stop"], "list"),
-])
+@pytest.mark.parametrize(
+    "inp, loc, needle",
+    [
+        (
+            {"prompt": "a", "messages": [{"role": "user", "content": "b"}]},
+            ["input"],
+            "exactly one of prompt or messages",
+        ),
+        ({}, ["input"], "exactly one of prompt or messages"),
+        ({"prompt": "a", "max_tokens": 2001}, ["input", "max_tokens"], "limit max_tokens"),
+        ({"prompt": "a", "temperature": 3}, ["input", "temperature"], "2"),
+        ({"prompt": "a", "top_p": 0}, ["input", "top_p"], "greater than 0"),
+        ({"messages": [{"role": "robot", "content": "b"}]}, ["input", "messages", "0", "role"], "system"),
+        ({"messages": []}, ["input", "messages"], "at least 1"),
+        ({"prompt": "a", "stop": "x"}, ["input", "stop"], "list"),
+    ],
+)
 def test_text_bad_input(shared_cluster, inp, loc, needle):
-    problem = assert_problem(shared_cluster.post("/v1/jobs", json={"model": "tiny-qwen2", "input": inp}), 422, "invalid_input")
+    problem = assert_problem(
+        shared_cluster.post("/v1/jobs", json={"model": "tiny-qwen2", "input": inp}), 422, "invalid_input"
+    )
     msgs = " ".join(e["msg"] for e in problem["errors"] if [str(p) for p in e["loc"]] == loc)
     assert needle in msgs, problem
 
@@ -143,11 +175,21 @@ def test_text_bad_input(shared_cluster, inp, loc, needle):
 def test_video_job_makes_an_mp4(shared_cluster):
     import av
 
-    job = submit(shared_cluster, "tiny-video", {"prompt": "waves", "width": 64, "height": 48, "num_frames": 9, "fps": 12, "steps": 3})
+    job = submit(
+        shared_cluster,
+        "tiny-video",
+        {"prompt": "waves", "width": 64, "height": 48, "num_frames": 9, "fps": 12, "steps": 3},
+    )
     done = shared_cluster.wait_job(job["id"], timeout=180)
     assert done["status"] == "succeeded", done
     video = done["output"]["video"]
-    assert (video["content_type"], video["width"], video["height"], video["frames"], video["fps"]) == ("video/mp4", 64, 48, 9, 12)
+    assert (video["content_type"], video["width"], video["height"], video["frames"], video["fps"]) == (
+        "video/mp4",
+        64,
+        48,
+        9,
+        12,
+    )
     data = requests.get(video["url"], timeout=10).content
     with av.open(io.BytesIO(data)) as container:
         stream = container.streams.video[0]
@@ -157,10 +199,16 @@ def test_video_job_makes_an_mp4(shared_cluster):
 
 
 def test_video_cancel_mid_render(shared_cluster):
-    job = submit(shared_cluster, "tiny-video", {"prompt": "long", "width": 64, "height": 64, "num_frames": 9, "steps": 200})
+    job = submit(
+        shared_cluster, "tiny-video", {"prompt": "long", "width": 64, "height": 64, "num_frames": 9, "steps": 200}
+    )
     wait_running(shared_cluster, job["id"], min_progress=0.01)
     assert shared_cluster.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] == "canceled"
-    nxt = shared_cluster.wait_job(submit(shared_cluster, "tiny-video", {"prompt": "n", "width": 64, "height": 64, "num_frames": 5, "steps": 2})["id"])
+    nxt = shared_cluster.wait_job(
+        submit(shared_cluster, "tiny-video", {"prompt": "n", "width": 64, "height": 64, "num_frames": 5, "steps": 2})[
+            "id"
+        ]
+    )
     assert nxt["status"] == "succeeded"
     final = shared_cluster.get(f"/v1/jobs/{job['id']}").json()
     assert final["status"] == "canceled" and final["output"] is None
@@ -169,23 +217,30 @@ def test_video_cancel_mid_render(shared_cluster):
     assert progress and max(progress) < 0.95, progress
 
 
-@pytest.mark.parametrize("inp, loc", [
-    ({"prompt": "x", "num_frames": 1000}, ["input", "num_frames"]),
-    ({"prompt": "x", "width": 4096}, ["input", "width"]),
-    ({"prompt": "x", "steps": 500}, ["input", "steps"]),
-    ({"prompt": "x", "fps": 0}, ["input", "fps"]),
-    ({"prompt": "x", "num_frames": 8}, ["input", "num_frames"]),
-    ({"width": 64}, ["input", "prompt"]),
-])
+@pytest.mark.parametrize(
+    "inp, loc",
+    [
+        ({"prompt": "x", "num_frames": 1000}, ["input", "num_frames"]),
+        ({"prompt": "x", "width": 4096}, ["input", "width"]),
+        ({"prompt": "x", "steps": 500}, ["input", "steps"]),
+        ({"prompt": "x", "fps": 0}, ["input", "fps"]),
+        ({"prompt": "x", "num_frames": 8}, ["input", "num_frames"]),
+        ({"width": 64}, ["input", "prompt"]),
+    ],
+)
 def test_video_bad_input(shared_cluster, inp, loc):
-    assert_problem(shared_cluster.post("/v1/jobs", json={"model": "tiny-video", "input": inp}), 422, "invalid_input", loc)
+    assert_problem(
+        shared_cluster.post("/v1/jobs", json={"model": "tiny-video", "input": inp}), 422, "invalid_input", loc
+    )
 
 
 # --- speech ----------------------------------------------------------------------------
 
 
 def upload(cluster, data: bytes, name: str = "clip.wav") -> requests.Response:
-    return cluster.post("/v1/files", files={"file": (name, data, "application/octet-stream")}, data={"purpose": "audio"})
+    return cluster.post(
+        "/v1/files", files={"file": (name, data, "application/octet-stream")}, data={"purpose": "audio"}
+    )
 
 
 def test_speech_from_an_uploaded_file_and_a_data_uri(shared_cluster):
@@ -194,7 +249,9 @@ def test_speech_from_an_uploaded_file_and_a_data_uri(shared_cluster):
     f = up.json()
     assert f["id"].startswith("file_") and abs(f["duration"] - 3.0) < 0.05
     a = submit(shared_cluster, "tiny-whisper", {"audio": f["id"], "language": "en"})
-    b = submit(shared_cluster, "tiny-whisper", {"audio": data_uri(wav_bytes(tone(1.5))), "task": "translate", "language": "en"})
+    b = submit(
+        shared_cluster, "tiny-whisper", {"audio": data_uri(wav_bytes(tone(1.5))), "task": "translate", "language": "en"}
+    )
     for job, seconds in ((a, 3.0), (b, 1.5)):
         done = shared_cluster.wait_job(job["id"], timeout=120)
         assert done["status"] == "succeeded", done
@@ -205,13 +262,16 @@ def test_speech_from_an_uploaded_file_and_a_data_uri(shared_cluster):
         assert srt.status_code == 200 and vtt.status_code == 200 and vtt.text.startswith("WEBVTT")
 
 
-@pytest.mark.parametrize("audio, code", [
-    ("file_doesnotexist", "invalid_input"),
-    (data_uri(b"this is not audio at all"), "invalid_audio"),
-    (data_uri(b""), "invalid_audio"),
-    ("data:audio/wav;base64,@@@not-base64@@@", "invalid_input"),
-    ("https://example.com/a.wav", "invalid_input"),
-])
+@pytest.mark.parametrize(
+    "audio, code",
+    [
+        ("file_doesnotexist", "invalid_input"),
+        (data_uri(b"this is not audio at all"), "invalid_audio"),
+        (data_uri(b""), "invalid_audio"),
+        ("data:audio/wav;base64,@@@not-base64@@@", "invalid_input"),
+        ("https://example.com/a.wav", "invalid_input"),
+    ],
+)
 def test_speech_bad_audio_is_refused_at_submit(shared_cluster, audio, code):
     resp = shared_cluster.post("/v1/jobs", json={"model": "tiny-whisper", "input": {"audio": audio}})
     assert_problem(resp, 422, code, ["input", "audio"])
@@ -220,8 +280,12 @@ def test_speech_bad_audio_is_refused_at_submit(shared_cluster, audio, code):
 def test_speech_audio_past_the_limit(shared_cluster):
     # 601 s of silence at 8 kHz is about 9.6 MB: upload it, then submit against the 600 s limit.
     f = upload(shared_cluster, wav_bytes(tone(601.0, rate=8000) * 0, rate=8000)).json()
-    problem = assert_problem(shared_cluster.post("/v1/jobs", json={"model": "tiny-whisper", "input": {"audio": f["id"]}}),
-                             422, "audio_too_long", ["input", "audio"])
+    problem = assert_problem(
+        shared_cluster.post("/v1/jobs", json={"model": "tiny-whisper", "input": {"audio": f["id"]}}),
+        422,
+        "audio_too_long",
+        ["input", "audio"],
+    )
     assert "max_audio_seconds" in problem["detail"]
 
 
@@ -233,7 +297,9 @@ def test_corrupt_stored_audio_fails_the_job_and_the_worker_goes_on(shared_cluste
     obj.write_bytes(b"\x00" * 64)
     bad = shared_cluster.wait_job(submit(shared_cluster, "tiny-whisper", {"audio": f["id"]})["id"], timeout=120)
     assert bad["status"] == "failed" and bad["error"]["code"] == "invalid_audio", bad
-    good = shared_cluster.wait_job(submit(shared_cluster, "tiny-whisper", {"audio": data_uri(wav_bytes(tone(1.0)))})["id"], timeout=120)
+    good = shared_cluster.wait_job(
+        submit(shared_cluster, "tiny-whisper", {"audio": data_uri(wav_bytes(tone(1.0)))})["id"], timeout=120
+    )
     assert good["status"] == "succeeded"
 
 

@@ -11,11 +11,12 @@ import pytest
 import redis
 import requests
 
-from vramq.jobs import events
 from tests.conftest import settings_env
 from tests.fixtures.slow_image import SLOW, SLOW_CATALOG, wait_running
+from vramq.jobs import events
 
 pytestmark = pytest.mark.e2e
+
 
 def objects(env, job_id: str) -> list[Path]:
     root = Path(env["VRAMQ_DATA_DIR"]) / "objects" / "jobs" / job_id
@@ -34,7 +35,9 @@ def test_cancel_queued_job_never_runs(env, cluster_factory):
     assert again.status_code == 409 and again.json()["code"] == "conflict"
 
     cluster.start_worker()
-    later = cluster.wait_job(cluster.post("/v1/jobs", json={"model": "tiny-flux", "input": {"prompt": "y", "steps": 2}}).json()["id"])
+    later = cluster.wait_job(
+        cluster.post("/v1/jobs", json={"model": "tiny-flux", "input": {"prompt": "y", "steps": 2}}).json()["id"]
+    )
     assert later["status"] == "succeeded"  # the worker drained the queue past the canceled message
     final = cluster.get(f"/v1/jobs/{job['id']}").json()
     assert final["status"] == "canceled" and final["started_at"] is None and final["attempts"] == 0
@@ -53,7 +56,9 @@ def test_cancel_running_job_stops_between_steps(env, cluster_factory):
     resp = cluster.post(f"/v1/jobs/{job['id']}/cancel")
     assert resp.status_code == 200 and resp.json()["status"] == "canceled"
     # The worker is free again long before the 600 steps would have finished.
-    nxt = cluster.wait_job(cluster.post("/v1/jobs", json={"model": "tiny-flux", "input": {"prompt": "n", "steps": 2}}).json()["id"])
+    nxt = cluster.wait_job(
+        cluster.post("/v1/jobs", json={"model": "tiny-flux", "input": {"prompt": "n", "steps": 2}}).json()["id"]
+    )
     assert nxt["status"] == "succeeded"
     final = cluster.get(f"/v1/jobs/{job['id']}").json()
     assert final["status"] == "canceled" and final["output"] is None and final["progress"] < 0.9
@@ -85,7 +90,9 @@ def test_worker_killed_mid_job_runs_it_exactly_once(env, cluster_factory):
     done = cluster.wait_job(job["id"], timeout=120)
     assert done["status"] == "succeeded" and done["attempts"] == 2
     files = objects(env, job["id"])
-    assert [p.relative_to(Path(env["VRAMQ_DATA_DIR"]) / "objects" / "jobs" / job["id"]).as_posix() for p in files] == ["2/image-0.png"]
+    assert [p.relative_to(Path(env["VRAMQ_DATA_DIR"]) / "objects" / "jobs" / job["id"]).as_posix() for p in files] == [
+        "2/image-0.png"
+    ]
 
     # Redis redelivers the killed worker's unacknowledged message after the visibility
     # timeout (8 s here). The new worker must drop it: no third run, no second output.
@@ -102,8 +109,9 @@ def test_a_stopping_worker_gives_back_the_jobs_still_running_after_its_grace_per
     cluster = cluster_factory(env)
     cluster.start_api()
     worker = cluster._spawn("worker", ["worker", "--cpu", "--stop-grace", "2"])
-    cluster._wait(worker, lambda: any(w["pid"] == worker.popen.pid and w["state"] == "ready"
-                                      for w in cluster.workers()), 120)
+    cluster._wait(
+        worker, lambda: any(w["pid"] == worker.popen.pid and w["state"] == "ready" for w in cluster.workers()), 120
+    )
     job = cluster.post("/v1/jobs", json={"model": "tiny-flux", "input": SLOW}).json()
     wait_running(cluster, job["id"], min_progress=0.02)
     worker.popen.send_signal(signal.SIGTERM)
@@ -119,11 +127,11 @@ def test_a_stopping_worker_gives_back_the_jobs_still_running_after_its_grace_per
 def test_readyz_follows_the_broker(tmp_path, models_dir, private_redis):
     import redis
 
+    from tests.fixtures.services import services_for
     from vramq.api import create_app
     from vramq.jobs import heartbeat
     from vramq.jobs.schema import Job
     from vramq.jobs.settings import Settings
-    from tests.fixtures.services import services_for
 
     settings = Settings.from_env(settings_env(tmp_path, redis_url=private_redis.url, models_dir=models_dir))
     client = create_app(services=services_for(settings)).test_client()
@@ -138,8 +146,9 @@ def test_readyz_follows_the_broker(tmp_path, models_dir, private_redis):
     private_redis.start()
     assert client.get("/readyz").status_code == 200
     # A worker for the model registers (still loading: it takes nothing in this test).
-    heartbeat.announce(redis.Redis.from_url(private_redis.url), "w", {"name": "w", "models": ["tiny-flux"],
-                                                                      "state": "loading"})
+    heartbeat.announce(
+        redis.Redis.from_url(private_redis.url), "w", {"name": "w", "models": ["tiny-flux"], "state": "loading"}
+    )
     time.sleep(1.1)  # the API's view of live workers is cached for a second
     assert client.post("/v1/jobs", json={"model": "tiny-flux", "input": {"prompt": "x"}}).status_code == 202
     # The refused job left nothing behind; the accepted one is queued.
@@ -167,8 +176,9 @@ def test_broker_restart_loses_no_queued_job_and_workers_reconnect(tmp_path, mode
     assert cluster.wait_job(cluster.post("/v1/jobs", json=small).json()["id"], timeout=90)["status"] == "succeeded"
 
 
-def test_storage_down_spools_the_outputs_and_the_job_succeeds_when_the_store_returns(tmp_path, redis_url, models_dir,
-                                                                                      private_s3, cluster_factory):
+def test_storage_down_spools_the_outputs_and_the_job_succeeds_when_the_store_returns(
+    tmp_path, redis_url, models_dir, private_s3, cluster_factory
+):
     """Paid GPU work is not thrown away when the store is down: the outputs wait on the
     worker's disk (the job stays running under its renewed lease) and land when the store
     answers again; past VRAMQ_SPOOL_SECONDS the job fails storage_unavailable, refunded."""
@@ -178,9 +188,18 @@ def test_storage_down_spools_the_outputs_and_the_job_succeeds_when_the_store_ret
         boto3.client("s3", endpoint_url=private_s3.url).create_bucket(Bucket="out")
 
     make_bucket()
-    cluster = cluster_factory(settings_env(tmp_path, redis_url=redis_url, models_dir=models_dir,
-                                           storage_url="s3://out/x", s3_endpoint_url=private_s3.url,
-                                           lease_seconds=2, visibility_timeout=8, spool_seconds=12))
+    cluster = cluster_factory(
+        settings_env(
+            tmp_path,
+            redis_url=redis_url,
+            models_dir=models_dir,
+            storage_url="s3://out/x",
+            s3_endpoint_url=private_s3.url,
+            lease_seconds=2,
+            visibility_timeout=8,
+            spool_seconds=12,
+        )
+    )
     cluster.start_api()
     cluster.start_worker(models="tiny-flux")
     small = {"model": "tiny-flux", "input": {"prompt": "s", "steps": 2}}
@@ -238,8 +257,9 @@ def test_a_job_that_kills_its_workers_ends_failed_worker_lost_after_the_cap(env,
     assert cluster.wait_job(cluster.post("/v1/jobs", json=small).json()["id"])["status"] == "succeeded"
 
 
-def test_a_model_that_fails_to_load_fails_its_jobs_and_the_worker_goes_on(tmp_path, redis_url, models_dir,
-                                                                          cluster_factory):
+def test_a_model_that_fails_to_load_fails_its_jobs_and_the_worker_goes_on(
+    tmp_path, redis_url, models_dir, cluster_factory
+):
     import shutil
 
     from vramq.gpu_workers.vram import estimate_entry
@@ -252,17 +272,29 @@ def test_a_model_that_fails_to_load_fails_its_jobs_and_the_worker_goes_on(tmp_pa
     with open(weights, "r+b") as f:  # the header (the estimate reads it) stays; the tensors are cut off
         f.truncate(header + 16)
     catalog = tmp_path / "catalog.toml"
-    catalog.write_text(SLOW_CATALOG.format(weights=models_dir / "tiny-flux")
-                       + SLOW_CATALOG.format(weights=broken).replace('"tiny-flux"', '"broken-flux"'))
+    catalog.write_text(
+        SLOW_CATALOG.format(weights=models_dir / "tiny-flux")
+        + SLOW_CATALOG.format(weights=broken).replace('"tiny-flux"', '"broken-flux"')
+    )
     entries = load_catalog(catalog, models_dir=models_dir)
     need = {m: estimate_entry(entries.get(m)).total_bytes for m in ("tiny-flux", "broken-flux")}
     cluster = cluster_factory(settings_env(tmp_path, redis_url=redis_url, models_dir=models_dir, catalog=catalog))
     cluster.start_api()
     # Room for one model at a time: tiny-flux loads at start, broken-flux on demand.
-    worker = cluster._spawn("worker", ["worker", "--cpu", "--models", "tiny-flux,broken-flux",
-                                       "--vram-budget", f"{max(need.values()) // 1000 + 1}KB"])
-    cluster._wait(worker, lambda: any(w["pid"] == worker.popen.pid and w["state"] == "ready"
-                                      for w in cluster.workers()), 120)
+    worker = cluster._spawn(
+        "worker",
+        [
+            "worker",
+            "--cpu",
+            "--models",
+            "tiny-flux,broken-flux",
+            "--vram-budget",
+            f"{max(need.values()) // 1000 + 1}KB",
+        ],
+    )
+    cluster._wait(
+        worker, lambda: any(w["pid"] == worker.popen.pid and w["state"] == "ready" for w in cluster.workers()), 120
+    )
 
     job = cluster.post("/v1/jobs", json={"model": "broken-flux", "input": {"prompt": "x", "steps": 2}}).json()
     failed = cluster.wait_job(job["id"], timeout=60)
@@ -273,6 +305,8 @@ def test_a_model_that_fails_to_load_fails_its_jobs_and_the_worker_goes_on(tmp_pa
     time.sleep(1.1)  # the API's view of the workers is cached for a second
     refused = cluster.post("/v1/jobs", json={"model": "broken-flux", "input": {"prompt": "y", "steps": 2}})
     assert refused.status_code == 503 and refused.json()["code"] == "model_unavailable"
-    ok = cluster.wait_job(cluster.post("/v1/jobs", json={"model": "tiny-flux", "input": {"prompt": "z", "steps": 2}}).json()["id"])
+    ok = cluster.wait_job(
+        cluster.post("/v1/jobs", json={"model": "tiny-flux", "input": {"prompt": "z", "steps": 2}}).json()["id"]
+    )
     assert ok["status"] == "succeeded"
     assert worker.popen.poll() is None  # the same worker, still serving

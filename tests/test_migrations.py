@@ -7,7 +7,7 @@ under the new ones, and the downgrade must give them back under the old names.""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 import sqlalchemy as sa
@@ -20,7 +20,7 @@ from vramq.jobs.schema import IdempotencyKey, LedgerEntry, UTCDateTime, Wallet, 
 
 ACCOUNT = "acct_0123456789abcdef"
 ANON = "anon:203.0.113.5"
-NOW = datetime(2026, 11, 20, 9, 30, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 20, 9, 30, tzinfo=UTC)
 DAY = "2026-11-20"
 
 
@@ -45,18 +45,48 @@ def old_tables() -> dict[str, sa.TableClause]:
     """The four tables as 0005 left them: the paying party's column is ``holder``
     (``scope`` for idempotency keys)."""
     return {
-        "wallets": sa.table("wallets", sa.column("holder"), sa.column("version"), sa.column("day"), sa.column("used"),
-                            sa.column("balance")),
-        "ledger": sa.table("ledger", sa.column("id"), sa.column("holder"), sa.column("entry"), sa.column("job_id"),
-                           sa.column("day"), sa.column("allowance_delta"), sa.column("balance_delta"),
-                           sa.column("reason"), sa.column("created_at", UTCDateTime)),
-        "idempotency_keys": sa.table("idempotency_keys", sa.column("scope"), sa.column("key"),
-                                     sa.column("request_hash"), sa.column("resource_id"),
-                                     sa.column("created_at", UTCDateTime)),
-        "webhook_deliveries": sa.table("webhook_deliveries", sa.column("id"), sa.column("holder"), sa.column("job_id"),
-                                       sa.column("batch_id"), sa.column("event"), sa.column("url"),
-                                       sa.column("payload"), sa.column("status"), sa.column("attempts"),
-                                       sa.column("next_at", UTCDateTime), sa.column("created_at", UTCDateTime)),
+        "wallets": sa.table(
+            "wallets",
+            sa.column("holder"),
+            sa.column("version"),
+            sa.column("day"),
+            sa.column("used"),
+            sa.column("balance"),
+        ),
+        "ledger": sa.table(
+            "ledger",
+            sa.column("id"),
+            sa.column("holder"),
+            sa.column("entry"),
+            sa.column("job_id"),
+            sa.column("day"),
+            sa.column("allowance_delta"),
+            sa.column("balance_delta"),
+            sa.column("reason"),
+            sa.column("created_at", UTCDateTime),
+        ),
+        "idempotency_keys": sa.table(
+            "idempotency_keys",
+            sa.column("scope"),
+            sa.column("key"),
+            sa.column("request_hash"),
+            sa.column("resource_id"),
+            sa.column("created_at", UTCDateTime),
+        ),
+        "webhook_deliveries": sa.table(
+            "webhook_deliveries",
+            sa.column("id"),
+            sa.column("holder"),
+            sa.column("job_id"),
+            sa.column("batch_id"),
+            sa.column("event"),
+            sa.column("url"),
+            sa.column("payload"),
+            sa.column("status"),
+            sa.column("attempts"),
+            sa.column("next_at", UTCDateTime),
+            sa.column("created_at", UTCDateTime),
+        ),
     }
 
 
@@ -65,20 +95,54 @@ def write_old_rows(engine: sa.Engine) -> None:
     ``credit:`` namespace), a job's idempotency key and a webhook delivery: as 0005 stores them."""
     t = old_tables()
     with engine.begin() as conn:
-        conn.execute(sa.insert(t["wallets"]), [{"holder": ACCOUNT, "version": 3, "day": DAY, "used": 0,
-                                                "balance": 5000}])
-        entry_id = conn.execute(sa.insert(t["ledger"]).values(
-            holder=ACCOUNT, entry="credit", job_id=None, day=DAY, allowance_delta=0, balance_delta=5000,
-            reason="a pack", created_at=NOW).returning(t["ledger"].c.id)).scalar_one()
-        conn.execute(sa.insert(t["idempotency_keys"]), [
-            {"scope": f"credit:{ACCOUNT}", "key": "pack-1", "request_hash": "h1", "resource_id": str(entry_id),
-             "created_at": NOW},
-            {"scope": ANON, "key": "pack-1", "request_hash": "h2", "resource_id": "job_1", "created_at": NOW},
-        ])
-        conn.execute(sa.insert(t["webhook_deliveries"]), [
-            {"id": "msg_1", "holder": ACCOUNT, "job_id": "job_1", "batch_id": None, "event": "job.succeeded",
-             "url": "https://example.com/hook", "payload": "{}", "status": "pending", "attempts": 0,
-             "next_at": NOW, "created_at": NOW}])
+        conn.execute(
+            sa.insert(t["wallets"]), [{"holder": ACCOUNT, "version": 3, "day": DAY, "used": 0, "balance": 5000}]
+        )
+        entry_id = conn.execute(
+            sa.insert(t["ledger"])
+            .values(
+                holder=ACCOUNT,
+                entry="credit",
+                job_id=None,
+                day=DAY,
+                allowance_delta=0,
+                balance_delta=5000,
+                reason="a pack",
+                created_at=NOW,
+            )
+            .returning(t["ledger"].c.id)
+        ).scalar_one()
+        conn.execute(
+            sa.insert(t["idempotency_keys"]),
+            [
+                {
+                    "scope": f"credit:{ACCOUNT}",
+                    "key": "pack-1",
+                    "request_hash": "h1",
+                    "resource_id": str(entry_id),
+                    "created_at": NOW,
+                },
+                {"scope": ANON, "key": "pack-1", "request_hash": "h2", "resource_id": "job_1", "created_at": NOW},
+            ],
+        )
+        conn.execute(
+            sa.insert(t["webhook_deliveries"]),
+            [
+                {
+                    "id": "msg_1",
+                    "holder": ACCOUNT,
+                    "job_id": "job_1",
+                    "batch_id": None,
+                    "event": "job.succeeded",
+                    "url": "https://example.com/hook",
+                    "payload": "{}",
+                    "status": "pending",
+                    "attempts": 0,
+                    "next_at": NOW,
+                    "created_at": NOW,
+                }
+            ],
+        )
 
 
 def columns(engine: sa.Engine, table: str) -> set[str]:
@@ -109,8 +173,15 @@ def test_0006_renames_the_paying_partys_columns_and_keeps_the_rows(engine):
         assert wallet is not None
         assert (wallet.caller, wallet.version, wallet.day, wallet.used, wallet.balance) == (ACCOUNT, 3, DAY, 0, 5000)
         entry = s.execute(sa.select(LedgerEntry).where(LedgerEntry.caller == ACCOUNT)).scalar_one()
-        assert (entry.entry, entry.job_id, entry.day, entry.allowance_delta, entry.balance_delta, entry.reason,
-                entry.created_at) == ("credit", None, DAY, 0, 5000, "a pack", NOW)
+        assert (
+            entry.entry,
+            entry.job_id,
+            entry.day,
+            entry.allowance_delta,
+            entry.balance_delta,
+            entry.reason,
+            entry.created_at,
+        ) == ("credit", None, DAY, 0, 5000, "a pack", NOW)
         assert ledger.audit(s, ACCOUNT, DAY) == (0, 5000)
         credit_key = s.get(IdempotencyKey, (f"credit:{ACCOUNT}", "pack-1"))
         assert credit_key is not None
@@ -119,8 +190,12 @@ def test_0006_renames_the_paying_partys_columns_and_keeps_the_rows(engine):
         assert job_key is not None and (job_key.request_hash, job_key.resource_id) == ("h2", "job_1")
         delivery = s.get(WebhookDelivery, "msg_1")
         assert delivery is not None
-        assert (delivery.caller, delivery.job_id, delivery.event, delivery.next_at) == (ACCOUNT, "job_1",
-                                                                                          "job.succeeded", NOW)
+        assert (delivery.caller, delivery.job_id, delivery.event, delivery.next_at) == (
+            ACCOUNT,
+            "job_1",
+            "job.succeeded",
+            NOW,
+        )
 
     # The new names work for writes too: the ledger locks the wallet by its caller.
     with sessions.begin() as s:
@@ -140,9 +215,13 @@ def test_0006_renames_the_paying_partys_columns_and_keeps_the_rows(engine):
     with engine.connect() as conn:
         assert conn.execute(sa.select(t["wallets"].c.holder, t["wallets"].c.balance)).all() == [(ACCOUNT, 5100)]
         assert sorted(conn.execute(sa.select(t["ledger"].c.holder, t["ledger"].c.balance_delta)).all()) == [
-            (ACCOUNT, 100), (ACCOUNT, 5000)]
+            (ACCOUNT, 100),
+            (ACCOUNT, 5000),
+        ]
         assert sorted(conn.execute(sa.select(t["idempotency_keys"].c.scope, t["idempotency_keys"].c.key)).all()) == [
-            (ANON, "pack-1"), (f"credit:{ACCOUNT}", "pack-1")]
+            (ANON, "pack-1"),
+            (f"credit:{ACCOUNT}", "pack-1"),
+        ]
         assert conn.execute(sa.select(t["webhook_deliveries"].c.holder)).all() == [(ACCOUNT,)]
 
     # And up once more (a downgraded database upgrades again).

@@ -45,8 +45,14 @@ class CardLimit:
 
 @pytest.fixture
 def flux(models_dir):
-    entry = ModelEntry(id="tiny-flux", kind="image", backend="diffusers", weights=models_dir / "tiny-flux",
-                       dtype="float32", max_batch=4)
+    entry = ModelEntry(
+        id="tiny-flux",
+        kind="image",
+        backend="diffusers",
+        weights=models_dir / "tiny-flux",
+        dtype="float32",
+        max_batch=4,
+    )
     backend = backend_class(entry)(entry, "cpu")
     backend.load()
     backend.pipe = CardLimit(backend.pipe)
@@ -58,8 +64,16 @@ def flux(models_dir):
 
 
 def job(job_id: str, num_images: int) -> WorkItem:
-    inp = {"prompt": job_id, "negative_prompt": None, "width": 64, "height": 64, "steps": 2, "guidance": 0.0,
-           "seed": 7, "num_images": num_images}
+    inp = {
+        "prompt": job_id,
+        "negative_prompt": None,
+        "width": 64,
+        "height": 64,
+        "steps": 2,
+        "guidance": 0.0,
+        "seed": 7,
+        "num_images": num_images,
+    }
     return WorkItem(job_id=job_id, input=inp)
 
 

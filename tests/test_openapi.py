@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import re
 
-from vramq.api import create_app
 from tests.fixtures.services import services_for
+from vramq.api import create_app
 
 
 def test_openapi_matches_the_served_routes(make_settings):
@@ -45,6 +45,7 @@ def _operations():
 
 def test_the_document_is_valid_openapi_3_1():
     import openapi_spec_validator as validator
+
     validator.validate(DOC)
 
 
@@ -77,7 +78,9 @@ def test_job_input_is_described_per_model_with_the_catalogs_limits():
             assert variant["properties"]["model"]["const"] == entry.id
             assert variant["properties"]["input"] == {"$ref": f"#/components/schemas/Input_{entry.id}"}
             assert variant["additionalProperties"] is False
-    assert schemas["BatchRequest"]["properties"]["jobs"]["anyOf"][0]["items"] == {"$ref": "#/components/schemas/BatchLine"}
+    assert schemas["BatchRequest"]["properties"]["jobs"]["anyOf"][0]["items"] == {
+        "$ref": "#/components/schemas/BatchLine"
+    }
     flux = schemas["Input_tiny-flux"]
     limit = CATALOG.get("tiny-flux").limit
     assert flux["additionalProperties"] is False and flux["required"] == ["prompt"]
@@ -138,13 +141,20 @@ def test_valid_input_by_the_document_is_accepted_by_submit():
     schema = schemathesis.openapi.from_dict(DOC)
     seen = set()
 
-    @settings(max_examples=150, deadline=None, database=None, derandomize=True, phases=[Phase.generate],
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=150,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
     @given(case=schema["/v1/jobs"]["POST"].as_strategy(), batch=schema["/v1/batches"]["POST"].as_strategy())
     def check(case, batch):
         # The one rule a schema cannot state: metadata at most 4096 bytes of JSON.
-        metas = [case.body.get("metadata"), batch.body.get("metadata")] + \
-            [line.get("metadata") for line in batch.body.get("jobs") or () if isinstance(line, dict)]
+        metas = [case.body.get("metadata"), batch.body.get("metadata")] + [
+            line.get("metadata") for line in batch.body.get("jobs") or () if isinstance(line, dict)
+        ]
         assume(all(len(json.dumps(m)) <= 4096 for m in metas if m is not None))
         req = parse_request(case.body)
         entry = CATALOG.get(req.model)

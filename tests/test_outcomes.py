@@ -9,12 +9,12 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
+from tests.fixtures.http import IMAGE
 from vramq.jobs import events, fairness, ledger, outcomes
 from vramq.jobs.db import writing
 from vramq.jobs.lifecycle import utcnow
 from vramq.jobs.schema import Job, LedgerEntry, WebhookDelivery
 from vramq.jobs.webhooks.outbox import job_json_for
-from tests.fixtures.http import IMAGE
 
 ADMIN = "admin-key-for-tests"
 
@@ -26,8 +26,13 @@ def take(h, worker: str, now) -> str | None:
 
 def lapse(h, now, max_attempts: int = 3) -> outcomes.Ending:
     with h.services.sessions.begin() as s:
-        ending = outcomes.end(s, outcomes.LeaseLapsed(max_attempts), allowances=h.services.allowances,
-                              job_json=job_json_for(h.services), now=now)
+        ending = outcomes.end(
+            s,
+            outcomes.LeaseLapsed(max_attempts),
+            allowances=h.services.allowances,
+            job_json=job_json_for(h.services),
+            now=now,
+        )
     ending.announce(h.services.redis)
     return ending
 
@@ -61,7 +66,12 @@ def test_a_job_that_kills_its_worker_three_times_fails_worker_lost_and_is_refund
     assert "3 times" in row.error_message and row.finished_at is not None
     assert row.tokens_reserved == 100 and row.tokens_charged == 0
     with h.services.sessions() as s:
-        entries = [e.entry for e in s.execute(select(LedgerEntry).where(LedgerEntry.job_id == job_id).order_by(LedgerEntry.id)).scalars()]
+        entries = [
+            e.entry
+            for e in s.execute(
+                select(LedgerEntry).where(LedgerEntry.job_id == job_id).order_by(LedgerEntry.id)
+            ).scalars()
+        ]
         assert entries == ["reserve", "refund"]
         assert ledger.audit(s, account, ledger.day_of(h.now)) == (0, 0)
         hooks = list(s.execute(select(WebhookDelivery).where(WebhookDelivery.job_id == job_id)).scalars())
@@ -115,32 +125,52 @@ def test_a_late_outcome_changes_nothing_and_writes_nothing(harness):
     lapse(h, now + timedelta(seconds=31))
     take(h, "new", now + timedelta(seconds=31))
     with h.services.sessions.begin() as s:
-        late = outcomes.end(s, outcomes.Succeeded({"x": 1}, 9.0, {}, None), job_id=job_id, worker="old",
-                            allowances=h.services.allowances, job_json=job_json_for(h.services))
-        failed = outcomes.end(s, outcomes.Failed("boom", "late"), job_id=job_id, worker="old",
-                              job_json=job_json_for(h.services))
+        late = outcomes.end(
+            s,
+            outcomes.Succeeded({"x": 1}, 9.0, {}, None),
+            job_id=job_id,
+            worker="old",
+            allowances=h.services.allowances,
+            job_json=job_json_for(h.services),
+        )
+        failed = outcomes.end(
+            s, outcomes.Failed("boom", "late"), job_id=job_id, worker="old", job_json=job_json_for(h.services)
+        )
     assert not late.won and not failed.won and late.events == [] and failed.events == []
     with h.services.sessions() as s:
-        assert [e.entry for e in s.execute(select(LedgerEntry).where(LedgerEntry.job_id == job_id).order_by(LedgerEntry.id)).scalars()] == ["reserve"]
+        assert [
+            e.entry
+            for e in s.execute(
+                select(LedgerEntry).where(LedgerEntry.job_id == job_id).order_by(LedgerEntry.id)
+            ).scalars()
+        ] == ["reserve"]
         assert s.execute(select(WebhookDelivery).where(WebhookDelivery.job_id == job_id)).first() is None
     row = job_row(h, job_id)
     assert (row.status, row.lease_owner) == ("running", "new")
 
 
-@pytest.mark.parametrize("outcome", [outcomes.Succeeded({"text": "hi"}, 0.5, {}, None), outcomes.Failed("boom", "it broke")])
+@pytest.mark.parametrize(
+    "outcome", [outcomes.Succeeded({"text": "hi"}, 0.5, {}, None), outcomes.Failed("boom", "it broke")]
+)
 def test_every_end_settles_announces_and_writes_its_webhook_together(harness, outcome):
     h = harness(webhook_allow_hosts="127.0.0.1")
     account, key = h.account()
     job_id = h.submit(key, {**IMAGE, "webhook": {"url": "http://127.0.0.1:9/hook"}}).get_json()["id"]
     take(h, "w", utcnow())
     with h.services.sessions.begin() as s:
-        ending = outcomes.end(s, outcome, job_id=job_id, worker="w", allowances=h.services.allowances,
-                              job_json=job_json_for(h.services))
+        ending = outcomes.end(
+            s, outcome, job_id=job_id, worker="w", allowances=h.services.allowances, job_json=job_json_for(h.services)
+        )
     ending.announce(h.services.redis)
     status = "succeeded" if isinstance(outcome, outcomes.Succeeded) else "failed"
     assert ending.ids(status) == [job_id]
     with h.services.sessions() as s:
-        entries = [e.entry for e in s.execute(select(LedgerEntry).where(LedgerEntry.job_id == job_id).order_by(LedgerEntry.id)).scalars()]
+        entries = [
+            e.entry
+            for e in s.execute(
+                select(LedgerEntry).where(LedgerEntry.job_id == job_id).order_by(LedgerEntry.id)
+            ).scalars()
+        ]
         hooks = [d.event for d in s.execute(select(WebhookDelivery).where(WebhookDelivery.job_id == job_id)).scalars()]
     assert entries == ["reserve", "settle" if status == "succeeded" else "refund"]
     assert hooks == [f"job.{status}"]

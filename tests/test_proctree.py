@@ -29,7 +29,7 @@ def _stat(pid: int) -> tuple[int, int, str] | None:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except (FileNotFoundError, ProcessLookupError):
         return None
-    fields = raw[raw.rindex(")") + 2:].split()
+    fields = raw[raw.rindex(")") + 2 :].split()
     return int(fields[1]), int(fields[19]), fields[0]
 
 
@@ -98,8 +98,7 @@ def up_env(tmp_path, models_dir):
     """The embedded defaults (SQLite, embedded Redis, local store) with the tiny catalog:
     every kind of child ``vramq up`` has, a vLLM engine included."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("VRAMQ_")}
-    env.update({"VRAMQ_DATA_DIR": str(tmp_path / "data"), "VRAMQ_MODELS_DIR": str(models_dir),
-                "PYTHONUNBUFFERED": "1"})
+    env.update({"VRAMQ_DATA_DIR": str(tmp_path / "data"), "VRAMQ_MODELS_DIR": str(models_dir), "PYTHONUNBUFFERED": "1"})
     return env
 
 
@@ -108,8 +107,14 @@ def _start_up(env, tmp_path) -> tuple[subprocess.Popen, str, Tree]:
     log = open(tmp_path / "up.log", "wb")
     # Its own session, as an operator's service manager would start it: nothing of the
     # test's process group reaches its children, only what vramq itself arranges.
-    up = subprocess.Popen([sys.executable, "-m", "vramq.api.cli", "up", "--port", str(port), "--cpu"], cwd=ROOT, env=env,
-                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    up = subprocess.Popen(
+        [sys.executable, "-m", "vramq.api.cli", "up", "--port", str(port), "--cpu"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     return up, f"http://127.0.0.1:{port}", Tree(up.pid)
 
 
@@ -127,8 +132,15 @@ def test_up_killed_with_sigkill_while_serving_leaves_no_process(up_env, tmp_path
         names = " | ".join(tree.alive().values())
         # The API (gunicorn and its workers), the broker, the supervisor, the worker,
         # vLLM's engine, the sweeper and the dispatcher.
-        for parts in (("gunicorn",), ("redis-server",), ("workers --cpu",), ("worker --cpu --models", "celeryd"),
-                      ("sweeper",), ("webhooks",), ("VLLM::EngineCore",)):
+        for parts in (
+            ("gunicorn",),
+            ("redis-server",),
+            ("workers --cpu",),
+            ("worker --cpu --models", "celeryd"),
+            ("sweeper",),
+            ("webhooks",),
+            ("VLLM::EngineCore",),
+        ):
             assert any(part in names for part in parts), names  # the worker renames itself once Celery runs
         assert len(tree.alive()) >= 9, names
 

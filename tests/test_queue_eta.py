@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from tests.fixtures.http import IMAGE, Harness
+from tests.fixtures.services import services_for
 from vramq.jobs.ids import new_id
 from vramq.jobs.lifecycle import utcnow
 from vramq.jobs.schema import Job
-from tests.fixtures.services import services_for
-from tests.fixtures.http import IMAGE, Harness
 
 
 def test_queue_position_and_eta_follow_recent_throughput(make_settings):
@@ -25,9 +25,27 @@ def test_queue_position_and_eta_follow_recent_throughput(make_settings):
     with h.services.sessions.begin() as s:
         for k in range(11):
             done = now - timedelta(seconds=60 - 2 * k)
-            s.add(Job(id=new_id("job"), model="tiny-flux", kind="image", status="succeeded", priority="normal",
-                      input={}, meta={}, progress=1.0, created_at=done, finished_at=done, attempts=1, gpu_seconds=0.1,
-                      tokens_reserved=0, tokens_charged=0, usage_detail={}, saved=False, caller="someone"))
+            s.add(
+                Job(
+                    id=new_id("job"),
+                    model="tiny-flux",
+                    kind="image",
+                    status="succeeded",
+                    priority="normal",
+                    input={},
+                    meta={},
+                    progress=1.0,
+                    created_at=done,
+                    finished_at=done,
+                    attempts=1,
+                    gpu_seconds=0.1,
+                    tokens_reserved=0,
+                    tokens_charged=0,
+                    usage_detail={},
+                    saved=False,
+                    caller="someone",
+                )
+            )
     import vramq.api.views
 
     vramq.api.views._throughput.clear()

@@ -9,12 +9,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 
 import pytest
 from sqlalchemy import update
 
+from tests.fixtures.http import Harness
+from tests.fixtures.procs import free_port
+from tests.fixtures.services import services_for
 from vramq.api import create_app
 from vramq.jobs import idempotency, retention
 from vramq.jobs.batches.finisher import finalize
@@ -23,9 +26,6 @@ from vramq.jobs.files import File, get_file, store_file
 from vramq.jobs.ids import new_id
 from vramq.jobs.schema import Batch, IdempotencyKey, Job, Share
 from vramq.jobs.services import Services
-from tests.fixtures.procs import free_port
-from tests.fixtures.services import services_for
-from tests.fixtures.http import Harness
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 64
 ANON = "anon:127.0.0.1"
@@ -33,18 +33,39 @@ ANON = "anon:127.0.0.1"
 JSONL = b'{"custom_id": "a", "model": "tiny-flux", "input": {"prompt": "p"}}\n'
 
 
-def finished_job(services: Services, owner: str, *, expires_at: datetime, saved: bool = False,
-                 batch_id: str | None = None) -> Job:
+def finished_job(
+    services: Services, owner: str, *, expires_at: datetime, saved: bool = False, batch_id: str | None = None
+) -> Job:
     """A succeeded job with one stored image, as a worker leaves it."""
     job_id = new_id("job")
     key = f"jobs/{job_id}/1/0.png"
     services.store.put(key, PNG, "image/png")
     now = expires_at - timedelta(hours=24)
-    job = Job(id=job_id, model="tiny-flux", kind="image", status="succeeded", priority="normal", input={"prompt": "p"},
-              meta={}, output={"images": [{"url": {"$object": key}, "content_type": "image/png"}]}, progress=1.0,
-              created_at=now, started_at=now, finished_at=now, attempts=1, gpu_seconds=0.1, tokens_reserved=100,
-              tokens_charged=100, usage_detail={}, caller=owner, saved=saved, expires_at=expires_at, work_units=1.0,
-              batch_id=batch_id, custom_id="a" if batch_id else None)
+    job = Job(
+        id=job_id,
+        model="tiny-flux",
+        kind="image",
+        status="succeeded",
+        priority="normal",
+        input={"prompt": "p"},
+        meta={},
+        output={"images": [{"url": {"$object": key}, "content_type": "image/png"}]},
+        progress=1.0,
+        created_at=now,
+        started_at=now,
+        finished_at=now,
+        attempts=1,
+        gpu_seconds=0.1,
+        tokens_reserved=100,
+        tokens_charged=100,
+        usage_detail={},
+        caller=owner,
+        saved=saved,
+        expires_at=expires_at,
+        work_units=1.0,
+        batch_id=batch_id,
+        custom_id="a" if batch_id else None,
+    )
     with services.sessions.begin() as s:
         s.add(job)
     return job
@@ -52,10 +73,26 @@ def finished_job(services: Services, owner: str, *, expires_at: datetime, saved:
 
 def waiting_job(services: Services, inp: dict, status: str = "queued") -> Job:
     """A speech job not finished yet (queued or running) whose input names a file."""
-    now = datetime.now(timezone.utc)
-    job = Job(id=new_id("job"), model="tiny-whisper", kind="speech", status=status, priority="normal", input=inp,
-              meta={}, progress=0.0, created_at=now, attempts=0, gpu_seconds=0.0, tokens_reserved=100,
-              tokens_charged=0, usage_detail={}, caller=ANON, saved=False, work_units=1.0)
+    now = datetime.now(UTC)
+    job = Job(
+        id=new_id("job"),
+        model="tiny-whisper",
+        kind="speech",
+        status=status,
+        priority="normal",
+        input=inp,
+        meta={},
+        progress=0.0,
+        created_at=now,
+        attempts=0,
+        gpu_seconds=0.0,
+        tokens_reserved=100,
+        tokens_charged=0,
+        usage_detail={},
+        caller=ANON,
+        saved=False,
+        work_units=1.0,
+    )
     with services.sessions.begin() as s:
         s.add(job)
     return job
@@ -70,8 +107,16 @@ def uploaded(services: Services, age: timedelta) -> File:
 
 
 def open_batch(services: Services, input_file: str | None = None) -> Batch:
-    batch = Batch(id=new_id("batch"), caller=ANON, status="queued", priority="low", total=1, meta={},
-                  input_file=input_file, created_at=datetime.now(timezone.utc))
+    batch = Batch(
+        id=new_id("batch"),
+        caller=ANON,
+        status="queued",
+        priority="low",
+        total=1,
+        meta={},
+        input_file=input_file,
+        created_at=datetime.now(UTC),
+    )
     with services.sessions.begin() as s:
         s.add(batch)
     return batch
@@ -80,7 +125,7 @@ def open_batch(services: Services, input_file: str | None = None) -> Batch:
 def finished_batch(services: Services, age: timedelta) -> Batch:
     """A batch of one succeeded job whose manifest ``finalize`` wrote ``age`` ago."""
     batch = open_batch(services)
-    finished_job(services, ANON, expires_at=datetime.now(timezone.utc) + timedelta(days=30), batch_id=batch.id)
+    finished_job(services, ANON, expires_at=datetime.now(UTC) + timedelta(days=30), batch_id=batch.id)
     assert finalize(services, batch.id)
     with services.sessions.begin() as s:
         done = s.get(Batch, batch.id)
@@ -114,7 +159,7 @@ def services(request, make_settings):
 
 
 def test_sweep_removes_expired_unsaved_outputs_and_keeps_saved_ones(services):
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     expired = finished_job(services, "anon:1.2.3.4", expires_at=now - timedelta(minutes=1))
     saved = finished_job(services, "anon:1.2.3.4", expires_at=now - timedelta(minutes=1), saved=True)
     fresh = finished_job(services, "anon:1.2.3.4", expires_at=now + timedelta(hours=1))
@@ -136,7 +181,7 @@ def test_sweep_removes_expired_unsaved_outputs_and_keeps_saved_ones(services):
 def test_a_sweep_that_cannot_reach_storage_retries_later(make_settings):
     settings, _ = make_settings()
     services = services_for(settings)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     job = finished_job(services, "anon:1.2.3.4", expires_at=now - timedelta(minutes=1))
 
     class Down:
@@ -159,7 +204,7 @@ def test_save_share_and_revoke_over_http(make_settings):
     settings, _ = make_settings()
     h = Harness(services_for(settings))
     account_id, key = h.account()
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     job = finished_job(h.services, account_id, expires_at=now + timedelta(hours=1))
 
     # Anonymous callers cannot save (results of signed-in users are kept).
@@ -201,16 +246,26 @@ def test_save_share_and_revoke_over_http(make_settings):
 def test_the_sweeper_command_runs_a_sweep(make_settings):
     settings, env = make_settings(retention_hours=1)
     services = services_for(settings)
-    job = finished_job(services, "anon:1.2.3.4", expires_at=datetime.now(timezone.utc) - timedelta(seconds=5))
+    job = finished_job(services, "anon:1.2.3.4", expires_at=datetime.now(UTC) - timedelta(seconds=5))
     upload = uploaded(services, timedelta(hours=25))
-    out = subprocess.run([sys.executable, "-m", "vramq.api.cli", "sweeper", "--once"], env={**os.environ, **env},
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "vramq.api.cli", "sweeper", "--once"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert "expired the outputs of 1 jobs; deleted 1 uploaded files" in out.stderr
     assert objects(services, job) == [] and not stored(services, upload.key)
     # The sweeper's totals reach the API process through Redis.
-    assert retention.deleted_totals(services.redis) == {"outputs": 1, "files": 1, "manifests": 0, "shares": 0,
-                                                        "idempotency_keys": 0}
+    assert retention.deleted_totals(services.redis) == {
+        "outputs": 1,
+        "files": 1,
+        "manifests": 0,
+        "shares": 0,
+        "idempotency_keys": 0,
+    }
 
 
 # --- everything else a caller sent or got ----------------------------------------------
@@ -228,7 +283,7 @@ def test_uploads_are_deleted_after_their_time_unless_an_open_job_or_batch_needs_
     http = create_app(services=services).test_client()
     assert http.get(f"/v1/files/{old.id}").status_code == 200
 
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     assert retention.sweep(services, now).files == [old.id]
     assert not stored(services, old.key) and row(services, File, old.id) is None
     gone = http.get(f"/v1/files/{old.id}")
@@ -257,7 +312,7 @@ def test_batch_manifests_are_deleted_after_their_time_and_read_as_null(services)
     before = http.get(f"/v1/batches/{expired.id}").get_json()
     assert before["results_url"] and stored(services, expired.results_key)
 
-    report = retention.sweep(services, datetime.now(timezone.utc))
+    report = retention.sweep(services, datetime.now(UTC))
     assert report.manifests == [expired.id] and report.outputs == []  # the jobs' own outputs keep their time
     assert not stored(services, expired.results_key)
     assert row(services, Batch, expired.id).results_key is None
@@ -269,16 +324,28 @@ def test_batch_manifests_are_deleted_after_their_time_and_read_as_null(services)
 
 
 def test_shares_of_expired_jobs_are_revoked_and_revoked_shares_deleted_later(services):
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     expired = finished_job(services, ANON, expires_at=now - timedelta(minutes=1))
     fresh = finished_job(services, ANON, expires_at=now + timedelta(hours=1))
     with services.sessions.begin() as s:
         of_expired = retention.share(s, s.get(Job, expired.id), now - timedelta(hours=2)).token
         of_fresh = retention.share(s, s.get(Job, fresh.id), now - timedelta(hours=2)).token
-        s.add(Share(token="long-revoked", job_id=fresh.id, created_at=now - timedelta(hours=30),
-                    revoked_at=now - timedelta(hours=25)))
-        s.add(Share(token="just-revoked", job_id=fresh.id, created_at=now - timedelta(hours=3),
-                    revoked_at=now - timedelta(hours=1)))
+        s.add(
+            Share(
+                token="long-revoked",
+                job_id=fresh.id,
+                created_at=now - timedelta(hours=30),
+                revoked_at=now - timedelta(hours=25),
+            )
+        )
+        s.add(
+            Share(
+                token="just-revoked",
+                job_id=fresh.id,
+                created_at=now - timedelta(hours=3),
+                revoked_at=now - timedelta(hours=1),
+            )
+        )
 
     report = retention.sweep(services, now)
     assert report.outputs == [expired.id] and report.shares_revoked == 1 and report.shares == 1
@@ -296,11 +363,18 @@ def test_shares_of_expired_jobs_are_revoked_and_revoked_shares_deleted_later(ser
 
 
 def test_idempotency_keys_past_their_window_are_deleted(services):
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     with services.sessions.begin() as s:
         for key, age in (("old", 25), ("fresh", 23)):
-            s.add(IdempotencyKey(caller=ANON, key=key, request_hash="h", resource_id=f"job_{key}",
-                                 created_at=now - timedelta(hours=age)))
+            s.add(
+                IdempotencyKey(
+                    caller=ANON,
+                    key=key,
+                    request_hash="h",
+                    resource_id=f"job_{key}",
+                    created_at=now - timedelta(hours=age),
+                )
+            )
     assert retention.sweep(services, now).idempotency_keys == 1
     assert row(services, IdempotencyKey, (ANON, "old")) is None
     assert idempotency.replay(services, ANON, "fresh", "h") == "job_fresh"
@@ -310,12 +384,18 @@ def test_the_idempotency_window_is_a_setting(make_settings):
     settings, _ = make_settings(idempotency_hours=2, upload_retention_hours=0.5)
     assert (settings.idempotency_hours, settings.upload_retention_hours) == (2, 0.5)
     services = services_for(settings)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     with services.sessions.begin() as s:
-        s.add(IdempotencyKey(caller=ANON, key="k", request_hash="h", resource_id="job_a",
-                             created_at=now - timedelta(hours=1)))
-        s.add(IdempotencyKey(caller=ANON, key="stale", request_hash="h", resource_id="job_b",
-                             created_at=now - timedelta(hours=3)))
+        s.add(
+            IdempotencyKey(
+                caller=ANON, key="k", request_hash="h", resource_id="job_a", created_at=now - timedelta(hours=1)
+            )
+        )
+        s.add(
+            IdempotencyKey(
+                caller=ANON, key="stale", request_hash="h", resource_id="job_b", created_at=now - timedelta(hours=3)
+            )
+        )
     assert idempotency.replay(services, ANON, "k", "h") == "job_a"
     with pytest.raises(Conflict):
         idempotency.replay(services, ANON, "k", "other body")
@@ -335,7 +415,7 @@ def test_storage_down_during_a_sweep_loses_nothing_and_the_next_sweep_finishes(m
     settings, _ = make_settings()
     services = services_for(settings)
     services.store = s3_store
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     job = finished_job(services, ANON, expires_at=now - timedelta(minutes=1))
     upload = uploaded(services, timedelta(hours=25))
     batch = finished_batch(services, timedelta(hours=25))
@@ -368,15 +448,19 @@ def test_metrics_count_what_the_sweeps_deleted(make_settings):
         return {s.labels["what"]: s.value for s in family.samples if s.name == "vramq_retention_deleted_total"}
 
     assert deleted() == {"outputs": 0, "files": 0, "manifests": 0, "shares": 0, "idempotency_keys": 0}
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     finished_job(services, ANON, expires_at=now - timedelta(minutes=1))
     uploaded(services, timedelta(hours=25))
     finished_batch(services, timedelta(hours=25))
     with services.sessions.begin() as s:
-        s.add(Share(token="t", job_id="job_x", created_at=now - timedelta(hours=30),
-                    revoked_at=now - timedelta(hours=25)))
-        s.add(IdempotencyKey(caller=ANON, key="k", request_hash="h", resource_id="job_x",
-                             created_at=now - timedelta(hours=25)))
+        s.add(
+            Share(token="t", job_id="job_x", created_at=now - timedelta(hours=30), revoked_at=now - timedelta(hours=25))
+        )
+        s.add(
+            IdempotencyKey(
+                caller=ANON, key="k", request_hash="h", resource_id="job_x", created_at=now - timedelta(hours=25)
+            )
+        )
     retention.sweep(services, now)
     assert deleted() == {"outputs": 1, "files": 1, "manifests": 1, "shares": 1, "idempotency_keys": 1}
     uploaded(services, timedelta(hours=25))

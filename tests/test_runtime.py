@@ -19,11 +19,13 @@ import math
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import select
 
+from tests.conftest import settings_env
+from tests.fixtures.services import services_for
 from vramq.gpu_workers import runtime as runtime_module
 from vramq.gpu_workers.backends.base import Artifact, Backend, ItemResult
 from vramq.gpu_workers.runtime import State, WorkerRuntime
@@ -34,8 +36,6 @@ from vramq.jobs.schema import Job, LedgerEntry
 from vramq.jobs.settings import Settings
 from vramq.jobs.submit import submit_job
 from vramq.storage.local import LocalStore
-from tests.conftest import settings_env
-from tests.fixtures.services import services_for
 
 RATE = 200
 """The fake models' price: tokens per GPU-second."""
@@ -114,9 +114,11 @@ class FakeModels:
                 if item.is_canceled():
                     self.saw_cancel.set()
                     break
-        return ItemResult(output={"images": [{"$artifact": "image-0.png"}], "seed": item.input["seed"]},
-                          artifacts=[Artifact("image-0.png", PNG + item.job_id.encode(), "image/png")],
-                          gpu_seconds=GPU_SECONDS)
+        return ItemResult(
+            output={"images": [{"$artifact": "image-0.png"}], "seed": item.input["seed"]},
+            artifacts=[Artifact("image-0.png", PNG + item.job_id.encode(), "image/png")],
+            gpu_seconds=GPU_SECONDS,
+        )
 
 
 # --- the installation ------------------------------------------------------------------
@@ -126,18 +128,26 @@ class Installation:
     """Services on a catalog of fake image models, a fake backend behind them, and the
     runtimes started on them (stopped at the end of the test)."""
 
-    def __init__(self, tmp_path, redis_url: str, monkeypatch, database_url: str | None, batching: str,
-                 **settings):
+    def __init__(self, tmp_path, redis_url: str, monkeypatch, database_url: str | None, batching: str, **settings):
         tag = uuid.uuid4().hex[:8]
         self.good, self.broken = f"fake-{tag}", f"fake-{tag}-broken"
         catalog = tmp_path / "catalog.toml"
-        catalog.write_text("".join(
-            f'[[models]]\nid = "{m}"\nkind = "image"\nbackend = "diffusers"\nweights = "{tmp_path / m}"\n'
-            f'max_batch = 2\nmax_wait_ms = 5\nprice = {{ tokens_per_gpu_second = {RATE} }}\n'
-            f'limits = {{ max_width = 512, max_height = 512, min_side = 32, max_steps = 50 }}\n\n'
-            for m in (self.good, self.broken)))
-        env = settings_env(tmp_path, redis_url=redis_url, models_dir=tmp_path / "no-models", catalog=catalog,
-                           database_url=database_url, **settings)
+        catalog.write_text(
+            "".join(
+                f'[[models]]\nid = "{m}"\nkind = "image"\nbackend = "diffusers"\nweights = "{tmp_path / m}"\n'
+                f"max_batch = 2\nmax_wait_ms = 5\nprice = {{ tokens_per_gpu_second = {RATE} }}\n"
+                f"limits = {{ max_width = 512, max_height = 512, min_side = 32, max_steps = 50 }}\n\n"
+                for m in (self.good, self.broken)
+            )
+        )
+        env = settings_env(
+            tmp_path,
+            redis_url=redis_url,
+            models_dir=tmp_path / "no-models",
+            catalog=catalog,
+            database_url=database_url,
+            **settings,
+        )
         self.services = services_for(Settings.from_env(env))
         # Admission asks which models live workers serve; here they are these two, whatever
         # Redis holds (no test depends on heartbeats surviving another test's flush).
@@ -148,15 +158,23 @@ class Installation:
         self.tag = tag
 
     def runtime(self, model_ids: list[str] | None = None, **kw) -> WorkerRuntime:
-        rt = WorkerRuntime(self.services, name=f"test-{self.tag}-{len(self.runtimes)}", device="cpu",
-                           model_ids=model_ids or [self.good], **kw)
+        rt = WorkerRuntime(
+            self.services,
+            name=f"test-{self.tag}-{len(self.runtimes)}",
+            device="cpu",
+            model_ids=model_ids or [self.good],
+            **kw,
+        )
         self.runtimes.append(rt)
         rt.load()
         return rt
 
     def submit(self, prompt: str, model: str | None = None) -> str:
-        job, created = submit_job(self.services, {"model": model or self.good, "input": {
-            "prompt": prompt, "width": 64, "height": 64, "steps": 2}}, caller=CALLER)
+        job, created = submit_job(
+            self.services,
+            {"model": model or self.good, "input": {"prompt": prompt, "width": 64, "height": 64, "steps": 2}},
+            caller=CALLER,
+        )
         assert created and job.status == "queued"
         return job.id
 
@@ -172,7 +190,7 @@ class Installation:
 
     def used_today(self) -> int:
         with self.services.sessions() as s:
-            return ledger.usage(s, CALLER.id, CALLER.tier, self.services.allowances, datetime.now(timezone.utc)).used_today
+            return ledger.usage(s, CALLER.id, CALLER.tier, self.services.allowances, datetime.now(UTC)).used_today
 
     def objects(self, job_id: str) -> list[str]:
         return self.services.store.list(f"jobs/{job_id}/")
@@ -246,7 +264,7 @@ def wait_until(check, timeout: float = 10.0, what: str = "condition"):
 
 
 def aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 # --- a job runs to its end ----------------------------------------------------------------
@@ -298,12 +316,15 @@ def test_jobs_of_one_batch_each_get_their_own_outputs(install):
     assert inst.used_today() == 2 * math.ceil(GPU_SECONDS * RATE)
 
 
-@pytest.mark.parametrize("prompt, code, message", [
-    ("oom", "out_of_memory", "ran out of memory"),
-    ("cuda-oom", "out_of_memory", "CUDA out of memory"),
-    ("refused", "prompt_refused", "safety checker refused"),
-    ("crash", "internal_error", "division by zero"),
-])
+@pytest.mark.parametrize(
+    "prompt, code, message",
+    [
+        ("oom", "out_of_memory", "ran out of memory"),
+        ("cuda-oom", "out_of_memory", "CUDA out of memory"),
+        ("refused", "prompt_refused", "safety checker refused"),
+        ("crash", "internal_error", "division by zero"),
+    ],
+)
 def test_a_job_the_backend_fails_ends_failed_with_its_code_and_is_refunded(install, batching, prompt, code, message):
     inst = install(batching)
     rt = inst.runtime()
@@ -388,7 +409,7 @@ def test_the_lease_is_renewed_while_a_job_runs_and_progress_is_written(install):
         # would queue the job again.
         while time.monotonic() - started < 2 * lease_s:
             job = inst.job(job_id)
-            now = datetime.now(timezone.utc)
+            now = datetime.now(UTC)
             assert job.status == "running" and job.attempts == 1 and job.lease_owner == rt.name, job.status
             assert aware(job.lease_expires_at) > now, "the lease lapsed while the job ran"
             time.sleep(0.2)

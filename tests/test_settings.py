@@ -24,25 +24,35 @@ def test_embedded_defaults(tmp_path):
 
 
 def test_configured_services(tmp_path):
-    s = Settings.from_env({
-        "VRAMQ_DATA_DIR": str(tmp_path), "VRAMQ_DATABASE_URL": "postgresql://db/vramq",
-        "VRAMQ_BROKER_URL": "redis://r:6379/0", "VRAMQ_STORAGE_URL": "s3://bucket/p",
-        "VRAMQ_S3_ENDPOINT_URL": "http://minio:9000", "VRAMQ_LINK_TTL": "60", "VRAMQ_SECRET_KEY": "k",
-        "VRAMQ_WEBHOOK_ALLOW_HOSTS": "10.0.0.0/8, hooks.internal", "VRAMQ_MAX_BODY_KB": "8",
-    })
+    s = Settings.from_env(
+        {
+            "VRAMQ_DATA_DIR": str(tmp_path),
+            "VRAMQ_DATABASE_URL": "postgresql://db/vramq",
+            "VRAMQ_BROKER_URL": "redis://r:6379/0",
+            "VRAMQ_STORAGE_URL": "s3://bucket/p",
+            "VRAMQ_S3_ENDPOINT_URL": "http://minio:9000",
+            "VRAMQ_LINK_TTL": "60",
+            "VRAMQ_SECRET_KEY": "k",
+            "VRAMQ_WEBHOOK_ALLOW_HOSTS": "10.0.0.0/8, hooks.internal",
+            "VRAMQ_MAX_BODY_KB": "8",
+        }
+    )
     assert s.broker_url == "redis://r:6379/0" and not s.embedded_broker
     assert s.link_ttl == 60 and s.secret_key == "k" and s.max_body_bytes == 8192
     assert s.webhook_allow_hosts == ("10.0.0.0/8", "hooks.internal")
 
 
-@pytest.mark.parametrize("name, value, needle", [
-    ("LINK_TTL", "soon", "not an integer"),
-    ("LINK_TTL", "-1", "must be positive"),
-    ("RETENTION_HOURS", "0", "must be positive"),
-    ("VISIBILITY_TIMEOUT", "10", "must exceed VRAMQ_LEASE_SECONDS"),
-    ("RATE_LIMIT_ANONYMOUS", "-1", "must be zero or more"),
-    ("FREE_DAILY_TOKENS", "lots", "not an integer"),
-])
+@pytest.mark.parametrize(
+    "name, value, needle",
+    [
+        ("LINK_TTL", "soon", "not an integer"),
+        ("LINK_TTL", "-1", "must be positive"),
+        ("RETENTION_HOURS", "0", "must be positive"),
+        ("VISIBILITY_TIMEOUT", "10", "must exceed VRAMQ_LEASE_SECONDS"),
+        ("RATE_LIMIT_ANONYMOUS", "-1", "must be zero or more"),
+        ("FREE_DAILY_TOKENS", "lots", "not an integer"),
+    ],
+)
 def test_bad_values_are_refused_by_name(tmp_path, name, value, needle):
     with pytest.raises(ConfigError, match=needle) as err:
         Settings.from_env({"VRAMQ_DATA_DIR": str(tmp_path), f"VRAMQ_{name}": value})

@@ -18,7 +18,6 @@ import requests
 
 from tests.conftest import settings_env
 
-
 SLOW_CLIENTS = 24
 STREAMS_ANONYMOUS = 12
 STREAMS_PER_KEY = 4
@@ -43,8 +42,10 @@ class Trickler:
                 head, rest = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n", b"X-Slow: " + b"a" * 4000 + b"\r\n\r\n"
             else:
                 body = b'{"model": "tiny-flux", "input": {"prompt": "' + b"a" * 900 + b'"}}'
-                head = (b"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                        b"Content-Length: %d\r\n\r\n" % len(body))
+                head = (
+                    b"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n" % len(body)
+                )
                 rest = body
             s.sendall(head)
             s.setblocking(False)
@@ -204,14 +205,15 @@ def _answer(sock: socket.socket, timeout: float) -> tuple[bytes, float]:
     try:
         while chunk := sock.recv(65536):
             data += chunk
-    except (socket.timeout, ConnectionResetError):
+    except (TimeoutError, ConnectionResetError):
         pass
     return data, time.monotonic() - t0
 
 
 @pytest.mark.e2e
-def test_bodies_read_by_threads_are_capped_and_paced_and_expect_continue_is_answered(tmp_path, redis_url, models_dir,
-                                                                                      cluster_factory):
+def test_bodies_read_by_threads_are_capped_and_paced_and_expect_continue_is_answered(
+    tmp_path, redis_url, models_dir, cluster_factory
+):
     """One API process, 8 threads: at most 2 read request bodies from clients (chunked, or
     past the event loop's buffer); a third is 503 at once; a trickling one is cut (408)."""
     cluster = cluster_factory(settings_env(tmp_path, redis_url=redis_url, models_dir=models_dir))
@@ -261,8 +263,11 @@ def test_bodies_read_by_threads_are_capped_and_paced_and_expect_continue_is_answ
         # Slots given back: a chunked body that arrives at once is served.
         chunk = body
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-            s.sendall(post + b"Connection: close\r\nTransfer-Encoding: chunked\r\n\r\n"
-                      + b"%x\r\n%s\r\n0\r\n\r\n" % (len(chunk), chunk))
+            s.sendall(
+                post
+                + b"Connection: close\r\nTransfer-Encoding: chunked\r\n\r\n"
+                + b"%x\r\n%s\r\n0\r\n\r\n" % (len(chunk), chunk)
+            )
             answer, _ = _answer(s, 5)
         assert answer.startswith(b"HTTP/1.1 202 "), answer[:300]
     finally:

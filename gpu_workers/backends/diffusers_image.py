@@ -11,7 +11,8 @@ so the API and the registry can import this module on machines without them.
 from __future__ import annotations
 
 import io
-from typing import Any, Hashable
+from collections.abc import Hashable
+from typing import Any
 
 from .base import Artifact, ItemResult
 from .diffusers_common import DiffusersBackend

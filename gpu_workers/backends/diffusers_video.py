@@ -16,8 +16,9 @@ so the API and the registry can import this module on machines without them.
 from __future__ import annotations
 
 import io
+from collections.abc import Hashable
 from fractions import Fraction
-from typing import Any, Hashable
+from typing import Any
 
 from vramq.jobs.errors import ConfigError, JobError, MissingExtra
 

@@ -123,8 +123,11 @@ class VllmTextBackend(Backend):
             "disable_log_stats": True,
             "seed": 0,
             # vLLM takes 90 % of the card by default; beside other models it keeps to its share.
-            **({"gpu_memory_utilization": round(min(self.memory_fraction, 0.95), 3)}
-               if self.device == "cuda" and self.memory_fraction else {}),
+            **(
+                {"gpu_memory_utilization": round(min(self.memory_fraction, 0.95), 3)}
+                if self.device == "cuda" and self.memory_fraction
+                else {}
+            ),
         }
 
     def load(self) -> None:

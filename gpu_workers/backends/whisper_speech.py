@@ -81,7 +81,10 @@ class WhisperSpeechBackend(Backend):
         on_gpu = device == "cuda"
         compute_type = self.entry.dtype if on_gpu else "float32"
         self.model = fw.WhisperModel(
-            str(self.entry.weights), device=device, device_index=int(index), compute_type=compute_type,
+            str(self.entry.weights),
+            device=device,
+            device_index=int(index),
+            compute_type=compute_type,
             local_files_only=True,
         )
         self.pipeline = fw.BatchedInferencePipeline(self.model)
@@ -148,7 +151,7 @@ class WhisperSpeechBackend(Backend):
             raise JobError("the audio is empty", code="invalid_audio")
         try:
             audio = fw.decode_audio(io.BytesIO(data), sampling_rate=SAMPLE_RATE)
-        except Exception as exc:  # noqa: BLE001  (PyAV raises many types; all mean "cannot decode")
+        except Exception as exc:
             raise JobError(f"the audio cannot be decoded: {exc}", code="invalid_audio") from None
         if audio.size == 0:
             raise JobError("the audio holds no decodable samples", code="invalid_audio")

@@ -3,8 +3,9 @@ canceled (their workers stop between steps) and charged their minimum."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, update
 
@@ -19,22 +20,35 @@ if TYPE_CHECKING:
     from ..services import Services
 
 
-def cancel(services: Services, batch_id: str, now: datetime | None = None,
-           job_json: Callable[[Job], dict[str, Any]] | None = None) -> dict[str, int]:
+def cancel(
+    services: Services,
+    batch_id: str,
+    now: datetime | None = None,
+    job_json: Callable[[Job], dict[str, Any]] | None = None,
+) -> dict[str, int]:
     """Cancel the batch: queued jobs canceled and refunded, running ones canceled (their
     workers stop between steps) and charged their minimum. Conflict if it had finished.
     Returns ``{"queued": n, "running": n}``, the jobs canceled from each state."""
     now = now or services.now()
     with services.sessions.begin() as session:
-        won = rowcount(session.execute(update(Batch).where(Batch.id == batch_id, Batch.status == OPEN)
-                                       .values(status=CANCELED, canceled_at=now)))
+        won = rowcount(
+            session.execute(
+                update(Batch).where(Batch.id == batch_id, Batch.status == OPEN).values(status=CANCELED, canceled_at=now)
+            )
+        )
         if not won:
             status = session.execute(select(Batch.status).where(Batch.id == batch_id)).scalar()
             if status is None:
                 raise NotFound(f"no batch {batch_id}")
             raise Conflict(f"batch {batch_id} already {status}")
-        ending = outcomes.end(session, outcomes.Canceled(), where=Job.batch_id == batch_id,
-                              allowances=services.allowances, job_json=job_json, now=now)
+        ending = outcomes.end(
+            session,
+            outcomes.Canceled(),
+            where=Job.batch_id == batch_id,
+            allowances=services.allowances,
+            job_json=job_json,
+            now=now,
+        )
     canceled = ending.ids(CANCELED)
     running = ending.canceled_running
     # Event streams: the running jobs' followers hear it now (their workers stop between

@@ -22,8 +22,16 @@ if TYPE_CHECKING:
     from ..services import Services
 
 
-def create(services: Services, body: Any, *, caller: Caller, idempotency_key: str | None = None,
-           base_url: str | None = None, max_jobs: int = MAX_JOBS, limit_note: str = "") -> tuple[Batch, bool]:
+def create(
+    services: Services,
+    body: Any,
+    *,
+    caller: Caller,
+    idempotency_key: str | None = None,
+    base_url: str | None = None,
+    max_jobs: int = MAX_JOBS,
+    limit_note: str = "",
+) -> tuple[Batch, bool]:
     """Check, price and enqueue a batch in one transaction. Returns ``(batch, created)``.
     ``base_url``: the API's address as the caller reached it (for the manifest's links);
     ``max_jobs``: this caller's limit (at most ``MAX_JOBS``; ``limit_note`` names its setting)."""
@@ -34,8 +42,9 @@ def create(services: Services, body: Any, *, caller: Caller, idempotency_key: st
         checked = check_lines(services, lines, caller, "jobs")
     else:
         assert req.input_file is not None  # parse_request: exactly one of jobs and input_file
-        checked = check_lines(services, file_lines(services, req.input_file, caller, max_jobs, limit_note), caller,
-                              "input_file")
+        checked = check_lines(
+            services, file_lines(services, req.input_file, caller, max_jobs, limit_note), caller, "input_file"
+        )
     webhook = check_webhook(services, req.webhook, caller, batch=True)
     job_events = [e for e in webhook["events"] if e in JOB_EVENTS] if webhook else []
     job_webhook = {"url": webhook["url"], "events": job_events} if webhook and job_events else None
@@ -45,26 +54,44 @@ def create(services: Services, body: Any, *, caller: Caller, idempotency_key: st
             check_available(services, model_id)
         metered = not caller.admin
         now = services.now()
-        batch = Batch(id=new_id("batch"), caller=caller.id, status=OPEN, priority=req.priority,
-                      total=len(checked), meta=req.metadata, webhook=webhook, input_file=req.input_file,
-                      base_url=base_url, created_at=now)
+        batch = Batch(
+            id=new_id("batch"),
+            caller=caller.id,
+            status=OPEN,
+            priority=req.priority,
+            total=len(checked),
+            meta=req.metadata,
+            webhook=webhook,
+            input_file=req.input_file,
+            base_url=base_url,
+            created_at=now,
+        )
         rows: list[dict[str, Any]] = []
         reservations: list[tuple[str, int]] = []
         per_model: dict[str, int] = {}
         for c in checked:
             entry = c["entry"]
             quote = services.estimator.quote(entry, c["units"])
-            row = job_row(entry, c["input"], c["units"], quote, caller=caller, priority=req.priority,
-                          metadata=c["line"].metadata, webhook=job_webhook, now=now, batch_id=batch.id,
-                          custom_id=c["line"].custom_id)
+            row = job_row(
+                entry,
+                c["input"],
+                c["units"],
+                quote,
+                caller=caller,
+                priority=req.priority,
+                metadata=c["line"].metadata,
+                webhook=job_webhook,
+                now=now,
+                batch_id=batch.id,
+                custom_id=c["line"].custom_id,
+            )
             rows.append(row)
             if metered:
                 reservations.append((row["id"], quote.tokens))
             per_model[entry.id] = per_model.get(entry.id, 0) + 1
         with services.sessions.begin() as session:
             if metered:  # first: the wallet lock is this transaction's first write
-                ledger.reserve_many(session, caller.id, services.allowances.for_tier(caller.tier),
-                                    reservations, now)
+                ledger.reserve_many(session, caller.id, services.allowances.for_tier(caller.tier), reservations, now)
             session.add(batch)
             session.flush()
             session.execute(insert(Job), rows)
@@ -77,5 +104,4 @@ def create(services: Services, body: Any, *, caller: Caller, idempotency_key: st
                 raise ServiceUnavailable(f"broker unreachable, batch not accepted: {exc.__class__.__name__}") from exc
         return batch
 
-    return idempotency.once(services, caller.id, idempotency_key, body, make,
-                            idempotency.row_of(services, Batch))
+    return idempotency.once(services, caller.id, idempotency_key, body, make, idempotency.row_of(services, Batch))

@@ -28,9 +28,11 @@ log = logging.getLogger("vramq.batches")
 def due(session: Session, limit: int = 20) -> list[str]:
     """Batches not yet finalized none of whose jobs is queued or running."""
     unfinished = exists().where(Job.batch_id == Batch.id, Job.status.in_((QUEUED, RUNNING)))
-    return list(session.execute(
-        select(Batch.id).where(Batch.finished_at.is_(None), ~unfinished).order_by(Batch.created_at).limit(limit)
-    ).scalars())
+    return list(
+        session.execute(
+            select(Batch.id).where(Batch.finished_at.is_(None), ~unfinished).order_by(Batch.created_at).limit(limit)
+        ).scalars()
+    )
 
 
 def finalize(services: Services, batch_id: str) -> bool:
@@ -49,23 +51,31 @@ def finalize(services: Services, batch_id: str) -> bool:
         links = Links(services.store, settings.link_ttl, base)
         # Whole seconds: retention_hours is a float when set in the environment, and
         # the store signs links for an int number of seconds only.
-        manifest_links = Links(services.store, int(min(max(settings.link_ttl, settings.retention_hours * 3600),
-                                                       MANIFEST_MAX_LINK_S)), base)
+        manifest_links = Links(
+            services.store, int(min(max(settings.link_ttl, settings.retention_hours * 3600), MANIFEST_MAX_LINK_S)), base
+        )
         data = manifest(session, batch, manifest_links)
     key = f"batches/{batch_id}/results.jsonl"
     services.store.put(key, data, "application/jsonl")
     now = utcnow()
     with services.sessions.begin() as session:
-        won = rowcount(session.execute(
-            update(Batch).where(Batch.id == batch_id, Batch.finished_at.is_(None))
-            .values(finished_at=now, results_key=key,
-                    status=case((Batch.status == OPEN, "completed"), else_=Batch.status))
-        ))
+        won = rowcount(
+            session.execute(
+                update(Batch)
+                .where(Batch.id == batch_id, Batch.finished_at.is_(None))
+                .values(
+                    finished_at=now,
+                    results_key=key,
+                    status=case((Batch.status == OPEN, "completed"), else_=Batch.status),
+                )
+            )
+        )
         if won:
             batch = session.get(Batch, batch_id, populate_existing=True)
             assert batch is not None  # the row this transaction has just updated
-            outbox.enqueue_batch(session, batch, "batch.completed", batch_json(batch, summary(session, batch_id),
-                                                                               links), now)
+            outbox.enqueue_batch(
+                session, batch, "batch.completed", batch_json(batch, summary(session, batch_id), links), now
+            )
     if won:
         log.info("batch %s finished: %d jobs, results at %s", batch_id, batch.total, key)
     return bool(won)

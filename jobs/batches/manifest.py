@@ -25,8 +25,17 @@ def manifest(session: Session, batch: Batch, links: Links) -> bytes:
             break
         for job in jobs:
             data = job_json(job, links)
-            out.append(json.dumps({"custom_id": job.custom_id, "job_id": job.id, "status": job.status,
-                                   "output": data["output"], "error": data["error"]},
-                                  separators=(",", ":")))
+            out.append(
+                json.dumps(
+                    {
+                        "custom_id": job.custom_id,
+                        "job_id": job.id,
+                        "status": job.status,
+                        "output": data["output"],
+                        "error": data["error"],
+                    },
+                    separators=(",", ":"),
+                )
+            )
         after = jobs[-1].id
     return ("\n".join(out) + "\n").encode()

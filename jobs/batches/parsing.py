@@ -56,14 +56,17 @@ def parse_request(body: Any, max_jobs: int = MAX_JOBS, limit_note: str = "") -> 
                 error["msg"] = f"a batch holds at most {MAX_JOBS} jobs"
         raise _invalid(errors) from None
     if (req.jobs is None) == (req.input_file is None):
-        raise _invalid([{"loc": ["jobs"], "msg": "give either jobs (a list) or input_file (a JSONL file id), not both"}])
+        raise _invalid(
+            [{"loc": ["jobs"], "msg": "give either jobs (a list) or input_file (a JSONL file id), not both"}]
+        )
     if req.jobs is not None and len(req.jobs) > max_jobs:
         raise _invalid([{"loc": ["jobs"], "msg": f"a batch holds at most {max_jobs} jobs{limit_note}"}])
     return req
 
 
-def file_lines(services: Services, file_id: str, caller: Caller, max_jobs: int = MAX_JOBS,
-               limit_note: str = "") -> list[tuple[int, Any]]:
+def file_lines(
+    services: Services, file_id: str, caller: Caller, max_jobs: int = MAX_JOBS, limit_note: str = ""
+) -> list[tuple[int, Any]]:
     """The JSONL file's lines as ``(line number, parsed value)``, blank lines skipped;
     counted before they are parsed, parsed strictly (jobs.strictjson)."""
     from .. import strictjson
@@ -115,15 +118,23 @@ def check_lines(services: Services, lines: list[tuple[int, Any]], caller: Caller
                 line = BatchLine.model_validate(raw)
                 entry, inp, units = check_job(services, line.model, line.input, caller)
                 if line.custom_id in seen:
-                    raise InputError("", [{"loc": ["custom_id"], "msg": f"custom_id {line.custom_id!r} is also on "
-                                                                          f"line {seen[line.custom_id]}"}])
+                    raise InputError(
+                        "",
+                        [
+                            {
+                                "loc": ["custom_id"],
+                                "msg": f"custom_id {line.custom_id!r} is also on line {seen[line.custom_id]}",
+                            }
+                        ],
+                    )
                 seen[line.custom_id] = number
                 checked.append({"line": line, "entry": entry, "input": inp, "units": units})
             except ValidationError as exc:
                 line_errors += validation_errors(exc, base)
             except InputError as exc:
                 line_errors += [{**e, "loc": base + list(e["loc"])} for e in exc.errors] or [
-                    {"loc": base, "msg": str(exc)}]
+                    {"loc": base, "msg": str(exc)}
+                ]
         if line_errors:
             bad_lines.append(number)
             for e in line_errors:
@@ -131,7 +142,10 @@ def check_lines(services: Services, lines: list[tuple[int, Any]], caller: Caller
                     errors.append({**e, "line": number})
     if bad_lines:
         more = f"; the first {MAX_ERRORS_LISTED} errors are listed" if len(errors) >= MAX_ERRORS_LISTED else ""
-        raise _invalid(errors, f"{len(bad_lines)} of {len(lines)} lines are invalid (lines "
-                               f"{', '.join(map(str, bad_lines[:10]))}{', …' if len(bad_lines) > 10 else ''})"
-                               f"; nothing was queued{more}")
+        raise _invalid(
+            errors,
+            f"{len(bad_lines)} of {len(lines)} lines are invalid (lines "
+            f"{', '.join(map(str, bad_lines[:10]))}{', …' if len(bad_lines) > 10 else ''})"
+            f"; nothing was queued{more}",
+        )
     return checked

@@ -20,9 +20,15 @@ OPEN = QUEUED
 def summary(session: Session, batch_id: str) -> dict[str, Any]:
     """Counts by status and the usage so far, from the batch's jobs (one query)."""
     rows = session.execute(
-        select(Job.status, func.count(), func.coalesce(func.sum(Job.gpu_seconds), 0.0),
-               func.coalesce(func.sum(Job.tokens_charged), 0), func.coalesce(func.sum(Job.tokens_reserved), 0))
-        .where(Job.batch_id == batch_id).group_by(Job.status)
+        select(
+            Job.status,
+            func.count(),
+            func.coalesce(func.sum(Job.gpu_seconds), 0.0),
+            func.coalesce(func.sum(Job.tokens_charged), 0),
+            func.coalesce(func.sum(Job.tokens_reserved), 0),
+        )
+        .where(Job.batch_id == batch_id)
+        .group_by(Job.status)
     ).all()
     counts = {s: 0 for s in (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED)}
     gpu: float = 0
@@ -31,8 +37,14 @@ def summary(session: Session, batch_id: str) -> dict[str, Any]:
         counts[status] = n
         gpu, charged, reserved = gpu + g, charged + c, reserved + r
     counts["total"] = sum(counts.values())
-    return {"counts": counts, "usage": {"gpu_seconds": round(float(gpu), 6), "tokens_charged": int(charged),
-                                        "tokens_reserved": int(reserved)}}
+    return {
+        "counts": counts,
+        "usage": {
+            "gpu_seconds": round(float(gpu), 6),
+            "tokens_charged": int(charged),
+            "tokens_reserved": int(reserved),
+        },
+    }
 
 
 def status_of(batch: Batch, counts: dict[str, int]) -> str:
@@ -56,12 +68,18 @@ def batch_json(batch: Batch, summary_: dict[str, Any], links: Links) -> dict[str
         "usage": summary_["usage"],
         "metadata": batch.meta,
         "input_file": batch.input_file,
-        "links": {"self": self_url, "jobs": self_url + "/jobs", "cancel": self_url + "/cancel",
-                  "events": self_url + "/events"},
+        "links": {
+            "self": self_url,
+            "jobs": self_url + "/jobs",
+            "cancel": self_url + "/cancel",
+            "events": self_url + "/events",
+        },
     }
 
 
-def page(session: Session, batch_id: str, after: str | None, limit: int, statuses: list[str] | None = None) -> list[Job]:
+def page(
+    session: Session, batch_id: str, after: str | None, limit: int, statuses: list[str] | None = None
+) -> list[Job]:
     """The batch's jobs in submission order (job ids sort by it), after job id ``after``."""
     q = select(Job).where(Job.batch_id == batch_id)
     if after:

@@ -7,9 +7,10 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from sqlalchemy import select, update
 
@@ -33,9 +34,16 @@ CLAIM_S = 60.0
 class Deliverer:
     """Claims due deliveries and sends them from a thread pool."""
 
-    def __init__(self, services: Services, threads: int = 16, schedule: tuple[float, ...] = RETRY_SCHEDULE_S,
-                 timeout: tuple[float, float] = TIMEOUT_S, *, resolve: Resolve = socket.getaddrinfo,
-                 ca_certs: str | None = None):
+    def __init__(
+        self,
+        services: Services,
+        threads: int = 16,
+        schedule: tuple[float, ...] = RETRY_SCHEDULE_S,
+        timeout: tuple[float, float] = TIMEOUT_S,
+        *,
+        resolve: Resolve = socket.getaddrinfo,
+        ca_certs: str | None = None,
+    ):
         self.services = services
         self.schedule = schedule
         self.timeout = timeout
@@ -78,12 +86,24 @@ class Deliverer:
     def claim(self, limit: int) -> list[str]:
         now = utcnow()
         with self.services.sessions.begin() as session:
-            due = (select(WebhookDelivery.id).where(WebhookDelivery.status == "pending", WebhookDelivery.next_at <= now)
-                   .order_by(WebhookDelivery.next_at).limit(limit).scalar_subquery())
-            return [r[0] for r in session.execute(
-                update(WebhookDelivery)
-                .where(WebhookDelivery.id.in_(due), WebhookDelivery.status == "pending", WebhookDelivery.next_at <= now)
-                .values(next_at=now + timedelta(seconds=CLAIM_S)).returning(WebhookDelivery.id))]
+            due = (
+                select(WebhookDelivery.id)
+                .where(WebhookDelivery.status == "pending", WebhookDelivery.next_at <= now)
+                .order_by(WebhookDelivery.next_at)
+                .limit(limit)
+                .scalar_subquery()
+            )
+            return [
+                r[0]
+                for r in session.execute(
+                    update(WebhookDelivery)
+                    .where(
+                        WebhookDelivery.id.in_(due), WebhookDelivery.status == "pending", WebhookDelivery.next_at <= now
+                    )
+                    .values(next_at=now + timedelta(seconds=CLAIM_S))
+                    .returning(WebhookDelivery.id)
+                )
+            ]
 
     def _send_and_release(self, delivery_id: str) -> None:
         try:
@@ -124,9 +144,21 @@ class Deliverer:
         else:
             values = {"next_at": now + timedelta(seconds=self.schedule[number - 1])}
         with self.services.sessions.begin() as session:
-            session.add(WebhookAttempt(delivery_id=d.id, number=number, at=now, status_code=status_code,
-                                       error=error if not ok else None, duration_ms=duration_ms))
-            session.execute(update(WebhookDelivery).where(WebhookDelivery.id == d.id)
-                            .values(attempts=number, **values))
-        log.info("webhook %s to %s: attempt %d %s", d.id, d.url, number,
-                 "delivered" if ok else f"failed ({status_code or error}); {values.get('status', 'retrying')}")
+            session.add(
+                WebhookAttempt(
+                    delivery_id=d.id,
+                    number=number,
+                    at=now,
+                    status_code=status_code,
+                    error=error if not ok else None,
+                    duration_ms=duration_ms,
+                )
+            )
+            session.execute(update(WebhookDelivery).where(WebhookDelivery.id == d.id).values(attempts=number, **values))
+        log.info(
+            "webhook %s to %s: attempt %d %s",
+            d.id,
+            d.url,
+            number,
+            "delivered" if ok else f"failed ({status_code or error}); {values.get('status', 'retrying')}",
+        )

@@ -4,8 +4,9 @@ crash between the two cannot lose it and nothing a worker does waits on a receiv
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 
@@ -32,22 +33,46 @@ def enqueue(session: Session, job_id: str, event: str, job_json: JobJson, now: d
     return write(session, job.caller or "", job.webhook["url"], event, job_json(job), now, job_id=job.id)
 
 
-def enqueue_batch(session: Session, batch: Batch, event: str, data: dict[str, Any], now: datetime | None = None) -> str | None:
+def enqueue_batch(
+    session: Session, batch: Batch, event: str, data: dict[str, Any], now: datetime | None = None
+) -> str | None:
     """Write the delivery of a batch ``event`` (``data``: the batch's JSON), if it asked."""
     if not batch.webhook or event not in batch.webhook.get("events", BATCH_EVENTS):
         return None
     return write(session, batch.caller, batch.webhook["url"], event, data, now, batch_id=batch.id)
 
 
-def write(session: Session, caller: str, url: str, event: str, data: dict[str, Any], now: datetime | None,
-          *, job_id: str | None = None, batch_id: str | None = None) -> str:
+def write(
+    session: Session,
+    caller: str,
+    url: str,
+    event: str,
+    data: dict[str, Any],
+    now: datetime | None,
+    *,
+    job_id: str | None = None,
+    batch_id: str | None = None,
+) -> str:
     """Write one delivery row: the signed body is fixed now. Returns its id."""
     now = now or utcnow()
     secret_for(session, caller)  # exists before the first attempt signs with it
     delivery_id = new_id("msg")
     payload = json.dumps({"type": event, "timestamp": iso(now), "data": data}, separators=(",", ":"))
-    session.add(WebhookDelivery(id=delivery_id, caller=caller, job_id=job_id, batch_id=batch_id, event=event,
-                                url=url, payload=payload, status="pending", attempts=0, next_at=now, created_at=now))
+    session.add(
+        WebhookDelivery(
+            id=delivery_id,
+            caller=caller,
+            job_id=job_id,
+            batch_id=batch_id,
+            event=event,
+            url=url,
+            payload=payload,
+            status="pending",
+            attempts=0,
+            next_at=now,
+            created_at=now,
+        )
+    )
     return delivery_id
 
 

@@ -20,8 +20,13 @@ def default_ca_certs() -> str | None:
     return certifi.where()
 
 
-def post_pinned(target: Target, body: bytes, headers: dict[str, str], timeout: tuple[float, float] = TIMEOUT_S,
-                ca_certs: str | None = None) -> int:
+def post_pinned(
+    target: Target,
+    body: bytes,
+    headers: dict[str, str],
+    timeout: tuple[float, float] = TIMEOUT_S,
+    ca_certs: str | None = None,
+) -> int:
     """POST ``body`` to a checked ``target`` and return the status code. The connection
     goes to one of ``target.ips`` (the next only if connecting to one fails at once),
     never to a fresh DNS answer; the request carries ``Host: target.host_header`` and, for
@@ -34,17 +39,35 @@ def post_pinned(target: Target, body: bytes, headers: dict[str, str], timeout: t
         raise ValueError("the target has no checked address")
     headers = {**headers, "Host": target.host_header}
     for n, ip in enumerate(target.ips):
-        kw: dict[str, Any] = {"port": target.port, "timeout": Timeout(connect=timeout[0], read=timeout[1]),
-                              "maxsize": 1, "retries": False}
+        kw: dict[str, Any] = {
+            "port": target.port,
+            "timeout": Timeout(connect=timeout[0], read=timeout[1]),
+            "maxsize": 1,
+            "retries": False,
+        }
         pool: HTTPConnectionPool
         if target.scheme == "https":
-            pool = HTTPSConnectionPool(ip, cert_reqs="CERT_REQUIRED", ca_certs=ca_certs, server_hostname=target.host,
-                                       assert_hostname=target.host, **kw)
+            pool = HTTPSConnectionPool(
+                ip,
+                cert_reqs="CERT_REQUIRED",
+                ca_certs=ca_certs,
+                server_hostname=target.host,
+                assert_hostname=target.host,
+                **kw,
+            )
         else:
             pool = HTTPConnectionPool(ip, **kw)
         try:
-            resp = pool.urlopen("POST", target.path, body=body, headers=headers, redirect=False, retries=False,
-                                preload_content=False, assert_same_host=False)
+            resp = pool.urlopen(
+                "POST",
+                target.path,
+                body=body,
+                headers=headers,
+                redirect=False,
+                retries=False,
+                preload_content=False,
+                assert_same_host=False,
+            )
             try:
                 resp.read(MAX_RESPONSE_BYTES, decode_content=False)  # a little of it, never all
             finally:

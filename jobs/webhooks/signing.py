@@ -18,8 +18,9 @@ def secret_for(session: Session, account_id: str) -> str:
     """The account's signing secret (``whsec_`` + base64 of 24 random bytes), made on
     first use; call it in a write transaction."""
     fresh = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
-    session.execute(update(Account).where(Account.id == account_id, Account.webhook_secret.is_(None))
-                    .values(webhook_secret=fresh))
+    session.execute(
+        update(Account).where(Account.id == account_id, Account.webhook_secret.is_(None)).values(webhook_secret=fresh)
+    )
     secret = session.execute(select(Account.webhook_secret).where(Account.id == account_id)).scalar_one()
     assert secret is not None  # set by the update above when it was not yet
     return secret
@@ -30,6 +31,10 @@ def signed_headers(secret: str, delivery_id: str, payload: str, now: datetime) -
     ``webhook-timestamp`` and ``webhook-signature`` over both and the body."""
     from standardwebhooks import Webhook
 
-    return {"content-type": "application/json", "user-agent": USER_AGENT,
-            "webhook-id": delivery_id, "webhook-timestamp": str(int(now.timestamp())),
-            "webhook-signature": Webhook(secret).sign(delivery_id, now, payload)}
+    return {
+        "content-type": "application/json",
+        "user-agent": USER_AGENT,
+        "webhook-id": delivery_id,
+        "webhook-timestamp": str(int(now.timestamp())),
+        "webhook-signature": Webhook(secret).sign(delivery_id, now, payload),
+    }

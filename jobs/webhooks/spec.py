@@ -18,7 +18,8 @@ class WebhookSpec(BaseModel):
 
     url: str = Field(min_length=1, max_length=2048)
     events: list[Literal["job.succeeded", "job.failed", "job.canceled", "batch.completed"]] | None = Field(
-        default=None, min_length=1)
+        default=None, min_length=1
+    )
 
 
 def parse_spec(raw: Any, allow: tuple[str, ...], *, batch: bool = False) -> dict[str, Any]:

@@ -77,7 +77,7 @@ def parse_url(url: str) -> ParsedURL:
     m = _SCHEME.match(url)
     if not m:
         raise BadURL("must be an http:// or https:// URL with a host")
-    scheme, rest = m.group(1).lower(), url[m.end():]
+    scheme, rest = m.group(1).lower(), url[m.end() :]
     end = min([i for i in (rest.find(c) for c in "/?#") if i >= 0] or [len(rest)])
     authority, tail = rest[:end], rest[end:].split("#", 1)[0]  # a fragment is never sent
     if "@" in authority:
@@ -93,7 +93,7 @@ def parse_url(url: str) -> ParsedURL:
         except ValueError:
             raise BadURL(f"{authority[1:close]!r} is not an IPv6 address") from None
         ip: IPAddress | None = ip6
-        host, after = ip6.compressed, authority[close + 1:]
+        host, after = ip6.compressed, authority[close + 1 :]
         if after and not after.startswith(":"):
             raise BadURL("unexpected text after the IPv6 address")
         port_text = after[1:] if after else None
@@ -135,8 +135,10 @@ def _host(name: str) -> tuple[str, ipaddress.IPv4Address | None]:
         # in forms they disagree on; only the plain dotted quad is accepted.
         if len(labels) == 4 and all(_IPV4_PART.fullmatch(p) and int(p) <= 255 for p in labels):
             return name, ipaddress.IPv4Address(name)
-        raise BadURL(f"host {name!r} is a numeric shorthand of an IPv4 address; write it as four decimal "
-                      f"numbers without leading zeros (a.b.c.d)")
+        raise BadURL(
+            f"host {name!r} is a numeric shorthand of an IPv4 address; write it as four decimal "
+            f"numbers without leading zeros (a.b.c.d)"
+        )
     if len(name) > 253:
         raise BadURL("the host name is longer than 253 characters")
     for label in labels:
@@ -150,8 +152,9 @@ def _host(name: str) -> tuple[str, ipaddress.IPv4Address | None]:
     return name, None
 
 
-def check_url(url: str, allow: tuple[str, ...], loc: list[str | int] | None = None, *,
-              resolve: Resolve = socket.getaddrinfo) -> Target:
+def check_url(
+    url: str, allow: tuple[str, ...], loc: list[str | int] | None = None, *, resolve: Resolve = socket.getaddrinfo
+) -> Target:
     """Refuse (422) a URL that ``parse_url`` refuses or that reaches a non-public address;
     return it pinned to the addresses checked (``Target.ips``), which is where a delivery
     connects. ``resolve`` (``socket.getaddrinfo``'s signature) is asked once."""
@@ -170,8 +173,11 @@ def check_url(url: str, allow: tuple[str, ...], loc: list[str | int] | None = No
     else:
         try:
             infos = resolve(host, parsed.port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
-            addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos
-                         if info[0] in (socket.AF_INET, socket.AF_INET6)]
+            addresses = [
+                ipaddress.ip_address(info[4][0].split("%")[0])
+                for info in infos
+                if info[0] in (socket.AF_INET, socket.AF_INET6)
+            ]
         except (OSError, UnicodeError, ValueError):
             addresses = []
         if not addresses:
@@ -182,8 +188,10 @@ def check_url(url: str, allow: tuple[str, ...], loc: list[str | int] | None = No
             why = _refusal(ip, networks)
             if why:
                 where = f"resolves to {ip}," if parsed.ip is None else "is"
-                raise bad(f"host {host!r} {where} {why}; webhooks may only reach public addresses "
-                          f"unless VRAMQ_WEBHOOK_ALLOW_HOSTS allows it")
+                raise bad(
+                    f"host {host!r} {where} {why}; webhooks may only reach public addresses "
+                    f"unless VRAMQ_WEBHOOK_ALLOW_HOSTS allows it"
+                )
     ips = tuple(dict.fromkeys(str(ip) for ip in addresses))
     return Target(parsed.scheme, host, parsed.port, parsed.path, parsed.ip, ips=ips)
 
@@ -233,12 +241,15 @@ def _embedded_ipv4(ip: IPAddress, networks: list[IPNetwork]) -> list[ipaddress.I
     if ip in _NAT64_WKP or (ip in _COMPAT and int(ip) > 1):  # :: and ::1 are themselves
         return [low32]
     if ip in _NAT64_LOCAL:
-        prefixes = [n.prefixlen for n in networks
-                    if ip in n and isinstance(n, ipaddress.IPv6Network) and n.subnet_of(_NAT64_LOCAL)]
+        prefixes = [
+            n.prefixlen
+            for n in networks
+            if ip in n and isinstance(n, ipaddress.IPv6Network) and n.subnet_of(_NAT64_LOCAL)
+        ]
         lengths = [max(prefixes)] if prefixes and max(prefixes) in (48, 56, 64, 96) else [48, 56, 64, 96]
         packed = ip.packed
         without_u = packed[:8] + packed[9:]  # RFC 6052: bits 64-71 are not part of the address
-        return [low32 if n == 96 else ipaddress.IPv4Address(without_u[n // 8:n // 8 + 4]) for n in lengths]
+        return [low32 if n == 96 else ipaddress.IPv4Address(without_u[n // 8 : n // 8 + 4]) for n in lengths]
     return []
 
 

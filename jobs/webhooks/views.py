@@ -14,14 +14,33 @@ from ..views import iso
 def deliveries(session: Session, job_id: str | None = None, batch_id: str | None = None) -> list[dict[str, Any]]:
     """A job's (or a batch's own) deliveries, each with its attempts."""
     which = WebhookDelivery.job_id == job_id if job_id else WebhookDelivery.batch_id == batch_id
-    rows = session.execute(select(WebhookDelivery).where(which)
-                           .order_by(WebhookDelivery.created_at)).scalars().all()
+    rows = session.execute(select(WebhookDelivery).where(which).order_by(WebhookDelivery.created_at)).scalars().all()
     out: list[dict[str, Any]] = []
     for d in rows:
-        attempts = session.execute(select(WebhookAttempt).where(WebhookAttempt.delivery_id == d.id)
-                                   .order_by(WebhookAttempt.number)).scalars().all()
-        out.append({"id": d.id, "event": d.event, "url": d.url, "status": d.status, "attempts": [
-            {"number": a.number, "at": iso(a.at), "status_code": a.status_code,
-             "error": a.error, "duration_ms": round(a.duration_ms, 1)} for a in attempts],
-            "next_attempt_at": iso(d.next_at) if d.status == "pending" else None})
+        attempts = (
+            session.execute(
+                select(WebhookAttempt).where(WebhookAttempt.delivery_id == d.id).order_by(WebhookAttempt.number)
+            )
+            .scalars()
+            .all()
+        )
+        out.append(
+            {
+                "id": d.id,
+                "event": d.event,
+                "url": d.url,
+                "status": d.status,
+                "attempts": [
+                    {
+                        "number": a.number,
+                        "at": iso(a.at),
+                        "status_code": a.status_code,
+                        "error": a.error,
+                        "duration_ms": round(a.duration_ms, 1),
+                    }
+                    for a in attempts
+                ],
+                "next_attempt_at": iso(d.next_at) if d.status == "pending" else None,
+            }
+        )
     return out
