@@ -22,6 +22,16 @@ UNMETERED = {"VRAMQ_ANONYMOUS_DAILY_TOKENS": "1000000000", "VRAMQ_RATE_LIMIT_ANO
 _TCK = os.sysconf("SC_CLK_TCK")
 
 
+def pct(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100), linear between closest ranks."""
+    s = sorted(values)
+    if not s:
+        return float("nan")
+    k = (len(s) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -81,7 +81,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import requests
-from _common import UNMETERED, Procs, free_port
+from _common import UNMETERED, Procs, free_port, pct
 
 MODEL_ID = "bench-flux"
 
@@ -93,16 +93,6 @@ def log(msg: str) -> None:
 def parse_ts(value: str) -> float:
     """An API timestamp (ISO 8601, ``Z``) as POSIX seconds."""
     return datetime.fromisoformat(value).timestamp()
-
-
-def pct(values: list[float], q: float) -> float:
-    """The q-th percentile (0..100), linear between closest ranks."""
-    s = sorted(values)
-    if not s:
-        return float("nan")
-    k = (len(s) - 1) * q / 100
-    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 # --- CPU accounting (the machine is small and may be shared) ------------------------

@@ -77,7 +77,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import requests
-from _common import UNMETERED, CpuMeter, Procs, free_port, tree_cpu_s, wait_ready
+from _common import UNMETERED, CpuMeter, Procs, free_port, pct, tree_cpu_s, wait_ready
 
 MODEL_ID = "echo"
 TARGETS = {"jobs_per_s": 500.0, "api_cpu_ms_per_job": 2.0, "worker_cpu_ms_per_job": 2.0}
@@ -88,15 +88,6 @@ _TCK = os.sysconf("SC_CLK_TCK")
 
 def log(msg: str) -> None:
     print(f"[queue_floor {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    if not s:
-        return float("nan")
-    k = (len(s) - 1) * q / 100
-    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 # --- PostgreSQL: the database, and its backends' CPU ------------------------------------------

@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import requests
-from _common import UNMETERED, announce_loading_worker, free_port
+from _common import UNMETERED, announce_loading_worker, free_port, pct
 
 from vramq.jobs import proctree
 
@@ -67,15 +67,6 @@ BODY = {
 
 def log(msg: str) -> None:
     print(f"[submit_rate {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    if not s:
-        return float("nan")
-    k = (len(s) - 1) * q / 100
-    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 # --- CPU accounting ------------------------------------------------------------------
