@@ -71,10 +71,15 @@ class CardCollector:
             workers = []
         for w in workers:
             key = [w.get("card", ""), w.get("host", ""), w.get("name", "")]
-            for k, fam in vram.items():
-                value = (w.get("vram") or {}).get(f"{k}_bytes")
-                if value is not None:
-                    fam.add_metric(key, value)
+            figures = w.get("vram")
+            if figures is not None:
+                for k, value in (
+                    ("budget", figures["budget_bytes"]),
+                    ("estimated", figures["estimated_bytes"]),
+                    ("measured", figures["measured_bytes"]),
+                ):
+                    if value is not None:
+                        vram[k].add_metric(key, value)
             resident.add_metric(key, len(w.get("resident", [])))
             for model, st in (w.get("models_stats") or {}).items():
                 mkey = key + [model]

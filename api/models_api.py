@@ -6,7 +6,7 @@ from flask import Blueprint, current_app
 from sqlalchemy import func, select
 
 from vramq.jobs.errors import NotFound
-from vramq.jobs.heartbeat import live_workers, served_by
+from vramq.jobs.heartbeat import WorkerBeat, live_workers, served_by
 from vramq.jobs.lifecycle import QUEUED
 from vramq.jobs.pricing import rate_for, vram_need_bytes
 from vramq.jobs.schema import Job
@@ -20,14 +20,14 @@ def _depths(services) -> dict[str, int]:
         return dict(rows.all())
 
 
-def _workers(services) -> list[dict]:
+def _workers(services) -> list[WorkerBeat]:
     try:
         return live_workers(services.redis)
     except Exception:  # broker down: nothing can be known to be served
         return []
 
 
-def _model(services, entry, depth: int, workers: list[dict]) -> dict:
+def _model(services, entry, depth: int, workers: list[WorkerBeat]) -> dict:
     """The entry, with ``available`` (a live worker serves it) and ``vram_gb`` (the
     planner's estimate incl. headroom: from a worker's heartbeat, else estimated here)."""
     need = next((w["need_bytes"][entry.id] for w in workers if entry.id in (w.get("need_bytes") or {})), None)

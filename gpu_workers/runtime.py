@@ -497,11 +497,11 @@ class WorkerRuntime:
     def _heartbeat(self) -> None:
         heartbeat.announce(self.services.redis, self.name, self.describe())
 
-    def describe(self) -> dict:
+    def describe(self) -> heartbeat.WorkerBeat:
         """This worker as its heartbeat tells it: the API's ``/v1/workers`` and per-card metrics."""
         res = self.residency
         assert res is not None, "load() first"
-        stats = {
+        stats: dict[str, heartbeat.ModelStats] = {
             m: {"loads": st.loads, "evictions": st.evictions, "load_seconds": round(st.load_seconds, 4)}
             for m, st in res.stats.items()
         }

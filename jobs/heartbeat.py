@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, TypedDict
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -14,13 +15,53 @@ PREFIX = "vramq:workers:"
 TTL_S = 15
 
 
-def announce(redis: Redis, name: str, info: dict[str, Any]) -> None:
+class ModelStats(TypedDict):
+    """One model's residency on the worker so far."""
+
+    loads: int
+    evictions: int
+    load_seconds: float
+
+
+class VramFigures(TypedDict):
+    budget_bytes: int | None
+    """The card's memory the worker may use (None on the CPU)."""
+    estimated_bytes: int
+    """The estimates of its resident models, summed."""
+    measured_bytes: int | None
+    """What the device reports in use (NVML; the process's resident set on the CPU)."""
+
+
+class WorkerBeat(TypedDict, total=False):
+    """What a worker announces every ``TTL_S / 3`` seconds (``WorkerRuntime.describe``):
+    admission reads ``state``, ``models`` and ``failed_models``; ``/v1/workers`` shows it
+    whole; the metrics read ``vram``, ``resident`` and ``models_stats``."""
+
+    name: str
+    card: str
+    """``card<N>`` or ``cpu``."""
+    models: list[str]
+    """The models it serves, resident or loaded on demand."""
+    failed_models: dict[str, str]
+    """Models it tried and failed to load, with the reason (in their cool-down)."""
+    pid: int
+    host: str
+    state: str
+    """``loading``, ``ready`` or ``stopping``."""
+    running: int
+    resident: list[str]
+    models_stats: dict[str, ModelStats]
+    need_bytes: dict[str, int]
+    vram: VramFigures
+
+
+def announce(redis: Redis, name: str, info: WorkerBeat) -> None:
     redis.set(PREFIX + name, json.dumps(info), ex=TTL_S)
 
 
-def live_workers(redis: Redis) -> list[dict[str, Any]]:
+def live_workers(redis: Redis) -> list[WorkerBeat]:
     """Workers that announced themselves within the last ``TTL_S`` seconds."""
-    out: list[dict[str, Any]] = []
+    out: list[WorkerBeat] = []
     for key in redis.scan_iter(PREFIX + "*"):
         raw = redis.get(key)
         if raw:
@@ -32,7 +73,7 @@ def withdraw(redis: Redis, name: str) -> None:
     redis.delete(PREFIX + name)
 
 
-def served_by(workers: list[dict[str, Any]]) -> set[str]:
+def served_by(workers: Iterable[WorkerBeat]) -> set[str]:
     """Models at least one of ``workers`` serves (loading or ready, resident or on demand),
     leaving out those a worker tried and failed to load (``failed_models``)."""
     return {
