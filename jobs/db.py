@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
@@ -40,9 +42,9 @@ def make_engine(url: str, *, dead_peer_s: float = 15.0) -> Engine:
             # so a transaction starts where SQLAlchemy says it does.
             dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
-            cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA busy_timeout=30000")  # writers queue instead of failing
+            _until_unlocked(lambda: cur.execute("PRAGMA journal_mode=WAL"))  # readers never wait for the writer
+            cur.execute("PRAGMA synchronous=NORMAL")
             cur.close()
 
         @event.listens_for(engine, "begin")
@@ -90,6 +92,22 @@ def rowcount(result: Result[Any]) -> int:
     """The rows an UPDATE or DELETE that ``Session.execute`` ran matched. Such a statement's
     result is a ``CursorResult``; ``Session.execute`` is annotated as returning ``Result``."""
     return cast("CursorResult[Any]", result).rowcount
+
+
+def _until_unlocked(statement: Callable[[], object], seconds: float = 30.0) -> None:
+    """Run ``statement``, again while SQLite answers "database is locked". Switching to
+    WAL can be refused at once, without the busy handler, while another process holds
+    the database (a fresh file that process is migrating, the last connection of another
+    process checkpointing on close)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            statement()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def migrate(engine: Engine) -> None:

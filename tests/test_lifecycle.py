@@ -211,3 +211,28 @@ def test_event_writer_coalesces_deltas_without_changing_the_text():
         ("a", "progress", {"progress": 1.0}),
         ("a", "delta", {"text": "?"}),
     ]
+
+
+def test_switching_to_wal_waits_out_a_lock_sqlite_refuses_at_once():
+    """SQLite may refuse ``PRAGMA journal_mode=WAL`` with "database is locked" without
+    waiting (another process migrating a fresh file, or checkpointing as it closes): the
+    connection tries again instead of failing the process's start."""
+    import sqlite3
+
+    from vramq.jobs.db import _until_unlocked
+
+    answers = [sqlite3.OperationalError("database is locked")] * 2 + [None]
+    calls = []
+
+    def statement():
+        calls.append(1)
+        answer = answers[len(calls) - 1]
+        if answer is not None:
+            raise answer
+
+    _until_unlocked(statement)
+    assert len(calls) == 3
+    with pytest.raises(sqlite3.OperationalError, match="no such table"):
+        _until_unlocked(lambda: (_ for _ in ()).throw(sqlite3.OperationalError("no such table: t")))
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        _until_unlocked(lambda: (_ for _ in ()).throw(sqlite3.OperationalError("database is locked")), seconds=0.2)
