@@ -40,8 +40,9 @@ def create_job():
     job, created = submit_job(services, body, caller=current_caller(), idempotency_key=key)
     if created:
         JOBS_SUBMITTED.labels(model=job.model).inc()
-    with services.sessions() as session:
-        data = job_json(job, session)
+    # No queue position in the answer: it counts the jobs ahead, which would cost a
+    # submit more than the rest of it (GET the job's ``links.self`` for it).
+    data = job_json(job)
     resp = current_app.response_class(json.dumps(data), status=202 if created else 200, mimetype="application/json")
     resp.headers["Location"] = data["links"]["self"]
     return resp

@@ -33,9 +33,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import Insert, Row, func, insert, select, update
+from sqlalchemy import Insert, Row, Table, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from .errors import InputError, QuotaExceeded
@@ -102,21 +102,32 @@ class _Totals:
         return ledger_used(session, self.caller, day)  # an earlier day (clocks around midnight)
 
 
+# The wallet statements, built once: a submit and a settlement each run two of them, and
+# building a statement costs more Python than executing a cached one.
+_wallets = cast("Table", Wallet.__table__)
+_BUMP = (
+    update(_wallets)
+    .where(_wallets.c.caller == bindparam("w_caller"))
+    .values(version=_wallets.c.version + 1)
+    .returning(_wallets.c.day, _wallets.c.used, _wallets.c.balance)
+)
+_SET_TOTALS = (
+    update(_wallets)
+    .where(_wallets.c.caller == bindparam("w_caller"))
+    .values(day=bindparam("w_day"), used=bindparam("w_used"), balance=bindparam("w_balance"))
+)
+_INSERT_ENTRY = insert(cast("Table", LedgerEntry.__table__))
+
+
 def lock(session: Session, caller: str) -> _Totals:
     """Take the caller's wallet lock for the rest of the transaction (creating the row
     once) and return its totals."""
-    bump = (
-        update(Wallet)
-        .where(Wallet.caller == caller)
-        .values(version=Wallet.version + 1)
-        .returning(Wallet.day, Wallet.used, Wallet.balance)
-    )
-    row = session.execute(bump).first()
+    row = session.execute(_BUMP, {"w_caller": caller}).first()
     if row is None:
         session.execute(
             _insert_ignore(session, Wallet, {"caller": caller, "version": 0, "day": "", "used": 0, "balance": 0})
         )
-        row = session.execute(bump).first()
+        row = session.execute(_BUMP, {"w_caller": caller}).first()
         assert row is not None  # inserted just now, or by a concurrent transaction
     return _Totals(caller, row.day, int(row.used), int(row.balance))
 
@@ -221,9 +232,8 @@ def _move(session: Session, totals: _Totals, day: str, allowance: int, balance: 
     elif day > totals.day:  # the first entry of a new day: yesterday's use is history
         totals.day, totals.used = day, -allowance
     session.execute(
-        update(Wallet)
-        .where(Wallet.caller == totals.caller)
-        .values(day=totals.day, used=totals.used, balance=totals.balance)
+        _SET_TOTALS,
+        {"w_caller": totals.caller, "w_day": totals.day, "w_used": totals.used, "w_balance": totals.balance},
     )
 
 
@@ -269,7 +279,7 @@ def reserve_many(session: Session, caller: str, daily: int, items: list[tuple[st
                 "created_at": now,
             }
         )
-    session.execute(insert(LedgerEntry), rows)
+    session.execute(_INSERT_ENTRY, rows if len(rows) > 1 else rows[0])
     _move(session, totals, day, -spent_allowance, -(tokens - spent_allowance))
 
 

@@ -17,12 +17,14 @@ just before its commit.
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from collections.abc import Iterable
+from typing import Any
 
 from celery import Celery
-from kombu import Queue
+from kombu import Producer, Queue
 
 from .priorities import PRIORITIES, Priority
 
@@ -71,27 +73,46 @@ def make_celery(broker_url: str, visibility_timeout_s: int, model_ids: Iterable[
 def publish(app: Celery, hint: str, model_id: str, priority: Priority = "normal", count: int = 1) -> None:
     """Send ``count`` turns for ``model_id`` at ``priority``; raises on broker failure.
 
-    ``hint`` is the job or batch whose arrival they announce. A batch sends thousands at
-    once: they share one message body and go out through one Redis pipeline (kombu's
-    ``Producer.batch``), about ten times faster than one ``send_task`` each.
+    ``hint`` is the job or batch whose arrival they announce. Each message is what
+    ``send_task`` would send, built from a template made once per model and priority
+    (``send_task`` builds it afresh, about half the cost of a submit's publish). A batch
+    sends thousands at once: they share one body and go out through one Redis pipeline
+    (kombu's ``Producer.batch``), about ten times faster than one ``send_task`` each.
     """
+    headers, properties, rest = _template(app, model_id, priority)
     args = [hint, model_id, priority]
-    if count == 1:
-        app.send_task(RUN_JOB, args=args, queue=queue_name(model_id), priority=PRIORITY[priority], retry=False)
-        return
-    template = app.amqp.as_task_v2("template", RUN_JOB, args=args)
-    body = json.dumps(template.body)
-    with app.producer_or_acquire() as producer, producer.batch(max_size=2000):
-        for _ in range(count):
-            task_id = str(uuid.uuid4())
-            producer.publish(
-                body,
-                routing_key=queue_name(model_id),
-                exchange="",
-                priority=PRIORITY[priority],
-                retry=False,
-                content_type="application/json",
-                content_encoding="utf-8",
-                headers={**template.headers, "id": task_id, "root_id": task_id},
-                **{**template.properties, "correlation_id": task_id},
-            )
+    body = json.dumps([args, *rest])
+    options = {
+        "routing_key": queue_name(model_id),
+        "exchange": "",
+        "priority": PRIORITY[priority],
+        "retry": False,
+        "content_type": "application/json",
+        "content_encoding": "utf-8",
+    }
+    argsrepr = repr(args)
+
+    def send(producer: Producer) -> None:
+        task_id = str(uuid.uuid4())
+        producer.publish(
+            body,
+            headers={**headers, "id": task_id, "root_id": task_id, "argsrepr": argsrepr},
+            **options,
+            **{**properties, "correlation_id": task_id},
+        )
+
+    with app.producer_or_acquire() as producer:
+        if count == 1:
+            send(producer)
+            return
+        with producer.batch(max_size=2000):
+            for _ in range(count):
+                send(producer)
+
+
+@functools.lru_cache(maxsize=4096)
+def _template(app: Celery, model_id: str, priority: Priority) -> tuple[dict[str, Any], dict[str, Any], list[Any]]:
+    """The headers, properties and body (less its args) of a turn's message, as Celery's
+    task protocol 2 makes them."""
+    template = app.amqp.as_task_v2("template", RUN_JOB, args=["", model_id, priority])
+    return dict(template.headers), dict(template.properties), list(template.body[1:])
