@@ -373,6 +373,9 @@ def _short_file(file: str) -> str:
     from the package on."""
     if "/vramq/" in file:
         return "vramq/" + file.split("/vramq/", 1)[1]
+    for package in ("jobs", "api", "gpu_workers", "storage"):  # an editable install: the repo's folders
+        if file.startswith(f"{ROOT}/{package}/"):
+            return "vramq/" + file[len(str(ROOT)) + 1 :]
     if "site-packages/" in file:
         return file.split("site-packages/", 1)[1]
     if "/lib/python3" in file:

@@ -178,12 +178,9 @@ class WorkerRuntime:
     def execute(self, hint: str, model: str, priority: Priority) -> None:
         """One turn at ``model``/``priority`` (a message, see jobs.queue): take the fairest
         queued job there (jobs.fairness) and run it. ``hint`` is the job or batch whose
-        arrival sent the message; its row is waited for, as the API publishes just before
-        it commits."""
+        arrival sent the message: when nothing is queued yet, its row is waited for, as
+        the API publishes just before it commits."""
         services = self.services
-        if not self._hint_committed(hint):
-            log.warning("message for unknown %s dropped", hint)
-            return
         assert self.residency is not None, "load() first"
         if model in self.residency.failed and self._served_elsewhere(model):
             # This worker cannot load the model but another can: pass the turn on rather
@@ -191,14 +188,16 @@ class WorkerRuntime:
             time.sleep(0.5)
             publish(services.celery, hint, model, priority)
             return
-        with writing(services.sessions) as s:
-            job_id = fairness.take_next(s, model, priority, self.name, services.settings.lease_s)
-        if job_id is None:
+        job = self._take(model, priority)
+        if job is None:
+            if not self._hint_committed(hint):
+                log.warning("message for unknown %s dropped", hint)
+                return
+            job = self._take(model, priority)
+        if job is None:
             log.debug("turn at %s/%s: nothing queued", model, priority)
             return
-        with services.sessions() as s:
-            job = s.get(Job, job_id)
-        assert job is not None, job_id  # just taken; job rows are never deleted
+        job_id = job.id
         run = _Running(job_id)
         with self._lock:
             self._running[job_id] = run
@@ -208,6 +207,10 @@ class WorkerRuntime:
         finally:
             if not spooled:  # a spooled job stays ours (its lease renewed) until it lands
                 self._forget(job_id)
+
+    def _take(self, model: str, priority: Priority) -> Job | None:
+        with writing(self.services.sessions) as s:
+            return fairness.take_next_job(s, model, priority, self.name, self.services.settings.lease_s)
 
     def _served_elsewhere(self, model: str) -> bool:
         """Whether another live worker serves ``model`` and has not failed to load it."""

@@ -106,8 +106,17 @@ def position(session: Session, job: Job) -> int | None:
 def take_next(
     session: Session, model: str, priority: str, worker: str, lease_s: float, now: datetime | None = None
 ) -> str | None:
-    """Take the fairest queued job of ``model``/``priority`` for ``worker``; its id, or
-    None when none is queued. Run it in ``jobs.db.writing`` (SQLite: the write lock first).
+    """``take_next_job``'s job id."""
+    job = take_next_job(session, model, priority, worker, lease_s, now)
+    return None if job is None else job.id
+
+
+def take_next_job(
+    session: Session, model: str, priority: str, worker: str, lease_s: float, now: datetime | None = None
+) -> Job | None:
+    """Take the fairest queued job of ``model``/``priority`` for ``worker``; the job as
+    taken, or None when none is queued. Run it in ``jobs.db.writing`` (SQLite: the write
+    lock first).
 
     A lost race (another worker took the picked job first) picks again: each loss means
     a job was taken, so this ends; giving up early would waste the turn while jobs wait.
@@ -116,5 +125,8 @@ def take_next(
 
     while True:
         job_id = pick(session, model, priority)
-        if job_id is None or take(session, job_id, worker, lease_s, now):
-            return job_id
+        if job_id is None:
+            return None
+        job = take(session, job_id, worker, lease_s, now)
+        if job is not None:
+            return job

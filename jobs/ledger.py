@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import Insert, Row, Table, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from .errors import InputError, QuotaExceeded
 from .pricing import charge
@@ -283,21 +284,14 @@ def reserve_many(session: Session, caller: str, daily: int, items: list[tuple[st
     _move(session, totals, day, -spent_allowance, -(tokens - spent_allowance))
 
 
-def _reservation(session: Session, job_id: str) -> LedgerEntry | None:
-    return session.execute(
-        select(LedgerEntry).where(LedgerEntry.job_id == job_id, LedgerEntry.entry == "reserve")
-    ).scalar_one_or_none()
-
-
-def _closed(session: Session, job_id: str) -> bool:
-    return (
-        session.execute(
-            select(func.count())
-            .select_from(LedgerEntry)
-            .where(LedgerEntry.job_id == job_id, LedgerEntry.entry.in_(("settle", "refund")))
-        ).scalar_one()
-        > 0
-    )
+_JOB_ENTRIES = select(
+    LedgerEntry.entry, LedgerEntry.caller, LedgerEntry.day, LedgerEntry.allowance_delta, LedgerEntry.balance_delta
+).where(LedgerEntry.job_id == bindparam("job_id"))
+_SET_CHARGED = (
+    update(cast("Table", Job.__table__))
+    .where(Job.__table__.c.id == bindparam("job_id"))
+    .values(tokens_charged=bindparam("charged"))
+)
 
 
 @dataclass(frozen=True)
@@ -316,12 +310,15 @@ def settle(
     Call it in the transaction that recorded the job's end. Returns None when there is
     nothing to settle (no reservation, or already closed).
     """
-    res = _reservation(session, job.id)
-    if res is None:
+    # The job's reserve row and any closing one, read before the wallet lock: the caller
+    # has just moved the job out of ``running`` (a conditional UPDATE), so its row is
+    # this transaction's until the commit and nobody else can close it meanwhile; the
+    # unique (job, entry) constraint stands behind that.
+    rows = {r.entry: r for r in session.execute(_JOB_ENTRIES, {"job_id": job.id})}
+    res = rows.get("reserve")
+    if res is None or "settle" in rows or "refund" in rows:
         return None
     totals = lock(session, res.caller)
-    if _closed(session, job.id):
-        return None
     took_allowance, took_balance = -res.allowance_delta, -res.balance_delta
     reserved = took_allowance + took_balance
     if cost is None:
@@ -329,9 +326,7 @@ def settle(
     if cost <= reserved:
         back = reserved - cost
         to_balance = min(back, took_balance)
-        _entry(
-            session, totals, "settle", now, day=res.day, job_id=job.id, allowance=back - to_balance, balance=to_balance
-        )
+        _write(session, totals, "settle", res.day, job.id, allowance=back - to_balance, balance=to_balance, now=now)
         result = Settlement(reserved, cost, cost, 0)
     else:
         extra = cost - reserved
@@ -341,20 +336,50 @@ def settle(
         from_balance = min(extra - from_allowance, balance)
         written_off = extra - from_allowance - from_balance
         reason = f"cost {cost} over reservation {reserved}" + (f"; {written_off} written off" if written_off else "")
-        _entry(
+        _write(
             session,
             totals,
             "settle",
-            now,
-            day=day,
-            job_id=job.id,
+            day,
+            job.id,
             allowance=-from_allowance,
             balance=-from_balance,
             reason=reason,
+            now=now,
         )
         result = Settlement(reserved, cost, reserved + from_allowance + from_balance, written_off)
-    session.execute(update(Job).where(Job.id == job.id).values(tokens_charged=result.charged))
+    session.execute(_SET_CHARGED, {"job_id": job.id, "charged": result.charged})
+    set_committed_value(job, "tokens_charged", result.charged)  # the row as this transaction left it
     return result
+
+
+def _write(
+    session: Session,
+    totals: _Totals,
+    entry: str,
+    day: str,
+    job_id: str,
+    *,
+    allowance: int,
+    balance: int,
+    now: datetime,
+    reason: str | None = None,
+) -> None:
+    """``_entry`` through the Core (no ORM object, no flush): a job's settlement."""
+    session.execute(
+        _INSERT_ENTRY,
+        {
+            "caller": totals.caller,
+            "entry": entry,
+            "job_id": job_id,
+            "day": day,
+            "allowance_delta": allowance,
+            "balance_delta": balance,
+            "reason": reason,
+            "created_at": now,
+        },
+    )
+    _move(session, totals, day, allowance, balance)
 
 
 def refund(session: Session, job_id: str, now: datetime, reason: str) -> int:

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
 
-from sqlalchemy import ColumnElement, and_, or_, select, update
+from sqlalchemy import ColumnElement, Update, and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from .db import rowcount
@@ -39,10 +39,12 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def take(session: Session, job_id: str, worker: str, lease_s: float, now: datetime | None = None) -> bool:
-    """Claim a queued job (or one whose lease lapsed) for ``worker``. True if this call won."""
+def take(session: Session, job_id: str, worker: str, lease_s: float, now: datetime | None = None) -> Job | None:
+    """Claim a queued job (or one whose lease lapsed) for ``worker``. The job as the claim
+    left it (read back by the same statement) if this call won, else None."""
     now = now or utcnow()
-    result = session.execute(
+    return _won(
+        session,
         update(Job)
         .where(
             Job.id == job_id,
@@ -55,9 +57,16 @@ def take(session: Session, job_id: str, worker: str, lease_s: float, now: dateti
             started_at=now,
             progress=0.0,
             attempts=Job.attempts + 1,
-        )
+        ),
     )
-    return rowcount(result) == 1
+
+
+def _won(session: Session, transition: Update) -> Job | None:
+    """Run a one-job conditional UPDATE; the row as it left it (``RETURNING``), or None
+    when it matched nothing (another caller won the race)."""
+    return session.execute(
+        transition.returning(Job), execution_options={"synchronize_session": False, "populate_existing": True}
+    ).scalar_one_or_none()
 
 
 def renew(
@@ -97,10 +106,12 @@ def succeed(
     usage_detail: dict[str, Any],
     expires_at: datetime | None,
     now: datetime | None = None,
-) -> bool:
-    """Record success, if ``worker`` still owns the job. False means the result must be dropped."""
+) -> Job | None:
+    """Record success, if ``worker`` still owns the job: the job as it now is. None means
+    the result must be dropped."""
     now = now or utcnow()
-    result = session.execute(
+    return _won(
+        session,
         update(Job)
         .where(Job.id == job_id, Job.status == RUNNING, Job.lease_owner == worker)
         .values(
@@ -113,9 +124,8 @@ def succeed(
             lease_owner=None,
             lease_expires_at=None,
             expires_at=expires_at,
-        )
+        ),
     )
-    return rowcount(result) == 1
 
 
 def fail(

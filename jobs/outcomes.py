@@ -156,12 +156,12 @@ def end(
     ending = Ending()
     if isinstance(outcome, Succeeded):
         job_id, worker, allowances = _one(job_id), _owner(worker), _settling(allowances)
-        if lifecycle.succeed(
+        job = lifecycle.succeed(
             session, job_id, worker, outcome.output, outcome.gpu_seconds, outcome.usage, outcome.expires_at, now
-        ):
-            job = _reloaded(session, job_id)
+        )
+        if job is not None:
             ledger.settle(session, job, outcome.gpu_seconds, allowances, now)
-            _ended(session, ending, [job_id], SUCCEEDED, "job.succeeded", job_json, now)
+            _ended(session, ending, [job_id], SUCCEEDED, "job.succeeded", job_json, now, job)
             ending.events.insert(0, (job_id, "progress", {"progress": 1.0}))
     elif isinstance(outcome, Failed):
         job_id = _one(job_id)
@@ -224,15 +224,17 @@ def _ended(
     event: str,
     job_json: JobJson | None,
     now: datetime,
+    job: Job | None = None,
 ) -> None:
     """The part every terminal transition shares: the webhook outbox row (in this
-    transaction, so a job's end and its announcement commit together) and the events."""
+    transaction, so a job's end and its announcement commit together) and the events.
+    ``job``: the one job's row as this transaction left it, when the caller has it."""
     if not job_ids:
         return
     ending.moved.setdefault(status, []).extend(job_ids)
     for jid in job_ids:
         if job_json is not None:
-            outbox.enqueue(session, jid, event, job_json, now)
+            outbox.enqueue(session, jid, event, job_json, now, job=job if job is not None and job.id == jid else None)
         ending.events.append((jid, "status", {"status": status}))
         ending.events.append((jid, "done", {"status": status}))
 

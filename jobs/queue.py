@@ -94,7 +94,7 @@ def publish(app: Celery, hint: str, model_id: str, priority: Priority = "normal"
 
     def send(producer: Producer) -> None:
         task_id = str(uuid.uuid4())
-        producer.publish(
+        producer.publish(  # type: ignore[no-untyped-call]  # kombu's Producer.publish has no annotations
             body,
             headers={**headers, "id": task_id, "root_id": task_id, "argsrepr": argsrepr},
             **options,

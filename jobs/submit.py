@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import secrets
 from datetime import datetime
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
-from sqlalchemy import insert
+from sqlalchemy import Table, insert
 
 from . import idempotency, ledger
 from .accounts import Caller
@@ -165,7 +165,7 @@ def job_row(
     }
 
 
-_INSERT_JOB = insert(Job.__table__)
+_INSERT_JOB = insert(cast("Table", Job.__table__))
 """One job row through the Core: a submit's insert costs a fraction of the ORM's unit of work."""
 
 

@@ -24,10 +24,20 @@ if TYPE_CHECKING:
 JobJson = Callable[[Job], dict[str, Any]]
 
 
-def enqueue(session: Session, job_id: str, event: str, job_json: JobJson, now: datetime | None = None) -> str | None:
+def enqueue(
+    session: Session,
+    job_id: str,
+    event: str,
+    job_json: JobJson,
+    now: datetime | None = None,
+    *,
+    job: Job | None = None,
+) -> str | None:
     """Write the delivery of ``event`` for a job that asked for it, in the caller's
-    transaction. ``job_json(job)`` gives the job's JSON. Returns the delivery id."""
-    job = session.get(Job, job_id, populate_existing=True)  # as this transaction left it
+    transaction. ``job_json(job)`` gives the job's JSON. Returns the delivery id.
+    ``job``: the job's row as this transaction left it, if the caller has it (else read)."""
+    if job is None:
+        job = session.get(Job, job_id, populate_existing=True)  # as this transaction left it
     if job is None or not job.webhook or event not in job.webhook.get("events", JOB_EVENTS):
         return None
     return write(session, job.caller or "", job.webhook["url"], event, job_json(job), now, job_id=job.id)
