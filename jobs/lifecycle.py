@@ -21,9 +21,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
-from sqlalchemy import ColumnElement, Update, and_, or_, select, update
+from sqlalchemy import BindParameter, ColumnElement, Table, Update, and_, bindparam, inspect, or_, select, update
 from sqlalchemy.orm import Session
 
 from .db import rowcount
@@ -39,34 +39,72 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+# The two transitions every job makes, built once: building an UPDATE costs more Python
+# than executing a cached one. Each reads the row back (``RETURNING``), so the worker
+# needs no SELECT after it.
+_jobs = cast("Table", Job.__table__)
+_c = _jobs.c
+
+
+def _param(name: str, column: str) -> BindParameter[Any]:
+    return bindparam(name, type_=_c[column].type)
+
+
+_TAKE = (
+    update(_jobs)
+    .where(
+        _c.id == bindparam("t_id"),
+        or_(_c.status == QUEUED, and_(_c.status == RUNNING, _c.lease_expires_at < _param("t_now", "started_at"))),
+    )
+    .values(
+        status=RUNNING,
+        lease_owner=bindparam("t_worker"),
+        lease_expires_at=_param("t_until", "lease_expires_at"),
+        started_at=_param("t_now", "started_at"),
+        progress=0.0,
+        attempts=_c.attempts + 1,
+    )
+    .returning(*_c)
+)
+_SUCCEED = (
+    update(_jobs)
+    .where(_c.id == bindparam("s_id"), _c.status == RUNNING, _c.lease_owner == bindparam("s_worker"))
+    .values(
+        status=SUCCEEDED,
+        output=_param("s_output", "output"),
+        progress=1.0,
+        finished_at=_param("s_now", "finished_at"),
+        gpu_seconds=bindparam("s_gpu_seconds"),
+        usage_detail=_param("s_usage", "usage_detail"),
+        lease_owner=None,
+        lease_expires_at=None,
+        expires_at=_param("s_expires", "expires_at"),
+    )
+    .returning(*_c)
+)
+_ATTRIBUTE = {column.key: attribute.key for attribute in inspect(Job).column_attrs for column in attribute.columns}
+"""Column key -> ``Job`` attribute (``metadata`` -> ``meta``)."""
+
+
+def _won(session: Session, transition: Update, params: dict[str, Any]) -> Job | None:
+    """Run a one-job conditional UPDATE; the row as it left it, or None when it matched
+    nothing (another caller won the race). The row is a ``Job`` outside the session, to
+    read (its attributes are all loaded)."""
+    row = session.execute(transition, params).mappings().first()
+    if row is None:
+        return None
+    return Job(**{_ATTRIBUTE[key]: value for key, value in row.items()})
+
+
 def take(session: Session, job_id: str, worker: str, lease_s: float, now: datetime | None = None) -> Job | None:
     """Claim a queued job (or one whose lease lapsed) for ``worker``. The job as the claim
-    left it (read back by the same statement) if this call won, else None."""
+    left it if this call won, else None."""
     now = now or utcnow()
     return _won(
         session,
-        update(Job)
-        .where(
-            Job.id == job_id,
-            or_(Job.status == QUEUED, and_(Job.status == RUNNING, Job.lease_expires_at < now)),
-        )
-        .values(
-            status=RUNNING,
-            lease_owner=worker,
-            lease_expires_at=now + timedelta(seconds=lease_s),
-            started_at=now,
-            progress=0.0,
-            attempts=Job.attempts + 1,
-        ),
+        _TAKE,
+        {"t_id": job_id, "t_now": now, "t_worker": worker, "t_until": now + timedelta(seconds=lease_s)},
     )
-
-
-def _won(session: Session, transition: Update) -> Job | None:
-    """Run a one-job conditional UPDATE; the row as it left it (``RETURNING``), or None
-    when it matched nothing (another caller won the race)."""
-    return session.execute(
-        transition.returning(Job), execution_options={"synchronize_session": False, "populate_existing": True}
-    ).scalar_one_or_none()
 
 
 def renew(
@@ -112,19 +150,16 @@ def succeed(
     now = now or utcnow()
     return _won(
         session,
-        update(Job)
-        .where(Job.id == job_id, Job.status == RUNNING, Job.lease_owner == worker)
-        .values(
-            status=SUCCEEDED,
-            output=output,
-            progress=1.0,
-            finished_at=now,
-            gpu_seconds=gpu_seconds,
-            usage_detail=usage_detail,
-            lease_owner=None,
-            lease_expires_at=None,
-            expires_at=expires_at,
-        ),
+        _SUCCEED,
+        {
+            "s_id": job_id,
+            "s_worker": worker,
+            "s_output": output,
+            "s_now": now,
+            "s_gpu_seconds": gpu_seconds,
+            "s_usage": usage_detail,
+            "s_expires": expires_at,
+        },
     )
 
 
