@@ -23,7 +23,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     if isinstance(app.json, DefaultJSONProvider):  # Flask's own: keep keys in the order they were written
         app.json.sort_keys = False
 
-    from . import accounts_api, batches_api, files_api, guards, jobs_api, models_api, ops, problems
+    from . import accounts_api, batches_api, files_api, guards, jobs_api, models_api, ops, problems, web_page
     from .callers import current_caller
     from .metrics import REQUESTS
     from .ratelimit import RateLimiter
@@ -43,6 +43,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.register_blueprint(files_api.bp)
     app.register_blueprint(models_api.bp)
     app.register_blueprint(ops.bp)
+    app.register_blueprint(web_page.bp)
 
     @app.before_request
     def _start():

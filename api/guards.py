@@ -38,7 +38,9 @@ from .problems import problem
 
 #: Endpoints whose request body is JSON (and needed): their Content-Type must say so
 #: even when the body is empty.
-JSON_BODY_ENDPOINTS = frozenset({"jobs.create_job", "batches.create_batch", "accounts.create", "accounts.credit"})
+JSON_BODY_ENDPOINTS = frozenset(
+    {"jobs.create_job", "jobs.estimate", "batches.create_batch", "accounts.create", "accounts.credit"}
+)
 #: Methods that may carry a body.
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 #: Headers the API reads and stores or passes on.

@@ -8,20 +8,21 @@ import time
 from flask import Blueprint, current_app, request
 from sqlalchemy import and_, or_, select
 
-from vramq.jobs import events, outcomes, retention
+from vramq.jobs import events, ledger, outcomes, retention
 from vramq.jobs.db import writing
 from vramq.jobs.errors import Forbidden, NotFound
 from vramq.jobs.lifecycle import TERMINAL, raise_not_cancelable
 from vramq.jobs.outcomes import Canceled
 from vramq.jobs.schema import Job
-from vramq.jobs.submit import submit_job
+from vramq.jobs.submit import check_job, parse_request, submit_job
 from vramq.jobs.webhooks import signing
 from vramq.jobs.webhooks.views import deliveries
 
+from . import web_page
 from .callers import current_caller, require_account, require_admin
 from .guards import json_body
 from .metrics import JOBS_SUBMITTED
-from .queries import decode_cursor, encode_cursor, limit_arg, statuses_arg
+from .queries import decode_cursor, encode_cursor, kind_arg, limit_arg, statuses_arg
 from .sse import last_event_id, sse_frame, sse_response, stream_seconds
 from .views import base_url, job_json
 
@@ -46,6 +47,30 @@ def create_job():
     resp = current_app.response_class(json.dumps(data), status=202 if created else 200, mimetype="application/json")
     resp.headers["Location"] = data["links"]["self"]
     return resp
+
+
+@bp.post("/v1/estimate")
+def estimate():
+    """What a job would reserve, without submitting it: the body of ``POST /v1/jobs``
+    (checked the same way, 422 naming the field), and the caller's tokens left."""
+    services = _services()
+    req = parse_request(json_body())
+    caller = current_caller()
+    entry, _inp, units = check_job(services, req.model, req.input, caller)
+    quote = services.estimator.quote(entry, units)
+    with services.sessions() as session:
+        left = ledger.usage(session, caller.id, caller.tier, services.allowances, services.now()).available
+    tokens = 0 if caller.admin else quote.tokens
+    return {
+        "object": "estimate",
+        "model": entry.id,
+        "tokens": tokens,
+        "units": round(units, 6),
+        "tokens_per_gpu_second": quote.rate,
+        "min_tokens": quote.min_tokens,
+        "tokens_left": left,
+        "enough": caller.admin or tokens <= left,
+    }
 
 
 def _load(session, job_id: str) -> Job:
@@ -95,6 +120,8 @@ def _history(q):
         q = q.where(Job.status.in_(wanted))
     if args.get("model"):
         q = q.where(Job.model == args["model"])
+    if args.get("kind"):
+        q = q.where(Job.kind == kind_arg())
     limit = limit_arg(HISTORY_MAX, 20)
     if args.get("cursor"):
         created, last_id = decode_cursor(args["cursor"])
@@ -193,9 +220,12 @@ def unshare_job(job_id: str):
 
 @bp.get("/s/<token>")
 def shared(token: str):
-    """A shared job, read-only and without a key: what was asked and what came out."""
+    """A shared job, read-only and without a key: what was asked and what came out. A
+    browser (HTML preferred to JSON) gets the web page, which shows it; 404 once revoked."""
     with _services().sessions() as session:
         job = retention.shared_job(session, token)
+        if web_page.wants_page():
+            return web_page.page(200 if job is not None else 404)
         if job is None:
             raise NotFound("no such share link (it may have been revoked)")
         full = job_json(job, None)

@@ -6,7 +6,9 @@ import copy
 import re
 from typing import Any
 
+from vramq.api.queries import KINDS
 from vramq.api.ratelimit import EXEMPT_PREFIXES
+from vramq.api.web_page import ASSETS as WEB_ASSETS
 from vramq.jobs.batches.parsing import MAX_JOBS, BatchLine, BatchRequest
 from vramq.jobs.lifecycle import CANCELED, FAILED, QUEUED, RUNNING, SUCCEEDED
 from vramq.jobs.submit import WHISPER_LANGUAGES, JobRequest
@@ -188,11 +190,57 @@ def spec(services) -> dict:
                     "parameters": [
                         _query("status", statuses, "one or more statuses, comma-separated"),
                         _query("model", model_enum),
+                        _query("kind", {"enum": list(KINDS)}, "only jobs of models of this kind"),
                         _query("limit", {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}),
                         _query("cursor", {"type": "string"}, "next_cursor of the previous page"),
                     ],
                     "responses": {"200": _resp("a page: {data: [job], next_cursor}"), **_problems(401, 422)},
                 },
+            },
+            "/v1/estimate": {
+                "post": {
+                    "summary": "What a job would reserve, without submitting it (the body of POST /v1/jobs)",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobRequest"}}},
+                    },
+                    "responses": {
+                        "200": _resp(
+                            "{tokens, units, tokens_per_gpu_second, min_tokens, tokens_left, enough}",
+                            {
+                                "type": "object",
+                                "required": ["tokens", "tokens_left", "enough"],
+                                "properties": {
+                                    "tokens": {"type": "integer"},
+                                    "tokens_left": {"type": "integer"},
+                                    "enough": {"type": "boolean"},
+                                },
+                            },
+                        ),
+                        **_problems(400, 422),
+                    },
+                }
+            },
+            "/": {
+                "get": {
+                    "summary": "The web page: generate, follow, download and share jobs in a browser",
+                    "responses": {"200": _resp("the page", {"type": "string"}, "text/html")},
+                }
+            },
+            "/web/{name}": {
+                "get": {
+                    "summary": "The web page's script, style sheet and icon",
+                    "parameters": [
+                        {"name": "name", "in": "path", "required": True, "schema": {"enum": sorted(WEB_ASSETS)}}
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "the file",
+                            "content": {t.split(";")[0]: {"schema": {"type": "string"}} for t in WEB_ASSETS.values()},
+                        },
+                        **_problems(404),
+                    },
+                }
             },
             "/v1/jobs/{job_id}/save": {
                 "post": {
@@ -303,9 +351,15 @@ def spec(services) -> dict:
             },
             "/s/{token}": {
                 "get": {
-                    "summary": "A shared job's result, no key needed",
+                    "summary": "A shared job's result, no key needed; a browser (HTML preferred) gets the web page",
                     "parameters": [{"name": "token", "in": "path", "required": True, "schema": {"type": "string"}}],
-                    "responses": {"200": _resp("the shared job"), **_problems(404)},
+                    "responses": {
+                        "200": {
+                            "description": "the shared job (JSON), or the page that shows it (HTML)",
+                            "content": {"application/json": {}, "text/html": {"schema": {"type": "string"}}},
+                        },
+                        **_problems(404),
+                    },
                 }
             },
             "/v1/accounts": {

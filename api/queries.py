@@ -32,6 +32,18 @@ def statuses_arg() -> list[str] | None:
     return wanted
 
 
+KINDS = ("text", "image", "video", "speech")
+"""The models' kinds, as ``?kind=`` takes them."""
+
+
+def kind_arg() -> str:
+    """``?kind=``: one of ``KINDS`` (422 otherwise)."""
+    kind = request.args["kind"]
+    if kind not in KINDS:
+        raise bad_arg("kind", f"unknown kind {kind!r}; one of {', '.join(KINDS)}")
+    return kind
+
+
 def limit_arg(maximum: int, default: int) -> int:
     """``?limit=``: a page size from 1 to ``maximum`` (422 otherwise), in plain digits."""
     raw = request.args.get("limit")

@@ -26,7 +26,9 @@ from vramq.jobs.errors import RateLimited, ServiceUnavailable
 
 log = logging.getLogger("vramq.api")
 
-EXEMPT_PREFIXES = ("/healthz", "/readyz", "/metrics", "/openapi.json", "/v1/blobs/")
+#: Not counted: probes, the document, downloads through signed links, and the web page's
+#: script and style sheet (the page itself, ``/``, is counted).
+EXEMPT_PREFIXES = ("/healthz", "/readyz", "/metrics", "/openapi.json", "/v1/blobs/", "/web/")
 
 
 class RateLimiter:

@@ -53,6 +53,8 @@ PROCESS_FIXTURES = frozenset(
         "private_pg",  # initdb + postgres
         "lan",  # network namespaces
         "process_tree",  # the chaos and partition tests' process accounting
+        "browser",  # Chromium (tests/test_web.py)
+        "metered_cluster",  # vramq api (tests/test_web.py)
     }
 )
 
