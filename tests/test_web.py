@@ -255,7 +255,7 @@ def test_a_share_link_opens_without_a_key_and_404s_after_unshare(shared_cluster,
     page.get_by_label("Public link", exact=True).wait_for()
     url = page.get_by_label("Public link", exact=True).input_value()
     assert re.fullmatch(re.escape(shared_cluster.url) + r"/s/[\w-]+", url), url
-    stranger = browser.new_context(bypass_csp=True)  # no storage, no key
+    stranger = browser.new_context(viewport={"width": 800, "height": 700}, bypass_csp=True)  # no storage, no key
     try:
         other = stranger.new_page()
         resp = other.goto(url)
