@@ -20,6 +20,7 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -28,6 +29,9 @@ from vramq.jobs.errors import OutOfMemory
 from .backends.base import Backend, ItemResult, WorkItem, is_out_of_memory
 
 log = logging.getLogger("vramq.batcher")
+
+ARRIVING_POLL_S = 0.002
+"""While gathering, how often the batcher looks whether jobs are still on their way."""
 
 
 @dataclass
@@ -50,10 +54,22 @@ class _Pending:
 
 
 class Batcher:
-    def __init__(self, backend: Backend, max_batch: int, max_wait_ms: int, name: str = ""):
+    def __init__(
+        self,
+        backend: Backend,
+        max_batch: int,
+        max_wait_ms: int,
+        name: str = "",
+        arriving: Callable[[], int] | None = None,
+    ):
         self.backend = backend
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000
+        self.arriving = arriving
+        """How many jobs for this model the worker has taken and not yet submitted here
+        (None: unknown). With none on their way and none waiting, a batch runs at once:
+        an idle worker does not hold a lone job ``max_wait_ms`` for company that is not
+        coming. Under load, jobs that arrive while a batch runs make the next one."""
         self._inbox: queue.Queue[_Pending | None] = queue.Queue()
         self._held: deque[_Pending] = deque()
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
@@ -94,9 +110,18 @@ class Batcher:
                 drain = self._inbox.qsize() if drain is None else drain - 1
                 if drain <= 0:
                     break
+            elif self.arriving is not None and self._inbox.empty() and self.arriving() <= 0:
+                break  # nothing waiting and nothing on its way
             try:
-                p = self._inbox.get(timeout=remaining) if remaining > 0 else self._inbox.get_nowait()
+                if remaining <= 0:
+                    p = self._inbox.get_nowait()
+                elif self.arriving is None:
+                    p = self._inbox.get(timeout=remaining)
+                else:  # wake up now and then to see whether anything is still on its way
+                    p = self._inbox.get(timeout=min(remaining, ARRIVING_POLL_S))
             except queue.Empty:
+                if remaining > 0 and self.arriving is not None:
+                    continue
                 break
             if p is None:  # stop requested: run this batch, then stop
                 self._inbox.put(None)

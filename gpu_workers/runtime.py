@@ -64,6 +64,8 @@ class _Running:
     progress: float = 0.0
     reported: float = -1.0
     canceled: bool = False
+    on_its_way: bool = True
+    """Taken, not yet handed to its model's batcher (``Batcher.arriving``)."""
 
 
 @dataclass
@@ -89,6 +91,8 @@ class WorkerRuntime:
     """Outputs the store refused, retried from disk (``gpu_workers.spool``)."""
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
+    _on_their_way: dict[str, int] = field(default_factory=dict)
+    """Jobs taken and not yet handed to their model's batcher, by model."""
 
     # --- start and stop -----------------------------------------------------------
 
@@ -130,7 +134,9 @@ class WorkerRuntime:
         backend.load()
         batcher = None
         if backend.batching == "batcher":
-            batcher = Batcher(backend, entry.max_batch, entry.max_wait_ms, model_id)
+            batcher = Batcher(
+                backend, entry.max_batch, entry.max_wait_ms, model_id, lambda: self._on_their_way.get(model_id, 0)
+            )
         # What is loaded now lives until evicted: keep it out of the collector's way
         # (libraries that call gc.collect() per item, like faster-whisper's decode_audio,
         # otherwise walk every model object each time). Unfrozen again before an eviction.
@@ -201,12 +207,21 @@ class WorkerRuntime:
         run = _Running(job_id)
         with self._lock:
             self._running[job_id] = run
+            self._on_their_way[job.model] = self._on_their_way.get(job.model, 0) + 1
         spooled = False
         try:
             spooled = self._run(job, run)
         finally:
+            self._arrived(run, job.model)
             if not spooled:  # a spooled job stays ours (its lease renewed) until it lands
                 self._forget(job_id)
+
+    def _arrived(self, run: _Running, model: str) -> None:
+        """The job is with its model's batcher now (or will never be): no longer on its way."""
+        with self._lock:
+            if run.on_its_way:
+                run.on_its_way = False
+                self._on_their_way[model] -= 1
 
     def _take(self, model: str, priority: Priority) -> Job | None:
         with writing(self.services.sessions) as s:
@@ -283,7 +298,7 @@ class WorkerRuntime:
         )
         try:
             with residency.use(job.model) as hold:
-                outcome = self._compute(hold.handle, item)
+                outcome = self._compute(hold.handle, item, lambda: self._arrived(run, job.model))
         except ModelLoadFailed as exc:  # the job fails; the worker goes on with its other models
             self._heartbeat()  # announce the failed model now: admission stops sending jobs for it
             self._end(job, Failed(exc.code, str(exc)))
@@ -390,12 +405,15 @@ class WorkerRuntime:
         ending.announce(self.events)
         return ending
 
-    def _compute(self, handle, item: WorkItem) -> BatchOutcome:
+    def _compute(self, handle, item: WorkItem, handed_over: Callable[[], None]) -> BatchOutcome:
         """Run the item through its model's batcher, or straight into its engine."""
         backend, batcher = handle
         if batcher is not None:
-            outcome = batcher.submit(item).result()
+            future = batcher.submit(item)
+            handed_over()
+            outcome = future.result()
         else:
+            handed_over()
             t0 = time.perf_counter()
             result: ItemResult | BaseException
             try:

@@ -115,7 +115,17 @@ def run_worker(
         "--without-mingle",
         "--without-heartbeat",
     ]
-    from celery.signals import worker_shutting_down
+    from celery.signals import after_setup_logger, worker_shutting_down
+
+    def one_line_per_job_at_debug_only(**_kw) -> None:
+        # Celery logs each task received and each task done at INFO: at hundreds of jobs
+        # a second that is several per cent of the worker's CPU, and vramq's own log
+        # says what matters. ``--log-level debug`` brings them back.
+        if logging.getLevelName(loglevel.upper()) != logging.DEBUG:
+            for name in ("celery.app.trace", "celery.worker.strategy"):
+                logging.getLogger(name).setLevel(logging.WARNING)
+
+    after_setup_logger.connect(one_line_per_job_at_debug_only, weak=False)
 
     def deadline_for_running_jobs(**_kw) -> None:  # Celery's warm shutdown has begun
         threading.Thread(target=_overdue, args=(runtime, stop_grace_s), name="stop-grace", daemon=True).start()

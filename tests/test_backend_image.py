@@ -108,6 +108,9 @@ def test_batch_gives_each_item_its_images(backend):
                 "height": 64,
                 "seed": seed + k,
             }
+            # Not encoded yet: the PNG is made on the job's thread when it is stored,
+            # not on the batcher's (gpu_workers.backends.base.Artifact.data).
+            assert callable(art.source)
             image = decode(art.data)
             assert image.format == "PNG" and image.size == (96, 64)
 

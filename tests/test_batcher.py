@@ -98,3 +98,24 @@ def test_item_errors_and_call_errors_reach_the_right_jobs():
     # The batcher keeps serving after a failed call.
     assert b.submit(item("after")).result(timeout=5).result.output == {"id": "after"}
     b.stop()
+
+
+def test_a_lone_job_runs_at_once_when_nothing_else_is_on_its_way():
+    """The worker says how many of its jobs are still on their way to the batcher: none,
+    and a lone job does not wait ``max_wait_ms`` for company."""
+    on_their_way = [0]
+    be = Recorder(delay=0)
+    b = Batcher(be, max_batch=4, max_wait_ms=400, arriving=lambda: on_their_way[0])
+    t0 = time.monotonic()
+    b.submit(item("alone")).result(timeout=5)
+    assert time.monotonic() - t0 < 0.2  # not the 0.4 s gathering window
+    # One more on its way: the batcher waits for it, and both run in one call.
+    on_their_way[0] = 1
+    first = b.submit(item("first"))
+    time.sleep(0.1)
+    assert not first.done()
+    on_their_way[0] = 0
+    second = b.submit(item("second"))
+    first.result(timeout=5), second.result(timeout=5)
+    assert be.calls == [["alone"], ["first", "second"]]
+    b.stop()

@@ -302,6 +302,24 @@ def test_a_queued_job_runs_to_succeeded_with_its_outputs_stored_and_its_cost_cha
     assert rt.running_ids() == []
 
 
+def test_a_turn_takes_a_queued_job_without_waiting_for_its_hint(install, monkeypatch):
+    """A turn looks for its hint's row only when it finds nothing queued: the hint of a
+    transaction that never committed does not hold up a job that is waiting."""
+    inst = install()
+    rt = inst.runtime()
+    job_id = inst.submit("ok")
+    monkeypatch.setattr(runtime_module.defaults, "MISSING_JOB_GRACE_S", 30.0)
+    t0 = time.monotonic()
+    rt.execute("job_never_committed", inst.good, "normal")
+    assert time.monotonic() - t0 < 10  # not the 30 s grace
+    assert inst.job(job_id).status == "succeeded"
+    # Nothing queued: the hint is waited for (its grace), then the turn is dropped.
+    monkeypatch.setattr(runtime_module.defaults, "MISSING_JOB_GRACE_S", 0.3)
+    t0 = time.monotonic()
+    rt.execute("job_never_committed_either", inst.good, "normal")
+    assert time.monotonic() - t0 >= 0.3
+
+
 def test_jobs_of_one_batch_each_get_their_own_outputs(install):
     inst = install("batcher")
     rt = inst.runtime()

@@ -9,6 +9,7 @@ the broker or the object store.
 from __future__ import annotations
 
 import abc
+import functools
 import gc
 import sys
 from collections.abc import Callable, Hashable
@@ -39,8 +40,16 @@ class Artifact:
     """A file a job produced. The runtime stores it under ``jobs/<job_id>/<name>``."""
 
     name: str
-    data: bytes
+    source: bytes | Callable[[], bytes]
+    """The file's bytes, or a function that makes them (see ``data``)."""
     content_type: str
+
+    @functools.cached_property
+    def data(self) -> bytes:
+        """The file's bytes. A function ``source`` runs on first use: an image's PNG
+        encoding then happens on the job's own thread as it is stored, while the model's
+        batcher thread is already running the next batch."""
+        return self.source if isinstance(self.source, bytes) else self.source()
 
 
 @dataclass
