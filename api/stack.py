@@ -4,7 +4,8 @@ The workers run under ``vramq workers``: one per card as the planner places the
 catalog's models (one CPU worker when there is no GPU), restarted when they die.
 
 With nothing configured it uses the embedded defaults (SQLite, embedded Redis, local
-object directory) and builds the tiny models if they are missing. SIGTERM or SIGINT
+object directory) and builds the embedded catalog's models (the tiny random-weight ones and
+the two real small ones) if they are missing. SIGTERM or SIGINT
 stops the children (workers finish or give back their jobs), then the broker it started.
 """
 
@@ -61,6 +62,10 @@ class Stack:
             from vramq.gpu_workers.tiny import make_tiny
 
             make_tiny(self.settings.models_dir)
+            if self.settings.small_models:
+                from vramq.gpu_workers.small import make_small
+
+                make_small(self.settings.models_dir)  # fetched once from the package index
         cli = [sys.executable, "-m", "vramq.api.cli"]
         self._spawn(
             "api", cli + ["api", "--host", self.host, "--port", str(self.port), "--workers", str(self.api_workers)]

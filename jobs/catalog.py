@@ -394,3 +394,15 @@ def load_catalog(path: str | Path, models_dir: str | Path | None = None) -> Cata
 
 
 TINY_CATALOG = Path(__file__).parent / "catalogs" / "tiny.toml"
+"""Tiny random-weight models of the real architectures, and ``echo``: fast tests."""
+SMALL_CATALOG = Path(__file__).parent / "catalogs" / "small.toml"
+"""Two real models small enough for a CPU (``vramq models make-small``)."""
+
+
+def load_embedded_catalog(models_dir: str | Path, small: bool = True) -> Catalog:
+    """The embedded default: the tiny catalog, and the small one beside it unless ``small``
+    is False; weights under ``models_dir``."""
+    entries = list(load_catalog(TINY_CATALOG, models_dir=models_dir))
+    if small:
+        entries += list(load_catalog(SMALL_CATALOG, models_dir=models_dir))
+    return Catalog(entries, source=f"{TINY_CATALOG}" + (f" + {SMALL_CATALOG}" if small else ""))

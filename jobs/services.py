@@ -13,7 +13,7 @@ from datetime import datetime
 from functools import cached_property
 from typing import TYPE_CHECKING
 
-from .catalog import TINY_CATALOG, Catalog, load_catalog
+from .catalog import Catalog, load_catalog, load_embedded_catalog
 from .db import make_engine, make_sessionmaker, migrate
 from .errors import ConfigError
 from .lifecycle import utcnow
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 def load_configured_catalog(settings: Settings) -> Catalog:
     if settings.catalog is not None:
         return load_catalog(settings.catalog)
-    return load_catalog(TINY_CATALOG, models_dir=settings.models_dir)
+    return load_embedded_catalog(settings.models_dir, small=settings.small_models)
 
 
 @dataclass

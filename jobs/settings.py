@@ -29,7 +29,7 @@ class Settings:
     storage_url: str
     s3_endpoint_url: str | None
     catalog: Path | None
-    """None: the embedded tiny catalog, with weights under ``models_dir``."""
+    """None: the embedded catalog, with weights under ``models_dir``."""
     models_dir: Path
     link_ttl: int
     retention_hours: float
@@ -76,6 +76,10 @@ class Settings:
     """Longest audio probed; 0: the catalog's largest speech ``max_audio_seconds`` plus 10%."""
     audio_probe_cpu_s: float = defaults.AUDIO_PROBE_CPU_S
     """CPU seconds one audio probe may take before the file is refused."""
+    small_models: bool = True
+    """Whether the embedded catalog serves the two real small models (``small.toml``:
+    ``smollm2-135m``, ``whisper-tiny-en``) beside the tiny random-weight ones;
+    ``VRAMQ_SMALL_MODELS=0``: the tiny ones only (fast tests, no index to fetch from)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -161,6 +165,7 @@ class Settings:
             * 1024,
             max_audio_seconds=number("MAX_AUDIO_SECONDS", defaults.MAX_AUDIO_SECONDS, zero_ok=True),
             audio_probe_cpu_s=number("AUDIO_PROBE_CPU_SECONDS", defaults.AUDIO_PROBE_CPU_S),
+            small_models=_flag("SMALL_MODELS", get("SMALL_MODELS"), True),
         )
 
     def with_(self, **changes: Any) -> Settings:
@@ -190,6 +195,16 @@ def _allowed_hosts(raw: str | None, public_url: str | None) -> tuple[str, ...]:
         if public_host.lower() not in hosts:
             hosts.append(public_host.lower())
     return tuple(hosts)
+
+
+def _flag(name: str, raw: str | None, default: bool) -> bool:
+    if raw is None:
+        return default
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"VRAMQ_{name}={raw!r} is not a flag: 1 or 0")
 
 
 def _split(raw: str | None) -> tuple[str, ...]:

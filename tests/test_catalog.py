@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vramq.jobs.catalog import TINY_CATALOG, ModelEntry, load_catalog
+from vramq.jobs.catalog import TINY_CATALOG, ModelEntry, load_catalog, load_embedded_catalog
 from vramq.jobs.errors import ConfigError, InputError
 
 
@@ -28,6 +28,28 @@ def test_tiny_catalog_loads_with_weights_under_models_dir(tmp_path):
     cat = load_catalog(TINY_CATALOG, models_dir=tmp_path)
     entry = cat.get("tiny-flux")
     assert entry.kind == "image" and entry.weights == (tmp_path / "tiny-flux").resolve()
+
+
+def test_the_embedded_catalog_serves_the_real_small_models_beside_the_tiny_ones(tmp_path):
+    from vramq.jobs.services import load_configured_catalog
+    from vramq.jobs.settings import Settings
+
+    cat = load_embedded_catalog(tmp_path)
+    ids = [e.id for e in cat]
+    assert ids[:5] == [e.id for e in load_catalog(TINY_CATALOG)] and ids[5:] == ["smollm2-135m", "whisper-tiny-en"]
+    smol, whisper = cat.get("smollm2-135m"), cat.get("whisper-tiny-en")
+    assert (smol.kind, smol.backend, smol.weights) == ("text", "vllm", (tmp_path / "smollm2-135m").resolve())
+    assert smol.limit.max_context == 2048 and smol.limit.max_tokens <= 2048
+    assert (whisper.kind, whisper.backend) == ("speech", "faster_whisper")
+    # Priced as the tiny text and speech models are.
+    assert smol.price == cat.get("tiny-qwen2").price and whisper.price == cat.get("tiny-whisper").price
+    # What a deployment with nothing configured serves; VRAMQ_SMALL_MODELS=0 leaves them out.
+    default = load_configured_catalog(Settings.from_env({"VRAMQ_DATA_DIR": str(tmp_path)}))
+    assert [e.id for e in default] == ids
+    tiny_only = Settings.from_env({"VRAMQ_DATA_DIR": str(tmp_path), "VRAMQ_SMALL_MODELS": "0"})
+    assert [e.id for e in load_configured_catalog(tiny_only)] == ids[:5]
+    with pytest.raises(ConfigError, match="VRAMQ_SMALL_MODELS"):
+        Settings.from_env({"VRAMQ_DATA_DIR": str(tmp_path), "VRAMQ_SMALL_MODELS": "maybe"})
 
 
 def test_relative_weights_resolve_against_the_catalog_file(tmp_path):

@@ -98,7 +98,14 @@ def up_env(tmp_path, models_dir):
     """The embedded defaults (SQLite, embedded Redis, local store) with the tiny catalog:
     every kind of child ``vramq up`` has, a vLLM engine included."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("VRAMQ_")}
-    env.update({"VRAMQ_DATA_DIR": str(tmp_path / "data"), "VRAMQ_MODELS_DIR": str(models_dir), "PYTHONUNBUFFERED": "1"})
+    env.update(
+        {
+            "VRAMQ_DATA_DIR": str(tmp_path / "data"),
+            "VRAMQ_MODELS_DIR": str(models_dir),
+            "VRAMQ_SMALL_MODELS": "0",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     return env
 
 

@@ -21,9 +21,10 @@ def test_up_on_embedded_defaults_runs_a_job_and_stops_cleanly(tmp_path):
     port = free_port()
     data = tmp_path / "data"
     # Only a data dir: SQLite, embedded Redis, local objects, the tiny catalog, and no
-    # models yet, so `up` must build them itself.
+    # models yet, so `up` must build them itself (the real small models, fetched from the
+    # package index, have their own tests: tests/test_small_models.py).
     env = {k: v for k, v in os.environ.items() if not k.startswith("VRAMQ_")}
-    env.update({"VRAMQ_DATA_DIR": str(data), "PYTHONUNBUFFERED": "1"})
+    env.update({"VRAMQ_DATA_DIR": str(data), "VRAMQ_SMALL_MODELS": "0", "PYTHONUNBUFFERED": "1"})
     log = open(tmp_path / "up.log", "wb")
     up = subprocess.Popen(
         [sys.executable, "-m", "vramq.api.cli", "up", "--port", str(port)],
@@ -105,7 +106,9 @@ def test_worker_needs_card_or_cpu():
 
 def test_demo_runs_the_bulk_render_end_to_end(tmp_path, models_dir):
     env = {k: v for k, v in os.environ.items() if not k.startswith("VRAMQ_")}
-    env.update({"VRAMQ_DATA_DIR": str(tmp_path / "data"), "VRAMQ_MODELS_DIR": str(models_dir)})
+    env.update(
+        {"VRAMQ_DATA_DIR": str(tmp_path / "data"), "VRAMQ_MODELS_DIR": str(models_dir), "VRAMQ_SMALL_MODELS": "0"}
+    )
     out = subprocess.run(
         [
             sys.executable,
