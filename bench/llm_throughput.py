@@ -2,9 +2,11 @@
 
 Run from the repository root::
 
-    .venv/bin/python bench/llm_throughput.py [--prompts 256] [--max-tokens 64] [--max-batch 256]
+    .venv/bin/python bench/llm_throughput.py [--model tiny-qwen2] [--prompts 256] [--max-tokens 64] [--max-batch 256]
 
-What is measured, in one run, on the tiny random-weight Qwen2 (``make_tiny_qwen2``):
+What is measured, in one run, on the tiny random-weight Qwen2 (``make_tiny_qwen2``), or
+with ``--model smollm2-135m`` on the real SmolLM2-135M-Instruct of the embedded catalog
+(``gpu_workers.small``; see the end of point 2 for what changes with a real model):
 
 1. **Direct baseline.** The benchmark process builds the offline engine with exactly the
    worker's settings: ``vllm.LLM(**VllmTextBackend(entry, "cpu").engine_args())``
@@ -29,7 +31,10 @@ What is measured, in one run, on the tiny random-weight Qwen2 (``make_tiny_qwen2
    ``ignore_eos`` input; the tiny model never samples its end tokens (see
    ``gpu_workers.tiny_text``), so its generations also run to ``max_tokens``, which the
    benchmark checks: ``vramq_tokens`` (sum of the jobs' ``output.usage.completion_tokens``)
-   must equal ``direct_tokens`` (``tokens_match``). After a few warm-up jobs, the N jobs
+   must equal ``direct_tokens`` (``tokens_match``). A real model does sample its
+   end-of-turn token, so with ``smollm2-135m`` the direct run does not set
+   ``ignore_eos`` either: both runs stop where the model stops, with the same seeds, and
+   ``tokens_match`` tells whether they generated the same amount. After a few warm-up jobs, the N jobs
    (same prompts, same seeds, same sampling settings) are POSTed as fast as
    ``--submit-threads`` client threads can, then followed to ``succeeded`` (only the
    oldest unfinished job is polled, every ``--poll-ms``; the end comes from the server's
@@ -89,8 +94,14 @@ from _common import (
 from vramq.jobs import proctree
 
 MODEL_ID = "bench-qwen2"
-"""The catalog id the benchmark serves the tiny Qwen2 under: a queue (``model.bench-qwen2``)
+"""The catalog id the benchmark serves the model under: a queue (``model.bench-qwen2``)
 no test and no other benchmark consumes, since the Redis database may be shared."""
+
+MODELS = {
+    # --model: (builder module, builder, catalog id, whether the model can end on its own)
+    "tiny-qwen2": ("vramq.gpu_workers.tiny_text", "make_tiny_qwen2", "bench-qwen2", False),
+    "smollm2-135m": ("vramq.gpu_workers.small", "make_smollm2", "bench-smollm2", True),
+}
 
 
 def log(msg: str) -> None:
@@ -103,7 +114,7 @@ def log(msg: str) -> None:
 # --- set-up -------------------------------------------------------------------------
 
 
-def write_catalog(path: Path, weights: Path, max_batch: int, max_tokens: int) -> None:
+def write_catalog(path: Path, weights: Path, max_batch: int, max_tokens: int, model: str = "tiny-qwen2") -> None:
     path.write_text(
         f"""[[models]]
 id = "{MODEL_ID}"
@@ -111,7 +122,7 @@ kind = "text"
 backend = "vllm"
 weights = {json.dumps(str(weights))}
 dtype = "float32"
-description = "llm_throughput benchmark: tiny Qwen2"
+description = "llm_throughput benchmark: {model}"
 max_batch = {max_batch}
 limits = {{ max_context = 2048, max_tokens = {max(1024, max_tokens)} }}
 defaults = {{ max_tokens = {max_tokens}, temperature = 1.0, top_p = 1.0 }}
@@ -189,7 +200,7 @@ def wait_no_vllm(pid: int, timeout: float = 60) -> list[int]:
         time.sleep(0.2)
 
 
-def run_direct(catalog_path: Path, inputs: list[dict], warmup: list[dict]) -> dict:
+def run_direct(catalog_path: Path, inputs: list[dict], warmup: list[dict], ignore_eos: bool = True) -> dict:
     """Build the offline engine, warm it up, time one ``generate`` over all inputs, shut it down."""
     from vramq.gpu_workers.backends import vllm_text
     from vramq.gpu_workers.backends.vllm_text import VllmTextBackend
@@ -220,7 +231,7 @@ def run_direct(catalog_path: Path, inputs: list[dict], warmup: list[dict]) -> di
                 temperature=inp["temperature"],
                 top_p=inp["top_p"],
                 seed=inp["seed"],
-                ignore_eos=True,
+                ignore_eos=ignore_eos,
             )
             for inp in inps
         ]
@@ -357,6 +368,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    ap.add_argument("--model", choices=sorted(MODELS), default="tiny-qwen2", help="the model served")
+    ap.add_argument(
+        "--models-dir",
+        type=Path,
+        default=None,
+        help="build (or find built) the model here, e.g. a VRAMQ_MODELS_DIR (default: the work dir)",
+    )
     ap.add_argument("--prompts", type=int, default=256, help="prompts (jobs) in the measured run")
     ap.add_argument("--max-tokens", type=int, default=64, help="new tokens per prompt")
     ap.add_argument(
@@ -392,16 +410,19 @@ def main() -> int:
     if args.max_batch > 256:
         ap.error("--max-batch is at most 256 (the catalog's bound)")
 
+    global MODEL_ID
+    module, builder, MODEL_ID, ends_itself = MODELS[args.model]
     own_tmp = args.workdir is None
     work = Path(tempfile.mkdtemp(prefix="vramq-llm-bench-")) if own_tmp else args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     procs = api = broker = None
     try:
         t0 = time.perf_counter()
-        weights = build_model("vramq.gpu_workers.tiny_text", "make_tiny_qwen2", work / "models" / "tiny-qwen2")
-        log(f"tiny-qwen2 ready in {time.perf_counter() - t0:.1f}s at {weights}")
+        models_dir = args.models_dir.resolve() if args.models_dir else work / "models"
+        weights = build_model(module, builder, models_dir / args.model)
+        log(f"{args.model} ready in {time.perf_counter() - t0:.1f}s at {weights}")
         catalog = work / "bench-catalog.toml"
-        write_catalog(catalog, weights, args.max_batch, args.max_tokens)
+        write_catalog(catalog, weights, args.max_batch, args.max_tokens, args.model)
         inputs = job_inputs(args.prompts, args.max_tokens)
         warmup = job_inputs(args.warmup, args.max_tokens, offset=100_000)
 
@@ -409,7 +430,7 @@ def main() -> int:
         load_before = os.getloadavg()[0]
         direct = None
         if not args.skip_direct:
-            direct = run_direct(catalog, inputs, warmup)
+            direct = run_direct(catalog, inputs, warmup, ignore_eos=not ends_itself)
             cpu["direct"] = direct["cpu"]
             log(
                 f"direct: {args.prompts} prompts, {direct['tokens']} tokens in {direct['direct_s']:.3f}s "
@@ -489,9 +510,10 @@ def main() -> int:
         vramq_tps = vramq_tokens / vramq_s
         log(
             f"completion tokens: vramq {vramq_tokens}, direct {direct['tokens'] if direct else None}, "
-            f"expected {expected}"
+            f"{'at most' if ends_itself else 'expected'} {expected}"
         )
         result = {
+            "model": args.model,
             "vramq_tokens_per_s": round(vramq_tps, 2),
             "direct_tokens_per_s": round(direct_tps, 2) if direct else None,
             "ratio": round(vramq_tps / direct_tps, 4) if direct else None,

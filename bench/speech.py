@@ -3,15 +3,18 @@ faster-whisper path called directly.
 
 Run from the repository root::
 
-    .venv/bin/python bench/speech.py [--clips 16] [--clip-seconds 10] [--max-batch 4]
+    .venv/bin/python bench/speech.py [--model tiny-whisper] [--clips 16] [--clip-seconds 10] [--max-batch 4]
 
 What is measured, in one run, on the tiny random-weight Whisper (``make_tiny_whisper``,
-CTranslate2, float32 on the CPU):
+CTranslate2, float32 on the CPU), or with ``--model whisper-tiny-en`` on the real Whisper
+tiny.en of the embedded catalog (``gpu_workers.small``):
 
 0. **Clips.** N clips of ``--clip-seconds`` of voiced, vowel-like audio
    (``tests.audio.vowels``, one seed per clip: Silero VAD takes it for speech, so every
    clip is transcribed, not skipped), written as 16 kHz mono 16-bit WAV files under the
-   work dir. ``audio_s`` is their total length.
+   work dir. With the real model the clips are English sentences spoken by espeak-ng
+   (22.05 kHz, about ``--clip-seconds`` each; a real model given vowels would only
+   hallucinate). ``audio_s`` is their total length.
 
 1. **Direct baseline.** The benchmark process loads the model through the worker's own
    backend class (``WhisperSpeechBackend(entry, "cpu").load()``: a ``WhisperModel`` with a
@@ -91,8 +94,25 @@ from _common import (
 )
 
 MODEL_ID = "bench-whisper"
-"""The catalog id the benchmark serves the tiny Whisper under: a queue (``model.bench-whisper``)
+"""The catalog id the benchmark serves the model under: a queue (``model.bench-whisper``)
 no test and no other benchmark consumes, since the Redis database may be shared."""
+
+MODELS = {
+    # --model: (builder module, builder, clips)
+    "tiny-whisper": ("vramq.gpu_workers.tiny_speech", "make_tiny_whisper", "vowels"),
+    "whisper-tiny-en": ("vramq.gpu_workers.small", "make_whisper_tiny_en", "espeak"),
+}
+
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Please call me back before noon tomorrow.",
+    "The train to the city leaves from platform four at half past nine.",
+    "We measured the queue on a small machine with two cores.",
+    "Bring a warm coat, the weather will turn cold tonight.",
+    "Every job waits its turn, and the workers take them in order.",
+    "She read the letter twice and then put it back in the drawer.",
+    "Our meeting moved to Thursday afternoon in the large room.",
+]
 
 
 def log(msg: str) -> None:
@@ -113,7 +133,7 @@ kind = "speech"
 backend = "faster_whisper"
 weights = {json.dumps(str(weights))}
 dtype = "float32"
-description = "speech benchmark: tiny Whisper (CTranslate2)"
+description = "speech benchmark: {weights.name} (CTranslate2)"
 max_batch = {max_batch}
 max_wait_ms = {max_wait_ms}
 limits = {{ max_audio_seconds = 600, max_audio_bytes = 52428800 }}
@@ -121,17 +141,29 @@ limits = {{ max_audio_seconds = 600, max_audio_bytes = 52428800 }}
     )
 
 
-def make_clips(folder: Path, n: int, seconds: float) -> list[Path]:
-    """N WAV clips of vowel-like speech (``tests.audio.vowels``, seed i), kept for reuse."""
+def make_clips(folder: Path, n: int, seconds: float, kind: str = "vowels", offset: int = 0) -> list[Path]:
+    """N WAV clips, kept for reuse: vowel-like speech (``tests.audio.vowels``, seed i), or
+    English sentences spoken by espeak-ng (``kind="espeak"``, about ``seconds`` each)."""
+    import subprocess
+
     from tests.audio import vowels, wav_bytes
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(n):
-        path = folder / f"clip-{seconds:g}s-{i:03d}.wav"
+        path = folder / f"clip-{kind}-{seconds:g}s-{i:03d}.wav"
         if not path.is_file():
             part = path.with_suffix(".part")
-            part.write_bytes(wav_bytes(vowels(seconds, seed=i)))
+            if kind == "espeak":
+                # espeak-ng at 150 words a minute: 2.5 words a second.
+                text, k = [], i + offset
+                while sum(len(t.split()) for t in text) < seconds * 2.5:
+                    text.append(SENTENCES[k % len(SENTENCES)])
+                    k += 1
+                cmd = ["espeak-ng", "-v", "en-us", "-s", "150", "-w", str(part), " ".join(text)]
+                subprocess.run(cmd, check=True, timeout=120)
+            else:
+                part.write_bytes(wav_bytes(vowels(seconds, seed=i + offset)))
             part.replace(path)
         paths.append(path)
     return paths
@@ -281,6 +313,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    ap.add_argument("--model", choices=sorted(MODELS), default="tiny-whisper", help="the model served")
+    ap.add_argument(
+        "--models-dir",
+        type=Path,
+        default=None,
+        help="build (or find built) the model here, e.g. a VRAMQ_MODELS_DIR (default: the work dir)",
+    )
     ap.add_argument("--clips", type=int, default=16, help="clips (jobs) in the measured run")
     ap.add_argument("--clip-seconds", type=float, default=10.0, help="length of each clip")
     ap.add_argument("--max-batch", type=int, default=4, help="the catalog's max_batch (jobs per run_batch call)")
@@ -314,14 +353,16 @@ def main() -> int:
     procs = api = broker = None
     try:
         t0 = time.perf_counter()
-        weights = build_model("vramq.gpu_workers.tiny_speech", "make_tiny_whisper", work / "models" / "tiny-whisper")
-        log(f"tiny-whisper ready in {time.perf_counter() - t0:.1f}s at {weights}")
+        module, builder, kind = MODELS[args.model]
+        models_dir = args.models_dir.resolve() if args.models_dir else work / "models"
+        weights = build_model(module, builder, models_dir / args.model)
+        log(f"{args.model} ready in {time.perf_counter() - t0:.1f}s at {weights}")
         catalog = work / "bench-catalog.toml"
         write_catalog(catalog, weights, args.max_batch, args.max_wait_ms)
         t0 = time.perf_counter()
-        paths = make_clips(work / "clips", args.clips, args.clip_seconds)
+        paths = make_clips(work / "clips", args.clips, args.clip_seconds, kind)
         # The warm-up clips are other seeds, so no run sees a clip twice.
-        warm_paths = make_clips(work / "clips-warmup", args.max_batch, args.clip_seconds)
+        warm_paths = make_clips(work / "clips-warmup", args.max_batch, args.clip_seconds, kind, offset=args.clips)
         clips = [p.read_bytes() for p in paths]
         warmup = [p.read_bytes() for p in warm_paths]
         audio_s = sum(wav_seconds(c) for c in clips)
@@ -426,6 +467,7 @@ def main() -> int:
         direct_rtf = direct["direct_s"] / audio_s if direct else None
         vramq_rtf = vramq_s / audio_s
         result = {
+            "model": args.model,
             "vramq_rtf": round(vramq_rtf, 5),
             "direct_rtf": round(direct_rtf, 5) if direct else None,
             "ratio": round(direct_rtf / vramq_rtf, 4) if direct else None,
