@@ -1,5 +1,10 @@
 """``vramq demo``: start the whole system on embedded defaults, run a bulk render through
-it over HTTP with live progress, and end with a summary table and the signed links."""
+it over HTTP with live progress, and end with a summary table and the signed links.
+
+The chat and the transcription run on the embedded catalog's real small models
+(SmolLM2-135M-Instruct, Whisper tiny.en) when it serves them; the images and the video
+come from tiny random-weight pipelines (no real image or video model small enough ships
+on the package index), so they are noise, made by the production code paths."""
 
 from __future__ import annotations
 
@@ -15,6 +20,14 @@ from vramq.jobs.settings import Settings
 
 from .client import TERMINAL, Client
 from .stack import Stack
+
+REAL_MODELS = ("smollm2-135m", "whisper-tiny-en")
+"""Preferred for the demo's chat and transcription: real weights, real answers."""
+
+QUESTION = "What is the capital of France? Answer in one sentence."
+
+SPOKEN = "The quick brown fox jumps over the lazy dog. Every job waits its turn in the queue."
+"""What the demo's speech clip says (spoken by espeak-ng where it is installed)."""
 
 PROMPTS = [
     "a lighthouse on a cliff at dusk, oil painting",
@@ -34,8 +47,9 @@ def run_demo(settings: Settings, images: int, port: int, out: Path) -> int:
     stack = Stack(settings, port=port, log_dir=settings.data_dir / "logs" / "demo")
     t0 = time.perf_counter()
     with console.status(
-        "starting broker, API and a CPU worker with every tiny model resident "
-        "(builds them on first run; the vLLM engine takes ~30 s)…"
+        "starting broker, API and a CPU worker with every model of the catalog resident "
+        "(builds them on first run, fetching the real small ones from the package index; "
+        "each vLLM engine takes ~30-60 s)…"
     ):
         stack.start()
     console.print(f"up in {time.perf_counter() - t0:.1f}s at {stack.url}; logs in {stack.log_dir}")
@@ -63,8 +77,27 @@ def _operator_account(settings: Settings, name: str) -> dict:
         return {"account_id": account.id, "api_key": key, "key_prefix": account.key_prefix, "tier": account.tier}
 
 
-def _speech_clip() -> bytes:
-    """Three seconds of a synthetic voice-like chord, as WAV (no microphone needed)."""
+def _speech_clip() -> tuple[bytes, str | None]:
+    """A WAV clip to transcribe (no microphone needed) and what it says: ``SPOKEN`` as
+    espeak-ng speaks it where espeak-ng is installed, else three seconds of a synthetic
+    voice-like chord, which says nothing (None)."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    if shutil.which("espeak-ng"):
+        with tempfile.TemporaryDirectory() as tmp:
+            wav = Path(tmp) / "speech.wav"
+            done = subprocess.run(
+                ["espeak-ng", "-v", "en-us", "-s", "150", "-w", str(wav), SPOKEN], capture_output=True, timeout=60
+            )
+            if done.returncode == 0 and wav.is_file():
+                return wav.read_bytes(), SPOKEN
+    return _chord(), None
+
+
+def _chord() -> bytes:
+    """Three seconds of a synthetic voice-like chord, as WAV."""
     import io
     import math
     import struct
@@ -86,10 +119,23 @@ def _speech_clip() -> bytes:
     return buf.getvalue()
 
 
-def _submit_all(client: Client, images: int) -> tuple[list[dict], dict | None]:
+def _pick(models: list[dict]) -> dict[str, dict]:
+    """One model per kind: a real one (``REAL_MODELS``) where the catalog has it, else its
+    first model of the kind that does work (``echo`` only answers with its input)."""
+    picked: dict[str, dict] = {}
+    for m in models:
+        if m["id"] == "echo":
+            continue
+        if m["kind"] not in picked or (m["id"] in REAL_MODELS and picked[m["kind"]]["id"] not in REAL_MODELS):
+            picked[m["kind"]] = m
+    return picked
+
+
+def _submit_all(client: Client, images: int) -> tuple[list[dict], dict | None, str | None]:
     """The demo's jobs: a bulk image render as one batch, then one video, one
-    transcription, one chat. Returns the jobs and the batch."""
-    models = {m["kind"]: m for m in client.models()}
+    transcription, one chat. Returns the jobs, the batch and what the speech clip says."""
+    models = _pick(client.models())
+    spoken = None
     jobs, batch = [], None
     if "image" in models:
         m = models["image"]
@@ -128,22 +174,21 @@ def _submit_all(client: Client, images: int) -> tuple[list[dict], dict | None]:
             )
         )
     if "speech" in models:
-        f = client.upload(_speech_clip(), "demo-voice.wav", purpose="audio")
+        clip, spoken = _speech_clip()
+        f = client.upload(clip, "demo-voice.wav", purpose="audio")
         jobs.append(client.submit(models["speech"]["id"], {"audio": f["id"], "task": "transcribe"}))
     if "text" in models:
         jobs.append(
             client.submit(
                 models["text"]["id"],
                 {
-                    "messages": [
-                        {"role": "system", "content": "You are a concise assistant."},
-                        {"role": "user", "content": "Name three uses of a GPU job queue."},
-                    ],
+                    "messages": [{"role": "user", "content": QUESTION}],
                     "max_tokens": 48,
+                    "temperature": 0.0,
                 },
             )
         )
-    return jobs, batch
+    return jobs, batch, spoken
 
 
 def _seconds(job: dict) -> str:
@@ -167,7 +212,7 @@ def _files(job: dict) -> list[tuple[str, str]]:
 
 
 def _show(console: Console, client: Client, images: int, out: Path) -> int:
-    jobs, batch = _submit_all(client, images)
+    jobs, batch, spoken = _submit_all(client, images)
     console.print(
         f"submitted {len(jobs)} jobs"
         + (f" (the images as batch {batch['id']})" if batch else "")
@@ -227,13 +272,25 @@ def _show(console: Console, client: Client, images: int, out: Path) -> int:
             links.append((path, url))
     console.print(table)
     for job in finished.values():
+        real = job["model"] in REAL_MODELS
         if job["kind"] == "text" and job["output"]:
+            console.print(f"chat ({job['model']}): {QUESTION!r}")
             console.print(f"chat reply ({job['id']}): {job['output']['text']!r}")
+            if not real:
+                console.print("  (random weights: the reply is noise)")
         if job["kind"] == "speech" and job["output"]:
+            console.print(f"spoken ({job['model']}): {spoken!r}" if spoken else "spoken: a synthetic chord (no words)")
             console.print(
                 f"transcript ({job['id']}, {job['output']['duration']:.1f} s, {job['output']['language']}): "
                 f"{job['output']['text']!r}"
             )
+            if not real:
+                console.print("  (random weights: the transcript is noise)")
+    if any(j["kind"] in ("image", "video") for j in finished.values()):
+        console.print(
+            "images and video: tiny random-weight pipelines of the real architectures (FLUX-type, Wan 2.1), "
+            "so the pictures are noise; the code paths are the production ones"
+        )
     for path, url in links:
         console.print(f"{path}\n  [link={url}]{url}[/link]", soft_wrap=True)
     if links:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 import wave
 
 import numpy as np
@@ -75,3 +76,18 @@ def vowels(seconds: float, seed: int = 0) -> np.ndarray:
 
 def data_uri(data: bytes, media_type: str = "audio/wav") -> str:
     return f"data:{media_type};base64,{base64.b64encode(data).decode()}"
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    """(substitutions + deletions + insertions) / reference words: word-level Levenshtein."""
+    ref, hyp = words(reference), words(hypothesis)
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        prev, row[0] = row[0], i
+        for j, h in enumerate(hyp, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
+    return row[-1] / len(ref)

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.audio import word_error_rate
 from tests.conftest import require, settings_env
 from tests.fixtures.procs import ROOT, Cluster
 from vramq.gpu_workers.small import (
@@ -211,21 +212,6 @@ def espeak(text: str, path: Path) -> float:
     subprocess.run(["espeak-ng", "-v", "en-us", "-s", "150", "-w", str(path), text], check=True, timeout=60)
     with wave.open(str(path)) as w:
         return w.getnframes() / w.getframerate()
-
-
-def words(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9']+", text.lower())
-
-
-def word_error_rate(reference: str, hypothesis: str) -> float:
-    """(substitutions + deletions + insertions) / reference words: word-level Levenshtein."""
-    ref, hyp = words(reference), words(hypothesis)
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, row[0] = row[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
-    return row[-1] / len(ref)
 
 
 def test_word_error_rate():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -104,11 +106,17 @@ def test_worker_needs_card_or_cpu():
     assert out.returncode == 2 and "--card N or --cpu" in out.stderr
 
 
-def test_demo_runs_the_bulk_render_end_to_end(tmp_path, models_dir):
+def test_demo_runs_the_bulk_render_end_to_end(tmp_path, models_dir, small_models_dir):
+    """The embedded default, real small models included: the chat answers and the
+    transcript matches what was said; the images and the video are the tiny pipelines'."""
+    # Every model already built: the tiny ones of the session and the cached small ones.
+    both = tmp_path / "models"
+    both.mkdir()
+    for built in (*models_dir.iterdir(), *small_models_dir.iterdir()):
+        if not built.name.startswith("."):
+            (both / built.name).symlink_to(built)
     env = {k: v for k, v in os.environ.items() if not k.startswith("VRAMQ_")}
-    env.update(
-        {"VRAMQ_DATA_DIR": str(tmp_path / "data"), "VRAMQ_MODELS_DIR": str(models_dir), "VRAMQ_SMALL_MODELS": "0"}
-    )
+    env.update({"VRAMQ_DATA_DIR": str(tmp_path / "data"), "VRAMQ_MODELS_DIR": str(both)})
     out = subprocess.run(
         [
             sys.executable,
@@ -126,10 +134,20 @@ def test_demo_runs_the_bulk_render_end_to_end(tmp_path, models_dir):
         env=env,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=420,
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "all jobs succeeded" in out.stdout
+    said = " ".join(out.stdout.split())  # rich wraps long lines
+    assert "chat (smollm2-135m)" in said and "Paris" in said.split("chat reply", 1)[1], out.stdout
+    assert "transcript" in said and "random-weight pipelines" in said
+    if shutil.which("espeak-ng") or os.environ.get("CI"):
+        from tests.audio import word_error_rate
+        from vramq.api.demo import SPOKEN
+
+        assert "spoken (whisper-tiny-en)" in said
+        [(_, transcript)] = re.findall(r"""transcript \(job_[^)]*\): (['"])(.*?)\1""", said)
+        assert word_error_rate(SPOKEN, transcript) <= 0.35, transcript
     out_dir = tmp_path / "out"
     pngs = sorted(out_dir.glob("job_*.png"))
     assert len(pngs) == 3 and all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
