@@ -44,6 +44,9 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.register_blueprint(models_api.bp)
     app.register_blueprint(ops.bp)
     app.register_blueprint(web_page.bp)
+    from .openai import bp as openai_bp
+
+    app.register_blueprint(openai_bp)  # /openai/v1
 
     @app.before_request
     def _start():
