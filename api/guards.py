@@ -41,6 +41,11 @@ from .problems import problem
 JSON_BODY_ENDPOINTS = frozenset(
     {"jobs.create_job", "jobs.estimate", "batches.create_batch", "accounts.create", "accounts.credit"}
 )
+#: Endpoints that take a multipart upload: they check its type themselves, and their body
+#: may be as large as an upload (``VRAMQ_MAX_UPLOAD_MB``).
+UPLOAD_ENDPOINTS = frozenset(
+    {"files.upload_file", "openai.create_file", "openai.create_transcription", "openai.create_translation"}
+)
 #: Methods that may carry a body.
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 #: Headers the API reads and stores or passes on.
@@ -140,8 +145,8 @@ def has_body() -> bool:
 
 def check_content_type(endpoint: str | None):
     """415 problem for a body that does not say it is JSON, on an endpoint that reads
-    JSON (or takes no body at all); None if fine. ``/v1/files`` checks its own."""
-    if request.method not in BODY_METHODS or endpoint is None or endpoint == "files.upload_file":
+    JSON (or takes no body at all); None if fine. Uploads check their own."""
+    if request.method not in BODY_METHODS or endpoint is None or endpoint in UPLOAD_ENDPOINTS:
         return None
     if endpoint not in JSON_BODY_ENDPOINTS and not has_body():
         return None  # e.g. POST …/cancel with no body
@@ -166,7 +171,7 @@ def body_limit(endpoint: str | None, caller: Caller, settings) -> tuple[int, int
     endpoint and caller. Uploads have their own limit; a batch from a caller with an API
     key may be as large as ``VRAMQ_MAX_BATCH_BODY_MB``; everything else, anonymous
     batches included, ``VRAMQ_MAX_BODY_KB``."""
-    if endpoint == "files.upload_file":
+    if endpoint in UPLOAD_ENDPOINTS:
         return settings.max_upload_bytes + MULTIPART_SLACK, settings.max_upload_bytes, "VRAMQ_MAX_UPLOAD_MB", ""
     if endpoint == "batches.create_batch":
         if caller.keyed or caller.admin:

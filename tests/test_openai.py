@@ -9,11 +9,18 @@ random weights: the tests check shapes and that each answer is the job's own res
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import platform
+import time
+from datetime import timedelta
 
 import httpx
 import openai
 import pytest
+import requests
+from PIL import Image
 
 # The SDK names the machine in its headers: platform.processor() runs `uname -p` once
 # and caches it. Run it here, at import, not inside an in-process test (which may not
@@ -155,3 +162,205 @@ def test_spent_tokens_and_rate_limits_are_rate_limit_errors(make_settings):
             sdk.models.list()
         limited = caught.value
     assert int(limited.response.headers["Retry-After"]) > 0 and limited.code == "rate_limited"
+
+
+# --- images ----------------------------------------------------------------------------
+
+
+def test_images_as_b64_json_and_as_links(client, shared_cluster, key):
+    resp = client.images.generate(
+        model="tiny-flux", prompt="a red fox", size="96x64", n=2, response_format="b64_json", extra_body={"seed": 7}
+    )
+    assert len(resp.data) == 2
+    pngs = [base64.b64decode(d.b64_json) for d in resp.data]
+    for png in pngs:
+        pic = Image.open(io.BytesIO(png))
+        assert pic.format == "PNG" and pic.size == (96, 64)
+    linked = client.images.generate(model="tiny-flux", prompt="a red fox", size="96x64", extra_body={"seed": 8})
+    assert len(linked.data) == 1 and linked.data[0].b64_json is None
+    got = requests.get(linked.data[0].url, timeout=10)
+    assert got.status_code == 200 and Image.open(io.BytesIO(got.content)).size == (96, 64)
+    with pytest.raises(openai.BadRequestError) as br:
+        client.images.generate(model="tiny-flux", prompt="x", size="4096x4096")
+    assert br.value.param == "size" and "limit max_width" in br.value.message
+    with pytest.raises(openai.BadRequestError) as br:
+        client.images.generate(model="tiny-flux", prompt="x", n=9)
+    assert br.value.param == "n" and "max_num_images" in br.value.message
+
+
+# --- the Batch API ---------------------------------------------------------------------
+
+
+def jsonl(lines: list[dict]) -> bytes:
+    return ("\n".join(json.dumps(line) for line in lines) + "\n").encode()
+
+
+def batch_of(client, endpoint: str, bodies: dict[str, dict], **kw):
+    lines = [{"custom_id": cid, "method": "POST", "url": endpoint, "body": body} for cid, body in bodies.items()]
+    f = client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
+    assert f.purpose == "batch" and f.bytes == len(jsonl(lines))
+    return client.batches.create(input_file_id=f.id, endpoint=endpoint, completion_window="24h", **kw)
+
+
+def settle(client, batch_id: str, timeout: float = 120):
+    deadline = time.monotonic() + timeout
+    while True:
+        batch = client.batches.retrieve(batch_id)
+        if batch.status in ("completed", "failed", "expired", "cancelled"):
+            return batch
+        assert batch.status in ("validating", "in_progress", "finalizing", "cancelling"), batch
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.2)
+
+
+def lines_of(client, file_id: str) -> list[dict]:
+    return [json.loads(line) for line in client.files.content(file_id).text.splitlines()]
+
+
+def test_chat_batch_from_upload_to_output_file(client, shared_cluster, key):
+    bodies = {
+        f"q{i}": {
+            "model": "tiny-qwen2",
+            "messages": [{"role": "user", "content": f"Question {i}"}],
+            "max_tokens": 3 + i,
+        }
+        for i in range(4)
+    }
+    bodies["e"] = {"model": "echo", "messages": [{"role": "user", "content": "echo me"}]}
+    batch = batch_of(client, "/v1/chat/completions", bodies, metadata={"run": "nightly"})
+    assert batch.status == "in_progress" and batch.request_counts.total == 5 and batch.metadata == {"run": "nightly"}
+    native_batch = shared_cluster.get(f"/v1/batches/{batch.id}", headers={"Authorization": f"Bearer {key}"}).json()
+    assert native_batch["priority"] == "low" and native_batch["counts"]["total"] == 5
+    done = settle(client, batch.id)
+    assert done.status == "completed" and done.error_file_id is None and done.completed_at >= done.created_at
+    assert (done.request_counts.completed, done.request_counts.failed) == (5, 0)
+    out = lines_of(client, done.output_file_id)
+    assert sorted(line["custom_id"] for line in out) == sorted(bodies)
+    for line in out:
+        assert line["error"] is None and line["response"]["status_code"] == 200
+        parsed = openai.types.chat.ChatCompletion.model_validate(line["response"]["body"])
+        job = native(shared_cluster, key, line["response"]["request_id"])
+        assert parsed.choices[0].message.content == job["output"]["text"] and job["custom_id"] == line["custom_id"]
+        assert parsed.usage.completion_tokens == job["output"]["usage"]["completion_tokens"]
+    echo = next(line for line in out if line["custom_id"] == "e")["response"]["body"]
+    assert echo["choices"][0]["message"]["content"] == "echo me"
+    assert [b.id for b in client.batches.list(limit=1).data] == [batch.id]
+    assert client.files.retrieve(done.output_file_id).purpose == "batch_output"
+    assert client.files.delete(batch.input_file_id).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(batch.input_file_id)
+
+
+def test_image_batch_as_b64_json_and_links(client, shared_cluster):
+    base = {"model": "tiny-flux", "prompt": "a fox", "size": "64x48"}
+    batch = batch_of(
+        client,
+        "/v1/images/generations",
+        {"inline": {**base, "response_format": "b64_json", "n": 2}, "linked": {**base, "seed": 3}},
+    )
+    done = settle(client, batch.id, timeout=180)
+    assert done.status == "completed" and done.request_counts.completed == 2
+    out = {line["custom_id"]: line for line in lines_of(client, done.output_file_id)}
+    assert set(out) == {"inline", "linked"}
+    inline = openai.types.ImagesResponse.model_validate(out["inline"]["response"]["body"])
+    pics = [Image.open(io.BytesIO(base64.b64decode(d.b64_json))) for d in inline.data]
+    assert [(p.format, p.size) for p in pics] == [("PNG", (64, 48))] * 2
+    url = openai.types.ImagesResponse.model_validate(out["linked"]["response"]["body"]).data[0].url
+    assert Image.open(io.BytesIO(requests.get(url, timeout=10).content)).size == (64, 48)
+
+
+def test_batch_cancel_and_a_batch_that_fails_validation(client, shared_cluster):
+    slow = {"model": "tiny-flux", "prompt": "slow", "size": "64x64"}
+    batch = batch_of(client, "/v1/images/generations", {f"s{i}": {**slow, "seed": i} for i in range(10)})
+    cancelled = client.batches.cancel(batch.id)
+    assert cancelled.status in ("cancelling", "cancelled") and cancelled.cancelling_at is not None
+    done = settle(client, batch.id)
+    assert done.status == "cancelled" and done.request_counts.total == 10
+    errors = lines_of(client, done.error_file_id) if done.error_file_id else []
+    finished = lines_of(client, done.output_file_id) if done.output_file_id else []
+    assert sorted(line["custom_id"] for line in errors + finished) == sorted(f"s{i}" for i in range(10))
+    assert errors and {line["error"]["code"] for line in errors} == {"batch_cancelled"}
+    with pytest.raises(openai.ConflictError):
+        client.batches.cancel(batch.id)
+    bad = batch_of(
+        client,
+        "/v1/chat/completions",
+        {
+            "ok": {"model": "tiny-qwen2", "messages": [{"role": "user", "content": "hi"}]},
+            "big": {"model": "tiny-qwen2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 99999},
+            "img": {"model": "tiny-flux", "messages": [{"role": "user", "content": "hi"}]},
+        },
+    )
+    assert bad.status == "failed" and bad.output_file_id is None
+    errs = {(e.line, e.param) for e in bad.errors.data}
+    assert (3, "body.model") in errs and any(line == 2 and "max_tokens" in param for line, param in errs), errs
+    with pytest.raises(openai.BadRequestError) as br:
+        client.batches.create(input_file_id=batch.input_file_id, endpoint="/v1/embeddings", completion_window="24h")
+    assert br.value.param == "endpoint"
+    with pytest.raises(openai.NotFoundError):
+        client.batches.retrieve("batch_doesnotexist")
+
+
+# --- audio -----------------------------------------------------------------------------
+
+
+def latest_job(cluster, key: str) -> dict:
+    resp = cluster.get("/v1/jobs?limit=1", headers={"Authorization": f"Bearer {key}"})
+    return resp.json()["data"][0]
+
+
+def test_transcription_in_every_format_and_a_translation(client, shared_cluster, key):
+    from tests.audio import vowels, wav_bytes
+
+    wav = wav_bytes(vowels(3.0))
+    seen = {}
+    for fmt in ("json", "text", "srt", "vtt", "verbose_json"):
+        seen[fmt] = client.audio.transcriptions.create(
+            model="tiny-whisper", file=("clip.wav", wav), response_format=fmt, language="en"
+        )
+        job = latest_job(shared_cluster, key)
+        assert job["kind"] == "speech" and job["status"] == "succeeded" and job["input"]["language"] == "en"
+        out = job["output"]
+        if fmt == "json":
+            assert seen[fmt].text == out["text"]
+        elif fmt == "text":
+            assert seen[fmt].strip() == out["text"].strip()
+        elif fmt in ("srt", "vtt"):
+            assert seen[fmt] == requests.get(out["files"][fmt], timeout=10).text
+        else:
+            verbose = seen[fmt]
+            assert verbose.text == out["text"] and abs(verbose.duration - 3.0) < 0.1 and verbose.language == "en"
+            assert [(s.start, s.end, s.text) for s in verbose.segments] == [
+                (s["start"], s["end"], s["text"]) for s in out["segments"]
+            ]
+    assert seen["vtt"].startswith("WEBVTT")
+    translated = client.audio.translations.create(model="tiny-whisper", file=("clip.wav", wav))
+    job = latest_job(shared_cluster, key)
+    assert job["input"]["task"] == "translate" and translated.text == job["output"]["text"]
+    with pytest.raises(openai.BadRequestError) as br:
+        client.audio.transcriptions.create(
+            model="tiny-whisper",
+            file=("clip.wav", wav),
+            timestamp_granularities=["word"],
+            response_format="verbose_json",
+        )
+    assert br.value.param == "timestamp_granularities"
+    with pytest.raises(openai.BadRequestError) as br:
+        client.audio.transcriptions.create(model="tiny-whisper", file=("notes.txt", b"not audio at all"))
+    assert br.value.param == "file" and br.value.code == "invalid_audio"
+
+
+def test_a_batch_past_its_window_expires_and_ran_nothing_billed(make_settings):
+    sdk, h = in_process(make_settings)  # a worker that is still loading: the jobs stay queued
+    body = {"model": "tiny-flux", "prompt": "late", "size": "64x64"}
+    batch = batch_of(sdk, "/v1/images/generations", {"a": body, "b": {**body, "n": 2}})
+    assert sdk.batches.retrieve(batch.id).status == "in_progress"
+    h.now += timedelta(hours=25)
+    done = sdk.batches.retrieve(batch.id)
+    assert done.status == "expired" and done.expired_at is not None and done.output_file_id is None
+    assert (done.request_counts.total, done.request_counts.failed) == (2, 2)
+    errors = lines_of(sdk, done.error_file_id)
+    assert sorted(line["custom_id"] for line in errors) == ["a", "b"]
+    assert {line["error"]["code"] for line in errors} == {"batch_expired"}
+    native_batch = h.call("GET", f"/v1/batches/{batch.id}", sdk.api_key).get_json()
+    assert native_batch["counts"]["canceled"] == 2 and native_batch["usage"]["tokens_charged"] == 0

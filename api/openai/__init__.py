@@ -21,6 +21,6 @@ PREFIX = "/openai/v1"
 
 bp = Blueprint("openai", __name__, url_prefix=PREFIX)
 
-from . import chat, errors  # noqa: E402  (the routes, on bp)
+from . import audio, batches, chat, errors, files, images  # noqa: E402  (the routes, on bp)
 
-__all__ = ["PREFIX", "bp", "chat", "errors"]
+__all__ = ["PREFIX", "audio", "batches", "bp", "chat", "errors", "files", "images"]
