@@ -6,6 +6,9 @@ import copy
 import re
 from typing import Any
 
+from vramq.api.openai import PREFIX as OPENAI_PREFIX
+from vramq.api.openai.document import ERROR_SCHEMA as OPENAI_ERROR
+from vramq.api.openai.document import paths as openai_paths
 from vramq.api.queries import KINDS
 from vramq.api.ratelimit import EXEMPT_PREFIXES
 from vramq.api.web_page import ASSETS as WEB_ASSETS
@@ -121,6 +124,8 @@ def _complete(paths: dict) -> None:
     a body is read."""
     problem = _problems(400, 401, 413, 415, 422, 429)
     for path, ops in paths.items():
+        if path.startswith(OPENAI_PREFIX):  # errors in OpenAI's shape, listed by api.openai.document
+            continue
         for op in ops.values():
             codes = []
             if not path.startswith(PROBES):
@@ -621,5 +626,7 @@ def spec(services) -> dict:
         },
         "security": [{}, {"apiKey": []}],
     }
+    doc["paths"].update(openai_paths(model_ids))
+    doc["components"]["schemas"]["OpenAIError"] = OPENAI_ERROR
     _complete(doc["paths"])
     return doc

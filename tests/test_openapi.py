@@ -121,11 +121,16 @@ def test_refusals_are_listed_where_they_happen():
         assert ("429" in codes) == (not path.startswith(EXEMPT_PREFIXES)), (method, path)
         if not probe:
             assert {"400", "401"} <= codes, (method, path)
+        # Under /openai/v1 errors are OpenAI's JSON, and 415 and 422 are answered 400 (api.openai.errors).
+        openai_route = path.startswith("/openai/v1/")
         if "requestBody" in op:
-            assert {"413", "415", "422"} <= codes, (method, path)
+            assert ({"400", "413"} if openai_route else {"413", "415", "422"}) <= codes, (method, path)
         for code, resp in op["responses"].items():
             if code.startswith(("4", "5")) and "content" in resp:
-                assert list(resp["content"]) == ["application/problem+json"], (method, path, code)
+                media = ["application/json"] if openai_route else ["application/problem+json"]
+                assert list(resp["content"]) == media, (method, path, code)
+                if openai_route:
+                    assert resp["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/OpenAIError"}
 
 
 def test_valid_input_by_the_document_is_accepted_by_submit():
