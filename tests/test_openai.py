@@ -364,3 +364,48 @@ def test_a_batch_past_its_window_expires_and_ran_nothing_billed(make_settings):
     assert {line["error"]["code"] for line in errors} == {"batch_expired"}
     native_batch = h.call("GET", f"/v1/batches/{batch.id}", sdk.api_key).get_json()
     assert native_batch["counts"]["canceled"] == 2 and native_batch["usage"]["tokens_charged"] == 0
+
+
+def test_closing_a_stream_cancels_its_job(client, shared_cluster, key):
+    # The tiny model may write 2000 tokens before the close is noticed: try a few times.
+    for _attempt in range(4):
+        stream = client.chat.completions.create(
+            model="tiny-qwen2", messages=[{"role": "user", "content": "Go on"}], max_tokens=2000, stream=True
+        )
+        first = next(iter(stream))
+        stream.close()
+        job_id = first.id
+        deadline = time.monotonic() + 30
+        while (job := native(shared_cluster, key, job_id))["status"] in ("queued", "running"):
+            assert time.monotonic() < deadline, job
+            time.sleep(0.05)
+        if job["status"] == "canceled":
+            break
+        assert job["status"] == "succeeded", job
+    assert job["status"] == "canceled" and job["output"] is None
+
+
+def test_upload_and_batch_honour_idempotency_keys(client):
+    line = {"custom_id": "x", "method": "POST", "url": "/v1/completions", "body": {"model": "echo", "prompt": "hi"}}
+    data = jsonl([line])
+    once = client.files.create(file=("i.jsonl", data), purpose="batch", extra_headers={"Idempotency-Key": "up-1"})
+    again = client.files.create(file=("i.jsonl", data), purpose="batch", extra_headers={"Idempotency-Key": "up-1"})
+    assert once.id == again.id
+    make = dict(input_file_id=once.id, endpoint="/v1/completions", completion_window="24h")
+    a = client.batches.create(**make, extra_headers={"Idempotency-Key": "b-1"})
+    b = client.batches.create(**make, extra_headers={"Idempotency-Key": "b-1"})
+    assert a.id == b.id and settle(client, a.id).request_counts.completed == 1
+
+
+def test_langchain_chat_model_over_the_queue(shared_cluster, key):
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(
+        base_url=f"{shared_cluster.url}/openai/v1", api_key=key, model="tiny-qwen2", max_tokens=5, max_retries=0
+    )
+    answer = llm.invoke("Say something")
+    job = latest_job(shared_cluster, key)
+    assert (
+        job["input"]["messages"] == [{"role": "user", "content": "Say something"}] and job["input"]["max_tokens"] == 5
+    )
+    assert answer.content == job["output"]["text"] and answer.usage_metadata["output_tokens"] == 5

@@ -11,6 +11,7 @@ from typing import Any
 
 from flask import Response, request
 
+from vramq.jobs import idempotency
 from vramq.jobs.db import writing
 from vramq.jobs.errors import InputError, NotFound
 from vramq.jobs.files import File, delete_object, get_file, store_file
@@ -99,7 +100,18 @@ def create_file():
     if len(data) > batch_limit:
         msg = f"a batch file ({len(data)} bytes) exceeds the limit of {batch_limit} bytes ({setting}){note}"
         raise InputError(msg, [{"loc": ["file"], "msg": msg}], code="payload_too_large")
-    row = store_file(services(), data, filename, "batch", caller.id, quota=upload_quota(caller, services().settings))
+    svc = services()
+
+    def create(remember: idempotency.Remember) -> File:
+        row = store_file(svc, data, filename, "batch", caller.id, quota=upload_quota(caller, svc.settings))
+        with svc.sessions.begin() as session:
+            remember(session, row.id)
+        return row
+
+    key = request.headers.get("Idempotency-Key")
+    row, _created = idempotency.once(
+        svc, caller.id, key, b"\0".join([b"batch", (filename or "").encode(), data]), create, lambda i: get_file(svc, i)
+    )
     return file_object(row)
 
 
