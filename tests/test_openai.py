@@ -409,3 +409,18 @@ def test_langchain_chat_model_over_the_queue(shared_cluster, key):
         job["input"]["messages"] == [{"role": "user", "content": "Say something"}] and job["input"]["max_tokens"] == 5
     )
     assert answer.content == job["output"]["text"] and answer.usage_metadata["output_tokens"] == 5
+
+
+def test_a_call_that_cannot_finish_in_time_is_503_and_an_oversized_upload_413(make_settings):
+    # A worker that is still loading: the job waits in the queue past VRAMQ_STREAM_SECONDS.
+    sdk, h = in_process(make_settings, stream_seconds=1, max_upload_mb=1)
+    started = time.monotonic()
+    with pytest.raises(openai.InternalServerError) as late:
+        sdk.images.generate(model="tiny-flux", prompt="never runs", size="64x64")
+    assert late.value.status_code == 503 and "VRAMQ_STREAM_SECONDS" in late.value.message
+    assert time.monotonic() - started < 10
+    job = h.call("GET", "/v1/jobs?limit=1", sdk.api_key).get_json()["data"][0]
+    assert job["status"] == "canceled" and job["usage"]["tokens_charged"] == 0
+    with pytest.raises(openai.APIStatusError) as big:
+        sdk.files.create(file=("big.jsonl", b'{"a": 1}\n' * 200_000), purpose="batch")
+    assert big.value.status_code == 413 and "VRAMQ_MAX_UPLOAD_MB" in big.value.message

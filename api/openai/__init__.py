@@ -6,11 +6,13 @@ metering, fair turns, priorities, history, retention and ``Idempotency-Key`` as
 ``/v1``; the synchronous endpoints submit a job and wait for it. One module per area:
 
 - ``errors``: every error under ``/openai/v1`` in OpenAI's shape
+- ``bodies``: OpenAI request bodies read as job inputs, job results written as responses
 - ``waiting``: submitting a job and waiting on it (or following its events)
 - ``chat``: ``/models``, ``/chat/completions``, ``/completions``
 - ``images``: ``/images/generations``
 - ``audio``: ``/audio/transcriptions``, ``/audio/translations``
-- ``files``, ``batches``: the Batch API
+- ``files``, ``batches``, ``outputs``: the Batch API
+- ``document``: these routes in ``/openapi.json``
 """
 
 from __future__ import annotations

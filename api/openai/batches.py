@@ -1,7 +1,7 @@
 """``/batches``: OpenAI's Batch API over a vramq batch.
 
 ``POST /batches`` reads the uploaded JSONL (``custom_id``, ``method``, ``url``, ``body``
-per line), reads every line's ``body`` as the endpoint's request (``requests``) and
+per line), reads every line's ``body`` as the endpoint's request (``bodies``) and
 submits the lines as one vramq batch (``jobs.batches``: validated whole, at most
 vramq's batch limit, ``low`` priority, fair turns between callers). A line that is not a
 valid request fails the whole batch before anything is queued: the batch is answered
@@ -40,9 +40,9 @@ from ..guards import json_body
 from ..queries import limit_arg
 from ..views import base_url
 from . import bp
+from .bodies import chat_request, completion_request, image_request
 from .errors import param_of
 from .outputs import finalize
-from .requests import chat_request, completion_request, image_request
 from .waiting import bad, services
 
 ENDPOINTS = {

@@ -16,7 +16,7 @@ from flask import Response, stream_with_context
 
 from ..guards import json_body
 from . import bp
-from .requests import chat_request, chat_response, completion_request, completion_response, unix, usage_of
+from .bodies import chat_request, chat_response, completion_request, completion_response, unix, usage_of
 from .waiting import cancel, entry_of, failure, follow, load, services, submit, take_slot, wait
 
 

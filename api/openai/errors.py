@@ -60,7 +60,7 @@ def param_of(loc: list[Any]) -> str | None:
 
 
 def openai_error(status: int, message: str, *, code: str | None, param: str | None = None, kind: str | None = None):
-    """``(status, body)`` of an OpenAI error."""
+    """The body of an OpenAI error answered with ``status``."""
     return {
         "error": {"message": message, "type": kind or TYPES.get(status, "server_error"), "param": param, "code": code}
     }

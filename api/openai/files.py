@@ -22,7 +22,7 @@ from ..callers import current_caller
 from ..files_api import upload_limit, upload_quota
 from ..guards import MULTIPART_SLACK, body_limit
 from . import bp
-from .requests import unix
+from .bodies import unix
 from .waiting import bad, services
 
 OUTPUT_PURPOSE = "batch_output"

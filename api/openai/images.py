@@ -12,7 +12,7 @@ from typing import Any
 
 from ..guards import json_body
 from . import bp
-from .requests import image_request, image_response
+from .bodies import image_request, image_response
 from .waiting import entry_of, failure, services, submit, wait
 
 

@@ -18,8 +18,8 @@ from vramq.jobs.batches.views import page
 from vramq.jobs.views import job_json
 
 from ..views import links
+from .bodies import chat_response, completion_response, image_response
 from .files import save_output
-from .requests import chat_response, completion_response, image_response
 from .waiting import services
 
 LOCK_S = 300
