@@ -424,3 +424,31 @@ def test_a_call_that_cannot_finish_in_time_is_503_and_an_oversized_upload_413(ma
     with pytest.raises(openai.APIStatusError) as big:
         sdk.files.create(file=("big.jsonl", b'{"a": 1}\n' * 200_000), purpose="batch")
     assert big.value.status_code == 413 and "VRAMQ_MAX_UPLOAD_MB" in big.value.message
+
+
+def test_a_client_that_hangs_up_on_a_plain_call_cancels_its_job(tmp_path, redis_url, models_dir, cluster_factory):
+    """A real ``vramq api`` (the app sees the client's socket through gunicorn) whose one
+    worker is still loading: the job waits queued while the client gives up."""
+    import socket
+
+    from tests.conftest import settings_env
+
+    cluster = cluster_factory(settings_env(tmp_path, redis_url=redis_url, models_dir=models_dir, admin_key="ops"))
+    cluster.start_api()
+    admin = {"Authorization": "Bearer ops"}
+    cluster.announce_loading_worker(["tiny-flux"])
+    body = json.dumps({"model": "tiny-flux", "prompt": "waits", "size": "64x64"}).encode()
+    host, port = cluster.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        head = f"POST /openai/v1/images/generations HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        sock.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.monotonic() + 20
+        while not (jobs := cluster.get("/v1/admin/jobs", headers=admin).json()["data"]):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert jobs[0]["status"] == "queued"  # the call is waiting on it
+    deadline = time.monotonic() + 20
+    while (job := cluster.get("/v1/admin/jobs", headers=admin).json()["data"][0])["status"] == "queued":
+        assert time.monotonic() < deadline, job
+        time.sleep(0.1)
+    assert job["status"] == "canceled" and job["usage"]["tokens_charged"] == 0

@@ -5,7 +5,8 @@ caps) for as long as it waits: it holds a thread, like an event stream. It waits
 ``VRAMQ_STREAM_SECONDS``; a job not done by then is canceled and the call answers 503,
 so no request hangs (the Batch API is the way to queue work for longer). A client that
 hangs up while waiting cancels its job: a streamed response notices at its next write
-(at least every second), a plain one between two reads of the job's events.
+(at least every second), a plain one within a second or so (its socket is looked at
+between reads of the job's events).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from ..views import job_json
 
 #: How long one read of a job's events blocks before the row is looked at again.
 POLL_MS = 1000
+#: A plain (not streamed) call looks at its client's socket at most this often.
+GONE_CHECK_S = 0.5
 
 
 def services():
@@ -139,9 +142,13 @@ def client_gone() -> bool:
 def wait(job_id: str) -> tuple[Job, dict[str, Any]]:
     """Wait for the job to end; cancel it if the client hangs up (then raise)."""
     release = take_slot()
+    checked = time.monotonic()
     try:
-        for event, _data in follow(job_id, current_app.config["VRAMQ"].settings.stream_s):
-            if event == "idle" and client_gone():
+        for _event, _data in follow(job_id, current_app.config["VRAMQ"].settings.stream_s):
+            if time.monotonic() - checked < GONE_CHECK_S:
+                continue
+            checked = time.monotonic()
+            if client_gone():
                 cancel(job_id)
                 raise ServiceUnavailable(f"the client closed the connection; job {job_id} was canceled")
     finally:
