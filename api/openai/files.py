@@ -71,7 +71,9 @@ def owned(file_id: str) -> File:
 
 
 def save_output(data: bytes, filename: str, caller: str | None) -> File:
-    """Store a batch's output (or error) file; not counted against the upload quota."""
+    """Store a batch's output (or error) file. It is never refused for the caller's upload
+    quota, but is counted in it like any stored file until the retention sweeper deletes
+    it (``VRAMQ_UPLOAD_RETENTION_HOURS`` after it was written)."""
     row = File(
         id=new_id("file"),
         purpose=OUTPUT_PURPOSE,
