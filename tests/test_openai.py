@@ -117,6 +117,9 @@ def test_chat_errors_are_the_sdks_exceptions(client, shared_cluster):
     with pytest.raises(openai.BadRequestError) as br:
         client.chat.completions.create(model="tiny-qwen2", messages=[{"role": "tool", "content": "x"}])
     assert br.value.param == "messages[0].role"
+    with pytest.raises(openai.BadRequestError) as br:  # not a string: still a 400, never a 500
+        client.chat.completions.create(model="tiny-qwen2", messages=[{"role": ["user"], "content": "x"}])
+    assert br.value.param == "messages[0].role"
     with pytest.raises(openai.BadRequestError) as br:
         client.chat.completions.create(model="tiny-qwen2", messages=[{"role": "user", "content": "x"}], n=2)
     assert br.value.param == "n"
@@ -294,6 +297,9 @@ def test_batch_cancel_and_a_batch_that_fails_validation(client, shared_cluster):
     assert (3, "body.model") in errs and any(line == 2 and "max_tokens" in param for line, param in errs), errs
     with pytest.raises(openai.BadRequestError) as br:
         client.batches.create(input_file_id=batch.input_file_id, endpoint="/v1/embeddings", completion_window="24h")
+    assert br.value.param == "endpoint"
+    with pytest.raises(openai.BadRequestError) as br:
+        client.batches.create(input_file_id=batch.input_file_id, endpoint=[], completion_window="24h")
     assert br.value.param == "endpoint"
     with pytest.raises(openai.NotFoundError):
         client.batches.retrieve("batch_doesnotexist")

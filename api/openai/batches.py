@@ -29,7 +29,7 @@ from sqlalchemy import and_, or_, select
 
 from vramq.jobs import strictjson
 from vramq.jobs.batches import cancellation, creation
-from vramq.jobs.batches.parsing import MAX_JOBS
+from vramq.jobs.batches.parsing import MAX_ERRORS_LISTED, MAX_JOBS
 from vramq.jobs.batches.views import summary
 from vramq.jobs.errors import Conflict, InputError, NotFound
 from vramq.jobs.ids import new_id
@@ -156,7 +156,7 @@ def create_batch():
     if not isinstance(body, dict):
         raise bad("body", "must be a JSON object")
     endpoint = body.get("endpoint")
-    if endpoint not in ENDPOINTS:
+    if not isinstance(endpoint, str) or endpoint not in ENDPOINTS:
         raise bad(
             "endpoint",
             f"must be one of {', '.join(ENDPOINTS)} (audio cannot be batched here: it is uploaded per request)",
@@ -174,8 +174,15 @@ def create_batch():
     if not isinstance(file_id, str):
         raise bad("input_file_id", "required: the id of a file uploaded with purpose batch")
     caller = current_caller()
+    max_jobs, note = MAX_JOBS, ""
+    if not (caller.keyed or caller.admin):
+        max_jobs = services().settings.anonymous_batch_jobs
+        note = f" from a caller without an API key (VRAMQ_ANONYMOUS_BATCH_JOBS; with a key up to {MAX_JOBS})"
     lines = _lines(file_id)
+    if len(lines) > max_jobs:
+        raise bad("input_file_id", f"the file has {len(lines)} requests; a batch holds at most {max_jobs}{note}")
     jobs, errors = _jobs(endpoint, lines)
+    errors = errors[:MAX_ERRORS_LISTED]  # a rejected batch lists this many bad lines at most
     record: dict[str, Any] = {
         "caller": caller.id,
         "endpoint": endpoint,
@@ -186,10 +193,6 @@ def create_batch():
     }
     batch = None
     if not errors:
-        max_jobs, note = MAX_JOBS, ""
-        if not (caller.keyed or caller.admin):
-            max_jobs = services().settings.anonymous_batch_jobs
-            note = f" from a caller without an API key (VRAMQ_ANONYMOUS_BATCH_JOBS; with a key up to {MAX_JOBS})"
         try:
             batch, created = creation.create(
                 services(),

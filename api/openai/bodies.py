@@ -111,7 +111,7 @@ def chat_request(body: Any) -> tuple[str, dict[str, Any], bool, bool]:
         raise bad("messages", "required: a non-empty list of {role, content}")
     messages = []
     for i, m in enumerate(raw):
-        if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in CHAT_ROLES:
             raise bad(f"messages[{i}].role", f"must be one of {', '.join(CHAT_ROLES)}")
         messages.append({"role": CHAT_ROLES[m["role"]], "content": _content(m.get("content"), i)})
     inp: dict[str, Any] = {"messages": messages}
