@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from datetime import datetime
 from pathlib import Path
 
@@ -217,3 +218,19 @@ def wait_ready(url: str, procs, worker_pid: int | None, timeout: float = 300) ->
             pass
         time.sleep(0.2)
     raise RuntimeError(f"vramq not ready within {timeout:.0f}s")
+
+
+def vramq_env(data: Path, models: Path, catalog: Path, broker_url: str, database_url: str | None) -> dict[str, str]:
+    """The ``VRAMQ_*`` settings of a benchmark's own installation (unmetered; SQLite in
+    ``data`` unless ``database_url``)."""
+    env = {
+        "VRAMQ_DATA_DIR": str(data),
+        "VRAMQ_CATALOG": str(catalog),
+        "VRAMQ_BROKER_URL": broker_url,
+        "VRAMQ_MODELS_DIR": str(models),
+        "VRAMQ_SECRET_KEY": "bench-" + uuid.uuid4().hex,
+        **UNMETERED,
+    }
+    if database_url:
+        env["VRAMQ_DATABASE_URL"] = database_url
+    return env

@@ -70,7 +70,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -79,7 +78,6 @@ sys.path.insert(0, str(ROOT))
 
 import requests
 from _common import (
-    UNMETERED,
     CpuMeter,
     Procs,
     _proc_stat,
@@ -88,6 +86,7 @@ from _common import (
     free_port,
     parse_ts,
     tree_cpu_s,
+    vramq_env,
     wait_ready,
 )
 
@@ -448,16 +447,7 @@ def main() -> int:
         data = work / "data"
         if data.exists():
             shutil.rmtree(data)
-        env = {
-            "VRAMQ_DATA_DIR": str(data),
-            "VRAMQ_CATALOG": str(catalog),
-            "VRAMQ_BROKER_URL": args.redis,
-            "VRAMQ_MODELS_DIR": str(work / "models"),
-            "VRAMQ_SECRET_KEY": "bench-" + uuid.uuid4().hex,
-            **UNMETERED,
-        }
-        if args.database_url:
-            env["VRAMQ_DATABASE_URL"] = args.database_url
+        env = vramq_env(data, work / "models", catalog, args.redis, args.database_url)
         logs = work / "logs"
         logs.mkdir(exist_ok=True)
         procs = Procs(env, logs, log)

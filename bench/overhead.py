@@ -72,7 +72,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
@@ -81,7 +80,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import requests
-from _common import UNMETERED, Procs, free_port, pct
+from _common import Procs, free_port, pct, vramq_env
 
 MODEL_ID = "bench-flux"
 
@@ -437,16 +436,7 @@ def main() -> int:
         data = work / "data"
         if data.exists():
             shutil.rmtree(data)
-        env = {
-            "VRAMQ_DATA_DIR": str(data),
-            "VRAMQ_CATALOG": str(catalog),
-            "VRAMQ_BROKER_URL": args.redis,
-            "VRAMQ_MODELS_DIR": str(work / "models"),
-            "VRAMQ_SECRET_KEY": "bench-" + uuid.uuid4().hex,
-            **UNMETERED,
-        }
-        if args.database_url:
-            env["VRAMQ_DATABASE_URL"] = args.database_url
+        env = vramq_env(data, work / "models", catalog, args.redis, args.database_url)
         logs = work / "logs"
         logs.mkdir(exist_ok=True)
         procs = Procs(env, logs, log)

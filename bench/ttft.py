@@ -43,25 +43,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import requests
-from _common import UNMETERED, CpuMeter, Procs, build_model, free_port, parse_ts, pct, tree_cpu_s, wait_ready
-from llm_throughput import MODEL_ID, SUBJECTS, wait_no_vllm, write_catalog
+from _common import CpuMeter, Procs, build_model, free_port, parse_ts, pct, tree_cpu_s, vramq_env, wait_ready
+from llm_throughput import MODEL_ID, job_inputs, wait_no_vllm, write_catalog
 
 
 def log(msg: str) -> None:
     print(f"[ttft {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def inputs(n: int, max_tokens: int, offset: int = 0) -> list[dict]:
-    return [
-        {
-            "prompt": f"Write a few sentences about {SUBJECTS[(offset + i) % len(SUBJECTS)]}.",
-            "max_tokens": max_tokens,
-            "temperature": 1.0,
-            "top_p": 1.0,
-            "seed": 1000 + offset + i,
-        }
-        for i in range(n)
-    ]
 
 
 def run_direct(catalog: Path, inps: list[dict], warmup: list[dict]) -> list[float]:
@@ -165,23 +152,14 @@ def main() -> int:
         weights = build_model("vramq.gpu_workers.tiny_text", "make_tiny_qwen2", work / "models" / "tiny-qwen2")
         catalog = work / "bench-catalog.toml"
         write_catalog(catalog, weights, 8, args.max_tokens)
-        measured = inputs(args.requests, args.max_tokens)
-        warmup = inputs(args.warmup, args.max_tokens, offset=100_000)
+        measured = job_inputs(args.requests, args.max_tokens)
+        warmup = job_inputs(args.warmup, args.max_tokens, offset=100_000)
         load_before = os.getloadavg()[0]
 
         direct = run_direct(catalog, measured, warmup)
         log(f"direct: first token p50 {pct(direct, 50):.1f} ms over {len(direct)} requests")
 
-        env = {
-            "VRAMQ_DATA_DIR": str(work / "data"),
-            "VRAMQ_CATALOG": str(catalog),
-            "VRAMQ_BROKER_URL": args.redis,
-            "VRAMQ_MODELS_DIR": str(work / "models"),
-            "VRAMQ_SECRET_KEY": "bench-" + uuid.uuid4().hex,
-            **UNMETERED,
-        }
-        if args.database_url:
-            env["VRAMQ_DATABASE_URL"] = args.database_url
+        env = vramq_env(work / "data", work / "models", catalog, args.redis, args.database_url)
         logs = work / "logs"
         logs.mkdir()
         procs = Procs(env, logs, log)

@@ -239,17 +239,21 @@ def make_settings(tmp_path, redis_url, models_dir):
 @pytest.fixture(scope="session")
 def shared_cluster(tmp_path_factory, models_dir):
     """One API + one CPU worker serving every tiny model (SQLite, local store), shared by
-    the session's HTTP tests: one vLLM engine for the whole session.
+    the session's HTTP tests: one vLLM engine for the whole session."""
+    with cluster_of_its_own(tmp_path_factory.mktemp("cluster"), models_dir=models_dir, max_body_kb=64) as c:
+        yield c
 
-    It has a Redis server of its own (the same binary, on a free port), so no other test
-    flushing a database of the machine's Redis can pull its queues from under it.
-    """
+
+@contextmanager
+def cluster_of_its_own(tmp: Path, **settings):
+    """A vramq API and CPU worker for ``settings_env(tmp, **settings)``, with a Redis server
+    of their own (the same binary, on a free port): no other test flushing a database of
+    the machine's Redis can pull their queues from under them."""
     from tests.fixtures.procs import Cluster
     from tests.fixtures.services import start_redis
 
-    tmp = tmp_path_factory.mktemp("cluster")
     redis_server = start_redis(tmp / "redis")
-    c = Cluster(env=settings_env(tmp, redis_url=redis_server.url, models_dir=models_dir, max_body_kb=64), workdir=tmp)
+    c = Cluster(env=settings_env(tmp, redis_url=redis_server.url, **settings), workdir=tmp)
     try:
         c.start_api()
         c.start_worker()

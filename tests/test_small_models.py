@@ -21,7 +21,7 @@ import pytest
 import requests
 
 from tests.audio import word_error_rate
-from tests.conftest import require, settings_env
+from tests.conftest import cluster_of_its_own, require
 from tests.fixtures.procs import ROOT, Cluster
 from vramq.gpu_workers.small import (
     SMOLLM2,
@@ -45,8 +45,6 @@ SCRIPT = "Please call me back before noon tomorrow. The train to the city leaves
 def small_cluster(tmp_path_factory, small_models_dir):
     """One API + one CPU worker serving only the two real small models, from the embedded
     catalog's own entries (``small.toml``), on a Redis server of its own."""
-    from tests.fixtures.services import start_redis
-
     tmp = tmp_path_factory.mktemp("small-cluster")
     # small.toml's relative weights resolve against its folder: the catalog and links to
     # the built models, side by side.
@@ -55,16 +53,8 @@ def small_cluster(tmp_path_factory, small_models_dir):
     shutil.copy(SMALL_CATALOG, catalog)
     for entry in load_catalog(SMALL_CATALOG, models_dir=small_models_dir):
         (catalog.parent / entry.id).symlink_to(entry.weights)
-    redis_server = start_redis(tmp / "redis")
-    env = settings_env(tmp, redis_url=redis_server.url, models_dir=tmp / "no-models", catalog=str(catalog))
-    c = Cluster(env=env, workdir=tmp)
-    try:
-        c.start_api()
-        c.start_worker()
+    with cluster_of_its_own(tmp, models_dir=tmp / "no-models", catalog=str(catalog)) as c:
         yield c
-    finally:
-        c.stop()
-        redis_server.stop()
 
 
 def submit(cluster: Cluster, model: str, inp: dict) -> dict:
