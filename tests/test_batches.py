@@ -439,8 +439,7 @@ def test_one_accounts_2000_job_batch_does_not_starve_another_account(tmp_path, r
 def test_the_client_submits_follows_and_collects_a_batch(shared_cluster):
     from vramq.api.client import Client
 
-    if not any(p.name == "dispatcher" and p.popen.poll() is None for p in shared_cluster.procs):
-        shared_cluster._spawn("dispatcher", ["webhooks-and-batches"])  # the dispatcher finishes batches
+    shared_cluster.ensure_dispatcher()  # the dispatcher finishes batches
     key = Client(shared_cluster.url).create_account("client")["api_key"]
     client = Client(shared_cluster.url, api_key=key)
     b = client.submit_batch(lines(4), priority="normal", metadata={"shot": 7})

@@ -15,12 +15,14 @@ job stays queued until canceled).
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import threading
 from pathlib import Path
 
 import pytest
+import requests
 
 from tests.audio import tone, wav_bytes
 from tests.conftest import require, settings_env
@@ -216,6 +218,26 @@ def test_out_of_tokens_says_how_many_are_missing_and_when_they_reset(metered_clu
     assert page.locator("#run").is_hidden()  # nothing was queued
     assert page.locator("#allowance").inner_text() == str(METERED_TOKENS)
     shot(page, "out-of-tokens")
+
+
+def test_bulk_prompts_run_as_a_batch_with_a_results_manifest(shared_cluster, page):
+    shared_cluster.ensure_dispatcher()  # it finishes batches (their manifest)
+    open_page(page, shared_cluster.url)
+    page.get_by_label("Model", exact=True).select_option("tiny-flux")
+    page.get_by_label("Prompts, one a line (with the model above)").fill("a red fox\n\na blue whale\na green frog\n")
+    page.get_by_role("button", name="Start batch").click()
+    status = page.locator("#bulk-status")
+    page.wait_for_function(  # done, or an error message in its place
+        "(t => t && !/^Batch (queued|running)/.test(t))(document.getElementById('bulk-status').textContent)",
+        timeout=JOB_TIMEOUT_MS,
+        polling=200,
+    )
+    assert status.text_content().startswith("Batch completed: 3 succeeded, 0 failed"), status.text_content()
+    href = page.get_by_role("link", name="Download results manifest").get_attribute("href")
+    manifest = requests.get(href if href.startswith("http") else shared_cluster.url + href, timeout=30)
+    lines = [json.loads(line) for line in manifest.text.splitlines()]
+    assert [m["custom_id"] for m in lines] == ["line-1", "line-2", "line-3"]
+    assert all(m["error"] is None and m["output"]["images"] for m in lines), lines
 
 
 def test_an_account_sees_its_job_in_history(shared_cluster, page):
