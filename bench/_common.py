@@ -234,3 +234,33 @@ def vramq_env(data: Path, models: Path, catalog: Path, broker_url: str, database
     if database_url:
         env["VRAMQ_DATABASE_URL"] = database_url
     return env
+
+
+ENGINE_CPU, QUEUE_CPU = 1, 0
+"""``--pin``: the model's engine on one core, the queue (API, client) on the other."""
+
+
+def pin(pid: int, cpu: int, tree: bool = True) -> None:
+    """Bind ``pid`` (and, with ``tree``, its descendants), threads included, to ``cpu``; a
+    process it starts later inherits the binding. vLLM's CPU backend binds its OpenMP threads itself: pinned
+    runs set ``VLLM_CPU_OMP_THREADS_BIND`` to the engine's core (``pin_engine_env``)."""
+    for p in [pid, *(descendants(pid) if tree else [])]:
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                os.sched_setaffinity(int(task), {cpu})
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+
+
+def pin_engine_env() -> None:
+    """vLLM's OpenMP threads on the engine's core (inherited by the worker it starts)."""
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(ENGINE_CPU)
+
+
+def pin_vramq(api_pid: int, worker_pid: int) -> None:
+    """vramq's processes (the API and the worker's own process) on the queue's core, the
+    worker's engine processes (its descendants) on the engine's."""
+    pin(api_pid, QUEUE_CPU)
+    pin(worker_pid, QUEUE_CPU, tree=False)
+    for child in descendants(worker_pid):
+        pin(child, ENGINE_CPU)

@@ -78,6 +78,8 @@ sys.path.insert(0, str(ROOT))
 
 import requests
 from _common import (
+    ENGINE_CPU,
+    QUEUE_CPU,
     CpuMeter,
     Procs,
     _proc_stat,
@@ -85,6 +87,9 @@ from _common import (
     descendants,
     free_port,
     parse_ts,
+    pin,
+    pin_engine_env,
+    pin_vramq,
     tree_cpu_s,
     vramq_env,
     wait_ready,
@@ -405,6 +410,11 @@ def main() -> int:
         help="diagnostic: stop the worker (SIGSTOP) while the jobs are submitted, time from its SIGCONT",
     )
     ap.add_argument("--skip-direct", action="store_true", help="vramq only (no ratio)")
+    ap.add_argument(
+        "--pin",
+        action="store_true",
+        help="the engine (direct, then the worker's) on CPU 1; the API, the worker's own process and the client on CPU 0",
+    )
     args = ap.parse_args()
     if args.max_batch > 256:
         ap.error("--max-batch is at most 256 (the catalog's bound)")
@@ -428,6 +438,9 @@ def main() -> int:
         cpu: dict[str, dict] = {}
         load_before = os.getloadavg()[0]
         direct = None
+        if args.pin:
+            pin_engine_env()
+            pin(os.getpid(), ENGINE_CPU)  # the direct engine's processes inherit it
         if not args.skip_direct:
             direct = run_direct(catalog, inputs, warmup, ignore_eos=not ends_itself)
             cpu["direct"] = direct["cpu"]
@@ -435,6 +448,9 @@ def main() -> int:
                 f"direct: {args.prompts} prompts, {direct['tokens']} tokens in {direct['direct_s']:.3f}s "
                 f"({direct['tokens'] / direct['direct_s']:.1f} tok/s), finish reasons {direct['finish_reasons']}"
             )
+
+        if args.pin:
+            pin(os.getpid(), QUEUE_CPU)  # the client, from here on
 
         import redis
 
@@ -457,7 +473,11 @@ def main() -> int:
         api_proc = procs.spawn("api", ["api", "--port", str(port), "--workers", str(args.api_workers)])
         wait_ready(url, procs, None)  # the API migrates the database before the worker starts
         worker = procs.spawn("worker", ["worker", "--cpu", "--models", MODEL_ID])
+        if args.pin:
+            pin(worker.pid, ENGINE_CPU)  # the engine's processes it starts inherit it
         wait_ready(url, procs, worker.pid)
+        if args.pin:
+            pin_vramq(api_proc.pid, worker.pid)
         log(f"vramq ready in {time.perf_counter() - t0:.1f}s at {url} (logs in {logs})")
         api = Api(url)
         parts = {
@@ -511,6 +531,7 @@ def main() -> int:
             "max_tokens": args.max_tokens,
             "max_batch": args.max_batch,
             "prequeue": args.prequeue,
+            "pinned": args.pin,
             "database": "postgres" if args.database_url and args.database_url.startswith("postgres") else "sqlite",
             "vramq_s": round(vramq_s, 4),
             "direct_s": round(direct["direct_s"], 4) if direct else None,

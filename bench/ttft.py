@@ -43,7 +43,22 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import requests
-from _common import CpuMeter, Procs, build_model, free_port, parse_ts, pct, tree_cpu_s, vramq_env, wait_ready
+from _common import (
+    ENGINE_CPU,
+    QUEUE_CPU,
+    CpuMeter,
+    Procs,
+    build_model,
+    free_port,
+    parse_ts,
+    pct,
+    pin,
+    pin_engine_env,
+    pin_vramq,
+    tree_cpu_s,
+    vramq_env,
+    wait_ready,
+)
 from llm_throughput import MODEL_ID, job_inputs, wait_no_vllm, write_catalog
 
 
@@ -144,7 +159,15 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=16, help="new tokens per request")
     ap.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="broker URL (not flushed)")
     ap.add_argument("--database-url", default=None, help="default: SQLite in the work dir")
+    ap.add_argument(
+        "--pin",
+        action="store_true",
+        help="the engine (direct, then the worker) on CPU 1, the API and the client on CPU 0",
+    )
     args = ap.parse_args()
+    if args.pin:
+        pin_engine_env()
+        pin(os.getpid(), ENGINE_CPU)  # the direct engine's processes inherit it
 
     work = Path(tempfile.mkdtemp(prefix="vramq-ttft-bench-"))
     procs = None
@@ -157,6 +180,8 @@ def main() -> int:
         load_before = os.getloadavg()[0]
 
         direct = run_direct(catalog, measured, warmup)
+        if args.pin:
+            pin(os.getpid(), QUEUE_CPU)  # the client, from here on
         log(f"direct: first token p50 {pct(direct, 50):.1f} ms over {len(direct)} requests")
 
         env = vramq_env(work / "data", work / "models", catalog, args.redis, args.database_url)
@@ -167,7 +192,11 @@ def main() -> int:
         api = procs.spawn("api", ["api", "--port", url.rsplit(":", 1)[1], "--workers", "2"])
         wait_ready(url, procs, None)
         worker = procs.spawn("worker", ["worker", "--cpu", "--models", MODEL_ID])
+        if args.pin:
+            pin(worker.pid, ENGINE_CPU)  # the engine's processes it starts inherit it
         wait_ready(url, procs, worker.pid)
+        if args.pin:
+            pin_vramq(api.pid, worker.pid)
         log(f"vramq ready at {url}")
         meter = CpuMeter({"api": lambda: tree_cpu_s(api.pid), "worker": lambda: tree_cpu_s(worker.pid)})
         http, events = requests.Session(), requests.Session()
@@ -196,6 +225,7 @@ def main() -> int:
                     "requests": args.requests,
                     "max_tokens": args.max_tokens,
                     "database": "postgres" if args.database_url else "sqlite",
+                    "pinned": args.pin,
                     "direct_ms": [round(x, 1) for x in direct],
                     "vramq_ms": [round(x, 1) for x in vramq],
                     "cpu": cpu,
