@@ -203,22 +203,35 @@ def test_video_job_makes_an_mp4(shared_cluster):
 
 
 def test_video_cancel_mid_render(shared_cluster):
-    job = submit(
-        shared_cluster, "tiny-video", {"prompt": "long", "width": 64, "height": 64, "num_frames": 9, "steps": 200}
-    )
-    wait_running(shared_cluster, job["id"], min_progress=0.01)
-    assert shared_cluster.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] == "canceled"
+    # On a busy machine the cancel can still lose the race against the render's end (the
+    # job succeeded first, 409, or its last steps ran before the worker saw the cancel);
+    # try a few times. The render must stop between steps on at least one.
+    for _attempt in range(3):
+        job = submit(
+            shared_cluster, "tiny-video", {"prompt": "long", "width": 64, "height": 64, "num_frames": 9, "steps": 200}
+        )
+        wait_running(shared_cluster, job["id"], min_progress=0.01)
+        resp = shared_cluster.post(f"/v1/jobs/{job['id']}/cancel")
+        if resp.status_code != 200:
+            assert resp.json()["code"] == "conflict", resp.json()
+            continue
+        assert resp.json()["status"] == "canceled"
+        final = shared_cluster.wait_job(job["id"])
+        assert final["status"] == "canceled" and final["output"] is None
+        time.sleep(0.5)  # the worker's event writer flushes what it has
+        # The render stopped between steps: the progress the worker streamed never reached the end.
+        progress = [d["progress"] for e, d in streamed(shared_cluster, job["id"]) if e == "progress"]
+        assert progress, "no progress was streamed"
+        if max(progress) < 0.95:
+            break
+    else:
+        pytest.fail("in 3 tries the render never stopped between steps on a cancel")
     nxt = shared_cluster.wait_job(
         submit(shared_cluster, "tiny-video", {"prompt": "n", "width": 64, "height": 64, "num_frames": 5, "steps": 2})[
             "id"
         ]
     )
     assert nxt["status"] == "succeeded"
-    final = shared_cluster.get(f"/v1/jobs/{job['id']}").json()
-    assert final["status"] == "canceled" and final["output"] is None
-    # The render stopped between steps: the progress the worker streamed never reached the end.
-    progress = [d["progress"] for e, d in streamed(shared_cluster, job["id"]) if e == "progress"]
-    assert progress and max(progress) < 0.95, progress
 
 
 @pytest.mark.parametrize(
