@@ -264,3 +264,22 @@ def pin_vramq(api_pid: int, worker_pid: int) -> None:
     pin(worker_pid, QUEUE_CPU, tree=False)
     for child in descendants(worker_pid):
         pin(child, ENGINE_CPU)
+
+
+def start_vramq(
+    procs: Procs, model_id: str, api_workers: int, pinned: bool
+) -> tuple[str, subprocess.Popen, subprocess.Popen]:
+    """``vramq api`` (which migrates the database first), then ``vramq worker --cpu`` for
+    ``model_id``, each ready; with ``pinned``, the engine's core and vramq's as ``--pin``
+    puts them. Returns ``(url, api, worker)``."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    api = procs.spawn("api", ["api", "--port", str(port), "--workers", str(api_workers)])
+    wait_ready(url, procs, None)
+    worker = procs.spawn("worker", ["worker", "--cpu", "--models", model_id])
+    if pinned:
+        pin(worker.pid, ENGINE_CPU)  # the engine's processes it starts inherit it
+    wait_ready(url, procs, worker.pid)
+    if pinned:
+        pin_vramq(api.pid, worker.pid)
+    return url, api, worker

@@ -85,14 +85,12 @@ from _common import (
     _proc_stat,
     build_model,
     descendants,
-    free_port,
     parse_ts,
     pin,
     pin_engine_env,
-    pin_vramq,
+    start_vramq,
     tree_cpu_s,
     vramq_env,
-    wait_ready,
 )
 
 from vramq.jobs import proctree
@@ -467,17 +465,8 @@ def main() -> int:
         logs = work / "logs"
         logs.mkdir(exist_ok=True)
         procs = Procs(env, logs, log)
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
         t0 = time.perf_counter()
-        api_proc = procs.spawn("api", ["api", "--port", str(port), "--workers", str(args.api_workers)])
-        wait_ready(url, procs, None)  # the API migrates the database before the worker starts
-        worker = procs.spawn("worker", ["worker", "--cpu", "--models", MODEL_ID])
-        if args.pin:
-            pin(worker.pid, ENGINE_CPU)  # the engine's processes it starts inherit it
-        wait_ready(url, procs, worker.pid)
-        if args.pin:
-            pin_vramq(api_proc.pid, worker.pid)
+        url, api_proc, worker = start_vramq(procs, MODEL_ID, args.api_workers, args.pin)
         log(f"vramq ready in {time.perf_counter() - t0:.1f}s at {url} (logs in {logs})")
         api = Api(url)
         parts = {

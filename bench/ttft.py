@@ -49,15 +49,13 @@ from _common import (
     CpuMeter,
     Procs,
     build_model,
-    free_port,
     parse_ts,
     pct,
     pin,
     pin_engine_env,
-    pin_vramq,
+    start_vramq,
     tree_cpu_s,
     vramq_env,
-    wait_ready,
 )
 from llm_throughput import MODEL_ID, job_inputs, wait_no_vllm, write_catalog
 
@@ -188,15 +186,7 @@ def main() -> int:
         logs = work / "logs"
         logs.mkdir()
         procs = Procs(env, logs, log)
-        url = f"http://127.0.0.1:{free_port()}"
-        api = procs.spawn("api", ["api", "--port", url.rsplit(":", 1)[1], "--workers", "2"])
-        wait_ready(url, procs, None)
-        worker = procs.spawn("worker", ["worker", "--cpu", "--models", MODEL_ID])
-        if args.pin:
-            pin(worker.pid, ENGINE_CPU)  # the engine's processes it starts inherit it
-        wait_ready(url, procs, worker.pid)
-        if args.pin:
-            pin_vramq(api.pid, worker.pid)
+        url, api, worker = start_vramq(procs, MODEL_ID, 2, args.pin)
         log(f"vramq ready at {url}")
         meter = CpuMeter({"api": lambda: tree_cpu_s(api.pid), "worker": lambda: tree_cpu_s(worker.pid)})
         http, events = requests.Session(), requests.Session()
